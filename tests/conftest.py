@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random models that run in milliseconds."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from varkit.models import create_model
+from varkit.pipeline import Pipeline
+from varkit.tokenizers import VQConfig, VQTokenizer
+
+
+def randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Random weights large enough that logits are far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module.eval()
+
+
+@pytest.fixture
+def tiny_gen():
+    return randomize(create_model("raster-tiny"))
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path):
+    tok = VQTokenizer(VQConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, codebook_size=16,
+                               codebook_dim=4, norm_groups=4)).eval()
+    gen = randomize(create_model("raster-tiny"))
+    return Pipeline(tok, gen, {"cfg": 1.0}, name="tiny")

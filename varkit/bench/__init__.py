@@ -1,0 +1,1 @@
+"""Benchmarks behind ``varkit bench``: a table on stdout, JSON on disk."""

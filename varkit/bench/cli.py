@@ -1,0 +1,56 @@
+"""``varkit bench``: run the benchmarks, print a table, write JSON under ``bench/results/``."""
+from __future__ import annotations
+
+import argparse
+
+from ..device import resolve_device, resolve_dtype
+
+COLUMNS = ["model", "mode", "batch", "tokens", "tokens_per_s", "ms_per_step", "forward_passes", "cache_bytes", "peak_rss_mb"]
+
+
+def cmd_bench_decode(args) -> None:
+    import torch
+
+    from ..models import create_model
+    from ..pipeline import load_pipeline
+    from ..samplers import SamplingParams
+    from .decode import bench_decode
+    from .report import print_table, save_results
+
+    dev = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype) or torch.float32
+    rows = []
+    targets = []
+    if not args.skip_bundled:
+        targets.append((args.bundled, load_pipeline(args.bundled, device=dev).generator.to(dtype)))
+    if not args.skip_large:
+        torch.manual_seed(0)
+        gen = create_model(args.large).to(dev, dtype).eval()
+        torch.nn.init.normal_(gen.output.weight, std=0.02)  # LlamaGen zero-inits the head; give it logits
+        targets.append((args.large + "-random", gen))
+    for name, gen in targets:
+        params = SamplingParams(cfg=args.cfg, top_k=args.top_k)
+        for b in args.batch:
+            rows += bench_decode(gen, name, b, params, args.nocache_steps)
+    print_table(rows, COLUMNS)
+    path = save_results(args.name, rows, vars(args) | {"func": None, "dtype": str(dtype)}, args.out_dir)
+    print(f"wrote {path}")
+
+
+def add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="benchmarks: a table on stdout, JSON under bench/results/")
+    bs = b.add_subparsers(dest="bench", required=True)
+    d = bs.add_parser("decode", help="raster decode with the KV cache vs re-encoding the prefix")
+    d.add_argument("--bundled", default="digits")
+    d.add_argument("--large", default="llamagen-b", help="a generator config built with random weights")
+    d.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    d.add_argument("--cfg", type=float, default=4.0)
+    d.add_argument("--top-k", type=int, default=None)
+    d.add_argument("--nocache-steps", type=int, default=32, help="tokens decoded by the no-cache baseline")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--dtype", default=None)
+    d.add_argument("--skip-bundled", action="store_true")
+    d.add_argument("--skip-large", action="store_true")
+    d.add_argument("--name", default="decode")
+    d.add_argument("--out-dir", default="bench/results")
+    d.set_defaults(func=cmd_bench_decode)

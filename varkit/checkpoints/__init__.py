@@ -1,0 +1,1 @@
+"""Converters from each published checkpoint family to varkit model folders."""

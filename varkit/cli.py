@@ -1,0 +1,235 @@
+"""``varkit`` command line: generate, train, eval, convert, bench, models.
+
+Every subcommand is a thin call into the package. A ``VarkitError`` is printed as one line
+and the process exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import InvalidArgumentError, VarkitError
+
+
+def _sampler_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings → dict, values parsed as int, float, bool or str."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise InvalidArgumentError(f"sampler option {pair!r} must look like KEY=VALUE (e.g. window=16)")
+        k, v = pair.split("=", 1)
+        for cast in (int, float):
+            try:
+                v = cast(v)
+                break
+            except ValueError:
+                continue
+        else:
+            v = {"true": True, "false": False}.get(v.lower(), v)
+        out[k.replace("-", "_")] = v
+    return out
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Sampler choice and sampling settings; unset values fall back to the model's defaults."""
+    p.add_argument("--sampler", default="ancestral", help="ancestral (default), sjd, ...")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg-schedule", default=None, choices=["constant", "linear", "var"])
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--window", type=int, default=None, help="SJD window length")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra sampler option, repeatable")
+
+
+def sampling_kwargs(args) -> dict:
+    opts = _sampler_options(args.option)
+    if args.window is not None:
+        opts["window"] = args.window
+    return dict(sampler=args.sampler, cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, **opts)
+
+
+# -- generate ------------------------------------------------------------------------------------
+def cmd_generate(args) -> None:
+    from .io import save_image
+    from .pipeline import image_grid, load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    classes = args.classes if args.classes is not None else list(range(min(pipe.num_classes, 10)))
+    if args.per_class < 1:
+        raise InvalidArgumentError(f"--per-class must be >= 1, got {args.per_class}")
+    labels = [c for c in classes for _ in range(args.per_class)]
+    out = pipe(labels, seed=args.seed, batch_size=args.batch_size, progress=True, **sampling_kwargs(args))
+    dest = Path(args.out)
+    if dest.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        save_image(image_grid(out.images, cols=args.per_class if args.per_class > 1 else len(out.images)), dest)
+        written = str(dest)
+    else:
+        dest.mkdir(parents=True, exist_ok=True)
+        for i, (im, c) in enumerate(zip(out.images, labels)):
+            save_image(im, dest / f"{i:05d}_class{c}.png")
+        written = f"{len(out.images)} images in {dest}/"
+    s = out.stats
+    print(f"wrote {written} ({s.forward_passes} forward passes, {s.wall_s:.2f} s)")
+
+
+# -- train -----------------------------------------------------------------------------------------
+def _train_config(args):
+    from .train.loop import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema=args.ema, seed=args.seed,
+                       log_every=args.log_every, ckpt_every=args.ckpt_every, bf16=not args.no_bf16)
+
+
+def _record_command(out: str, name: str) -> None:
+    from .io import atomic_path
+
+    path = Path(out) / name
+    with atomic_path(path) as tmp:
+        tmp.write_text("varkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
+
+
+def _maybe_spawn(args) -> None:
+    """``--nproc N`` re-launches this command under torchrun with N processes, then exits."""
+    import os
+    import subprocess
+
+    if args.nproc <= 1 or "RANK" in os.environ:
+        return
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "varkit.cli", *argv]
+    raise SystemExit(subprocess.call(cmd))
+
+
+def cmd_train_tokenizer(args) -> None:
+    from .train.tokenizer import train_tokenizer
+
+    _maybe_spawn(args)
+    train_tokenizer(args.data, args.config, args.out, _train_config(args), resolution=args.resolution,
+                    device=args.device, resume=args.resume, flip=args.flip)
+    _record_command(args.out, "tokenizer/COMMAND.txt")
+
+
+def cmd_train_generator(args) -> None:
+    from .train.generator import train_generator
+
+    _maybe_spawn(args)
+    defaults = {k: v for k, v in dict(cfg=args.default_cfg, top_k=args.default_top_k).items() if v is not None}
+    train_generator(args.data, args.tokenizer, args.config, args.out, _train_config(args),
+                    resolution=args.resolution, device=args.device, resume=args.resume,
+                    class_dropout=args.class_dropout, defaults=defaults, flip=args.flip)
+    _record_command(args.out, "generator/COMMAND.txt")
+
+
+def _add_train_common(p: argparse.ArgumentParser, lr: float) -> None:
+    p.add_argument("--data", required=True, help="'digits' or an image folder (one subfolder per class)")
+    p.add_argument("--config", required=True, help="named config (see `varkit models`)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch over all processes")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay (0 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips")
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", default=None, help="checkpoint.pt of an interrupted run")
+    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun DDP) on this machine")
+
+
+# -- models ---------------------------------------------------------------------------------------
+def cmd_models(args) -> None:
+    from .models import list_models
+    from .pipeline import bundled_models
+    from .tokenizers import TOKENIZER_CONFIGS
+
+    print("bundled pipelines:  " + ", ".join(bundled_models()))
+    print("generator configs:  " + ", ".join(list_models()))
+    print("tokenizer configs:  " + ", ".join(sorted(TOKENIZER_CONFIGS)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="varkit", description="visual autoregressive image generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images with a bundled or saved model")
+    g.add_argument("--model", default="digits", help="bundled model name or model folder")
+    g.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: the first 10)")
+    g.add_argument("--per-class", type=int, default=1, help="images per class")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default=None, help="float32 (default) or bfloat16 for the generator")
+    g.add_argument("--out", default="samples.png", help="a .png grid, or a folder for one PNG per image")
+    add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train a tokenizer or a generator").add_subparsers(dest="what", required=True)
+    tt = t.add_parser("tokenizer", help="train a VQ tokenizer")
+    _add_train_common(tt, lr=2e-3)
+    tt.set_defaults(func=cmd_train_tokenizer)
+    tg = t.add_parser("generator", help="train a generator over a frozen tokenizer")
+    _add_train_common(tg, lr=1e-3)
+    tg.add_argument("--tokenizer", required=True, help="tokenizer folder (from `varkit train tokenizer`)")
+    tg.add_argument("--class-dropout", type=float, default=0.1)
+    tg.add_argument("--default-cfg", type=float, default=None, help="CFG scale stored as the model's default")
+    tg.add_argument("--default-top-k", type=int, default=None)
+    tg.set_defaults(func=cmd_train_generator)
+
+    m = sub.add_parser("models", help="list bundled models and named configs")
+    m.set_defaults(func=cmd_models)
+
+    for extra in _EXTRA_PARSERS:
+        extra(sub)
+    return parser
+
+
+def _add_eval(sub) -> None:
+    from .eval.cli_commands import add_eval_parser
+
+    add_eval_parser(sub)
+
+
+def _add_bench(sub) -> None:
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+
+
+_EXTRA_PARSERS = [_add_bench]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except VarkitError as exc:
+        print(f"varkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("varkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: FID/IS/precision/recall (torch-fidelity), reconstruction, digits metrics."""

@@ -1,0 +1,83 @@
+"""File I/O that never leaves a half-written file, and safe checkpoint loading."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .errors import CheckpointError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the destination folder; rename it onto ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file, then rename."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_image(image, path: str | os.PathLike) -> None:
+    """Save a PIL image atomically; the format comes from the suffix of ``path``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=_pil_format(path))
+
+
+def _pil_format(path: Path) -> str:
+    ext = path.suffix.lower().lstrip(".")
+    return {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP"}.get(ext, "PNG")
+
+
+def load_torch_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """Load a pickled ``.pt/.pth`` file with ``weights_only=True``, with clear errors.
+
+    ``what`` names the expected file in messages ("LlamaGen GPT checkpoint", ...).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path} (pass the path of the downloaded file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot read {what} {path}: {first[:200]}. The file may be truncated or not a "
+            "PyTorch checkpoint; download it again and check its size"
+        ) from None
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False

@@ -1,0 +1,135 @@
+"""Saveable modules: a dataclass config plus weights, stored as ``config.json`` + ``model.safetensors``.
+
+Every tokenizer and generator subclasses :class:`SavableModule` and registers itself with
+:func:`register_module`, so ``load_module(dir)`` can rebuild any of them offline from its folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CheckpointError, ModelNotFoundError
+from .io import atomic_path, write_json
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_MODULE_CLASSES: dict[str, type["SavableModule"]] = {}
+T = TypeVar("T", bound="SavableModule")
+
+
+def register_module(cls: type[T]) -> type[T]:
+    """Class decorator: make ``cls`` loadable by name from a config.json."""
+    _MODULE_CLASSES[cls.__name__] = cls
+    return cls
+
+
+class SavableModule(nn.Module):
+    """An ``nn.Module`` built from a dataclass config, saved as a diffusers-style folder."""
+
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    # -- persistence -------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {"_class": type(self).__name__, **dataclasses.asdict(self.config)}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp))
+        write_json(directory / CONFIG_NAME, self.config_dict())
+
+    @classmethod
+    def from_config_dict(cls: type[T], cfg: dict) -> T:
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+        fields = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = set(cfg) - fields
+        if unknown:
+            raise CheckpointError(
+                f"config for {cls.__name__} has unknown fields {sorted(unknown)}; "
+                "it was written by another varkit version or another model class"
+            )
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+        return cls(cls.config_class(**cfg))
+
+    @classmethod
+    def from_pretrained(cls: type[T], directory: str | Path) -> T:
+        """Load a folder written by :meth:`save_pretrained` (no network access)."""
+        module = load_module(directory)
+        if not isinstance(module, cls):
+            raise CheckpointError(
+                f"{directory} holds a {type(module).__name__}, not a {cls.__name__}"
+            )
+        return module
+
+
+def read_config(directory: str | Path) -> dict:
+    """The parsed ``config.json`` of a saved module, with clear errors."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise ModelNotFoundError(f"model directory not found: {directory}")
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"{directory} has no {CONFIG_NAME}; a varkit model folder holds {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME} (write one with save_pretrained or `varkit convert`)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the folder is corrupt, re-save it") from None
+
+
+def load_module(directory: str | Path) -> SavableModule:
+    """Rebuild whichever registered module ``directory`` holds and load its weights strictly."""
+    directory = Path(directory)
+    cfg = read_config(directory)
+    name = cfg.get("_class")
+    if name not in _MODULE_CLASSES:
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME} names class {name!r}, which this varkit does not know "
+            f"(known: {sorted(_MODULE_CLASSES)})"
+        )
+    module = _MODULE_CLASSES[name].from_config_dict(cfg)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ModelNotFoundError(f"{directory} has no {WEIGHTS_NAME}; the folder is incomplete, re-save it")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read {weights}: {exc}; the file is corrupt, re-save it") from None
+    load_state_dict_strict(module, state, str(weights))
+    return module.eval()
+
+
+def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming missing/unexpected keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
+        if bad_shape:
+            k = bad_shape[0]
+            parts.append(f"{len(bad_shape)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
+        raise CheckpointError(f"weights in {source} do not fit {type(module).__name__}: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,7 @@
+"""Generators (raster, scales, neighbors) and their registry of named configs."""
+from . import configs  # noqa: F401  (registers the named configs)
+from .base import Generator
+from .raster import RasterConfig, RasterGenerator
+from .registry import create_model, list_models, register_config
+
+__all__ = ["Generator", "RasterConfig", "RasterGenerator", "create_model", "list_models", "register_config"]

@@ -1,0 +1,236 @@
+"""Next-token (raster) generator with LlamaGen's architecture.
+
+A Llama-style decoder over ``[condition tokens] + [image tokens]``: class embedding with a
+null row for CFG (or a caption projection for text-to-image), 2-D RoPE on the token grid,
+RMSNorm, SwiGLU, no biases. Parameter names are LlamaGen's, so its published checkpoints
+load 1:1. The same class hosts NAR's backbone (``neighbors`` layout, see ``neighbors.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache
+from ..errors import InvalidArgumentError
+from ..layout import Layout, build_layout
+from ..modeling import register_module
+from ..nn import Attention, RMSNorm, RotaryTable, SwiGLU, block_causal_mask
+from ..nn.layers import swiglu_hidden_dim
+from ..nn.rope import rope_angles_2d
+from .base import Generator
+
+
+@dataclass
+class RasterConfig:
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    grid: int = 16
+    layout: str = "raster"
+    cls_token_num: int = 1
+    caption_dim: int = 0  # > 0: text-to-image, the condition is (B, cls_token_num, caption_dim)
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+
+
+class LabelEmbedder(nn.Module):
+    """Class ids → one condition token; row ``num_classes`` is the null class for CFG."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels)[:, None]
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption embeddings (B, T, caption_dim) → T condition tokens; a learned null caption."""
+
+    def __init__(self, caption_dim: int, dim: int, token_num: int):
+        super().__init__()
+        self.cap_proj = nn.Sequential()
+        self.cap_proj.add_module("fc1", nn.Linear(caption_dim, dim, bias=False))
+        self.cap_proj.add_module("act", nn.GELU(approximate="tanh"))
+        self.cap_proj.add_module("fc2", nn.Linear(dim, dim, bias=False))
+        self.register_buffer("uncond_embedding", torch.randn(token_num, caption_dim) / caption_dim**0.5)
+
+    def forward(self, captions: torch.Tensor) -> torch.Tensor:
+        return self.cap_proj(captions)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: RasterConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_head, resid_dropout=cfg.resid_dropout)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        hidden = swiglu_hidden_dim(cfg.dim, cfg.multiple_of, cfg.ffn_dim_multiplier)
+        self.feed_forward = SwiGLU(cfg.dim, hidden, cfg.ffn_dropout)
+
+    def forward(self, x, rope, mask, cache, layer):
+        x = x + self.attention(self.attention_norm(x), rope, mask, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+@register_module
+class RasterGenerator(Generator):
+    """LlamaGen-architecture generator on a raster (or, for NAR's backbone, another) layout."""
+
+    config_class = RasterConfig
+
+    def __init__(self, config: RasterConfig):
+        super().__init__(config)
+        c = config
+        self.layout: Layout = build_layout(c.layout, (c.grid, c.grid))
+        self.vocab_size = c.vocab_size
+        self.num_classes = c.num_classes
+        if c.caption_dim > 0:
+            self.cls_embedding = CaptionEmbedder(c.caption_dim, c.dim, c.cls_token_num)
+        else:
+            if c.cls_token_num != 1:
+                raise InvalidArgumentError("class-conditional models use exactly one condition token")
+            self.cls_embedding = LabelEmbedder(c.num_classes, c.dim)
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
+        self.tok_dropout = nn.Dropout(c.token_dropout)
+        self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.n_layer))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        # Rotary rows: condition prefix (zeros, as LlamaGen), then token i at cond_len + i.
+        coords = self.layout.coords
+        angles = rope_angles_2d(coords[:, 0], coords[:, 1], c.dim // c.n_head, c.rope_base)
+        angles = torch.cat([angles.new_zeros(c.cls_token_num, angles.shape[1]), angles])
+        self.rope = RotaryTable(angles, zero_rows=c.cls_token_num)
+        self.register_buffer("token_steps", self.layout.step_of.clone(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """LlamaGen's init: normal(0.02) for linear and embedding weights, zero output head."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.output.weight)
+
+    # -- contract: conditions and cache ----------------------------------------------------------
+    @property
+    def cond_len(self) -> int:
+        return self.config.cls_token_num
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return self.config.caption_dim > 0
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        if self.is_text_conditional:
+            return self.cls_embedding.uncond_embedding.to(cond.dtype).expand_as(cond)
+        return torch.full_like(cond, self.num_classes)
+
+    def check_condition(self, cond: torch.Tensor) -> None:
+        if self.is_text_conditional:
+            want = (self.config.cls_token_num, self.config.caption_dim)
+            if cond.dim() != 3 or tuple(cond.shape[1:]) != want:
+                raise InvalidArgumentError(
+                    f"caption embeddings must have shape (B, {want[0]}, {want[1]}), got {tuple(cond.shape)}; "
+                    "pad or truncate the text encoder's output to that many tokens"
+                )
+            return
+        bad = (cond < 0) | (cond > self.num_classes)
+        if bad.any():
+            raise InvalidArgumentError(
+                f"class id {int(cond[bad][0])} is out of range: this model has classes "
+                f"0..{self.num_classes - 1}"
+            )
+
+    def cache_dims(self) -> tuple[int, int, int]:
+        c = self.config
+        return c.n_layer, c.n_head, c.dim // c.n_head
+
+    def max_cache_len(self) -> int:
+        return self.cond_len + self.layout.num_tokens
+
+    # -- the transformer ---------------------------------------------------------------------------
+    def _run(self, h: torch.Tensor, positions: slice, mask, cache: KVCache | None) -> torch.Tensor:
+        """Run the blocks on embeddings ``h`` placed at cache ``positions``; return final hidden."""
+        h = self.tok_dropout(h)
+        rope = self.rope(positions)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask, cache, i)
+        if cache is not None:
+            cache.advance(h.shape[1])
+        return h
+
+    def hidden_to_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h)).float()
+
+    def _mask(self, token_idx: slice, past: int, device) -> torch.Tensor | None:
+        """Block-causal mask of new inputs ``token_idx`` over ``past`` cached + the new keys."""
+        steps = self.token_steps[token_idx]
+        if steps.numel() == 1:
+            return None
+        new = block_causal_mask(steps, steps)
+        return torch.cat([new.new_ones(new.shape[0], past), new], 1).to(device)
+
+    def _cond_embeddings(self, cond: torch.Tensor) -> torch.Tensor:
+        p = self.tok_embeddings.weight
+        if self.is_text_conditional:
+            cond = cond.to(p.dtype)
+        return self.cls_embedding(cond).to(p.dtype)
+
+    # -- contract: decoding ----------------------------------------------------------------------------
+    def prefill_hidden(self, cond: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Hidden state of the last condition token, after writing the prefix into ``cache``."""
+        self.check_condition(cond)
+        if cache.length != 0:
+            raise InvalidArgumentError("prefill needs an empty KVCache")
+        h = self._cond_embeddings(cond)
+        n = h.shape[1]
+        mask = None if n == 1 else torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
+        return self._run(h, slice(0, n), mask, cache)[:, -1:]
+
+    def prefill(self, cond: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, Any]:
+        return self.hidden_to_logits(self.prefill_hidden(cond, cache)), None
+
+    def forward_hidden(self, tokens: torch.Tensor, step: int, cache: KVCache) -> torch.Tensor:
+        """Hidden states of input ``tokens`` (steps ``step-1 …``), written into ``cache``."""
+        start = self.layout.step_starts[step - 1]
+        n = tokens.shape[1]
+        if cache.length != self.cond_len + start:
+            raise InvalidArgumentError(
+                f"cache holds {cache.length} positions but step {step} needs {self.cond_len + start}; "
+                "roll back with gen.rollback before re-feeding"
+            )
+        idx = slice(start, start + n)
+        mask = self._mask(idx, cache.length, tokens.device)
+        pos = slice(self.cond_len + start, self.cond_len + start + n)
+        return self._run(self.tok_embeddings(tokens), pos, mask, cache)
+
+    def forward(self, tokens: torch.Tensor, step: int, cache: KVCache, state: Any = None) -> torch.Tensor:
+        return self.hidden_to_logits(self.forward_hidden(tokens, step, cache))
+
+    def rollback(self, cache: KVCache, state: Any, step: int) -> None:
+        cache.truncate(self.cond_len + self.layout.step_starts[step - 1])
+
+    # -- training ------------------------------------------------------------------------------------
+    def teacher_forcing_logits(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """One pass over ``[cond] + tokens[:, :-1]``; logits (B, n, V) for tokens 0..n-1.
+
+        ``tokens`` may be a prefix of the layout (n <= N).
+        """
+        h = torch.cat([self._cond_embeddings(cond), self.tok_embeddings(tokens[:, :-1])], 1)
+        L = h.shape[1]
+        # condition tokens are causal among themselves (negative steps), image tokens by step
+        steps = torch.cat([torch.arange(self.cond_len, device=h.device) - self.cond_len, self.token_steps[: tokens.shape[1] - 1]])
+        mask = block_causal_mask(steps, steps)
+        h = self._run(h, slice(0, L), mask, None)
+        return self.hidden_to_logits(h[:, self.cond_len - 1:])

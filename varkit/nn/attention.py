@@ -1,0 +1,94 @@
+"""The one attention module: fused qkv, SDPA, optional RoPE and q/k l2-norm, KVCache I/O."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache
+from .rope import apply_rope
+
+
+def block_causal_mask(q_steps: torch.Tensor, k_steps: torch.Tensor) -> torch.Tensor:
+    """Boolean (nq, nk) mask: query at step s sees every key at step <= s.
+
+    With one token per step this is the usual causal mask; with a whole scale or front per
+    step, tokens of one step see each other (VAR's scales, NAR's fronts).
+    """
+    return k_steps[None, :] <= q_steps[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over ``[cached positions] + [new positions]``.
+
+    Parameter names follow LlamaGen (``wqkv``, ``wo``) so its checkpoints map 1:1. Options
+    cover VAR's variant: bias on q and v only, q/k l2-normalised with a learned per-head
+    scale and softmax scale 1, an output bias.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_head: int,
+        qv_bias: bool = False,
+        out_bias: bool = False,
+        qk_l2norm: bool = False,
+        attn_dropout: float = 0.0,
+        resid_dropout: float = 0.0,
+    ):
+        super().__init__()
+        if dim % n_head:
+            raise ValueError(f"dim {dim} is not divisible by n_head {n_head}")
+        self.n_head = n_head
+        self.head_dim = dim // n_head
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=out_bias)
+        if qv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.qk_l2norm = qk_l2norm
+        if qk_l2norm:
+            self.qk_scale = nn.Parameter(torch.full((1, n_head, 1, 1), math.log(4.0)))
+        self.attn_dropout = attn_dropout
+        self.resid_dropout = nn.Dropout(resid_dropout)
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_bias is None:
+            return self.wqkv(x)
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        return F.linear(x, self.wqkv.weight, bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """``x`` (B, n, dim) → (B, n, dim).
+
+        ``rope``: (cos, sin) of the n new positions. ``mask``: boolean (n, n_keys) or
+        broadcastable, True = may attend; None = attend to every key. With a ``cache``, keys
+        are the cache's filled prefix plus the new positions (the caller advances the cache).
+        """
+        B, n, _ = x.shape
+        q, k, v = self._qkv(x).view(B, n, 3, self.n_head, self.head_dim).unbind(2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        scale = None
+        if self.qk_l2norm:
+            q = F.normalize(q, dim=-1) * self.qk_scale.clamp(max=math.log(100.0)).exp()
+            k = F.normalize(k, dim=-1)
+            scale = 1.0
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        drop = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, -1)))
+

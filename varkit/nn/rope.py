@@ -1,0 +1,55 @@
+"""Rotary position embeddings over 1-D sequences and 2-D token grids.
+
+Pairs are interleaved (elements 2i, 2i+1), as in LlamaGen. For a 2-D grid the first half of
+the pairs rotates by the row and the second half by the column. Condition-prefix rows are
+all zeros (cos = sin = 0), which zeroes q and k of those tokens exactly as LlamaGen does.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _freqs(n: int, dim: int, base: float) -> torch.Tensor:
+    """``n`` frequencies ``base^(-2j/dim)`` for j < n."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2)[:n].float() / dim))
+
+
+def rope_angles_1d(length: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """(length, head_dim/2) rotation angles for positions 0..length-1."""
+    f = _freqs(head_dim // 2, head_dim, base)
+    return torch.outer(torch.arange(length).float(), f)
+
+
+def rope_angles_2d(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """(n, head_dim/2) angles for grid cells (rows[i], cols[i]): [row·f, col·f]."""
+    half = head_dim // 2
+    f = _freqs(half // 2, half, base)
+    return torch.cat([torch.outer(rows.float(), f), torch.outer(cols.float(), f)], dim=-1)
+
+
+class RotaryTable(nn.Module):
+    """cos/sin tables for every cache position of a generator, indexed by position.
+
+    ``angles`` is (num_positions, head_dim/2); rows listed in ``zero_rows`` get cos = sin = 0.
+    """
+
+    def __init__(self, angles: torch.Tensor, zero_rows: int = 0):
+        super().__init__()
+        cos, sin = angles.cos(), angles.sin()
+        cos[:zero_rows] = 0
+        sin[:zero_rows] = 0
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, positions: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, n, H, D) by per-position (n, D/2) tables, in fp32, interleaved pairs."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1)
+    return out.flatten(-2).type_as(x)

@@ -1,0 +1,185 @@
+"""Tokenizer + generator + sampler → PIL images, as one callable.
+
+``varkit.load_pipeline("digits")`` (a bundled model) or ``load_pipeline(DIR)`` (a folder
+written by :meth:`Pipeline.save_pretrained` or ``varkit convert``). A pipeline folder holds
+``config.json`` (the model's default sampling settings) and the subfolders ``tokenizer/``
+and ``generator/``, each a ``config.json`` + ``model.safetensors``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .device import resolve_device, resolve_dtype
+from .errors import InvalidArgumentError, ModelNotFoundError
+from .io import write_json
+from .modeling import load_module, read_config
+from .samplers import SamplerStats, SamplingParams, get_sampler
+from .samplers.logits import image_generators
+
+ASSETS = Path(__file__).parent / "assets"
+SAMPLING_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p")
+DEFAULT_SAMPLING = {"cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None, "top_p": None}
+
+
+@dataclass
+class PipelineOutput:
+    images: list[Image.Image]
+    tokens: torch.Tensor  # (B, N) in the generator's layout order
+    stats: SamplerStats
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped inside the package."""
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "generator").is_dir()) if ASSETS.is_dir() else []
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, C, H, W) in [-1, 1] → PIL images (RGB, or L for one channel)."""
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    arr = arr.permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+class Pipeline:
+    """A tokenizer, a generator and the model's default sampling settings."""
+
+    def __init__(self, tokenizer, generator, defaults: dict[str, Any] | None = None, name: str = ""):
+        self.tokenizer = tokenizer.eval()
+        self.generator = generator.eval()
+        self.defaults = {**DEFAULT_SAMPLING, **(defaults or {})}
+        self.name = name
+
+    @property
+    def num_classes(self) -> int:
+        return self.generator.num_classes
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "Pipeline":
+        """Move to ``device``; ``dtype`` applies to the generator (the tokenizer stays fp32)."""
+        dev = resolve_device(device)
+        self.tokenizer.to(dev)
+        self.generator.to(dev)
+        dt = resolve_dtype(dtype)
+        if dt is not None:
+            self.generator.to(dt)
+        return self
+
+    def sampling_params(self, **overrides: Any) -> SamplingParams:
+        """The model's defaults with every non-None override applied."""
+        values = {k: self.defaults.get(k) for k in SAMPLING_KEYS}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**values)
+
+    def __call__(
+        self,
+        class_labels: Sequence[int] | torch.Tensor | None = None,
+        *,
+        captions: torch.Tensor | None = None,
+        sampler: str = "ancestral",
+        cfg: float | None = None,
+        cfg_schedule: str | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        image_seeds: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        **sampler_options: Any,
+    ) -> PipelineOutput:
+        """Generate one image per class label (or per caption-embedding row).
+
+        Image i draws its randomness from its own generator seeded from ``(seed, i)`` (or
+        ``image_seeds[i]``), so it is the same whatever the batch size. ``sampler_options``
+        go to the sampler (e.g. ``window=16`` for SJD).
+        """
+        cond = self._conditions(class_labels, captions)
+        params = self.sampling_params(cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p)
+        smp = get_sampler(sampler, params, **sampler_options)
+        gens = image_generators(seed, cond.shape[0], list(image_seeds) if image_seeds is not None else None)
+        bs = batch_size or cond.shape[0]
+        if bs < 1:
+            raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
+        images, tokens, stats = [], [], None
+        for i in range(0, cond.shape[0], bs):
+            res = smp.sample(self.generator, cond[i:i + bs], gens[i:i + bs], progress=progress)
+            tokens.append(res.tokens)
+            images += self.decode(res.tokens)
+            stats = res.stats if stats is None else stats.merge(res.stats)
+        return PipelineOutput(images, torch.cat(tokens), stats)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
+        """Layout-order tokens → PIL images through the tokenizer."""
+        ids = self.generator.layout.to_tokenizer_ids(tokens)
+        return to_pil(self.tokenizer.decode(ids))
+
+    def _conditions(self, class_labels, captions) -> torch.Tensor:
+        dev = self.device
+        if captions is not None:
+            return torch.as_tensor(captions, device=dev)
+        if class_labels is None:
+            raise InvalidArgumentError("pass class_labels (class ids) or captions (caption embeddings)")
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=dev).reshape(-1)
+        if labels.numel() == 0:
+            raise InvalidArgumentError("class_labels is empty: pass at least one class id")
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if bad.any():
+            raise InvalidArgumentError(
+                f"class id {int(labels[bad][0])} is out of range: this model has classes 0..{self.num_classes - 1}"
+            )
+        return labels
+
+    # -- persistence -----------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``tokenizer/``, ``generator/`` and the pipeline ``config.json`` (last, atomically)."""
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        self.generator.save_pretrained(directory / "generator")
+        write_json(directory / "config.json", {"_class": "Pipeline", "name": self.name, "defaults": self.defaults})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "Pipeline":
+        directory = Path(directory)
+        cfg = read_config(directory)
+        if cfg.get("_class") != "Pipeline":
+            raise ModelNotFoundError(
+                f"{directory} is not a varkit pipeline folder (its config.json has no pipeline entry); "
+                "it needs config.json, tokenizer/ and generator/"
+            )
+        return cls(load_module(directory / "tokenizer"), load_module(directory / "generator"),
+                   cfg.get("defaults"), cfg.get("name") or directory.name)
+
+
+def load_pipeline(name_or_dir: str | Path, device: str | torch.device | None = "cpu",
+                  dtype: str | torch.dtype | None = None) -> Pipeline:
+    """A bundled model by name (see :func:`bundled_models`) or a pipeline folder; offline."""
+    path = Path(name_or_dir)
+    if (ASSETS / str(name_or_dir) / "config.json").is_file() and not path.exists():
+        path = ASSETS / str(name_or_dir)
+    elif not path.exists():
+        raise ModelNotFoundError(
+            f"unknown model {str(name_or_dir)!r}: not a bundled model ({', '.join(bundled_models()) or 'none'}) "
+            "and no such folder"
+        )
+    return Pipeline.from_pretrained(path).to(device, dtype)
+
+
+def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
+    """Tile images into one grid image, row-major."""
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new(images[0].mode, (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -1,0 +1,25 @@
+"""Samplers: pluggable decoding algorithms over any generator that fits the contract."""
+from __future__ import annotations
+
+from ..errors import InvalidArgumentError
+from .ancestral import AncestralSampler
+from .base import Sampler, SampleResult, SamplerStats
+from .logits import SamplingParams
+
+SAMPLERS: dict[str, type[Sampler]] = {AncestralSampler.name: AncestralSampler}
+
+
+def get_sampler(name: str, params: SamplingParams | None = None, **options) -> Sampler:
+    """Build sampler ``name`` with sampling ``params`` and its own ``options`` (e.g. window)."""
+    if name not in SAMPLERS:
+        raise InvalidArgumentError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    cls = SAMPLERS[name]
+    try:
+        return cls(params, **options)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"sampler {name!r} does not take option(s) {sorted(options)}"
+        ) from None
+
+
+__all__ = ["SAMPLERS", "get_sampler", "Sampler", "SampleResult", "SamplerStats", "SamplingParams", "AncestralSampler"]

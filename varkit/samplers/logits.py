@@ -1,0 +1,135 @@
+"""Turning logits into tokens: CFG mixing, temperature, top-k, top-p, per-image randomness.
+
+Every sampler uses these functions, so "the target distribution" means the same thing for
+ancestral sampling and for the speculative samplers that must reproduce it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import InvalidArgumentError
+
+CFG_SCHEDULES = ("constant", "linear", "var")
+
+
+@dataclass
+class SamplingParams:
+    """How logits become a distribution. ``None`` / 0 disable top-k, ``None`` / 1 disables top-p.
+
+    CFG mixes ``uncond + w·(cond − uncond)`` with a weight ``w`` per layout step:
+    ``constant``: w = cfg; ``linear``: w ramps from 1 at the first step to cfg at the last;
+    ``var``: w = 1 + cfg·s/(S−1), VAR's ``(1+t)·cond − t·uncond`` ramp.
+    """
+
+    cfg: float = 1.0
+    cfg_schedule: str = "constant"
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.cfg is None or self.cfg < 0:
+            raise InvalidArgumentError(f"cfg must be >= 0 (1 = no guidance), got {self.cfg}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise InvalidArgumentError(
+                f"unknown cfg schedule {self.cfg_schedule!r}; choose one of {', '.join(CFG_SCHEDULES)}"
+            )
+        if self.temperature is None or not self.temperature > 0:
+            raise InvalidArgumentError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise InvalidArgumentError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InvalidArgumentError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    def guidance(self, step: int, num_steps: int) -> float:
+        """CFG weight at layout step ``step`` of ``num_steps``."""
+        ramp = step / (num_steps - 1) if num_steps > 1 else 1.0
+        if self.cfg_schedule == "linear":
+            return 1.0 + (self.cfg - 1.0) * ramp
+        if self.cfg_schedule == "var":
+            return 1.0 + self.cfg * ramp
+        return self.cfg
+
+    def uses_cfg(self, num_steps: int) -> bool:
+        """Whether any step needs the unconditional branch."""
+        return any(self.guidance(s, num_steps) != 1.0 for s in range(num_steps))
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1
+
+
+def mix_cfg(logits: torch.Tensor, weight: float) -> torch.Tensor:
+    """Rows [0:B] conditional, [B:2B] unconditional → ``u + w·(c − u)`` (B rows)."""
+    cond, uncond = logits.chunk(2, dim=0)
+    return uncond + (cond - uncond) * weight
+
+
+def _kept(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled logits of the kept candidates, sorted descending, and their vocabulary ids.
+
+    With top-k only the k best are sorted (no full-vocabulary sort); ids is None when the
+    candidates are the whole vocabulary in its own order (no top-k, no top-p).
+    """
+    logits = logits / p.temperature
+    V = logits.shape[-1]
+    k = p.top_k if p.top_k and p.top_k < V else None
+    top_p = p.top_p if p.top_p is not None and p.top_p < 1 else None
+    if k is not None:
+        vals, ids = logits.topk(k, dim=-1)
+    elif top_p is not None:
+        vals, ids = logits.sort(dim=-1, descending=True)
+    else:
+        return logits, None
+    if top_p is not None:
+        probs = vals.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass strictly ahead of each candidate
+        vals = vals.masked_fill(before >= top_p, float("-inf"))
+    return vals, ids
+
+
+def processed_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The target distribution over the full vocabulary (zeros outside top-k/top-p)."""
+    vals, ids = _kept(logits, p)
+    probs = vals.softmax(-1)
+    if ids is None:
+        return probs
+    return torch.zeros_like(logits).scatter_(-1, ids, probs)
+
+
+def sample_logits(logits: torch.Tensor, p: SamplingParams, u: torch.Tensor | None) -> torch.Tensor:
+    """Draw tokens (…) from logits (…, V) with uniforms ``u`` (…) by inverse CDF; top_k=1 is argmax."""
+    if p.greedy or u is None:
+        return logits.argmax(-1)
+    vals, ids = _kept(logits, p)
+    j = sample_probs(vals.softmax(-1), u)
+    return j if ids is None else ids.gather(-1, j[..., None]).squeeze(-1)
+
+
+def sample_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw from (possibly unnormalised) probs (…, V) with uniforms u (…)."""
+    cdf = probs.cumsum(-1)
+    j = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[..., -1])[..., None].contiguous())
+    return j.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def image_generators(seed: int, count: int, image_seeds: list[int] | None = None) -> list[torch.Generator]:
+    """One CPU ``torch.Generator`` per image, seeded from (seed, index) or from ``image_seeds``.
+
+    An image's randomness therefore depends neither on the batch size nor on its position.
+    """
+    if image_seeds is not None:
+        if len(image_seeds) != count:
+            raise InvalidArgumentError(f"got {len(image_seeds)} image_seeds for {count} images")
+        seeds = [int(s) for s in image_seeds]
+    else:
+        seeds = [int(np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint64)[0] >> 1) for i in range(count)]
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def uniforms(gens: list[torch.Generator], n: int, device: torch.device) -> torch.Tensor:
+    """(B, n) uniforms, row b drawn from ``gens[b]``."""
+    return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in gens]).to(device)

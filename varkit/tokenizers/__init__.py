@@ -1,0 +1,30 @@
+"""Tokenizers: VQ (LlamaGen-style), multi-scale residual VQ (VAR), and their named configs."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from ..errors import ModelNotFoundError
+from .vq import VQConfig, VQTokenizer
+
+# name -> (class, config); the bundled models' tokenizers are built from these.
+TOKENIZER_CONFIGS: dict[str, tuple[type, Any]] = {
+    "llamagen-vq16": (VQTokenizer, VQConfig()),
+    "llamagen-vq8": (VQTokenizer, VQConfig(ch_mult=(1, 2, 2, 4))),
+    "digits-vq": (VQTokenizer, VQConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32,
+                                        codebook_size=128, codebook_dim=8, norm_groups=8,
+                                        entropy_loss_ratio=0.05)),
+}
+
+
+def create_tokenizer(name: str, **overrides: Any):
+    """Build a tokenizer from a named config with random weights."""
+    if name not in TOKENIZER_CONFIGS:
+        raise ModelNotFoundError(
+            f"unknown tokenizer config {name!r}; known: {', '.join(sorted(TOKENIZER_CONFIGS))}"
+        )
+    cls, cfg = TOKENIZER_CONFIGS[name]
+    return cls(replace(cfg, **overrides))
+
+
+__all__ = ["VQConfig", "VQTokenizer", "TOKENIZER_CONFIGS", "create_tokenizer"]

@@ -1,0 +1,1 @@
+"""Training loops (tokenizers, generators, distillation), torchrun-ready."""
