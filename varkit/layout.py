@@ -39,7 +39,8 @@ class Layout:
             starts.append(starts[-1] + n)
         self.step_starts = starts
         self.step_of = torch.repeat_interleave(
-            torch.arange(len(self.step_sizes)), torch.tensor(self.step_sizes)
+            torch.arange(len(self.step_sizes), device="cpu"), torch.tensor(self.step_sizes, device="cpu"),
+            output_size=starts[-1],
         )
         if self.coords.shape[0] != self.num_tokens:
             raise ValueError("coords do not match the step sizes")
@@ -110,8 +111,8 @@ def raster(h: int, w: int | None = None) -> Layout:
     """One token a step in row-major order over an h×w grid."""
     w = h if w is None else w
     _check_grid(h, w)
-    rows = torch.arange(h).repeat_interleave(w)
-    cols = torch.arange(w).repeat(h)
+    rows = torch.arange(h, device="cpu").repeat_interleave(w)
+    cols = torch.arange(w, device="cpu").repeat(h)
     coords = torch.stack([rows, cols, torch.zeros_like(rows)], 1)
     return Layout("raster", [1] * (h * w), coords, [(h, w)])
 
@@ -130,7 +131,7 @@ def neighbors(h: int, w: int | None = None) -> Layout:
         front = [(r, d - r, 0) for r in range(h) if 0 <= d - r < w]
         coords += front
         sizes.append(len(front))
-    return Layout("neighbors", sizes, torch.tensor(coords), [(h, w)])
+    return Layout("neighbors", sizes, torch.tensor(coords, device="cpu"), [(h, w)])
 
 
 def scales(patch_nums: list[int] | tuple[int, ...]) -> Layout:
@@ -142,8 +143,8 @@ def scales(patch_nums: list[int] | tuple[int, ...]) -> Layout:
         )
     coords = []
     for k, p in enumerate(patch_nums):
-        rows = torch.arange(p).repeat_interleave(p)
-        cols = torch.arange(p).repeat(p)
+        rows = torch.arange(p, device="cpu").repeat_interleave(p)
+        cols = torch.arange(p, device="cpu").repeat(p)
         coords.append(torch.stack([rows, cols, torch.full_like(rows, k)], 1))
     return Layout("scales", [p * p for p in patch_nums], torch.cat(coords), [(p, p) for p in patch_nums])
 

@@ -99,6 +99,7 @@ def load_module(directory: str | Path) -> SavableModule:
     directory = Path(directory)
     cfg = read_config(directory)
     name = cfg.get("_class")
+    _import_module_packages()
     if name not in _MODULE_CLASSES:
         raise CheckpointError(
             f"{directory / CONFIG_NAME} names class {name!r}, which this varkit does not know "
@@ -114,6 +115,14 @@ def load_module(directory: str | Path) -> SavableModule:
         raise CheckpointError(f"cannot read {weights}: {exc}; the file is corrupt, re-save it") from None
     load_state_dict_strict(module, state, str(weights))
     return module.eval()
+
+
+def _import_module_packages() -> None:
+    """Import the packages whose classes register themselves (tokenizers, generators)."""
+    import importlib
+
+    for pkg in ("varkit.tokenizers", "varkit.models"):
+        importlib.import_module(pkg)
 
 
 def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -53,6 +53,7 @@ class Pipeline:
     def __init__(self, tokenizer, generator, defaults: dict[str, Any] | None = None, name: str = ""):
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
+        generator.bind_tokenizer(tokenizer)
         self.defaults = {**DEFAULT_SAMPLING, **(defaults or {})}
         self.name = name
 

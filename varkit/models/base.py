@@ -37,6 +37,14 @@ class Generator(SavableModule):
     supports_multistep: bool = True
     supports_rollback: bool = True
 
+    @classmethod
+    def config_for_tokenizer(cls, tokenizer, resolution: int) -> dict:
+        """Config fields that a trained tokenizer fixes (vocabulary, grid, ...)."""
+        return {"vocab_size": tokenizer.codebook_size}
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        """Generators whose inputs are tokenizer-side computations (VAR) keep a reference."""
+
     # -- conditions ----------------------------------------------------------------------------
     @property
     def cond_len(self) -> int:

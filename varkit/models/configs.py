@@ -4,6 +4,7 @@ from __future__ import annotations
 from functools import partial
 
 from .raster import RasterConfig, RasterGenerator
+from .scales import ScalesConfig, ScalesGenerator
 from .registry import register_config
 
 # LlamaGen GPT sizes (layers, heads, dim); FFN hidden follows Llama's rule.
@@ -30,4 +31,33 @@ register_config(
     RasterGenerator,
     partial(RasterConfig, vocab_size=128, num_classes=10, dim=128, n_layer=4, n_head=4, grid=8, multiple_of=32),
     "the bundled digits generator: 8x8 tokens over the digits-vq tokenizer",
+)
+
+# VAR: width 64·depth, heads = depth (head_dim 64); d36 is the 512-px shared-AdaLN model.
+for _depth in (16, 20, 24, 30):
+    register_config(
+        f"var-d{_depth}",
+        ScalesGenerator,
+        partial(ScalesConfig, depth=_depth, dim=64 * _depth, n_head=_depth, drop_path=0.1 * _depth / 24),
+        f"VAR-d{_depth}, 256 px, 10 scales over the ch160 multi-scale VQVAE",
+    )
+register_config(
+    "var-d36",
+    ScalesGenerator,
+    partial(ScalesConfig, depth=36, dim=64 * 36, n_head=36, shared_aln=True, drop_path=0.1 * 36 / 24,
+            patch_nums=(1, 2, 3, 4, 6, 9, 13, 18, 24, 32)),
+    "VAR-d36-s, 512 px, shared AdaLN",
+)
+register_config(
+    "var-tiny",
+    ScalesGenerator,
+    partial(ScalesConfig, vocab_size=16, num_classes=4, depth=2, dim=32, n_head=2, vae_dim=4, patch_nums=(1, 2, 4)),
+    "tiny next-scale generator for tests",
+)
+register_config(
+    "digits-var",
+    ScalesGenerator,
+    partial(ScalesConfig, vocab_size=128, num_classes=10, depth=4, dim=128, n_head=4, vae_dim=8,
+            patch_nums=(1, 2, 3, 4, 6, 8)),
+    "the bundled digits next-scale generator over the digits-msvq tokenizer",
 )

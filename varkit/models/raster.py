@@ -122,6 +122,11 @@ class RasterGenerator(Generator):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.output.weight)
 
+    @classmethod
+    def config_for_tokenizer(cls, tokenizer, resolution: int) -> dict:
+        """Config fields a trained tokenizer fixes."""
+        return {"vocab_size": tokenizer.codebook_size, "grid": resolution // tokenizer.downsample}
+
     # -- contract: conditions and cache ----------------------------------------------------------
     @property
     def cond_len(self) -> int:

@@ -20,9 +20,15 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **overrides: Any) -> Generator:
-    """Build a generator from a named config with random weights; ``overrides`` replace config fields."""
+def model_class(name: str) -> type[Generator]:
+    """The generator class a named config builds."""
     if name not in _REGISTRY:
         raise ModelNotFoundError(f"unknown model config {name!r}; known configs: {', '.join(list_models())}")
-    cls, config, _ = _REGISTRY[name]
+    return _REGISTRY[name][0]
+
+
+def create_model(name: str, **overrides: Any) -> Generator:
+    """Build a generator from a named config with random weights; ``overrides`` replace config fields."""
+    cls = model_class(name)
+    _, config, _ = _REGISTRY[name]
     return cls(replace(config(), **overrides))

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 
-def _freqs(n: int, dim: int, base: float) -> torch.Tensor:
+def _freqs(n: int, dim: int, base: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """``n`` frequencies ``base^(-2j/dim)`` for j < n."""
-    return 1.0 / (base ** (torch.arange(0, dim, 2)[:n].float() / dim))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, device=device)[:n].float() / dim))
 
 
 def rope_angles_1d(length: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
@@ -24,7 +24,7 @@ def rope_angles_1d(length: int, head_dim: int, base: float = 10000.0) -> torch.T
 def rope_angles_2d(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
     """(n, head_dim/2) angles for grid cells (rows[i], cols[i]): [row·f, col·f]."""
     half = head_dim // 2
-    f = _freqs(half // 2, half, base)
+    f = _freqs(half // 2, half, base, rows.device)
     return torch.cat([torch.outer(rows.float(), f), torch.outer(cols.float(), f)], dim=-1)
 
 

@@ -5,12 +5,17 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import ModelNotFoundError
+from .msvq import MSVQConfig, MultiScaleVQTokenizer
 from .vq import VQConfig, VQTokenizer
 
 # name -> (class, config); the bundled models' tokenizers are built from these.
 TOKENIZER_CONFIGS: dict[str, tuple[type, Any]] = {
     "llamagen-vq16": (VQTokenizer, VQConfig()),
     "llamagen-vq8": (VQTokenizer, VQConfig(ch_mult=(1, 2, 2, 4))),
+    "var-vae-ch160v4096z32": (MultiScaleVQTokenizer, MSVQConfig()),
+    "digits-msvq": (MultiScaleVQTokenizer, MSVQConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8,
+                                                      codebook_size=128, patch_nums=(1, 2, 3, 4, 6, 8),
+                                                      norm_num_groups=8)),
     "digits-vq": (VQTokenizer, VQConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32,
                                         codebook_size=128, codebook_dim=8, norm_groups=8,
                                         entropy_loss_ratio=0.05)),
@@ -27,4 +32,4 @@ def create_tokenizer(name: str, **overrides: Any):
     return cls(replace(cfg, **overrides))
 
 
-__all__ = ["VQConfig", "VQTokenizer", "TOKENIZER_CONFIGS", "create_tokenizer"]
+__all__ = ["VQConfig", "VQTokenizer", "MSVQConfig", "MultiScaleVQTokenizer", "TOKENIZER_CONFIGS", "create_tokenizer"]

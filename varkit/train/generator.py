@@ -15,6 +15,7 @@ from ..device import resolve_device
 from ..errors import InvalidArgumentError
 from ..modeling import load_module
 from ..models import create_model
+from ..models.registry import model_class
 from ..pipeline import Pipeline
 from .data import load_dataset
 from .loop import Trainer, TrainConfig, init_distributed
@@ -67,9 +68,9 @@ def train_generator(data: str, tokenizer_dir: str | Path, config: str, out: str 
             f"resolution {resolution} is not divisible by the tokenizer's downsampling factor {tok.downsample}"
         )
     ds = load_dataset(data, resolution, flip)
-    overrides = {"vocab_size": tok.codebook_size, "num_classes": ds.num_classes,
-                 "grid": resolution // tok.downsample, **overrides}
+    overrides = {**model_class(config).config_for_tokenizer(tok, resolution), "num_classes": ds.num_classes, **overrides}
     gen = create_model(config, **overrides)
+    gen.bind_tokenizer(tok)
     tokens = encode_dataset(tok, ds, gen.layout, dev)
     labels = ds.labels()
     trainer = Trainer(TeacherForcing(gen), make_generator_loss(gen, class_dropout),

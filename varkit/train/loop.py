@@ -145,6 +145,9 @@ class Trainer:
         self.opt.load_state_dict(ck["optimizer"])
         self.step = int(ck["step"])
         self.history = list(ck.get("history", []))
+        if self.rank == 0:  # drop log lines the interrupted run wrote after this checkpoint
+            with atomic_path(self.out / "log.jsonl") as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         rng = ck["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(_np_unpack(rng["numpy"]))

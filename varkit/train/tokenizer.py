@@ -18,7 +18,8 @@ def tokenizer_loss(model, batch):
     out = model(x)
     recon = F.mse_loss(out.recon, x) + F.l1_loss(out.recon, x)
     loss = recon + out.vq_loss
-    used = out.ids.unique().numel()
+    ids = out.ids if isinstance(out.ids, list) else [out.ids]
+    used = torch.cat([i.flatten() for i in ids]).unique().numel()
     return loss, {"recon": float(recon), "vq": float(out.vq_loss), "codes_in_batch": used}
 
 

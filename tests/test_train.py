@@ -1,0 +1,163 @@
+"""Training: DDP over 2 gloo processes, SIGKILL + resume bit-exact, data errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from varkit.errors import CheckpointError, DataError, InvalidArgumentError
+from varkit.models import create_model
+from varkit.train.data import load_dataset
+from varkit.train.generator import TeacherForcing, make_generator_loss
+from varkit.train.loop import Trainer, TrainConfig, batch_indices
+from varkit.tokenizers import VQConfig, VQTokenizer
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _tiny_tokenizer(path: Path) -> Path:
+    torch.manual_seed(0)
+    VQTokenizer(VQConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, codebook_size=16,
+                         codebook_dim=4, norm_groups=4)).save_pretrained(path)
+    return path
+
+
+def _ddp_worker(rank, world, init_file, out_dir, steps):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    gen = create_model("raster-tiny", token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
+    data = torch.randint(0, 16, (64, 16), generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(64) % 4
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-2, warmup=1, log_every=1, ckpt_every=1000, seed=0)
+    losses = []
+
+    def loss_fn(model, batch):
+        loss, m = make_generator_loss(gen, 0.0)(model, batch)
+        losses.append(float(loss))
+        return loss, m
+
+    t = Trainer(TeacherForcing(gen), loss_fn, lambda idx: (data[idx], labels[idx]), 64, cfg,
+                Path(out_dir) / f"rank{rank}", torch.device("cpu"), kind="generator:test")
+    t.fit()
+    torch.save({"state": gen.state_dict(), "losses": losses}, Path(out_dir) / f"result{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, tmp_path / "init", tmp_path, 2), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "result0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "result1.pt", weights_only=True)
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k  # ranks hold identical weights
+    (tmp_path / "single").mkdir()
+    mp.spawn(_ddp_worker, args=(1, tmp_path / "init1", tmp_path / "single", 2), nprocs=1, join=True)
+    r = torch.load(tmp_path / "single" / "result0.pt", weights_only=True)
+    # the mean of the two half-batch losses is the loss over the same global batch
+    for step in range(2):
+        assert abs((r0["losses"][step] + r1["losses"][step]) / 2 - r["losses"][step]) < 1e-5
+    for k in r["state"]:
+        torch.testing.assert_close(r0["state"][k], r["state"][k], rtol=1e-4, atol=1e-5)
+
+
+def _train_cmd(tok, out, steps, *extra):
+    return [sys.executable, "-m", "varkit.cli", "train", "generator", "--data", "digits", "--tokenizer", str(tok),
+            "--config", "raster-tiny", "--resolution", "16", "--steps", str(steps), "--batch-size", "32",
+            "--ckpt-every", "5", "--log-every", "1", "--warmup", "3", "--ema", "0.9", "--out", str(out), *extra]
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "generator" / "model.safetensors"))
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    steps = 60
+    subprocess.run(_train_cmd(tok, tmp_path / "full", steps), check=True, env=ENV, capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(tok, out, steps), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "train-generator" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        log = out / "train-generator" / "log.jsonl"
+        if ckpt.exists() and log.exists() and len(log.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed; raise steps"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "generator").exists()
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < killed_at < steps
+    subprocess.run(_train_cmd(tok, out, steps, "--resume", str(ckpt)), check=True, env=ENV, capture_output=True)
+    a, b = _weights(tmp_path / "full"), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    log = [json.loads(x) for x in (out / "train-generator" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, steps + 1))
+    assert (out / "train-generator" / "loss.png").stat().st_size > 0
+
+
+def test_resume_from_another_model_is_refused(tmp_path):
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    subprocess.run(_train_cmd(tok, tmp_path / "a", 5), check=True, env=ENV, capture_output=True)
+    cmd = _train_cmd(tok, tmp_path / "b", 5, "--resume", str(tmp_path / "a" / "train-generator" / "checkpoint.pt"))
+    cmd[cmd.index("raster-tiny")] = "digits-raster"
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 2 and "checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_batch_indices_cover_epochs_without_repeats():
+    seen = torch.cat([batch_indices(s, 10, 4, seed=0) for s in range(5)])  # 20 draws = 2 epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+
+
+def test_trainer_refuses_batch_not_divisible_by_processes(monkeypatch):
+    monkeypatch.setattr("varkit.train.loop.dist_info", lambda: (0, 3))
+    with pytest.raises(InvalidArgumentError, match="not divisible"):
+        Trainer(torch.nn.Linear(2, 2), None, None, 10, TrainConfig(batch_size=8), "/tmp/x", torch.device("cpu"))
+
+
+def test_folder_dataset_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_dataset(str(tmp_path / "missing"), 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class subfolders"):
+        load_dataset(str(tmp_path / "empty"), 32)
+    (tmp_path / "noimg" / "cats").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        load_dataset(str(tmp_path / "noimg"), 32)
+    (tmp_path / "bad" / "cats").mkdir(parents=True)
+    (tmp_path / "bad" / "cats" / "x.png").write_bytes(b"not a png")
+    ds = load_dataset(str(tmp_path / "bad"), 32)
+    with pytest.raises(DataError, match="x.png"):
+        ds.item(0)
+
+
+def test_folder_dataset_resizes_and_crops(tmp_path):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / c / "1.png")
+    ds = load_dataset(str(tmp_path), 16, flip=True)
+    x, y = ds.batch(torch.tensor([0, 1]))
+    assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 1] and ds.num_classes == 2
+    assert torch.allclose(x[:, 0], torch.ones(2, 16, 16))
+
+
+def test_resolution_not_divisible_by_downsampling(tmp_path):
+    from varkit.train.generator import train_generator
+
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    with pytest.raises(InvalidArgumentError, match="not divisible"):
+        train_generator("digits", tok, "raster-tiny", tmp_path / "o", TrainConfig(steps=1), resolution=18)

@@ -1,0 +1,242 @@
+"""Next-scale generator with VAR's architecture.
+
+One layout step is a whole scale. The input of scale k is not its token ids but the
+area-downsampled accumulated residual ``f_hat`` of scales < k, a tokenizer-side computation
+(:meth:`MultiScaleVQTokenizer.next_scale_input`), so the generator is bound to its tokenizer
+(``bind_tokenizer``) and keeps ``f_hat`` in its decoding state. Blocks are AdaLN-modulated
+(class embedding → 6 modulation vectors), attention is the shared :class:`~varkit.nn.Attention`
+with q/k l2-normalisation, positions are learned (per token) plus a level embedding per scale.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import nn
+
+from ..cache import KVCache
+from ..errors import InvalidArgumentError
+from ..layout import scales
+from ..modeling import register_module
+from ..nn import Attention, block_causal_mask
+from .base import Generator
+
+
+@dataclass
+class ScalesConfig:
+    vocab_size: int = 4096
+    num_classes: int = 1000
+    depth: int = 16
+    dim: int = 1024
+    n_head: int = 16
+    mlp_ratio: float = 4.0
+    vae_dim: int = 32  # Cvae: channels of the tokenizer's latent f_hat
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    shared_aln: bool = False
+    norm_eps: float = 1e-6
+    drop_path: float = 0.0
+    init_std: float = -1.0  # < 0: sqrt(1 / dim / 3), as VAR
+
+
+class AdaLNBlock(nn.Module):
+    """``x += γ1·attn(LN(x)(1+s1)+b1)``; ``x += γ2·ffn(LN(x)(1+s2)+b2)``; γ, s, b from the class."""
+
+    def __init__(self, c: ScalesConfig, drop_path: float):
+        super().__init__()
+        self.dim = c.dim
+        self.attn = Attention(c.dim, c.n_head, qv_bias=True, out_bias=True, qk_l2norm=True)
+        self.ffn = Mlp(c.dim, int(c.dim * c.mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
+        self.ln = nn.LayerNorm(c.dim, eps=c.norm_eps, elementwise_affine=False)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if c.shared_aln:
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, c.dim) / c.dim**0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+
+    def forward(self, x, cond, mask, cache, layer):
+        if hasattr(self, "ada_gss"):
+            mods = self.ada_gss + cond  # cond: shared modulation (B, 1, 6, C)
+        else:
+            mods = self.ada_lin(cond).view(-1, 1, 6, self.dim)
+        g1, g2, s1, s2, b1, b2 = mods.unbind(2)
+        x = x + self.drop_path(self.attn(self.ln(x) * (s1 + 1) + b1, None, mask, cache, layer) * g1)
+        return x + self.drop_path(self.ffn(self.ln(x) * (s2 + 1) + b2) * g2)
+
+
+class AdaLNHead(nn.Module):
+    """LayerNorm modulated by the class (scale, shift) before the output head."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.dim = dim
+        self.ln = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, cond):
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
+        return self.ln(x) * (scale + 1) + shift
+
+
+@dataclass
+class ScalesState:
+    """Per-image decoding state: the class embedding and the accumulated residual ``f_hat``."""
+
+    cond_emb: torch.Tensor
+    f_hat: torch.Tensor | None = None
+
+
+@register_module
+class ScalesGenerator(Generator):
+    """VAR: class-conditional next-scale prediction over a multi-scale VQ tokenizer."""
+
+    config_class = ScalesConfig
+    supports_multistep = False
+    supports_rollback = False
+
+    def __init__(self, config: ScalesConfig):
+        super().__init__(config)
+        c = config
+        self.layout = scales(c.patch_nums)
+        self.vocab_size, self.num_classes = c.vocab_size, c.num_classes
+        L, first = self.layout.num_tokens, c.patch_nums[0] ** 2
+        std = c.init_std if c.init_std > 0 else math.sqrt(1 / c.dim / 3)
+        self.class_emb = nn.Embedding(c.num_classes + 1, c.dim)
+        self.pos_start = nn.Parameter(torch.empty(1, first, c.dim))
+        self.pos_1LC = nn.Parameter(torch.empty(1, L, c.dim))
+        self.lvl_embed = nn.Embedding(len(c.patch_nums), c.dim)
+        self.word_embed = nn.Linear(c.vae_dim, c.dim)
+        if c.shared_aln:
+            self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+        dpr = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
+        self.blocks = nn.ModuleList(AdaLNBlock(c, dpr[i]) for i in range(c.depth))
+        self.head_nm = AdaLNHead(c.dim, c.norm_eps)
+        self.head = nn.Linear(c.dim, c.vocab_size)
+        self.register_buffer("lvl_1L", self.layout.step_of.clone(), persistent=False)
+        for p in (self.pos_start, self.pos_1LC):
+            nn.init.trunc_normal_(p, std=std)
+        for m in [self.class_emb, self.lvl_embed]:
+            nn.init.trunc_normal_(m.weight, std=std)
+        self._init_weights(std)
+        self._tokenizer: list = []  # bound tokenizer, kept out of the module tree
+
+    def _init_weights(self, std: float) -> None:
+        """VAR's init: small head, residual projections scaled by depth, near-zero AdaLN gates."""
+        c = self.config
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.head.weight.mul_(0.02)
+            for b in self.blocks:
+                b.attn.wo.weight.div_(math.sqrt(2 * c.depth))
+                b.ffn.fc2.weight.div_(math.sqrt(2 * c.depth))
+                if not c.shared_aln:
+                    w = b.ada_lin[-1].weight
+                    w[2 * c.dim:].mul_(0.5)
+                    w[: 2 * c.dim].mul_(1e-5)
+
+    @classmethod
+    def config_for_tokenizer(cls, tokenizer, resolution: int) -> dict:
+        """Config fields a trained tokenizer fixes."""
+        return {"vocab_size": tokenizer.codebook_size, "vae_dim": tokenizer.codebook_dim,
+                "patch_nums": tuple(tokenizer.patch_nums)}
+
+    # -- tokenizer binding -------------------------------------------------------------------------
+    def bind_tokenizer(self, tokenizer) -> None:
+        """Use ``tokenizer`` (a :class:`MultiScaleVQTokenizer`) to build each scale's input."""
+        tc = tokenizer.config
+        if tuple(tc.patch_nums) != tuple(self.config.patch_nums) or tc.codebook_size != self.vocab_size \
+                or tc.z_channels != self.config.vae_dim:
+            raise InvalidArgumentError(
+                f"tokenizer (patch_nums {tuple(tc.patch_nums)}, {tc.codebook_size} codes of dim {tc.z_channels}) "
+                f"does not match the VAR transformer (patch_nums {tuple(self.config.patch_nums)}, "
+                f"{self.vocab_size} codes of dim {self.config.vae_dim}); use the VAE it was trained with"
+            )
+        self._tokenizer = [tokenizer]
+
+    @property
+    def tokenizer(self):
+        if not self._tokenizer:
+            raise InvalidArgumentError("this VAR generator has no tokenizer bound; call bind_tokenizer(tokenizer)")
+        return self._tokenizer[0]
+
+    # -- contract: conditions and cache ----------------------------------------------------------
+    @property
+    def cond_len(self) -> int:
+        return 0
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(cond, self.num_classes)
+
+    def check_condition(self, cond: torch.Tensor) -> None:
+        bad = (cond < 0) | (cond > self.num_classes)
+        if bad.any():
+            raise InvalidArgumentError(
+                f"class id {int(cond[bad][0])} is out of range: this model has classes 0..{self.num_classes - 1}"
+            )
+
+    def cache_dims(self) -> tuple[int, int, int]:
+        c = self.config
+        return c.depth, c.n_head, c.dim // c.n_head
+
+    def max_cache_len(self) -> int:
+        return self.layout.num_tokens
+
+    # -- the transformer ----------------------------------------------------------------------------
+    def _modulation(self, cond_emb: torch.Tensor) -> torch.Tensor:
+        if self.config.shared_aln:
+            return self.shared_ada_lin(cond_emb).view(-1, 1, 6, self.config.dim)
+        return cond_emb
+
+    def _run(self, x, cond_emb, mask, cache: KVCache | None) -> torch.Tensor:
+        mods = self._modulation(cond_emb)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mods, mask, cache, i)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.head(self.head_nm(x.float(), cond_emb.float()).float()).float()
+
+    def _level_pos(self, sl: slice) -> torch.Tensor:
+        return self.lvl_embed(self.lvl_1L[sl])[None] + self.pos_1LC[:, sl]
+
+    def _first_input(self, cond_emb: torch.Tensor) -> torch.Tensor:
+        first = self.pos_start.shape[1]
+        return cond_emb[:, None] + self.pos_start + self._level_pos(slice(0, first))
+
+    # -- contract: decoding ----------------------------------------------------------------------------
+    def prefill(self, cond: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, ScalesState]:
+        self.check_condition(cond)
+        if cache.length != 0:
+            raise InvalidArgumentError("prefill needs an empty KVCache")
+        cond_emb = self.class_emb(cond)
+        logits = self._run(self._first_input(cond_emb), cond_emb, None, cache)
+        return logits, ScalesState(cond_emb)
+
+    def forward(self, tokens: torch.Tensor, step: int, cache: KVCache, state: ScalesState = None) -> torch.Tensor:
+        """``tokens`` (B, pn_{step-1}²) of scale ``step-1`` → logits (B, pn_step², V) of scale ``step``."""
+        if tokens.shape[1] != self.layout.step_sizes[step - 1]:
+            raise InvalidArgumentError(
+                f"VAR decodes one scale a step: expected {self.layout.step_sizes[step - 1]} tokens of scale "
+                f"{step - 1}, got {tokens.shape[1]}"
+            )
+        state.f_hat, nxt = self.tokenizer.next_scale_input(step - 1, tokens, state.f_hat)
+        x = self.word_embed(nxt.to(self.word_embed.weight.dtype)) + self._level_pos(self.layout.step_slice(step))
+        return self._run(x, state.cond_emb, None, cache)
+
+    # -- training ------------------------------------------------------------------------------------
+    def teacher_forcing_logits(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """One block-causal pass over every scale; logits (B, L, V)."""
+        cond_emb = self.class_emb(cond)
+        grids = self.layout.to_grids(tokens)
+        inputs = self.tokenizer.teacher_forcing_inputs(grids[:-1]).to(self.word_embed.weight.dtype)
+        L = self.layout.num_tokens
+        x = torch.cat([self._first_input(cond_emb), self.word_embed(inputs) + self._level_pos(slice(self.pos_start.shape[1], L))], 1)
+        mask = block_causal_mask(self.lvl_1L, self.lvl_1L)
+        return self._run(x, cond_emb, mask, None)
