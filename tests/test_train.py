@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from varkit.errors import CheckpointError, DataError, InvalidArgumentError
+from varkit.errors import DataError, InvalidArgumentError
 from varkit.models import create_model
 from varkit.train.data import load_dataset
 from varkit.train.generator import TeacherForcing, make_generator_loss

@@ -215,7 +215,7 @@ def _add_bench(sub) -> None:
     add_bench_parser(sub)
 
 
-_EXTRA_PARSERS = [_add_bench]
+_EXTRA_PARSERS = [_add_eval, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,12 +7,10 @@ and ``generator/``, each a ``config.json`` + ``model.safetensors``.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 

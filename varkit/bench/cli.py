@@ -1,7 +1,6 @@
 """``varkit bench``: run the benchmarks, print a table, write JSON under ``bench/results/``."""
 from __future__ import annotations
 
-import argparse
 
 from ..device import resolve_device, resolve_dtype
 

@@ -32,6 +32,12 @@ register_config(
     partial(RasterConfig, vocab_size=128, num_classes=10, dim=128, n_layer=4, n_head=4, grid=8, multiple_of=32),
     "the bundled digits generator: 8x8 tokens over the digits-vq tokenizer",
 )
+register_config(
+    "digits-draft",
+    RasterGenerator,
+    partial(RasterConfig, vocab_size=128, num_classes=10, dim=64, n_layer=2, n_head=2, grid=8, multiple_of=32),
+    "a small drafter for the bundled digits generator (speculative decoding)",
+)
 
 # VAR: width 64·depth, heads = depth (head_dim 64); d36 is the 512-px shared-AdaLN model.
 for _depth in (16, 20, 24, 30):

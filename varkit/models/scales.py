@@ -12,10 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 

@@ -1,0 +1,413 @@
+"""``varkit eval fid``: generate samples, then FID, IS, KID, precision and recall via torch-fidelity.
+
+Generation writes one PNG per sample, ``{index:06d}_c{class}.png``, atomically, into a folder;
+samples already there are skipped, so an interrupted run resumes. Classes are balanced
+(sample ``i`` has class ``i % num_classes``) and sample ``i`` is drawn with its own seed
+``seed * 1_000_003 + i``, so the set of images is the same whatever the batch size, the number of
+``torchrun`` ranks (rank ``r`` of ``W`` makes the samples ``i ≡ r mod W``) or interruptions.
+
+Metrics are computed by torch-fidelity's own functions (``fid_statistics_to_metric``,
+``isc_features_to_metric``, ``kid_features_to_metric``, ``prc_features_to_metric``) on features
+from its ``inception-v3-compat`` extractor loaded from a local weights file, or from varkit's digits
+CNN (``features="digits"``). With a folder reference the numbers equal
+``torch_fidelity.calculate_metrics(input1=samples, input2=ref, ...)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import DataError, InvalidArgumentError
+from ..io import save_image, write_json
+from . import stats as S
+
+SEED_STRIDE = 1_000_003
+SAMPLING_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p")
+MANIFEST = "varkit_samples.json"
+_LABEL_RE = re.compile(r"_c(\d+)\.[A-Za-z]+$")
+ALL_METRICS = ("fid", "isc", "kid", "prc")
+
+
+# -- generation ------------------------------------------------------------------------------------
+def image_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` (independent of batching and sharding)."""
+    return seed * SEED_STRIDE + index
+
+
+def sample_name(index: int, label: int) -> str:
+    return f"{index:06d}_c{label}.png"
+
+
+def sample_label(path: str | os.PathLike) -> int | None:
+    m = _LABEL_RE.search(str(path))
+    return int(m.group(1)) if m else None
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment (0, 1 outside torchrun)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world < 1 or not 0 <= rank < world:
+        raise InvalidArgumentError(f"bad torchrun environment RANK={rank} WORLD_SIZE={world}")
+    return rank, world
+
+
+def resolve_settings(pipe, sampler: str | None = None, **overrides: Any) -> dict:
+    """Sampling settings: explicit values, else the model's published defaults (``pipe.defaults``)."""
+    defaults = dict(getattr(pipe, "defaults", None) or {})
+    out = {"sampler": sampler or defaults.get("sampler") or "ancestral"}
+    for k in SAMPLING_KEYS:
+        v = overrides.get(k)
+        out[k] = v if v is not None else defaults.get(k)
+    return out
+
+
+def default_num_samples(pipe) -> int:
+    """The model's published FID sample count (e.g. VAR: 50 per class), else 50 per class."""
+    d = dict(getattr(pipe, "defaults", None) or {})
+    for key in ("fid_num_samples", "num_samples"):
+        if d.get(key):
+            return int(d[key])
+    return int(d.get("images_per_class") or 50) * int(pipe.num_classes)
+
+
+def _check_manifest(folder: Path, manifest: dict, rank: int) -> None:
+    path = folder / MANIFEST
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old is not None and old != manifest:
+            diff = [f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in sorted(set(old) | set(manifest))
+                    if old.get(k) != manifest.get(k)]
+            raise InvalidArgumentError(
+                f"{folder} holds samples made with other settings ({'; '.join(diff[:3])}); pass another --out "
+                "folder, or delete this one to regenerate"
+            )
+    elif rank == 0:
+        write_json(path, manifest)
+
+
+def generate_samples(pipe, out_dir: str | os.PathLike, num_samples: int, *, settings: dict | None = None,
+                     seed: int = 0, batch_size: int = 32, sampler_kwargs: dict | None = None,
+                     model: str | None = None, rank: int | None = None, world_size: int | None = None,
+                     progress: bool = True) -> dict:
+    """Write this rank's missing samples of ``0..num_samples-1`` into ``out_dir``.
+
+    ``settings`` comes from :func:`resolve_settings`. Returns ``{'generated', 'skipped', 'seconds'}``
+    for this rank.
+    """
+    from tqdm import tqdm
+
+    if num_samples < 2:
+        raise InvalidArgumentError(f"--num-samples must be at least 2 (FID needs a covariance), got {num_samples}")
+    if batch_size < 1:
+        raise InvalidArgumentError(f"--batch-size must be >= 1, got {batch_size}")
+    if rank is None or world_size is None:
+        rank, world_size = dist_info()
+    settings = settings or resolve_settings(pipe)
+    sampler_kwargs = dict(sampler_kwargs or {})
+    num_classes = int(pipe.num_classes)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {"model": model, "num_classes": num_classes, "seed": seed, "seed_rule": f"seed * {SEED_STRIDE} + index",
+                "label_rule": "index % num_classes", **settings, "sampler_kwargs": sampler_kwargs}
+    _check_manifest(out_dir, manifest, rank)
+
+    mine = range(rank, num_samples, world_size)
+    todo = [i for i in mine if not (out_dir / sample_name(i, i % num_classes)).is_file()]
+    call = {k: v for k, v in settings.items() if v is not None}
+    t0 = time.perf_counter()
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"generating (rank {rank})" if world_size > 1
+              else "generating", unit="img", disable=not progress or rank != 0, file=sys.stderr) as bar:
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
+            labels = [i % num_classes for i in idx]
+            out = pipe(class_labels=labels, image_seeds=[image_seed(seed, i) for i in idx], **call, **sampler_kwargs)
+            if len(out.images) != len(idx):
+                raise RuntimeError(f"pipeline returned {len(out.images)} images for {len(idx)} labels")
+            for i, lab, im in zip(idx, labels, out.images):
+                save_image(im.convert("RGB"), out_dir / sample_name(i, lab))
+            bar.update(len(idx))
+    return {"generated": len(todo), "skipped": len(mine) - len(todo), "seconds": time.perf_counter() - t0}
+
+
+def sample_files(out_dir: str | os.PathLike, num_samples: int, num_classes: int) -> list[str]:
+    """Paths of samples ``0..num_samples-1`` (in index order = torch-fidelity's sorted order)."""
+    out_dir = Path(out_dir)
+    return [str((out_dir / sample_name(i, i % num_classes)).resolve()) for i in range(num_samples)]
+
+
+def wait_for_samples(files: Sequence[str], stall_timeout: float = 3600.0, poll: float = 2.0) -> None:
+    """Rank 0 under torchrun: wait until every rank's samples exist (barrier if a process group is up)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    missing = [f for f in files if not os.path.isfile(f)]
+    last, t_last = len(missing), time.monotonic()
+    while missing:
+        time.sleep(poll)
+        missing = [f for f in missing if not os.path.isfile(f)]
+        if len(missing) < last:
+            last, t_last = len(missing), time.monotonic()
+        elif time.monotonic() - t_last > stall_timeout:
+            raise DataError(f"{len(missing)} samples (e.g. {missing[0]}) did not appear within {stall_timeout:.0f} s; "
+                            "another rank failed: rerun the same command to resume")
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def _same_dtype(a: dict, b: dict) -> tuple[dict, dict]:
+    if a["mu"].dtype != b["mu"].dtype or a["sigma"].dtype != b["sigma"].dtype:
+        a = {k: np.asarray(a[k], dtype=np.float64) for k in ("mu", "sigma")}
+        b = {k: np.asarray(b[k], dtype=np.float64) for k in ("mu", "sigma")}
+    return a, b
+
+
+def compute_metrics(samples, ref: str | os.PathLike | S.Reference, *, features: str = "inception",
+                    inception_weights: str | os.PathLike | None = None, extractor: S.Extractor | None = None,
+                    labels: Sequence[int] | None = None, metrics: Sequence[str] = ALL_METRICS,
+                    device: str | None = None, batch_size: int | None = None, kid_subset_size: int = 1000,
+                    kid_subsets: int = 100, isc_splits: int = 10, prc_neighborhood: int = 3,
+                    rng_seed: int = 2020, fid_layer: str | None = None, progress: bool = True) -> dict:
+    """FID, IS, KID, precision/recall of ``samples`` against ``ref``, by torch-fidelity's functions.
+
+    ``samples``: an image folder, a list of image files, or a uint8 tensor (N, 3, H, W).
+    ``ref``: see :func:`varkit.eval.stats.open_reference`. ``labels`` (or class ids parsed from
+    ``*_c{class}.png`` names) add accuracy and per-class accuracy with ``features="digits"``.
+    KID's subset size is reduced to the smaller set when needed, IS splits to N/2.
+    Returns a flat dict of metrics plus ``settings`` (what was actually used).
+    """
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    unknown = set(metrics) - set(ALL_METRICS)
+    metrics = [m for m in ALL_METRICS if m in set(metrics)]
+    if unknown or not metrics:
+        raise InvalidArgumentError(f"metrics must be a non-empty subset of {ALL_METRICS}")
+    if isinstance(samples, (str, os.PathLike)):
+        samples = S.list_images(samples, "samples folder")
+    n = len(samples)
+    S.check_count(n, 2, "the samples", "FID (a covariance)")
+    if labels is None and isinstance(samples, list):
+        parsed = [sample_label(f) for f in samples]
+        labels = parsed if all(p is not None for p in parsed) else None
+    reference = ref if isinstance(ref, S.Reference) else S.open_reference(ref)
+    need_ref = max(2, prc_neighborhood + 1 if "prc" in metrics else 2)
+    if reference.n or reference.kind != "adm-npz":
+        S.check_count(reference.n, need_ref, f"reference {reference.source}",
+                      f"FID with precision/recall (k={prc_neighborhood})" if "prc" in metrics else "FID")
+    ext = extractor or S.load_extractor(features, inception_weights, device, fid_layer)
+    batch_size = batch_size or S.default_batch_size(ext.name)
+
+    t0 = time.perf_counter()
+    gen = S.extract_features(samples, ext, batch_size, progress, "samples")
+    S.reference_stats(reference, ext, batch_size, progress)
+    t_feat = time.perf_counter() - t0
+    fgen = gen[ext.fid_layer]
+    if reference.mu.shape[0] != fgen.shape[1]:
+        raise InvalidArgumentError(
+            f"reference {reference.source} has {reference.mu.shape[0]}-d statistics but {ext.name} features are "
+            f"{fgen.shape[1]}-d; compute the reference with the same --features"
+        )
+    # IS with one image per split is always 1: keep at least 2 images per split for small N
+    kw = dict(verbose=False, rng_seed=rng_seed, samples_shuffle=True, isc_splits=max(1, min(isc_splits, n // 2)),
+              kid_subsets=kid_subsets, prc_neighborhood=prc_neighborhood, prc_batch_size=10000,
+              save_cpu_ram=max(n, reference.n) > 20000)
+    out: dict[str, Any] = {"num_samples": n, "num_ref": reference.n}
+    skipped: dict[str, str] = {}
+    if "fid" in metrics:
+        s_gen, s_ref = _same_dtype(S.fid_statistics(fgen), {"mu": reference.mu, "sigma": reference.sigma})
+        out["fid"] = fid_statistics_to_metric(s_gen, s_ref, False)["frechet_inception_distance"]
+    if "isc" in metrics:
+        r = isc_features_to_metric(gen[ext.isc_layer], kw["isc_splits"], True, rng_seed)
+        out["isc_mean"], out["isc_std"] = r["inception_score_mean"], r["inception_score_std"]
+    fref = reference.features
+    for m in ("kid", "prc"):
+        if m in metrics and fref is None:
+            skipped[m] = "the reference has no images or features (only mu/sigma)"
+    if "kid" in metrics and fref is not None:
+        kw["kid_subset_size"] = min(kid_subset_size, n, len(fref))
+        r = kid_features_to_metric(fgen, fref, **kw)
+        out["kid_mean"], out["kid_std"] = r["kernel_inception_distance_mean"], r["kernel_inception_distance_std"]
+    if "prc" in metrics and fref is not None:
+        if n <= prc_neighborhood:
+            skipped["prc"] = f"needs more than k={prc_neighborhood} samples"
+        else:
+            dev = ext.device
+            r = prc_features_to_metric(fgen.to(dev), fref.to(dev), **kw)
+            out["precision"], out["recall"], out["f_score"] = r["precision"], r["recall"], r["f_score"]
+    if ext.name == "digits" and labels is not None:
+        from .features import per_class_accuracy
+
+        out["accuracy"], out["per_class_accuracy"] = per_class_accuracy(gen[ext.isc_layer], labels)
+    out["seconds"] = {"features": round(t_feat, 3), "total": round(time.perf_counter() - t0, 3)}
+    out["settings"] = {
+        "features": ext.info, "fid_layer": ext.fid_layer, "isc_layer": ext.isc_layer,
+        "isc_splits": kw["isc_splits"], "kid_subsets": kid_subsets, "kid_subset_size": kw.get("kid_subset_size"),
+        "prc_neighborhood": prc_neighborhood, "rng_seed": rng_seed, "ref": reference.describe(),
+        "skipped": skipped,
+    }
+    return out
+
+
+def versions() -> dict:
+    import torchvision
+    import torch_fidelity
+
+    from .. import __version__
+
+    return {"varkit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "torch_fidelity": torch_fidelity.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "cuda": torch.version.cuda}
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of the metrics in ``result`` (from :func:`compute_metrics` / :func:`eval_fid`)."""
+    m = result.get("metrics", result)
+    settings = result.get("metric_settings") or m.get("settings") or {}
+    feats = (result.get("features") or settings.get("features") or {}).get("name", "")
+    rows = []
+
+    def add(name, key, std=None, fmt="{:.4f}"):
+        if m.get(key) is not None:
+            v = fmt.format(0.0 if -1e-4 < m[key] <= 0 else m[key]) + (f" ± {fmt.format(m[std])}" if std and m.get(std) is not None else "")
+            rows.append((name, v))
+
+    tag = " (digits features)" if feats == "digits" else ""
+    add("FID" + tag, "fid")
+    add("IS" + tag, "isc_mean", "isc_std", "{:.3f}")
+    add("KID" + tag, "kid_mean", "kid_std", "{:.5f}")
+    add("precision", "precision")
+    add("recall", "recall")
+    add("accuracy", "accuracy")
+    rows.append(("samples / reference", f"{m.get('num_samples')} / {m.get('num_ref')}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 16}"]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    for k, why in (settings.get("skipped") or {}).items():
+        lines.append(f"({k} skipped: {why})")
+    return "\n".join(lines)
+
+
+def _settings_hash(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def eval_fid(model, *, ref: str | os.PathLike | None = None, num_samples: int | None = None,
+             sampler: str | None = None, cfg: float | None = None, cfg_schedule: str | None = None,
+             top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
+             sampler_kwargs: dict | None = None, seed: int = 0, batch_size: int = 32,
+             out_dir: str | os.PathLike | None = None, json_path: str | os.PathLike | None = None,
+             features: str = "inception", inception_weights: str | os.PathLike | None = None,
+             metrics: Sequence[str] = ALL_METRICS, device: str | None = None, metric_batch_size: int | None = None,
+             kid_subset_size: int = 1000, fid_layer: str | None = None, progress: bool = True,
+             print_table: bool = True) -> dict | None:
+    """Generate ``num_samples`` samples of ``model`` and score them; write and return the JSON record.
+
+    ``model``: a bundled name, a pipeline folder, or a pipeline object. Unset sampling settings
+    come from the model's published defaults (``pipe.defaults``); ``num_samples`` defaults to
+    the model's FID count (50 per class). Under torchrun every rank generates its share; rank 0
+    waits for all samples, computes the metrics and returns the record, other ranks return None.
+    """
+    rank, world = dist_info()
+    if features not in S.FEATURES:
+        raise InvalidArgumentError(f"unknown --features {features!r}; choose one of {', '.join(S.FEATURES)}")
+    if ref is None:
+        if features != "digits":
+            raise InvalidArgumentError(
+                "--ref is required with Inception features: an image folder, a STATS.npz from `varkit eval stats`, "
+                "or an ADM reference batch such as VIRTUAL_imagenet256_labeled.npz"
+            )
+        ref = "digits"
+    if num_samples is not None and num_samples < 2:
+        raise InvalidArgumentError(f"--num-samples must be at least 2 (FID needs a covariance), got {num_samples}")
+    # fail fast, before any generation: weights and reference must be usable
+    weights = S.find_inception_weights(inception_weights) if features == "inception" else None
+    if rank == 0:
+        reference = S.open_reference(ref)  # (an ADM batch's images are loaded here, on rank 0 only)
+    elif str(ref) != "digits" and not Path(ref).exists():
+        raise DataError(f"reference not found: {ref}")
+
+    if isinstance(model, (str, os.PathLike)):
+        from ..pipeline import load_pipeline
+
+        model_name = str(Path(model).resolve()) if Path(model).exists() else str(model)
+        if device is None and world > 1 and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+        pipe = load_pipeline(model, device=device or "auto")
+    else:
+        pipe, model_name = model, getattr(model, "name", "") or type(model).__name__
+    settings = resolve_settings(pipe, sampler, cfg=cfg, cfg_schedule=cfg_schedule, top_k=top_k, top_p=top_p,
+                                temperature=temperature)
+    n = int(num_samples) if num_samples is not None else default_num_samples(pipe)
+    if n < 2:
+        raise InvalidArgumentError(f"--num-samples must be at least 2 (FID needs a covariance), got {n}")
+    sampler_kwargs = dict(sampler_kwargs or {})
+    if out_dir is None:
+        tag = _settings_hash({"model": model_name, "seed": seed, **settings, **sampler_kwargs})
+        out_dir = Path("eval") / f"{Path(model_name).name}-{settings['sampler']}-{tag}"
+    out_dir = Path(out_dir)
+    gen_info = generate_samples(pipe, out_dir, n, settings=settings, seed=seed, batch_size=batch_size,
+                                sampler_kwargs=sampler_kwargs, model=model_name, rank=rank, world_size=world,
+                                progress=progress)
+    if rank != 0:
+        return None
+    files = sample_files(out_dir, n, int(pipe.num_classes))
+    wait_for_samples(files)
+    labels = [i % int(pipe.num_classes) for i in range(n)]
+    res = compute_metrics(files, reference, features=features, inception_weights=weights, labels=labels,
+                          metrics=metrics, device=device, batch_size=metric_batch_size,
+                          kid_subset_size=kid_subset_size, fid_layer=fid_layer, progress=progress)
+    record = {
+        "model": model_name, "model_defaults": dict(getattr(pipe, "defaults", None) or {}),
+        **settings, "sampler_kwargs": sampler_kwargs,
+        "seed": seed, "image_seeds": f"seed * {SEED_STRIDE} + index (index 0..{n - 1})",
+        "labels": "index % num_classes (balanced)", "num_classes": int(pipe.num_classes),
+        "num_samples": n, "batch_size": batch_size, "world_size": world, "samples_dir": str(out_dir.resolve()),
+        "ref": res["settings"]["ref"], "features": res["settings"]["features"],
+        "metrics": {k: v for k, v in res.items() if k not in ("settings", "seconds")},
+        "metric_settings": {k: v for k, v in res["settings"].items() if k not in ("ref", "features")},
+        "seconds": {"generation_this_rank": round(gen_info["seconds"], 3), "generated_this_rank": gen_info["generated"],
+                    **res["seconds"]},
+        "versions": versions(),
+    }
+    json_path = Path(json_path) if json_path is not None else out_dir / f"metrics_{features}.json"
+    write_json(json_path, record)
+    record["json"] = str(json_path)
+    if print_table:
+        print(format_table(record))
+        print(f"wrote {json_path}")
+    return record
+
+
+def eval_folder(samples: str | os.PathLike, ref: str | os.PathLike | None = None, *, features: str = "inception",
+                json_path: str | os.PathLike | None = None, print_table: bool = True, **kwargs) -> dict:
+    """Score an existing folder of images (no generation); optionally write the JSON record."""
+    if ref is None:
+        if features != "digits":
+            raise InvalidArgumentError("--ref is required with Inception features")
+        ref = "digits"
+    res = compute_metrics(samples, ref, features=features, **kwargs)
+    record = {"samples_dir": str(Path(samples).resolve()), "ref": res["settings"]["ref"],
+              "features": res["settings"]["features"],
+              "metrics": {k: v for k, v in res.items() if k not in ("settings", "seconds")},
+              "metric_settings": {k: v for k, v in res["settings"].items() if k not in ("ref", "features")},
+              "seconds": res["seconds"], "versions": versions()}
+    if json_path is not None:
+        write_json(json_path, record)
+        record["json"] = str(json_path)
+    if print_table:
+        print(format_table(record))
+    return record
