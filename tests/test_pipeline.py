@@ -120,3 +120,14 @@ def test_cli_unknown_model(capsys):
 def test_all_errors_are_varkit_errors():
     for cls in (CheckpointError, DeviceError, InvalidArgumentError, ModelNotFoundError):
         assert issubclass(cls, VarkitError)
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    import os
+
+    from varkit.io import write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask
