@@ -53,3 +53,7 @@ def add_bench_parser(sub) -> None:
     d.add_argument("--name", default="decode")
     d.add_argument("--out-dir", default="bench/results")
     d.set_defaults(func=cmd_bench_decode)
+
+    from .sjd import add_sjd_bench_parser
+
+    add_sjd_bench_parser(bs)

@@ -5,8 +5,9 @@ from ..errors import InvalidArgumentError
 from .ancestral import AncestralSampler
 from .base import Sampler, SampleResult, SamplerStats
 from .logits import SamplingParams
+from .sjd import SJDSampler
 
-SAMPLERS: dict[str, type[Sampler]] = {AncestralSampler.name: AncestralSampler}
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (AncestralSampler, SJDSampler)}
 
 
 def get_sampler(name: str, params: SamplingParams | None = None, **options) -> Sampler:
@@ -22,4 +23,4 @@ def get_sampler(name: str, params: SamplingParams | None = None, **options) -> S
         ) from None
 
 
-__all__ = ["SAMPLERS", "get_sampler", "Sampler", "SampleResult", "SamplerStats", "SamplingParams", "AncestralSampler"]
+__all__ = ["SAMPLERS", "get_sampler", "Sampler", "SampleResult", "SamplerStats", "SamplingParams", "AncestralSampler", "SJDSampler"]

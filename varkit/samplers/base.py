@@ -19,7 +19,7 @@ class SamplerStats:
     forward_passes: int = 0
     steps: int = 0
     tokens: int = 0
-    accepted_per_pass: list[int] = field(default_factory=list)
+    accepted_per_pass: list[float] = field(default_factory=list)  # per-image mean tokens committed by each pass
     wall_s: float = 0.0
     cache_bytes: int = 0
 

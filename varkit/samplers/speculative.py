@@ -1,0 +1,299 @@
+"""Draft-model speculative decoding (Leviathan et al. 2023; Chen et al. 2023), optionally LANTERN-relaxed.
+
+A small *draft* generator over the same tokenizer proposes ``gamma`` tokens one by one
+(its own :class:`~varkit.cache.KVCache`, driven through its own
+:class:`~varkit.samplers.base.GuidedRunner` with the same sampling settings and CFG, so its
+distribution ``q`` is processed exactly like the target's). The *target* then scores all of
+them in one multi-step ``forward`` and, left to right, accepts draft ``x_j`` with probability
+``min(1, p_j(x_j) / q_j(x_j))`` (:func:`varkit.samplers.accept.verify`, the routine SJD uses
+too). At the first rejection the position is re-drawn from ``norm(max(0, p_j − q_j))`` and the
+pass ends; if all ``gamma`` drafts are accepted, a bonus token is drawn from the target's
+``p`` at the next position. Every emitted token is distributed exactly as the target's
+processed conditional (CFG mix, temperature, top-k, top-p): lossless whatever the drafter.
+Both caches are rolled back with ``rollback`` to what was committed.
+
+The first pass is the target's ``prefill``, which only yields position 0: that token is drawn
+from ``p`` directly. The drafter and the target must share the vocabulary, the layout and the
+conditions (class count / caption shape); when both tokenizers are known (a pipeline, or a
+drafter given as a pipeline folder or bundled name), their codebooks must be identical.
+Layouts with one token per step (raster) only; ``gamma`` counts tokens.
+
+``relax="lantern"`` (with ``k``, ``delta``, ``bound``) credits each draft with the target mass
+of its latent neighbours (:mod:`varkit.samplers.lantern`; the sampler is then lossy, with a
+per-position total-variation bound ``delta``; ``delta=0`` is the lossless sampler token for
+token). The neighbourhoods come from the tokenizer's codebook: a pipeline binds it
+(``bind_tokenizer``); outside one pass ``codebook=``.
+
+**Batches (ragged acceptance).** Images accept different numbers of drafts, but each model
+keeps one cache for the batch. Before each pass both caches are rolled back to the *smallest*
+committed prefix over the images still running (``m``). The drafter then runs position by
+position from ``m`` to the furthest draft: an image that is ahead re-feeds its committed tokens
+(their outputs are ignored, its tokens stay fixed) and drafts only at its own positions
+``n_b … n_b+γ−1``; the target feeds every row from ``m`` to the furthest bonus position,
+rows with shorter windows padded with whatever their buffer holds (causal attention: only
+positions they ignore see it). Each image thus sees exactly the computation it would see alone
+and draws a fixed number of uniforms per pass (``3·gamma + 1``) from its own
+``torch.Generator``: the same image whatever the batch size or its place in it (up to
+floating-point differences of batched kernels). The cost is ``spread`` extra draft calls and
+fed positions per pass, where ``spread`` is the gap between the furthest and slowest image;
+the pass count of a batch is that of its slowest image.
+
+**Stats.** ``forward_passes`` counts *target* calls (prefill included, a CFG pair counted
+once); ``accepted_per_pass[i]`` is the mean over the batch of the tokens committed in pass i
+(sums to the tokens of one image; ``mean_accepted`` is the mean accepted length per target
+pass, bonus or re-drawn token included); ``cache_bytes`` both caches. ``SpeculativeSampler.trace``
+keeps, for the last call, every image's committed position before each pass, what it
+committed, and ``draft_passes`` (drafter calls).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InvalidArgumentError
+from ..models.base import Generator
+from .accept import AcceptRule, acceptance_prob, verify
+from .base import GuidedRunner, SampleResult, Sampler, SamplerStats
+from .lantern import DEFAULT_DELTA, DEFAULT_K, make_relaxation
+from .logits import SamplingParams, processed_probs, sample_probs, uniforms
+
+
+@functools.lru_cache(maxsize=4)
+def _load_draft(path: str, mtime: float) -> tuple[Generator, Any]:
+    """(generator, tokenizer or None) of a pipeline folder or a bare generator folder."""
+    from ..modeling import load_module, read_config
+    from ..pipeline import Pipeline
+
+    cfg = read_config(path)
+    if cfg.get("_class") == "Pipeline":
+        pipe = Pipeline.from_pretrained(path)
+        return pipe.generator, pipe.tokenizer
+    module = load_module(path)
+    if not isinstance(module, Generator):
+        raise InvalidArgumentError(f"{path} holds a {type(module).__name__}, not a generator to draft with")
+    return module, None
+
+
+def resolve_draft(draft: Any) -> tuple[Generator, Any]:
+    """A drafter given as a Generator, a Pipeline, a pipeline/generator folder or a bundled name
+    → (generator, its tokenizer or None)."""
+    if draft is None:
+        raise InvalidArgumentError(
+            "speculative decoding needs a draft model: pass draft=<bundled name (e.g. digits-draft), "
+            "model folder, Pipeline or Generator>"
+        )
+    if isinstance(draft, Generator):
+        return draft, None
+    if hasattr(draft, "generator") and hasattr(draft, "tokenizer"):
+        return draft.generator, draft.tokenizer
+    if isinstance(draft, (str, Path)):
+        from ..errors import ModelNotFoundError
+        from ..pipeline import ASSETS, bundled_models
+
+        path = Path(draft)
+        if not path.exists() and (ASSETS / str(draft) / "config.json").is_file():
+            path = ASSETS / str(draft)
+        if not path.exists():
+            raise ModelNotFoundError(
+                f"unknown draft model {str(draft)!r}: not a bundled model ({', '.join(bundled_models()) or 'none'}) "
+                "and no such folder"
+            )
+        cfg = path / "config.json"
+        return _load_draft(str(path.resolve()), cfg.stat().st_mtime if cfg.is_file() else 0.0)
+    raise InvalidArgumentError(
+        f"draft must be a bundled name, a model folder, a Pipeline or a Generator, got {type(draft).__name__}"
+    )
+
+
+def _same_codebook(a, b) -> bool:
+    if a is b:
+        return True
+    ca, cb = getattr(a, "codebook", None), getattr(b, "codebook", None)
+    if not callable(ca) or not callable(cb):
+        return getattr(a, "codebook_size", None) == getattr(b, "codebook_size", None)
+    with torch.no_grad():
+        x, y = ca().detach().float().cpu(), cb().detach().float().cpu()
+    return x.shape == y.shape and torch.equal(x, y)
+
+
+class SpeculativeSampler(Sampler):
+    """Draft-model speculative decoding; lossless unless ``relax="lantern"``.
+
+    ``draft``: the drafter (bundled name, model folder, Pipeline or Generator);
+    ``gamma``: drafts per target pass (default 4); ``relax``: ``None`` or ``"lantern"`` with
+    ``k`` (neighbours, default 1000, clamped to V−1), ``delta`` (TV budget, default 0.1) and
+    ``bound`` (``"position"``, default, or ``"draft"``; see :mod:`varkit.samplers.lantern`);
+    ``codebook``: tokenizer or (V, D) tensor for LANTERN outside a pipeline.
+    """
+
+    name = "speculative"
+    lossless = True
+    # the acceptance probability of a draft from (p(x), q(x)); private hook for tests
+    _rule: ClassVar[AcceptRule] = staticmethod(acceptance_prob)
+
+    def __init__(self, params: SamplingParams | None = None, draft: Any = None, gamma: int = 4,
+                 relax: str | None = None, k: int = DEFAULT_K, delta: float = DEFAULT_DELTA,
+                 bound: str = "position", codebook: Any = None):
+        super().__init__(params)
+        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+            raise InvalidArgumentError(f"speculative gamma (drafts per target pass) must be an integer >= 1, got {gamma!r}")
+        self.gamma = gamma
+        self.relaxation = make_relaxation(relax, k=k, delta=delta, bound=bound, codebook=codebook)
+        self.lossless = self.relaxation is None or self.relaxation.delta == 0
+        self.draft, self.draft_tokenizer = resolve_draft(draft)
+        self.draft.eval()
+        self.tokenizer = None
+        self.trace: dict[str, Any] = {}
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        """The target's tokenizer: checked against the drafter's, and LANTERN's codebook."""
+        self.tokenizer = tokenizer
+        if self.relaxation is not None:
+            self.relaxation.bind(tokenizer)
+
+    # -- checks ------------------------------------------------------------------------------------------
+    def check_generator(self, gen) -> None:
+        d = self.draft
+        layout = getattr(gen, "layout", None)
+        if not isinstance(getattr(gen, "vocab_size", None), int) or layout is None:
+            raise InvalidArgumentError(
+                f"speculative decoding needs a discrete generator with token logits; {type(gen).__name__} has none")
+        if not layout.single_token_steps:
+            raise InvalidArgumentError(
+                f"speculative decoding drafts one token per step; the {layout.kind} layout of {type(gen).__name__} "
+                "has multi-token steps (use sampler='sjd' on neighbors, 'ancestral' on scales)"
+            )
+        for role, g in (("target", gen), ("draft", d)):
+            if not getattr(g, "supports_multistep", False) or not getattr(g, "supports_rollback", False):
+                raise InvalidArgumentError(
+                    f"speculative decoding needs {role} generators that feed several steps at once and roll back "
+                    f"their state; {type(g).__name__} does not (supports_multistep="
+                    f"{getattr(g, 'supports_multistep', None)}, supports_rollback={getattr(g, 'supports_rollback', None)})"
+                )
+        if d.vocab_size != gen.vocab_size:
+            raise InvalidArgumentError(
+                f"draft and target have different vocabularies ({d.vocab_size} vs {gen.vocab_size} tokens); "
+                "the drafter must be trained on the target's tokenizer"
+            )
+        dl = d.layout
+        if dl.kind != layout.kind or dl.step_sizes != layout.step_sizes or not torch.equal(dl.coords, layout.coords):
+            raise InvalidArgumentError(
+                f"draft and target have different layouts ({dl.kind} {tuple(dl.grid)} vs {layout.kind} "
+                f"{tuple(layout.grid)}); the drafter must generate the same token grid in the same order"
+            )
+        if getattr(d, "num_classes", None) != getattr(gen, "num_classes", None) or \
+                getattr(getattr(d, "config", None), "caption_dim", 0) != getattr(getattr(gen, "config", None), "caption_dim", 0):
+            raise InvalidArgumentError(
+                f"draft and target take different conditions ({getattr(d, 'num_classes', '?')} vs "
+                f"{getattr(gen, 'num_classes', '?')} classes); the drafter must be trained on the same labels"
+            )
+        if self.tokenizer is not None and self.draft_tokenizer is not None and \
+                not _same_codebook(self.tokenizer, self.draft_tokenizer):
+            raise InvalidArgumentError(
+                "draft and target use different tokenizers (their codebooks differ); speculative decoding "
+                "needs a drafter trained on the target's tokenizer"
+            )
+        if self.relaxation is not None:
+            self.relaxation.check(gen.vocab_size)
+
+    # -- sampling ----------------------------------------------------------------------------------------------
+    def _draft_on(self, device: torch.device) -> Generator:
+        p = next(self.draft.parameters(), None)
+        if p is not None and p.device != device:
+            self.draft.to(device)
+        return self.draft
+
+    def _sample(self, gen, cond, gens, progress) -> SampleResult:
+        params, G = self.params, self.gamma
+        dev = cond.device
+        B, T, V = cond.shape[0], gen.layout.num_tokens, gen.vocab_size
+        draft = self._draft_on(dev)
+        tgt = GuidedRunner(gen, params, cond)
+        drf = GuidedRunner(draft, params, cond)
+        steps = torch.arange(G + 1, device=dev)
+        rows = torch.arange(B, device=dev)
+        tokens = torch.zeros(B, T + G + 1, dtype=torch.long, device=dev)  # G + 1 padding columns
+        q = torch.zeros(B, G, V, device=dev)
+        trace_n, trace_c = [], []
+
+        # pass 0: the target's prefill yields position 0 only; draw it from p
+        u0 = uniforms(gens, 1, dev)[:, 0]
+        tokens[:, 0] = sample_probs(processed_probs(tgt.prefill()[:, 0], params), u0)
+        drf.prefill()
+        n = torch.ones(B, dtype=torch.long, device=dev)  # committed tokens per image
+        trace_n.append(torch.zeros_like(n))
+        trace_c.append(torch.ones_like(n))
+        fed_draft = 0  # tokens in the drafter's cache
+        bar = tqdm(total=T, disable=not progress, desc="tokens", leave=False)
+        bar.update(1)
+        while True:
+            active = n < T
+            idx = active.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            m = int(n[active].min())
+            u = torch.zeros(B, 3 * G + 1, dtype=torch.float64, device=dev)
+            u[idx] = uniforms([gens[i] for i in idx.tolist()], 3 * G + 1, dev)
+            u_draft, u_acc, u_res = u[:, :G], u[:, G:2 * G], u[:, 2 * G:]
+            g = torch.where(active, (T - n).clamp(max=G), 0)  # drafts per image this pass
+
+            # -- draft: position by position from the common prefix m --------------------------------
+            if fed_draft > m - 1:
+                drf.rollback(m)
+                fed_draft = m - 1
+            last = int((n + g)[active].max())  # one past the furthest draft
+            for P in range(m, last):
+                logits = drf.forward(tokens[:, fed_draft:P], fed_draft + 1)[:, -1]
+                fed_draft = P
+                j = P - n  # draft slot of position P per image
+                mine = active & (j >= 0) & (j < g)
+                if not bool(mine.any()):
+                    continue
+                qP = processed_probs(logits, params)
+                js = j.clamp(0, G - 1)
+                x = sample_probs(qP, u_draft[rows, js])
+                tokens[:, P] = torch.where(mine, x, tokens[:, P])
+                q[rows, js] = torch.where(mine[:, None], qP, q[rows, js])
+
+            # -- verify all drafts (and the bonus position) in one target pass --------------------------
+            end = int(torch.minimum(n + G, torch.full_like(n, T - 1))[active].max())  # last position scored
+            logits = tgt.forward(tokens[:, m - 1:end], m)  # positions m .. end
+            pos = n[:, None] + steps  # (B, G+1) positions of the drafts and the bonus
+            rel = (pos - m).clamp(0, logits.shape[1] - 1)
+            p = processed_probs(logits.gather(1, rel[..., None].expand(-1, -1, V)), params)  # (B, G+1, V)
+            p_d = p[:, :G]
+            drafts = tokens.gather(1, pos[:, :G])
+            rule = self._rule if self.relaxation is None else self.relaxation.rule(p_d, drafts, q, base=self._rule)
+            v = verify(p_d, drafts, u_acc, u_res[:, :G], q, rule=rule)
+            valid = steps[:G] < g[:, None]
+            bad = torch.where(valid & ~v.accepted, steps[:G], G).amin(1)  # first rejection, G if none
+            rejected = bad < g
+            bonus_ok = ~rejected & (n + g < T)
+            # commit: accepted drafts stay; the rejected slot gets its residual draw; or the bonus token
+            at = (n + bad.clamp(max=G - 1)).clamp(max=T + G)
+            fix = torch.where(rejected, v.tokens[rows, bad.clamp(max=G - 1)], tokens[rows, at])
+            tokens[rows, at] = torch.where(active & rejected, fix, tokens[rows, at])
+            bonus = sample_probs(p[:, G], u_res[:, G])
+            bpos = (n + G).clamp(max=T + G)
+            tokens[rows, bpos] = torch.where(active & bonus_ok, bonus, tokens[rows, bpos])
+            count = torch.where(rejected, bad + 1, g + bonus_ok.long())
+            count = torch.where(active, count, 0)
+            trace_n.append(n.clone())
+            trace_c.append(count)
+            n = n + count
+            if progress:
+                bar.update(int(n.min()) - bar.n)
+            still = n < T
+            if bool(still.any()):
+                tgt.rollback(int(n[still].min()))
+        bar.close()
+        commits = torch.stack(trace_c).cpu()
+        self.trace = {"start": torch.stack(trace_n).cpu(), "accepted": commits, "draft_passes": drf.passes}
+        stats = SamplerStats(forward_passes=tgt.passes, steps=gen.layout.num_steps,
+                             accepted_per_pass=commits.double().mean(1).tolist(),
+                             cache_bytes=tgt.cache.nbytes + drf.cache.nbytes)
+        return SampleResult(tokens[:, :T].contiguous(), stats)
