@@ -57,3 +57,7 @@ def add_bench_parser(sub) -> None:
     from .sjd import add_sjd_bench_parser
 
     add_sjd_bench_parser(bs)
+
+    from .nar import add_nar_bench_parser
+
+    add_nar_bench_parser(bs)

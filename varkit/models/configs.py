@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from .neighbors import NeighborsConfig, NeighborsGenerator
 from .raster import RasterConfig, RasterGenerator
 from .scales import ScalesConfig, ScalesGenerator
 from .registry import register_config
@@ -66,4 +67,27 @@ register_config(
     partial(ScalesConfig, vocab_size=128, num_classes=10, depth=4, dim=128, n_head=4, vae_dim=8,
             patch_nums=(1, 2, 3, 4, 6, 8)),
     "the bundled digits next-scale generator over the digits-msvq tokenizer",
+)
+
+# NAR: LlamaGen's backbone + 1 extra layer under the vertical head (medusa_layers=1), 16x16 tokens in 31 fronts.
+_NAR = {"b": (12, 12, 768), "m": (18, 16, 1024), "l": (24, 16, 1024), "xl": (36, 20, 1280), "xxl": (48, 24, 1536)}
+for _name, (_layers, _heads, _dim) in _NAR.items():
+    register_config(
+        f"nar-{_name}",
+        NeighborsGenerator,
+        partial(NeighborsConfig, n_layer=_layers, n_head=_heads, dim=_dim, grid=16),
+        f"NAR GPT-{_name.upper()} class-conditional, 16x16 tokens in 31 fronts (256 px with VQ-16)",
+    )
+register_config(
+    "nar-tiny",
+    NeighborsGenerator,
+    partial(NeighborsConfig, vocab_size=16, num_classes=4, dim=32, n_layer=2, n_head=2, grid=4, multiple_of=16,
+            token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0),
+    "tiny neighbors (NAR) generator for tests",
+)
+register_config(
+    "digits-nar",
+    NeighborsGenerator,
+    partial(NeighborsConfig, vocab_size=128, num_classes=10, dim=128, n_layer=4, n_head=4, grid=8, multiple_of=32),
+    "the bundled digits NAR generator: 8x8 tokens in 15 fronts over the digits-vq tokenizer",
 )

@@ -45,15 +45,25 @@ class NeighborsConfig(RasterConfig):
 class _Plan:
     """How the logits of targets [t0, t1) come from input rows starting at layout index ``i0``."""
 
-    r_rows: torch.Tensor  # input rows whose horizontal head is used (one per target with a left neighbour)
-    b_rows: torch.Tensor  # input rows whose vertical head is used (one per target with an upper neighbour)
-    r_only: torch.Tensor  # targets predicted by the horizontal head alone, and their index into r_rows
-    r_only_src: torch.Tensor
-    b_only: torch.Tensor
-    b_only_src: torch.Tensor
-    both: torch.Tensor  # targets predicted by the mean of both heads
-    both_r: torch.Tensor
-    both_b: torch.Tensor
+    r_rows: Any  # input rows whose horizontal head is used (one per target with a left neighbour)
+    b_rows: Any  # input rows whose vertical head is used (one per target with an upper neighbour)
+    r_only: Any  # targets predicted by the horizontal head alone, and their rows in the horizontal logits
+    r_only_src: Any
+    b_only: Any
+    b_only_src: Any
+    both: Any  # targets predicted by the mean of both heads, and their rows in either head's logits
+    both_r: Any
+    both_b: Any
+
+
+def _index(t: torch.Tensor, device) -> Any:
+    """``t`` (1-D, CPU) as a slice when it is a run of consecutive integers, else on ``device``."""
+    if t.numel() == 0:
+        return None
+    first = int(t[0])
+    if torch.equal(t, torch.arange(first, first + t.numel())):
+        return slice(first, first + t.numel())
+    return t.to(device)
 
 
 @register_module
@@ -83,7 +93,7 @@ class NeighborsGenerator(RasterGenerator):
         r, c = coords[:, 0], coords[:, 1]
         self.register_buffer("left_of", padded[r + 1, c], persistent=False)
         self.register_buffer("up_of", padded[r, c + 1], persistent=False)
-        self._plans: dict[tuple[int, int, str], _Plan] = {}
+        self._plans: dict[tuple[int, int, int, str], _Plan] = {}
 
     def reset_parameters(self) -> None:
         """NAR's init: LlamaGen's (normal 0.02, zero ``output``); ``medusa_output`` is not zeroed."""
@@ -140,24 +150,32 @@ class NeighborsGenerator(RasterGenerator):
         t = torch.arange(t1 - t0)
         both = has_l & has_u
         r_only, b_only = has_l & ~has_u, has_u & ~has_l
-        to = lambda x: x.to(device)  # noqa: E731
-        plan = _Plan(to(r_rows), to(b_rows), to(t[r_only]), to(r_pos[r_only]), to(t[b_only]), to(b_pos[b_only]),
-                     to(t[both]), to(r_pos[both]), to(b_pos[both]))
+        plan = _Plan(*(_index(x, device) for x in (r_rows, b_rows, t[r_only], r_pos[r_only], t[b_only],
+                                                     b_pos[b_only], t[both], r_pos[both], b_pos[both])))
         self._plans[key] = plan
         return plan
 
     def _combine(self, hh: torch.Tensor, i0: int, t0: int, t1: int) -> torch.Tensor:
-        """Logits (B, t1-t0, V) of targets [t0, t1) from hidden rows ``hh`` of inputs from ``i0``."""
+        """Logits (B, t1-t0, V) of targets [t0, t1) from hidden rows ``hh`` of inputs from ``i0``.
+
+        On one front at a time every index is a contiguous range (slices, no gathers): a growing
+        front is [horizontal only | both | vertical only], a shrinking one [both].
+        """
         p = self._plan(i0, t0, t1, hh.device)
-        lr = self.horizontal_logits(hh[:, p.r_rows]) if p.r_rows.numel() else None
-        lb = self.vertical_logits(hh[:, p.b_rows]) if p.b_rows.numel() else None
+        lr = self.horizontal_logits(hh[:, p.r_rows]) if p.r_rows is not None else None
+        lb = self.vertical_logits(hh[:, p.b_rows]) if p.b_rows is not None else None
         out = hh.new_empty(hh.shape[0], t1 - t0, self.vocab_size, dtype=torch.float32)
-        if p.both.numel():
+        if p.both is not None:
             # (vertical + horizontal) / 2, in NAR's order
-            out[:, p.both] = (lb[:, p.both_b] + lr[:, p.both_r]) / 2
-        if p.r_only.numel():
+            if isinstance(p.both, slice):
+                dst = out[:, p.both]
+                torch.add(lb[:, p.both_b], lr[:, p.both_r], out=dst)
+                dst.div_(2)
+            else:
+                out[:, p.both] = (lb[:, p.both_b] + lr[:, p.both_r]) / 2
+        if p.r_only is not None:
             out[:, p.r_only] = lr[:, p.r_only_src]
-        if p.b_only.numel():
+        if p.b_only is not None:
             out[:, p.b_only] = lb[:, p.b_only_src]
         return out
 
