@@ -4,7 +4,7 @@ import pytest
 import varkit
 from varkit.eval.digits import digits_accuracy
 
-BUNDLED = ["digits"]
+BUNDLED = ["digits", "digits-var"]
 
 
 @pytest.mark.parametrize("name", BUNDLED)
