@@ -31,3 +31,14 @@ def test_default_model_generates_from_the_cli(tmp_path):
 
     assert main(["generate", "--model", "digits", "--classes", "0", "1", "2", "3", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_bench_quality_writes_a_table_and_json(tmp_path, capsys):
+    import json
+
+    from varkit.cli import main
+
+    assert main(["bench", "quality", "--models", "digits", "--per-class", "2", "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    assert rows[0]["model"] == "digits" and rows[0]["images"] == 20 and rows[0]["forward_passes"] == 64
+    assert "digits_fid" in capsys.readouterr().out

@@ -61,3 +61,7 @@ def add_bench_parser(sub) -> None:
     from .nar import add_nar_bench_parser
 
     add_nar_bench_parser(bs)
+
+    from .quality import add_quality_bench_parser
+
+    add_quality_bench_parser(bs)
