@@ -65,3 +65,7 @@ def add_bench_parser(sub) -> None:
     from .quality import add_quality_bench_parser
 
     add_quality_bench_parser(bs)
+
+    from .var import add_var_bench_parser
+
+    add_var_bench_parser(bs)

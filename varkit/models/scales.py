@@ -56,12 +56,14 @@ class AdaLNBlock(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
 
-    def forward(self, x, cond, mask, cache, layer):
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 6, C): γ1, γ2, s1, s2, b1, b2 from the class embedding (or the shared modulation)."""
         if hasattr(self, "ada_gss"):
-            mods = self.ada_gss + cond  # cond: shared modulation (B, 1, 6, C)
-        else:
-            mods = self.ada_lin(cond).view(-1, 1, 6, self.dim)
-        g1, g2, s1, s2, b1, b2 = mods.unbind(2)
+            return self.ada_gss + cond  # cond: shared modulation (B, 1, 6, C)
+        return self.ada_lin(cond).view(-1, 1, 6, self.dim)
+
+    def forward(self, x, cond, mask, cache, layer, mods=None):
+        g1, g2, s1, s2, b1, b2 = (self.modulation(cond) if mods is None else mods).unbind(2)
         x = x + self.drop_path(self.attn(self.ln(x) * (s1 + 1) + b1, None, mask, cache, layer) * g1)
         return x + self.drop_path(self.ffn(self.ln(x) * (s2 + 1) + b2) * g2)
 
@@ -75,8 +77,11 @@ class AdaLNHead(nn.Module):
         self.ln = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x, cond):
-        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.ada_lin(cond).view(-1, 1, 2, self.dim)
+
+    def forward(self, x, cond, mods=None):
+        scale, shift = (self.modulation(cond) if mods is None else mods).unbind(2)
         return self.ln(x) * (scale + 1) + shift
 
 
@@ -86,6 +91,8 @@ class ScalesState:
 
     cond_emb: torch.Tensor
     f_hat: torch.Tensor | None = None
+    block_mods: list[torch.Tensor] | None = None  # AdaLN modulation of each block, computed once per image
+    head_mods: torch.Tensor | None = None
 
 
 @register_module
@@ -193,13 +200,21 @@ class ScalesGenerator(Generator):
             return self.shared_ada_lin(cond_emb).view(-1, 1, 6, self.config.dim)
         return cond_emb
 
-    def _run(self, x, cond_emb, mask, cache: KVCache | None) -> torch.Tensor:
-        mods = self._modulation(cond_emb)
+    def _run(self, x, cond_emb, mask, cache: KVCache | None, state: ScalesState | None = None) -> torch.Tensor:
+        if state is None:  # training: one pass, nothing to reuse
+            mods = self._modulation(cond_emb)
+            block_mods, head_mods = [None] * len(self.blocks), None
+        else:  # decoding: the class-only modulations are the same at every scale
+            if state.block_mods is None:
+                shared = self._modulation(cond_emb)
+                state.block_mods = [b.modulation(shared) for b in self.blocks]
+                state.head_mods = self.head_nm.modulation(cond_emb.float())
+            mods, block_mods, head_mods = None, state.block_mods, state.head_mods
         for i, block in enumerate(self.blocks):
-            x = block(x, mods, mask, cache, i)
+            x = block(x, mods, mask, cache, i, block_mods[i])
         if cache is not None:
             cache.advance(x.shape[1])
-        return self.head(self.head_nm(x.float(), cond_emb.float()).float()).float()
+        return self.head(self.head_nm(x.float(), cond_emb.float(), head_mods).float()).float()
 
     def _level_pos(self, sl: slice) -> torch.Tensor:
         return self.lvl_embed(self.lvl_1L[sl])[None] + self.pos_1LC[:, sl]
@@ -213,9 +228,9 @@ class ScalesGenerator(Generator):
         self.check_condition(cond)
         if cache.length != 0:
             raise InvalidArgumentError("prefill needs an empty KVCache")
-        cond_emb = self.class_emb(cond)
-        logits = self._run(self._first_input(cond_emb), cond_emb, None, cache)
-        return logits, ScalesState(cond_emb)
+        state = ScalesState(self.class_emb(cond))
+        logits = self._run(self._first_input(state.cond_emb), state.cond_emb, None, cache, state)
+        return logits, state
 
     def forward(self, tokens: torch.Tensor, step: int, cache: KVCache, state: ScalesState = None) -> torch.Tensor:
         """``tokens`` (B, pn_{step-1}²) of scale ``step-1`` → logits (B, pn_step², V) of scale ``step``."""
@@ -226,7 +241,7 @@ class ScalesGenerator(Generator):
             )
         state.f_hat, nxt = self.tokenizer.next_scale_input(step - 1, tokens, state.f_hat)
         x = self.word_embed(nxt.to(self.word_embed.weight.dtype)) + self._level_pos(self.layout.step_slice(step))
-        return self._run(x, state.cond_emb, None, cache)
+        return self._run(x, state.cond_emb, None, cache, state)
 
     # -- training ------------------------------------------------------------------------------------
     def teacher_forcing_logits(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
