@@ -161,3 +161,35 @@ def test_resolution_not_divisible_by_downsampling(tmp_path):
     tok = _tiny_tokenizer(tmp_path / "tok")
     with pytest.raises(InvalidArgumentError, match="not divisible"):
         train_generator("digits", tok, "raster-tiny", tmp_path / "o", TrainConfig(steps=1), resolution=18)
+
+
+def test_adversarial_tokenizer_losses_move_only_their_own_player():
+    from varkit.train.tokenizer import AdversarialTokenizer, tokenizer_loss
+
+    torch.manual_seed(0)
+    tok = VQTokenizer(VQConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, codebook_size=16,
+                               codebook_dim=4, norm_groups=4))
+    model = AdversarialTokenizer(tok, weight=0.5, start=0).train()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    out, g_loss, d_loss = model(x)
+    g_loss.backward(retain_graph=True)
+    assert all(p.grad is None for p in model.disc.parameters())  # the generator term leaves D alone
+    assert tok.model.decoder.conv_out.weight.grad.abs().sum() > 0
+    tok.zero_grad()
+    d_loss.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in tok.parameters())  # D's loss leaves G alone
+    assert model.disc.net[0].weight.grad.abs().sum() > 0
+    loss, metrics = tokenizer_loss(AdversarialTokenizer(tok, 0.5, start=10), (x, None))
+    assert metrics["g_loss"] == 0.0 and "d_loss" in metrics  # before disc_start
+
+
+def test_train_tokenizer_with_adversarial_loss_runs(tmp_path):
+    from varkit.cli import main
+
+    assert main(["train", "tokenizer", "--data", "digits", "--config", "digits-vq", "--resolution", "16",
+                 "--steps", "2", "--batch-size", "4", "--adversarial", "0.1", "--out", str(tmp_path)]) == 0
+    log = [json.loads(x) for x in (tmp_path / "train-tokenizer" / "log.jsonl").read_text().splitlines()]
+    assert "d_loss" in log[-1]
+    from varkit.modeling import load_module
+
+    assert type(load_module(tmp_path / "tokenizer")).__name__ == "VQTokenizer"

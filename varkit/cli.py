@@ -119,7 +119,8 @@ def cmd_train_tokenizer(args) -> None:
 
     _maybe_spawn(args)
     train_tokenizer(args.data, args.config, args.out, _train_config(args), resolution=args.resolution,
-                    device=args.device, resume=args.resume, flip=args.flip)
+                    device=args.device, resume=args.resume, flip=args.flip, adversarial=args.adversarial,
+                    disc_start=args.disc_start)
     _record_command(args.out, "tokenizer/COMMAND.txt")
 
 
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a tokenizer or a generator").add_subparsers(dest="what", required=True)
     tt = t.add_parser("tokenizer", help="train a VQ tokenizer")
     _add_train_common(tt, lr=2e-3)
+    tt.add_argument("--adversarial", type=float, default=0.0,
+                    help="weight of the hinge GAN loss from a small PatchGAN discriminator (0 = off)")
+    tt.add_argument("--disc-start", type=int, default=0, help="step at which the adversarial term switches on")
     tt.set_defaults(func=cmd_train_tokenizer)
     tg = t.add_parser("generator", help="train a generator over a frozen tokenizer")
     _add_train_common(tg, lr=1e-3)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..device import resolve_device
 from ..errors import InvalidArgumentError
@@ -13,14 +14,62 @@ from .data import load_dataset
 from .loop import Trainer, TrainConfig, init_distributed
 
 
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN: strided 4x4 convs down to a map of real/fake logits."""
+
+    def __init__(self, in_channels: int = 3, ch: int = 32, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(in_channels, ch, 4, 2, 1), nn.LeakyReLU(0.2)]
+        c = ch
+        for _ in range(layers - 1):
+            mods += [nn.Conv2d(c, 2 * c, 4, 2, 1), nn.GroupNorm(8, 2 * c), nn.LeakyReLU(0.2)]
+            c *= 2
+        mods.append(nn.Conv2d(c, 1, 3, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class AdversarialTokenizer(nn.Module):
+    """A tokenizer and its discriminator, trained in one optimizer step with hinge losses.
+
+    The discriminator learns from ``d_loss`` on detached reconstructions; the tokenizer's
+    adversarial term runs the reconstruction through a *detached copy* of the discriminator's
+    weights, so each loss only moves its own player. The tokenizer's term is switched on after
+    ``start`` steps (counted in a buffer, so a resumed run agrees).
+    """
+
+    def __init__(self, tokenizer: nn.Module, weight: float, start: int):
+        super().__init__()
+        self.tokenizer, self.weight, self.start = tokenizer, weight, start
+        self.disc = PatchDiscriminator(tokenizer.config.in_channels)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor):
+        out = self.tokenizer(x)
+        d_loss = F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(out.recon.detach())).mean()
+        frozen = {n: p.detach() for n, p in self.disc.named_parameters()}
+        g_loss = -torch.func.functional_call(self.disc, frozen, (out.recon,)).mean()
+        w = self.weight if int(self.steps) >= self.start else 0.0
+        if self.training:
+            self.steps += 1
+        return out, w * g_loss, d_loss
+
+
 def tokenizer_loss(model, batch):
     x, _ = batch
-    out = model(x)
+    res = model(x)
+    out, g_loss, d_loss = res if isinstance(res, tuple) else (res, None, None)
     recon = F.mse_loss(out.recon, x) + F.l1_loss(out.recon, x)
     loss = recon + out.vq_loss
     ids = out.ids if isinstance(out.ids, list) else [out.ids]
     used = torch.cat([i.flatten() for i in ids]).unique().numel()
-    return loss, {"recon": float(recon), "vq": float(out.vq_loss), "codes_in_batch": used}
+    metrics = {"recon": float(recon), "vq": float(out.vq_loss), "codes_in_batch": used}
+    if g_loss is not None:
+        loss = loss + g_loss + d_loss
+        metrics.update(g_loss=float(g_loss), d_loss=float(d_loss))
+    return loss, metrics
 
 
 def codebook_usage(tokenizer, dataset, device, batch: int = 256) -> float:
@@ -36,7 +85,8 @@ def codebook_usage(tokenizer, dataset, device, batch: int = 256) -> float:
 
 
 def train_tokenizer(data: str, config: str, out: str | Path, cfg: TrainConfig, resolution: int = 32,
-                    device: str | None = None, resume: str | None = None, flip: bool = False, **overrides):
+                    device: str | None = None, resume: str | None = None, flip: bool = False,
+                    adversarial: float = 0.0, disc_start: int = 0, **overrides):
     """Train tokenizer ``config`` on ``data`` (``digits`` or an image folder); save it to ``out/tokenizer``."""
     dev = resolve_device(device)
     init_distributed(dev)
@@ -47,11 +97,13 @@ def train_tokenizer(data: str, config: str, out: str | Path, cfg: TrainConfig, r
             f"resolution {resolution} is not divisible by the tokenizer's downsampling factor {tok.downsample}"
         )
     ds = load_dataset(data, resolution, flip)
-    trainer = Trainer(tok, tokenizer_loss, lambda idx: tuple(t.to(dev) for t in ds.batch(idx)),
+    model = AdversarialTokenizer(tok, adversarial, disc_start) if adversarial > 0 else tok
+    trainer = Trainer(model, tokenizer_loss, lambda idx: tuple(t.to(dev) for t in ds.batch(idx)),
                       len(ds), cfg, Path(out) / "train-tokenizer", dev, kind=f"tokenizer:{config}")
     if resume:
         trainer.resume(resume)
     tok = trainer.fit()
+    tok = tok.tokenizer if isinstance(tok, AdversarialTokenizer) else tok
     if trainer.rank == 0:
         usage = codebook_usage(tok, ds, dev)
         print(f"codebook usage: {usage:.1%} of {tok.codebook_size} codes")
