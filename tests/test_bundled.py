@@ -4,7 +4,7 @@ import pytest
 import varkit
 from varkit.eval.digits import digits_accuracy
 
-BUNDLED = ["digits", "digits-var"]
+BUNDLED = ["digits", "digits-var", "digits-nar"]
 
 
 @pytest.mark.parametrize("name", BUNDLED)
