@@ -193,3 +193,18 @@ def test_train_tokenizer_with_adversarial_loss_runs(tmp_path):
     from varkit.modeling import load_module
 
     assert type(load_module(tmp_path / "tokenizer")).__name__ == "VQTokenizer"
+
+
+def test_torchrun_two_processes_train_a_loadable_model(tmp_path):
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    cmd = _train_cmd(tok, tmp_path / "ddp", 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "varkit.train", *cmd[cmd.index("generator"):]]
+    subprocess.run(cmd, check=True, env=ENV, capture_output=True)
+    import varkit
+
+    assert varkit.load_pipeline(tmp_path / "ddp")([0], seed=0).tokens.shape == (1, 16)
+    # the --nproc shortcut re-launches the same thing
+    short = _train_cmd(tok, tmp_path / "short", 2, "--nproc", "2")
+    subprocess.run(short, check=True, env=ENV, capture_output=True)
+    assert (tmp_path / "short" / "generator" / "model.safetensors").exists()

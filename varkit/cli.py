@@ -102,7 +102,7 @@ def _maybe_spawn(args) -> None:
     if args.nproc <= 1 or "RANK" in os.environ:
         return
     argv, skip = [], False
-    for a in sys.argv[1:]:
+    for a in sys.argv[2:]:  # drop "train": the module below is varkit.train
         if skip:
             skip = False
         elif a == "--nproc":
@@ -110,7 +110,7 @@ def _maybe_spawn(args) -> None:
         elif not a.startswith("--nproc="):
             argv.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "varkit.cli", *argv]
+           "-m", "varkit.train", *argv]
     raise SystemExit(subprocess.call(cmd))
 
 
