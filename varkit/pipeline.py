@@ -105,6 +105,8 @@ class Pipeline:
         cond = self._conditions(class_labels, captions)
         params = self.sampling_params(cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p)
         smp = get_sampler(sampler, params, **sampler_options)
+        if hasattr(smp, "bind_tokenizer"):  # samplers that need the tokenizer (LANTERN's codebook, drafter checks)
+            smp.bind_tokenizer(self.tokenizer)
         gens = image_generators(seed, cond.shape[0], list(image_seeds) if image_seeds is not None else None)
         bs = batch_size or cond.shape[0]
         if bs < 1:

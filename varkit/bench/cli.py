@@ -69,3 +69,7 @@ def add_bench_parser(sub) -> None:
     from .var import add_var_bench_parser
 
     add_var_bench_parser(bs)
+
+    from .speculative import add_speculative_bench_parser
+
+    add_speculative_bench_parser(bs)

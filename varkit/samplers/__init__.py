@@ -6,8 +6,9 @@ from .ancestral import AncestralSampler
 from .base import Sampler, SampleResult, SamplerStats
 from .logits import SamplingParams
 from .sjd import SJDSampler
+from .speculative import SpeculativeSampler
 
-SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (AncestralSampler, SJDSampler)}
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (AncestralSampler, SJDSampler, SpeculativeSampler)}
 
 
 def get_sampler(name: str, params: SamplingParams | None = None, **options) -> Sampler:

@@ -8,50 +8,53 @@ neighbours:
 1. **Neighbourhoods.** ``n_1(x), n_2(x), …`` are the other codebook entries sorted by
    Euclidean distance to ``e(x)`` in the tokenizer's own lookup metric (``tokenizer.codebook()``,
    unit vectors for l2-normalised codebooks), ``x`` itself excluded; the first ``k`` are kept
-   (``k`` is clamped to ``V − 1``). :func:`neighbour_table` computes them once per codebook
-   and caches them (ties: token-id order for ``V ≤ 4096``, unspecified above).
-2. **Aggregated mass.** ``c_m(x) = Σ_{i≤m} p(n_i(x))``; ``m(x)`` is the largest ``m ≤ k``
-   with ``c_m(x) ≤ δ_eff`` (``m = 0`` if none) and the draft is credited with
-   ``p̂(x) = p(x) + c_{m(x)}(x)``.
-3. **Acceptance** ``min(1, p̂(x) / q(x))`` — the paper's and the official code's rule.
+   (``k`` clamped to ``V − 1``). :func:`neighbour_table` computes them once per codebook and
+   caches them (ties: lower token id first for ``V ≤ 4096``, unspecified above).
+2. **Credit.** ``c_m(x) = Σ_{i≤m} p(n_i(x))``; ``m(x)`` is the largest ``m ≤ k`` with
+   ``c_m(x) ≤ δ`` (0 if none) and ``A(x) = c_{m(x)}(x)`` (:func:`aggregated_mass`). The paper
+   credits the draft with ``p̃(x) = p(x) + A(x)``.
+3. **Acceptance** ``min(1, (p(x) + b(x)) / q(x))`` with ``b = A`` in the paper and the official
+   code, and ``b ≤ A`` under the default bound below.
 4. **Rejection.** The replacement is drawn from the ordinary residual ``norm(max(0, p − q))``
-   (:func:`varkit.samplers.accept.residual_mass`, unchanged). The official code instead
-   zeroes the ``k + 1`` nearest neighbours of ``x`` (in ``q`` on its tree branch, in ``p`` on
-   its chain branch) before renormalising. varkit does not: with a one-hot draft that
-   zeroing alone moves the *whole* neighbourhood's mass ``c_{k+1}(x)`` (≫ δ for k = 1000),
-   and it changes the residual even at ``δ = 0`` wherever neighbours carry no mass (top-k),
-   so neither the δ bound nor ``δ = 0`` ⇒ lossless would hold.
+   (:func:`varkit.samplers.accept.residual_mass`, unchanged). The official code instead zeroes
+   the ``k + 1`` nearest neighbours of ``x`` (in ``q`` on its tree branch, in ``p`` on its chain
+   branch) before renormalising. varkit does not: with a one-hot draft that zeroing alone moves
+   the *whole* neighbourhood's mass ``c_{k+1}(x)`` (≫ δ for k = 1000), and it changes the
+   residual even at ``δ = 0`` wherever neighbours carry no mass (top-k), so neither the δ bound
+   nor "``δ = 0`` is lossless" would hold.
 
 **What is guaranteed.** With the standard residual, the token emitted at a verified position
 has the closed-form law (:func:`relaxed_kernel`)
 
-    π(y) = min(q(y), p̂(y)) + (1 − Σ_z min(q(z), p̂(z))) · norm(max(0, p − q))(y),
+    π(y) = min(q(y), p(y) + b(y)) + (1 − Σ_z min(q(z), p(z) + b(z))) · norm(max(0, p − q))(y),
 
-where ``p̂(y)`` is the mass credited to ``y`` had it been the draft, and
+where ``b(y)`` is the credit ``y`` would get as the draft, and
 
-    TV(π, p) = Σ_y min(max(0, q(y) − p(y)), c_{m(y)}(y)).
+    TV(π, p) = Σ_y min(max(0, q(y) − p(y)), b(y)).
 
-Each term is ≤ δ_eff, but the sum is not: the paper's statement — each draft's relaxed
-target (``p`` with the ``m`` neighbours' mass moved onto ``x``) is within δ of ``p`` — holds per
-*draft*, and the position's output can drift towards ``q`` by up to ``min(TV(p, q), Σ_y c(y))``.
-Hence two modes (``bound``):
+With the paper's ``b = A`` each term is ≤ δ but the sum is not: the paper's statement — each
+draft's relaxed target (``p`` with the ``m`` neighbours' mass moved onto ``x``) is within δ of
+``p`` — holds per *draft*; the position's output drifts towards ``q`` by up to
+``min(TV(p, q), Σ_y A(y))`` (on the bundled digits models with their drafter, δ = 0.1 gives a
+mean per-position TV of 0.1 and a maximum of 0.88). Hence two modes (``bound``):
 
-- ``"position"`` (default): ``δ_eff ≤ δ`` is the largest value with
-  ``Σ_y min(max(0, q(y) − p(y)), δ_eff) ≤ δ`` (:func:`water_level`; it depends on ``p`` and
-  ``q`` only, never on the draft). Then ``TV(π, p) ≤ δ`` **at every position, whatever the
-  draft model**. ``δ_eff = δ`` — exactly the paper's rule — whenever ``q`` is one-hot (SJD's
-  fresh drafts, the official chain branch) or ``TV(p, q) ≤ δ``; it shrinks only where the
-  drafter is far from the target, which is where the paper's rule would exceed δ.
-- ``"draft"``: ``δ_eff = δ``, the official rule verbatim; the per-position TV is the formula
-  above (≤ δ for one-hot ``q``, up to ``TV(p, q)`` for a dense drafter).
+- ``"position"`` (default): one factor per position scales the credits,
+  ``b(y) = λ·min((q(y) − p(y))⁺, A(y))`` with ``λ = min(1, δ / U)`` and
+  ``U ≥ Σ_y min((q(y) − p(y))⁺, A(y))`` (:func:`credit_scale`: exact over the 256 tokens with
+  the largest ``(q − p)⁺``, ``A ≤ δ`` bounding the rest; it depends on ``p`` and ``q`` only,
+  never on the draft). Then ``TV(π, p) ≤ δ`` **at every position, whatever the drafter**.
+  ``λ = 1`` — the paper's acceptance exactly — wherever the paper's rule already stays within δ,
+  in particular for one-hot ``q`` (SJD's fresh drafts, the official chain branch), where the
+  sum is ``min(1 − p(x), A(x)) ≤ δ``.
+- ``"draft"``: ``b = A``, the official rule verbatim; per-position TV as in the formula
+  (≤ δ for one-hot ``q``, up to ``TV(p, q)`` for a dense drafter).
 
-Either way the acceptance gain over the lossless rule equals the TV spent (the accepted mass
-is ``1 − TV(p, q) + TV(π, p)``), so under ``"position"`` no relaxation can raise a position's
-acceptance probability by more than δ. Over a sequence the per-position bounds add up (union
-bound); the sampled images are not claimed to be within δ jointly. A bonus token (speculative
-decoding, all γ drafts accepted) is drawn from ``p`` itself, so its position has TV 0, and a
-position's law given its prefix is a mixture of ``π`` and ``p``: still within the bound.
-``δ = 0`` credits nothing and reproduces the lossless sampler token for token.
+The accepted mass is ``1 − TV(p, q) + TV(π, p)``: a relaxation raises a position's acceptance
+probability by exactly the TV it spends, so under ``"position"`` by at most δ. Over a sequence
+the per-position bounds add up (union bound); nothing is claimed jointly. A bonus token
+(speculative decoding, all γ drafts accepted) is drawn from ``p`` itself, so a position's law
+given its prefix is a mixture of ``π`` and ``p``: still within the bound. ``δ = 0`` credits
+nothing and reproduces the lossless sampler token for token.
 
 Defaults ``k = 1000``, ``δ = 0.1`` are the official code's (``entrypoints/generate_images.py``).
 LANTERN++'s relative mode (``δ > 1`` read as a multiple of ``p(x)``) is not offered.
@@ -138,43 +141,56 @@ def neighbour_table(codebook: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # -- the relaxation ------------------------------------------------------------------------------------
-def water_level(d: torch.Tensor, delta: float) -> torch.Tensor:
-    """Largest ``t ∈ [0, δ]`` with ``Σ_y min(d_y, t) ≤ δ`` over the last dim of ``d ≥ 0``.
-
-    ``g(t) = Σ min(d, t)`` is increasing and concave; for every j, ``g(t) ≤ j·t + S_j`` with
-    ``S_j`` the sum of all but the j largest ``d``, so ``t_j = (δ − S_j)/j`` satisfies
-    ``g(t_j) ≤ δ`` and the largest ``t_j`` is the solution of ``g(t) = δ``.
-    """
-    g = d.clamp(max=delta).sum(-1)
-    ds = d.sort(-1, descending=True).values
-    rest = ds.sum(-1, keepdim=True) - ds.cumsum(-1)  # S_j, j = 1..V
-    j = torch.arange(1, d.shape[-1] + 1, device=d.device, dtype=d.dtype)
-    t = ((delta - rest) / j).amax(-1).clamp(0.0, delta)
-    return torch.where(g <= delta, torch.full_like(t, delta), t)
+EXACT_TOP = 256  # credit_scale evaluates the paper's credit exactly for this many tokens per position
 
 
-def effective_delta(p: torch.Tensor, q: torch.Tensor | None, delta: float, bound: str) -> torch.Tensor:
-    """``δ_eff`` per position (shape ``p.shape[:-1]``): δ, or the water level for ``bound="position"``
-    with a dense ``q`` (one-hot ``q`` — ids or None — never needs less than δ)."""
-    full = torch.full(p.shape[:-1], float(delta), dtype=p.dtype, device=p.device)
-    if bound == "draft" or q is None or not q.is_floating_point() or delta == 0:
-        return full
-    return water_level((q.to(p.dtype) - p).clamp(min=0), float(delta)).to(p.dtype)
-
-
-def aggregated_mass(p: torch.Tensor, ids: torch.Tensor, neighbours: torch.Tensor, eff: torch.Tensor) -> torch.Tensor:
-    """``c_{m}(x)`` for tokens ``ids`` (...) : the mass of the largest prefix of x's neighbour list
-    with mass ≤ ``eff`` (...). ``p`` (..., V); ``neighbours`` (V, k)."""
-    if neighbours.shape[1] == 0:
+def aggregated_mass(p: torch.Tensor, ids: torch.Tensor, neighbours: torch.Tensor, delta: float) -> torch.Tensor:
+    """The paper's credit ``A(y) = c_{m(y)}(y)``: the mass of the largest prefix of ``y``'s
+    neighbour list whose mass is ≤ δ. ``p`` (..., V); ``ids`` (..., M) tokens per position →
+    (..., M). ``neighbours`` (V, k)."""
+    if neighbours.shape[1] == 0 or delta == 0:
         return torch.zeros(ids.shape, dtype=p.dtype, device=p.device)
-    nb = neighbours[ids]  # (..., k)
-    c = p.gather(-1, nb).cumsum(-1)  # nondecreasing (p >= 0)
-    return torch.where(c <= eff[..., None], c, torch.zeros_like(c)).amax(-1)
+    nb = neighbours[ids]  # (..., M, k)
+    c = p.unsqueeze(-2).expand(*ids.shape, p.shape[-1]).gather(-1, nb).cumsum(-1)  # nondecreasing (p >= 0)
+    return torch.where(c <= delta, c, torch.zeros_like(c)).amax(-1)
+
+
+def credit_scale(p: torch.Tensor, q: torch.Tensor, neighbours: torch.Tensor, delta: float,
+                 exact_top: int = EXACT_TOP) -> torch.Tensor:
+    """``λ = min(1, δ / U)`` per position (shape ``p.shape[:-1]``) for a dense draft distribution ``q``,
+    where ``U ≥ Σ_y min((q(y) − p(y))⁺, A(y))``: exact over the ``exact_top`` tokens with the largest
+    ``(q − p)⁺`` (all of them when V ≤ exact_top), ``A(y) ≤ δ`` bounding the rest. It depends on
+    ``p`` and ``q`` only, never on the draft."""
+    d = (q.to(p.dtype) - p).clamp(min=0)
+    cheap = d.clamp(max=delta).sum(-1)  # ≥ U: where it is ≤ δ (one-hot q, q close to p), λ = 1
+    lam = torch.ones_like(cheap)
+    need = cheap > delta
+    if not bool(need.any()):
+        return lam
+    d, p = d[need], p[need]  # (n, V)
+    M = min(exact_top, d.shape[-1])
+    dm, ids = d.topk(M, dim=-1) if M < d.shape[-1] else (d, torch.arange(d.shape[-1], device=d.device).expand(d.shape))
+    exact = torch.minimum(dm, aggregated_mass(p, ids, neighbours, delta)).sum(-1)
+    rest = d.clamp(max=delta).sum(-1) - dm.clamp(max=delta).sum(-1)
+    U = exact + rest.clamp(min=0)
+    lam[need] = torch.where(U > delta, delta / U.clamp(min=1e-30), torch.ones_like(U))
+    return lam
+
+
+def credits(p: torch.Tensor, ids: torch.Tensor, q: torch.Tensor | None, neighbours: torch.Tensor, delta: float,
+            bound: str = "position") -> torch.Tensor:
+    """Mass ``b(y)`` credited to tokens ``ids`` (..., M) if drafted: the paper's ``A(y)``, or for
+    ``bound="position"`` with a dense ``q``, ``λ·min((q(y) − p(y))⁺, A(y))`` (:func:`credit_scale`)."""
+    A = aggregated_mass(p, ids, neighbours, delta)
+    if bound == "draft" or q is None or not q.is_floating_point() or delta == 0:
+        return A  # one-hot q: Σ_y min((q−p)⁺, A) = min(1 − p(x), A(x)) ≤ δ, λ = 1
+    d = (q.to(p.dtype) - p).clamp(min=0).gather(-1, ids)
+    return credit_scale(p, q, neighbours, delta)[..., None] * torch.minimum(d, A)
 
 
 def relaxed_mass(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, neighbours: torch.Tensor,
                  delta: float, bound: str = "position") -> torch.Tensor:
-    """``p̂(x) = p(x) + c_{m(x)}(x)``: the target mass credited to each draft ``x``.
+    """``p̂(x) = p(x) + b(x)``: the target mass credited to each draft ``x``.
 
     ``p`` (..., V) target; ``draft`` (...) ids; ``q`` the draft distribution (dense (..., V), one-hot
     ids (...), or None = one-hot on the draft); ``neighbours`` (V, k). ``δ = 0`` returns ``p(x)``.
@@ -182,8 +198,7 @@ def relaxed_mass(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, n
     p_x = p.gather(-1, draft[..., None]).squeeze(-1)
     if delta == 0:
         return p_x
-    eff = effective_delta(p, q, delta, bound)
-    return p_x + aggregated_mass(p, draft, neighbours, eff)
+    return p_x + credits(p, draft[..., None], q, neighbours, delta, bound).squeeze(-1)
 
 
 def relaxed_rule(p_hat: torch.Tensor, base: AcceptRule = acceptance_prob) -> AcceptRule:
@@ -199,21 +214,19 @@ def relaxed_rule(p_hat: torch.Tensor, base: AcceptRule = acceptance_prob) -> Acc
 def relaxed_kernel(p: torch.Tensor, q: torch.Tensor, neighbours: torch.Tensor, delta: float,
                    bound: str = "position") -> torch.Tensor:
     """The exact law (..., V) of the token a relaxed verification emits when the draft is drawn
-    from ``q`` (dense (..., V) or one-hot ids (...)): ``min(q, p̂) + (1 − Σ min(q, p̂))·norm((p − q)⁺)``.
+    from ``q`` (dense (..., V) or one-hot ids (...)): ``min(q, p + b) + (1 − Σ min(q, p + b))·norm((p − q)⁺)``.
 
-    Needs ``p̂`` for every token (a (..., V, k) gather): meant for tests and small vocabularies.
+    Needs ``b`` for every token (a (..., V, k) gather): meant for tests and small vocabularies.
     """
     V = p.shape[-1]
     if not q.is_floating_point():
         q = torch.nn.functional.one_hot(q, V).to(p.dtype)
     q = q.to(p.dtype)
-    eff = effective_delta(p, q, delta, bound) if delta > 0 else torch.zeros(p.shape[:-1], dtype=p.dtype)
-    ids = torch.arange(V, device=p.device).expand(*p.shape[:-1], V)
-    agg = aggregated_mass(p.unsqueeze(-2).expand(*p.shape[:-1], V, V), ids, neighbours, eff[..., None].expand(ids.shape))
-    a = torch.minimum(q, p + agg)
+    ids = torch.arange(V, device=p.device).expand(p.shape)
+    a = torch.minimum(q, p + credits(p, ids, q, neighbours, delta, bound))
     r = (p - q).clamp(min=0)
     rs = r.sum(-1, keepdim=True)
-    r = torch.where(rs > 0, r / rs.clamp(min=1e-300), p)
+    r = torch.where(rs > 0, r / rs.clamp(min=1e-30), p)
     return a + (1 - a.sum(-1, keepdim=True)).clamp(min=0) * r
 
 

@@ -79,6 +79,7 @@ from tqdm.auto import tqdm
 from ..errors import InvalidArgumentError
 from .accept import AcceptRule, acceptance_prob, accepts, residual_mass
 from .base import GuidedRunner, Sampler, SampleResult, SamplerStats
+from .lantern import DEFAULT_DELTA, DEFAULT_K, make_relaxation
 from .logits import SamplingParams, processed_probs, sample_probs, uniforms
 
 INITS = ("random", "repeat_horizon", "sample_horizon")
@@ -147,7 +148,8 @@ class SJDSampler(Sampler):
     _rule: ClassVar[AcceptRule] = staticmethod(acceptance_prob)
 
     def __init__(self, params: SamplingParams | None = None, window: int = 16, init: str = "repeat_horizon",
-                 coupling: bool = False):
+                 coupling: bool = False, relax: str | None = None, k: int = DEFAULT_K, delta: float = DEFAULT_DELTA,
+                 bound: str = "position", codebook=None):
         super().__init__(params)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise InvalidArgumentError(f"SJD window must be an integer >= 1 (tokens per pass), got {window!r}")
@@ -156,8 +158,16 @@ class SJDSampler(Sampler):
         if not isinstance(coupling, bool):
             raise InvalidArgumentError(f"SJD coupling must be true or false, got {coupling!r}")
         self.window, self.init, self.coupling = window, init, coupling
+        # LANTERN relaxed acceptance (varkit.samplers.lantern); lossy unless delta == 0
+        self.relaxation = make_relaxation(relax, k=k, delta=delta, bound=bound, codebook=codebook)
+        self.lossless = self.relaxation is None or self.relaxation.delta == 0
         self.trace: dict[str, torch.Tensor] = {}
         self._geo_key, self._geo = None, {}
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        """The generator's tokenizer: its codebook gives LANTERN's latent neighbourhoods."""
+        if self.relaxation is not None:
+            self.relaxation.bind(tokenizer)
 
     def check_generator(self, gen) -> None:
         layout = getattr(gen, "layout", None)
@@ -180,6 +190,8 @@ class SJDSampler(Sampler):
                 f"SJD window {self.window} is longer than the {layout.num_tokens}-token sequence; "
                 f"use a window of 1..{layout.num_tokens}"
             )
+        if self.relaxation is not None:
+            self.relaxation.check(gen.vocab_size)
 
     def _sample(self, gen, cond, gens, progress) -> SampleResult:
         layout, params = gen.layout, self.params
@@ -235,7 +247,8 @@ class SJDSampler(Sampler):
             p_win = processed_probs(logits.gather(1, rel[..., None].expand(-1, -1, V)), params)  # (B, Wt, V)
 
             # -- verify every window token; the first step with a rejection ends the pass -----------
-            accepted = accepts(p_win, drafts, u_acc, q, rule=self._rule)
+            rule = self._rule if self.relaxation is None else self.relaxation.rule(p_win, drafts, q, base=self._rule)
+            accepted = accepts(p_win, drafts, u_acc, q, rule=rule)
             first_bad = torch.where(valid & ~accepted, rel_step, S + 1).amin(1)
             done = torch.minimum(first_bad + 1, e - c)  # steps committed this pass
             tail = valid & (rel_step >= done[:, None])
@@ -246,6 +259,8 @@ class SJDSampler(Sampler):
             if not self.coupling:
                 redraw = torch.where(tail[..., None], p_win, redraw)
                 accepted = accepted & ~tail
+            elif rule is not self._rule:  # the coupled tail keeps its draft by the exact rule: it must stay p-distributed
+                accepted = torch.where(tail, accepts(p_win, drafts, u_acc, q, rule=self._rule), accepted)
             out = torch.where(valid & ~accepted, sample_probs(redraw, u_res), drafts)
             tokens.scatter_(1, pos, out)
             q = torch.where(tail[..., None], p_win, q)
