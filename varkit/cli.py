@@ -213,13 +213,19 @@ def _add_eval(sub) -> None:
     add_eval_parser(sub)
 
 
+def _add_convert(sub) -> None:
+    from .checkpoints.cli_commands import add_convert_parser
+
+    add_convert_parser(sub)
+
+
 def _add_bench(sub) -> None:
     from .bench.cli import add_bench_parser
 
     add_bench_parser(sub)
 
 
-_EXTRA_PARSERS = [_add_eval, _add_bench]
+_EXTRA_PARSERS = [_add_eval, _add_convert, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,10 @@ def add_bench_parser(sub) -> None:
 
     add_var_bench_parser(bs)
 
+    from .llamagen_side_by_side import add_side_by_side_parser
+
+    add_side_by_side_parser(bs)
+
     from .speculative import add_speculative_bench_parser
 
     add_speculative_bench_parser(bs)

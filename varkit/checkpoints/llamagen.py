@@ -1,0 +1,520 @@
+"""Convert LlamaGen's published GPT checkpoints (``c2i_B_256.pt`` … ``c2i_3B_384.pt``, t2i).
+
+:class:`~varkit.models.raster.RasterGenerator` uses LlamaGen's own parameter names, so the
+GPT weights map 1:1; what this module adds is reading the files (weights under ``"model"``,
+``"module"``, ``"state_dict"``, ``"ema"`` or a raw FSDP dict; ``module.``/``_orig_mod.``
+prefixes; a stray ``freqs_cis``), telling LlamaGen apart from VAR/NAR/MAR files, inferring the
+config from the shapes, and writing a whole pipeline folder (VQ tokenizer + generator + LlamaGen's
+sampling defaults) atomically.
+
+The RoPE grid is not stored in the weights: it comes from ``image_size / downsample`` (the
+VQ's), from a ``freqs_cis`` tensor when the file carries one, or from the file name
+(``c2i_L_384.pt`` → 384).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError, InvalidArgumentError
+from ..io import load_torch_checkpoint, write_json
+from ..models.raster import RasterConfig, RasterGenerator
+from ..nn.layers import swiglu_hidden_dim
+
+__all__ = [
+    "LLAMAGEN_C2I_DEFAULTS",
+    "LLAMAGEN_T2I_DEFAULTS",
+    "gpt_state_dict_from_llamagen",
+    "gpt_state_dict_to_llamagen",
+    "gpt_config_from_llamagen_state_dict",
+    "generator_from_llamagen_state_dict",
+    "select_gpt_state_dict",
+    "load_llamagen_gpt",
+    "convert_llamagen",
+    "cmd_convert_llamagen",
+]
+
+WHAT = "LlamaGen GPT checkpoint"
+
+# ``sample_c2i.py`` / ``sample_t2i.py`` argparse defaults (top_p 1.0 = off, cfg_interval -1 = always).
+LLAMAGEN_C2I_DEFAULTS = {"cfg": 4.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": 2000, "top_p": None}
+LLAMAGEN_T2I_DEFAULTS = {"cfg": 7.5, "cfg_schedule": "constant", "temperature": 1.0, "top_k": 1000, "top_p": None}
+
+# (dim, n_layer) → (LlamaGen name, n_head) for every entry of LlamaGen's ``GPT_models``.
+# head_dim is 64 except GPT-3B (3200/32 = 100) and GPT-7B (4096/32 = 128).
+LLAMAGEN_SIZES = {
+    (768, 12): ("GPT-B", 12),
+    (1024, 24): ("GPT-L", 16),
+    (1280, 36): ("GPT-XL", 20),
+    (1536, 48): ("GPT-XXL", 24),
+    (2560, 48): ("GPT-XXXL", 40),
+    (2048, 22): ("GPT-1B", 32),
+    (3200, 24): ("GPT-3B", 32),
+    (4096, 32): ("GPT-7B", 32),
+}
+_VARKIT_NAMES = {"GPT-B": "llamagen-b", "GPT-L": "llamagen-l", "GPT-XL": "llamagen-xl", "GPT-XXL": "llamagen-xxl",
+                 "GPT-3B": "llamagen-3b"}
+
+_LAYER_PARAMS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+                 "attention_norm", "ffn_norm")
+_KEY_RX = re.compile(
+    r"(tok_embeddings|norm|output)\.weight"
+    r"|cls_embedding\.(embedding_table\.weight|cap_proj\.fc[12]\.weight|uncond_embedding)"
+    r"|layers\.\d+\.(" + "|".join(re.escape(p) for p in _LAYER_PARAMS) + r")\.weight"
+)
+# Not weights: LlamaGen's RoPE table (a plain attribute some files carry) and KV-cache buffers.
+_DERIVED_RX = re.compile(r"freqs_cis|causal_mask|layers\.\d+\.attention\.kv_cache\.[kv]_cache")
+
+
+# -- reading files ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _allow_argparse() -> Iterator[None]:
+    """LlamaGen's training scripts store ``"args"`` (an ``argparse.Namespace``) next to the weights;
+    let ``torch.load(weights_only=True)`` rebuild it (plain attributes only, nothing executes)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        yield
+
+
+def _load(path: str | os.PathLike, what: str) -> Any:
+    with _allow_argparse():
+        return load_torch_checkpoint(path, what)
+
+
+def select_gpt_state_dict(ckpt: Any, source: str, use_ema: bool = False) -> dict[str, Tensor]:
+    """The weights of a LlamaGen GPT file: ``"model"`` (DDP), ``"module"`` (DeepSpeed),
+    ``"state_dict"``, ``"ema"``, or the dict itself (FSDP ``consolidated.pth``).
+
+    ``use_ema=True`` prefers ``"ema"`` when present. Raises :class:`CheckpointError` when the
+    file holds no tensors or another model family's weights.
+    """
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{source} holds a {type(ckpt).__name__}, not a state dict; it is not a {WHAT}")
+    order = ("ema", "model", "module", "state_dict") if use_ema else ("model", "module", "state_dict", "ema")
+    for name in order:
+        if isinstance(ckpt.get(name), Mapping):
+            sd = ckpt[name]
+            break
+    else:
+        sd = ckpt
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if not sd:
+        raise CheckpointError(
+            f"{source} holds no tensors under 'model', 'module', 'state_dict' or 'ema' (top-level keys "
+            f"{sorted(map(str, ckpt))[:6]}); it is not a {WHAT}"
+        )
+    return sd
+
+
+def _strip_prefixes(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Drop ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes carried by every key."""
+    sd = dict(sd)
+    changed = True
+    while changed and sd:
+        changed = False
+        for prefix in ("module.", "_orig_mod."):
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def _foreign(keys: set[str]) -> str | None:
+    """What a non-LlamaGen-GPT state dict is, when recognisable, with the command to use."""
+    if any(k.startswith("medusa_") for k in keys):
+        return "a NAR (next-neighbour) checkpoint (it has medusa_* heads); convert it with `varkit convert nar`"
+    if any(k.startswith(("blocks.", "word_embed.", "class_emb.", "pos_1LC", "lvl_embed.", "head_nm.")) for k in keys):
+        if any(k.startswith(("encoder_blocks.", "decoder_blocks.", "diffloss.")) for k in keys):
+            return "a MAR checkpoint; convert it with `varkit convert mar`"
+        return "a VAR transformer checkpoint; convert it with `varkit convert var`"
+    if any(k.startswith(("encoder_blocks.", "diffloss.")) for k in keys):
+        return "a MAR checkpoint; convert it with `varkit convert mar`"
+    if any(k.startswith(("quantize.quant_resi", "encoder.down.", "decoder.up.")) for k in keys):
+        return "a VAR/taming-style VQ-VAE, not a LlamaGen GPT"
+    if "quantize.embedding.weight" in keys or any(k.startswith("encoder.conv_blocks.") for k in keys):
+        return "a LlamaGen VQ tokenizer checkpoint; pass it as --vq, and the GPT file (e.g. c2i_B_256.pt) as --gpt"
+    if any(k.startswith(("model.encoder.", "model.decoder.")) for k in keys):
+        return "a varkit tokenizer state dict, not a LlamaGen GPT"
+    return None
+
+
+def gpt_state_dict_from_llamagen(sd: Mapping[str, Tensor], source: str = "state dict") -> dict[str, Tensor]:
+    """LlamaGen GPT state dict → :class:`RasterGenerator` state dict (same names).
+
+    Strips ``module.``/``_orig_mod.`` prefixes, drops derived tensors (``freqs_cis``, KV-cache
+    buffers) and rejects files of other families and unknown keys with a :class:`CheckpointError`.
+    """
+    sd = _strip_prefixes(sd)
+    keys = set(sd)
+    what = _foreign(keys)
+    if what is not None:
+        raise CheckpointError(f"{source} is {what}")
+    required = ("tok_embeddings.weight", "norm.weight", "output.weight", "layers.0.attention.wqkv.weight")
+    missing = [k for k in required if k not in keys]
+    if missing:
+        raise CheckpointError(
+            f"{source} is not a {WHAT}: it lacks {missing[:3]} (found e.g. {sorted(keys)[:3]}); "
+            "pass the GPT file (e.g. c2i_B_256.pt) as --gpt"
+        )
+    out, unknown = {}, []
+    for k, v in sd.items():
+        if _DERIVED_RX.fullmatch(k):
+            continue
+        if not _KEY_RX.fullmatch(k):
+            unknown.append(k)
+            continue
+        out[k] = v
+    if unknown:
+        raise CheckpointError(
+            f"{source}: {len(unknown)} keys are not part of a {WHAT} (e.g. {sorted(unknown)[:3]}); "
+            "the file is from another model or a modified LlamaGen"
+        )
+    return out
+
+
+def gpt_state_dict_to_llamagen(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """:class:`RasterGenerator` state dict → LlamaGen's (the names are the same; a copy)."""
+    return {k: v for k, v in sd.items()}
+
+
+# -- config inference -------------------------------------------------------------------------
+def _layer_count(keys, source: str) -> int:
+    idx = sorted({int(m[1]) for k in keys if (m := re.match(r"layers\.(\d+)\.", k))})
+    if not idx or idx != list(range(len(idx))):
+        raise CheckpointError(f"{source}: {WHAT} has layer indices {idx[:5]}…; expected 0..n-1")
+    per_layer = {f"layers.{i}.{p}.weight" for i in idx for p in _LAYER_PARAMS}
+    missing = sorted(per_layer - set(keys))
+    if missing:
+        raise CheckpointError(f"{source}: {WHAT} lacks {len(missing)} layer weights (e.g. {missing[:2]}); "
+                              "the file is incomplete")
+    return len(idx)
+
+
+def _named_config(name: str) -> RasterConfig:
+    """A registered raster config by varkit name (``llamagen-b``) or LlamaGen name (``GPT-B``)."""
+    from ..models.registry import _REGISTRY  # noqa: PLC0415  (no public getter for configs yet)
+
+    key = _VARKIT_NAMES.get(name.upper().replace("_", "-"), name) if name.upper().startswith("GPT") else name
+    if key not in _REGISTRY:
+        known = sorted(n for n in _REGISTRY if n.startswith("llamagen")) + sorted(_VARKIT_NAMES)
+        raise InvalidArgumentError(f"unknown config {name!r} for a LlamaGen GPT; choose one of {', '.join(known)}")
+    cfg = _REGISTRY[key][1]()
+    if not isinstance(cfg, RasterConfig):
+        raise InvalidArgumentError(f"config {name!r} is not a raster (LlamaGen) config")
+    return cfg
+
+
+def _grid_from_freqs(freqs: Tensor | None, cls_token_num: int) -> int | None:
+    if freqs is None or freqs.dim() != 3:
+        return None
+    n = freqs.shape[0] - cls_token_num
+    g = int(round(n ** 0.5))
+    return g if g * g == n and g > 0 else None
+
+
+def gpt_config_from_llamagen_state_dict(
+    sd: Mapping[str, Tensor],
+    grid: int | None = None,
+    config: str | None = None,
+    source: str = "state dict",
+    freqs_cis: Tensor | None = None,
+) -> RasterConfig:
+    """Infer the :class:`RasterConfig` of a LlamaGen GPT from its shapes.
+
+    ``sd`` is already converted (:func:`gpt_state_dict_from_llamagen`). dim, vocabulary,
+    layers, FFN width, class count / caption width and condition tokens come from the
+    shapes; heads from LlamaGen's size table (head_dim 64, except 3B: 100 and 7B: 128) or
+    from the named ``config``; ``grid`` (tokens per side) from the caller, or from
+    ``freqs_cis`` when the file carried LlamaGen's RoPE table.
+    """
+    try:
+        vocab, dim = sd["tok_embeddings.weight"].shape
+        n_layer = _layer_count(sd, source)
+        hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
+        qkv = sd["layers.0.attention.wqkv.weight"].shape
+        out_shape = tuple(sd["output.weight"].shape)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{source}: cannot read the {WHAT} shapes ({exc}); the file is incomplete") from None
+    if tuple(qkv) != (3 * dim, dim):
+        raise CheckpointError(
+            f"{source}: wqkv has shape {tuple(qkv)}, expected {(3 * dim, dim)}; grouped-query (n_kv_head) "
+            "models are not supported"
+        )
+    if out_shape != (vocab, dim):
+        raise CheckpointError(f"{source}: output head {out_shape} does not match tok_embeddings {(vocab, dim)}")
+    if "cls_embedding.embedding_table.weight" in sd:
+        rows, d = sd["cls_embedding.embedding_table.weight"].shape
+        if d != dim or rows < 2:
+            raise CheckpointError(f"{source}: class embedding has shape {(rows, d)}; expected (num_classes + 1, {dim})")
+        cond = dict(num_classes=int(rows) - 1, cls_token_num=1, caption_dim=0)
+    elif "cls_embedding.cap_proj.fc1.weight" in sd:
+        d, caption_dim = sd["cls_embedding.cap_proj.fc1.weight"].shape
+        unc = sd.get("cls_embedding.uncond_embedding")
+        if unc is None or unc.dim() != 2 or unc.shape[1] != caption_dim or d != dim:
+            raise CheckpointError(
+                f"{source}: text-to-image {WHAT} needs cls_embedding.uncond_embedding of shape (tokens, {caption_dim}) "
+                f"and cap_proj.fc1 of shape ({dim}, {caption_dim})"
+            )
+        if "cls_embedding.cap_proj.fc2.weight" not in sd:
+            raise CheckpointError(f"{source}: text-to-image {WHAT} lacks cls_embedding.cap_proj.fc2.weight")
+        cond = dict(num_classes=0, cls_token_num=int(unc.shape[0]), caption_dim=int(caption_dim))
+    else:
+        raise CheckpointError(
+            f"{source}: {WHAT} has neither a class embedding (cls_embedding.embedding_table) nor a caption "
+            "projection (cls_embedding.cap_proj); the file is incomplete"
+        )
+
+    if config is not None:
+        named = _named_config(config)
+        if (named.dim, named.n_layer) != (dim, n_layer):
+            raise CheckpointError(
+                f"{source} has dim {dim} and {n_layer} layers but config {config!r} has dim {named.dim} and "
+                f"{named.n_layer} layers; drop --config to infer it, or pass the matching one"
+            )
+        n_head, multiple_of, ffn_mult = named.n_head, named.multiple_of, named.ffn_dim_multiplier
+    elif (dim, n_layer) in LLAMAGEN_SIZES:
+        n_head, multiple_of, ffn_mult = LLAMAGEN_SIZES[(dim, n_layer)][1], 256, None
+    elif dim % 64 == 0:
+        n_head, multiple_of, ffn_mult = dim // 64, 256, None
+    else:
+        raise CheckpointError(
+            f"{source}: dim {dim} with {n_layer} layers is not a LlamaGen size and not a multiple of 64, so the "
+            "number of heads cannot be inferred; pass --config"
+        )
+    if swiglu_hidden_dim(dim, multiple_of, ffn_mult) != hidden:
+        # non-standard widths: find the multiple_of that reproduces the stored FFN width
+        for m in (256, 128, 64, 32, 16, 8):
+            if swiglu_hidden_dim(dim, m, None) == hidden:
+                multiple_of, ffn_mult = m, None
+                break
+        else:
+            raise CheckpointError(
+                f"{source}: FFN width {hidden} does not follow LlamaGen's rule for dim {dim} "
+                f"({swiglu_hidden_dim(dim, 256)}); the file is from a modified model"
+            )
+    if grid is None:
+        grid = _grid_from_freqs(freqs_cis, cond["cls_token_num"])
+    if grid is None:
+        raise InvalidArgumentError(
+            f"{source}: the token grid is not stored in LlamaGen's weights; pass the image size "
+            "(--image-size 256 or 384)"
+        )
+    fg = _grid_from_freqs(freqs_cis, cond["cls_token_num"])
+    if fg is not None and fg != grid:
+        raise InvalidArgumentError(
+            f"{source} carries a RoPE table for a {fg}x{fg} grid but a {grid}x{grid} grid was asked for; "
+            "pass the image size the model was trained at"
+        )
+    return RasterConfig(vocab_size=int(vocab), dim=int(dim), n_layer=n_layer, n_head=int(n_head), grid=int(grid),
+                        multiple_of=multiple_of, ffn_dim_multiplier=ffn_mult, **cond)
+
+
+# -- building the generator -------------------------------------------------------------------
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (no memory, no init); buffers stay real."""
+    orig = nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        orig(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig
+
+
+def empty_generator(config: RasterConfig) -> RasterGenerator:
+    """A :class:`RasterGenerator` whose parameters are on the meta device (fast, no memory)."""
+    with _params_on_meta():
+        return RasterGenerator(config)
+
+
+def generator_from_llamagen_state_dict(
+    sd: Mapping[str, Tensor], config: RasterConfig, source: str = "state dict"
+) -> RasterGenerator:
+    """Build a :class:`RasterGenerator` holding the converted weights ``sd`` (strict, no copy).
+
+    Parameters are created on the meta device and then assigned the (fp32) tensors of ``sd``,
+    so even GPT-3B costs no second copy of its weights.
+    """
+    gen = empty_generator(config)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    _check_fits(gen.state_dict(), state, source)
+    gen.load_state_dict(state, strict=True, assign=True)
+    return gen.eval()
+
+
+def _check_fits(own: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str) -> None:
+    """Keys and shapes of ``state`` against a (meta) model's state dict, one clear error."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
+        if bad:
+            k = bad[0]
+            parts.append(f"{len(bad)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
+        raise CheckpointError(f"{source}: the weights do not fit the inferred RasterGenerator: " + "; ".join(parts))
+
+
+def _grid_hint_from_name(path: str | os.PathLike) -> int | None:
+    m = re.search(r"(?:^|[_\-.])(256|384|512)(?:[_\-.]|$)", Path(path).name)
+    return int(m[1]) if m else None
+
+
+def load_llamagen_gpt(
+    path: str | os.PathLike,
+    *,
+    image_size: int | None = None,
+    downsample: int = 16,
+    config: str | None = None,
+    use_ema: bool = False,
+) -> RasterGenerator:
+    """Load a LlamaGen GPT ``.pt`` as a :class:`RasterGenerator` (grid = image_size / downsample)."""
+    sd, cfg, _ = _read_gpt(path, image_size, downsample, config, use_ema)
+    return generator_from_llamagen_state_dict(sd, cfg, str(path))
+
+
+def _read_gpt(path, image_size, downsample, config, use_ema) -> tuple[dict[str, Tensor], RasterConfig, dict]:
+    """(converted state dict, inferred config, notes) of a GPT file; nothing written."""
+    ckpt = _load(path, WHAT)
+    raw = _strip_prefixes(select_gpt_state_dict(ckpt, str(path), use_ema))
+    freqs = raw.get("freqs_cis")
+    sd = gpt_state_dict_from_llamagen(raw, str(path))
+    notes: dict[str, Any] = {}
+    if image_size is None and freqs is None:
+        image_size = _grid_hint_from_name(path)
+        if image_size is None:
+            raise InvalidArgumentError(
+                f"{path}: the image size is not stored in LlamaGen's weights and not in the file name; "
+                "pass --image-size (256 or 384)"
+            )
+        notes["image_size_from"] = "file name"
+    grid = None
+    if image_size is not None:
+        if image_size <= 0 or image_size % downsample:
+            raise InvalidArgumentError(
+                f"image size {image_size} is not a positive multiple of the tokenizer's downsample factor {downsample}"
+            )
+        grid = image_size // downsample
+    cfg = gpt_config_from_llamagen_state_dict(sd, grid, config, str(path), freqs)
+    return sd, cfg, notes
+
+
+# -- the whole pipeline -----------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``out``; rename it onto ``out`` on success.
+
+    On any error the temporary folder is removed and ``out`` is untouched. An existing
+    ``out`` is replaced only with ``overwrite=True`` (and only once the new one is complete).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old / out.name, out)  # put the previous folder back
+                raise
+            finally:
+                if not (old / out.name).exists():
+                    shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_llamagen(
+    vq: str | os.PathLike,
+    gpt: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    config: str | None = None,
+    image_size: int | None = None,
+    use_ema: bool = False,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a LlamaGen VQ + GPT pair into a varkit pipeline folder ``out``.
+
+    Both files are read and checked (families, truncation, codebook size vs vocabulary, grid)
+    before anything is written; the folder is built next to ``out`` and renamed into place, so
+    an error leaves no partial output. The pipeline's defaults are LlamaGen's sampling-script
+    defaults (c2i: CFG 4.0, top-k 2000, temperature 1; t2i: CFG 7.5, top-k 1000).
+    """
+    from ..checkpoints.llamagen_vq import WHAT as VQ_WHAT, load_llamagen_vq
+    from ..pipeline import Pipeline
+
+    out = Path(out)
+    if out.exists() and not overwrite:  # fail before the (slow) loading
+        raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite")
+    with _allow_argparse():
+        tokenizer = load_llamagen_vq(vq)  # LlamaGen's sampling scripts use the VQ's "model" weights
+    sd, cfg, notes = _read_gpt(gpt, image_size, tokenizer.downsample, config, use_ema)
+    if cfg.vocab_size != tokenizer.codebook_size:
+        raise CheckpointError(
+            f"the GPT {gpt} predicts {cfg.vocab_size} token ids but the {VQ_WHAT} {vq} has "
+            f"{tokenizer.codebook_size} codes; pass the tokenizer the GPT was trained with"
+        )
+    generator = generator_from_llamagen_state_dict(sd, cfg, str(gpt))
+    size = LLAMAGEN_SIZES.get((cfg.dim, cfg.n_layer), (f"GPT-d{cfg.dim}x{cfg.n_layer}",))[0]
+    kind = "t2i" if cfg.caption_dim else "c2i"
+    px = cfg.grid * tokenizer.downsample
+    defaults = dict(LLAMAGEN_T2I_DEFAULTS if cfg.caption_dim else LLAMAGEN_C2I_DEFAULTS)
+    pipe = Pipeline(tokenizer, generator, defaults, name=name or f"llamagen-{size}-{kind}-{px}")
+    with atomic_directory(out, overwrite) as tmp:
+        pipe.save_pretrained(tmp)
+        write_json(tmp / "convert.json", {
+            "family": "llamagen",
+            "vq": {"file": Path(vq).name, "bytes": Path(vq).stat().st_size},
+            "gpt": {"file": Path(gpt).name, "bytes": Path(gpt).stat().st_size, "weights": "ema" if use_ema else "model"},
+            "llamagen_model": size,
+            "model_type": kind,
+            "image_size": px,
+            "grid": cfg.grid,
+            "generator_config": dataclasses.asdict(cfg),
+            **notes,
+        })
+    return out
+
+
+def cmd_convert_llamagen(args) -> None:
+    """``varkit convert llamagen``: see :func:`convert_llamagen`."""
+    out = convert_llamagen(args.vq, args.gpt, args.out, config=args.config, image_size=args.image_size,
+                           use_ema=args.ema, name=args.name, overwrite=args.overwrite)
+    from ..modeling import read_config
+
+    g = read_config(out / "generator")
+    kind = "t2i" if g["caption_dim"] else f"c2i, {g['num_classes']} classes"
+    print(f"wrote {out}/ (LlamaGen {g['dim']}d x {g['n_layer']} layers, {g['n_head']} heads, "
+          f"{g['grid']}x{g['grid']} tokens, {kind}); load it with varkit.load_pipeline({str(out)!r})")
