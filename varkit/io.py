@@ -47,6 +47,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file, then rename."""
     with atomic_path(path) as tmp:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..device import resolve_device
 from ..errors import InvalidArgumentError
+from ..io import write_text
 from ..modeling import load_module
 from ..models import create_model
 from ..models.registry import model_class
@@ -82,4 +83,7 @@ def train_generator(data: str, tokenizer_dir: str | Path, config: str, out: str 
     pipe = Pipeline(tok, gen, defaults, name=Path(out).name)
     if trainer.rank == 0:
         pipe.save_pretrained(out)
+        made_by = Path(tokenizer_dir) / "COMMAND.txt"  # keep the record of how the tokenizer was trained
+        if made_by.is_file() and not (Path(out) / "tokenizer" / "COMMAND.txt").is_file():
+            write_text(Path(out) / "tokenizer" / "COMMAND.txt", made_by.read_text())
     return pipe
