@@ -152,9 +152,9 @@ def test_named_sizes_infer_heads(golden):
     for line in (FIXTURE.parent / "keys_nar_GPT-B_c2i_256.txt").read_text().splitlines():
         k, shape, _ = line.split("\t")
         ref[k] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
-    from varkit.checkpoints.nar import _params_on_meta
+    from varkit.modeling import params_on_meta
 
-    with _params_on_meta():
+    with params_on_meta():
         gen = NeighborsGenerator(cfg)
     own = {k: tuple(v.shape) for k, v in nar_state_dict_to_official(gen.state_dict()).items()}
     assert own == ref

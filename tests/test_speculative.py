@@ -7,7 +7,6 @@ import torch
 from scipy.stats import chi2
 
 from varkit.errors import InvalidArgumentError, ModelNotFoundError
-from varkit.layout import build_layout
 from varkit.models import create_model
 from varkit.pipeline import Pipeline
 from varkit.samplers import SAMPLERS, SamplingParams, get_sampler

@@ -280,10 +280,10 @@ def test_var_256_schedule_inferred_from_token_count():
 
 @pytest.mark.parametrize("name", ["var-d16", "var-d20", "var-d24", "var-d30", "var-d36"])
 def test_published_layouts_on_meta(name):
-    from varkit.checkpoints.var import _params_on_meta
+    from varkit.modeling import params_on_meta
     from varkit.models.registry import _REGISTRY
 
-    with _params_on_meta():
+    with params_on_meta():
         gen = ScalesGenerator(_REGISTRY[name][1]())
     raw = var_state_dict_to_var(gen.state_dict(), gen.config)
     depth = int(name[5:])

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidArgumentError
 
 
 @contextlib.contextmanager
@@ -33,6 +34,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``out``; rename it onto ``out`` on success.
+
+    On any error the temporary folder is removed and ``out`` is untouched. An existing
+    ``out`` is replaced only with ``overwrite=True`` (and only once the new one is complete).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old / out.name, out)  # put the previous folder back
+                raise
+            finally:
+                if not (old / out.name).exists():
+                    shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

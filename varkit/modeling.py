@@ -5,10 +5,11 @@ Every tokenizer and generator subclasses :class:`SavableModule` and registers it
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Iterator, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -75,6 +76,23 @@ class SavableModule(nn.Module):
                 f"{directory} holds a {type(module).__name__}, not a {cls.__name__}"
             )
         return module
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (no memory, no init); buffers stay real."""
+    orig = nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        orig(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig
 
 
 def read_config(directory: str | Path) -> dict:

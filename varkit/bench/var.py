@@ -151,7 +151,8 @@ def write_random_pair(config: str, work: Path, seed: int, **vae_overrides: Any) 
 
     The VQVAE is VAR's ``vae_ch160v4096z32`` architecture (``vae_overrides`` change it, for tests; the official
     worker needs the default ``ch_mult``)."""
-    from ..checkpoints.var import _params_on_meta, var_state_dict_to_var
+    from ..checkpoints.var import var_state_dict_to_var
+    from ..modeling import params_on_meta
     from ..checkpoints.var_vae import msvq_state_dict_to_var
     from ..models.registry import _REGISTRY
     from ..models.scales import ScalesGenerator
@@ -160,7 +161,7 @@ def write_random_pair(config: str, work: Path, seed: int, **vae_overrides: Any) 
     if config not in _REGISTRY or _REGISTRY[config][0] is not ScalesGenerator:
         names = sorted(n for n, v in _REGISTRY.items() if v[0] is ScalesGenerator)
         raise InvalidArgumentError(f"--config must be a VAR config ({', '.join(names)}), got {config!r}")
-    with _params_on_meta():
+    with params_on_meta():
         gen = ScalesGenerator(_REGISTRY[config][1]())
         tok = MultiScaleVQTokenizer(MSVQConfig(codebook_size=gen.config.vocab_size, z_channels=gen.config.vae_dim,
                                                patch_nums=gen.config.patch_nums, **vae_overrides))

@@ -18,16 +18,15 @@ import contextlib
 import dataclasses
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..io import load_torch_checkpoint, write_json
+from ..io import atomic_directory, load_torch_checkpoint, write_json
+from ..modeling import params_on_meta
 from ..models.raster import RasterConfig, RasterGenerator
 from ..nn.layers import swiglu_hidden_dim
 
@@ -319,26 +318,9 @@ def gpt_config_from_llamagen_state_dict(
 
 
 # -- building the generator -------------------------------------------------------------------
-@contextlib.contextmanager
-def _params_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init); buffers stay real."""
-    orig = nn.Module.register_parameter
-
-    def register(self, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        orig(self, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = orig
-
-
 def empty_generator(config: RasterConfig) -> RasterGenerator:
     """A :class:`RasterGenerator` whose parameters are on the meta device (fast, no memory)."""
-    with _params_on_meta():
+    with params_on_meta():
         return RasterGenerator(config)
 
 
@@ -419,41 +401,6 @@ def _read_gpt(path, image_size, downsample, config, use_ema) -> tuple[dict[str, 
 
 
 # -- the whole pipeline -----------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``out``; rename it onto ``out`` on success.
-
-    On any error the temporary folder is removed and ``out`` is untouched. An existing
-    ``out`` is replaced only with ``overwrite=True`` (and only once the new one is complete).
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise InvalidArgumentError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old / out.name, out)  # put the previous folder back
-                raise
-            finally:
-                if not (old / out.name).exists():
-                    shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def convert_llamagen(
     vq: str | os.PathLike,
     gpt: str | os.PathLike,

@@ -15,22 +15,21 @@ LlamaGen-side checks are :mod:`varkit.checkpoints.llamagen`'s.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..io import load_torch_checkpoint, write_json
+from ..io import atomic_directory, load_torch_checkpoint, write_json
+from ..modeling import params_on_meta
 from ..models.neighbors import NeighborsConfig, NeighborsGenerator
 from ..nn.layers import swiglu_hidden_dim
 from .llamagen import (
-    atomic_directory,
     gpt_state_dict_from_llamagen,
     select_gpt_state_dict,
 )
@@ -84,23 +83,6 @@ def _strip_prefixes(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
                 sd = {k[len(prefix):]: v for k, v in sd.items()}
                 changed = True
     return sd
-
-
-@contextlib.contextmanager
-def _params_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init); buffers stay real."""
-    orig = nn.Module.register_parameter
-
-    def register(self, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        orig(self, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = orig
 
 
 def _check_fits(own: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str) -> None:
@@ -288,7 +270,7 @@ def _named_config(name: str) -> NeighborsConfig:
 def generator_from_nar_state_dict(sd: Mapping[str, Tensor], config: NeighborsConfig,
                                   source: str = "state dict") -> NeighborsGenerator:
     """A :class:`NeighborsGenerator` holding the converted weights ``sd`` (strict, no copy)."""
-    with _params_on_meta():
+    with params_on_meta():
         gen = NeighborsGenerator(config)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     _check_fits(gen.state_dict(), state, source)

@@ -21,23 +21,21 @@ defaults: CFG 1.5 on VAR's linear ramp, top-k 900, top-p 0.96), atomically.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..io import load_torch_checkpoint, write_json
+from ..io import atomic_directory, load_torch_checkpoint, write_json
+from ..modeling import params_on_meta
 from ..models.scales import ScalesConfig, ScalesGenerator
 from ..tokenizers.msvq import VAR_PATCH_NUMS
 
@@ -394,27 +392,10 @@ def var_config_from_state_dict(
 
 
 # -- building the generator -------------------------------------------------------------------
-@contextlib.contextmanager
-def _params_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init); buffers stay real."""
-    orig = nn.Module.register_parameter
-
-    def register(self, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        orig(self, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = orig
-
-
 def generator_from_var_state_dict(sd: Mapping[str, Tensor], config: ScalesConfig,
                                   source: str = "state dict") -> ScalesGenerator:
     """A :class:`ScalesGenerator` holding the converted weights ``sd`` (strict; fp32; no second copy)."""
-    with _params_on_meta():
+    with params_on_meta():
         gen = ScalesGenerator(config)
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     own = gen.state_dict()
@@ -448,29 +429,6 @@ def load_var(path: str | os.PathLike, *, patch_nums: Sequence[int] | None = None
     """Load a VAR transformer file as a :class:`ScalesGenerator` (no tokenizer bound; eval mode)."""
     sd, cfg = _read_var(path, patch_nums, resolution)
     return generator_from_var_state_dict(sd, cfg, str(path))
-
-
-@contextlib.contextmanager
-def _atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
-    """An empty temporary folder next to ``out``, renamed onto ``out`` on success and removed on any error
-    (an existing ``out`` is replaced only with ``overwrite``, once the new folder is complete)."""
-    if out.exists() and not (overwrite and out.is_dir()):
-        raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite"
-                                   if out.is_dir() else f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _vae_scales(path) -> int | None:
@@ -530,7 +488,7 @@ def convert_var(
     published = VAR_DEPTH_RESOLUTION.get(cfg.depth) == px and cfg.dim == 64 * cfg.depth
     label = f"var-d{cfg.depth}" + ("" if published else f"-{px}")
     pipe = Pipeline(tokenizer, generator, dict(VAR_DEFAULTS), name=name or label)
-    with _atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite) as tmp:
         pipe.save_pretrained(tmp)
         write_json(tmp / "convert.json", {
             "family": "var",

@@ -24,7 +24,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from ..errors import DataError, InvalidArgumentError, ModelNotFoundError

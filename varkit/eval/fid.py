@@ -14,7 +14,6 @@ CNN (``features="digits"``). With a folder reference the numbers equal
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
