@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -87,9 +86,9 @@ def files(fx, tmp_path_factory):
     vq = vq_recipe(fx["vq_keys"], fx["vq_shapes"], fx["vq_seed"])
     vq["quantize.codebook_used"] = torch.zeros(65536)  # LlamaGen's training buffer, as in real files
     torch.save({"model": vq, "args": argparse.Namespace(vq_model="VQ-16")}, d / "vq_tiny.pt")
-    return dict(dir=d, c2i=c2i, t2i=t2i, vq=d / "vq_tiny.pt",
-                c2i_path=save_like_llamagen(d / "c2i_tiny.pt", c2i),
-                t2i_path=save_like_llamagen(d / "t2i_tiny.pt", t2i))
+    return {"dir": d, "c2i": c2i, "t2i": t2i, "vq": d / "vq_tiny.pt",
+            "c2i_path": save_like_llamagen(d / "c2i_tiny.pt", c2i),
+            "t2i_path": save_like_llamagen(d / "t2i_tiny.pt", t2i)}
 
 
 @pytest.fixture(scope="module")
@@ -374,7 +373,10 @@ def test_class_id_out_of_range_at_generation(c2i_pipe):
 
 # -- the side-by-side bench's wiring (the timing itself needs LlamaGen's code) ---------------------
 def test_side_by_side_bench_parser_and_bad_official_path(tmp_path):
-    from varkit.bench.llamagen_side_by_side import add_side_by_side_parser, import_official
+    from varkit.bench.llamagen_side_by_side import (
+        add_side_by_side_parser,
+        import_official,
+    )
 
     parser = argparse.ArgumentParser(prog="varkit bench")
     add_side_by_side_parser(parser.add_subparsers(dest="bench", required=True))

@@ -52,8 +52,11 @@ def import_official(path: str | os.PathLike):
 
 def build_models(gpt_models, seed: int = 0):
     """(official GPT-B fp32, varkit fp32 on the same tensors, varkit bf16 copy)."""
-    from ..checkpoints.llamagen import (generator_from_llamagen_state_dict, gpt_config_from_llamagen_state_dict,
-                                        gpt_state_dict_from_llamagen)
+    from ..checkpoints.llamagen import (
+        generator_from_llamagen_state_dict,
+        gpt_config_from_llamagen_state_dict,
+        gpt_state_dict_from_llamagen,
+    )
 
     torch.manual_seed(seed)
     official = gpt_models["GPT-B"](vocab_size=16384, block_size=256, num_classes=1000, cls_token_num=1,

@@ -18,8 +18,9 @@ import contextlib
 import dataclasses
 import os
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,14 +34,14 @@ from ..nn.layers import swiglu_hidden_dim
 __all__ = [
     "LLAMAGEN_C2I_DEFAULTS",
     "LLAMAGEN_T2I_DEFAULTS",
+    "cmd_convert_llamagen",
+    "convert_llamagen",
+    "generator_from_llamagen_state_dict",
+    "gpt_config_from_llamagen_state_dict",
     "gpt_state_dict_from_llamagen",
     "gpt_state_dict_to_llamagen",
-    "gpt_config_from_llamagen_state_dict",
-    "generator_from_llamagen_state_dict",
-    "select_gpt_state_dict",
     "load_llamagen_gpt",
-    "convert_llamagen",
-    "cmd_convert_llamagen",
+    "select_gpt_state_dict",
 ]
 
 WHAT = "LlamaGen GPT checkpoint"
@@ -200,7 +201,7 @@ def _layer_count(keys, source: str) -> int:
 
 def _named_config(name: str) -> RasterConfig:
     """A registered raster config by varkit name (``llamagen-b``) or LlamaGen name (``GPT-B``)."""
-    from ..models.registry import _REGISTRY  # noqa: PLC0415  (no public getter for configs yet)
+    from ..models.registry import _REGISTRY
 
     key = _VARKIT_NAMES.get(name.upper().replace("_", "-"), name) if name.upper().startswith("GPT") else name
     if key not in _REGISTRY:
@@ -216,7 +217,7 @@ def _grid_from_freqs(freqs: Tensor | None, cls_token_num: int) -> int | None:
     if freqs is None or freqs.dim() != 3:
         return None
     n = freqs.shape[0] - cls_token_num
-    g = int(round(n ** 0.5))
+    g = round(n ** 0.5)
     return g if g * g == n and g > 0 else None
 
 
@@ -254,7 +255,7 @@ def gpt_config_from_llamagen_state_dict(
         rows, d = sd["cls_embedding.embedding_table.weight"].shape
         if d != dim or rows < 2:
             raise CheckpointError(f"{source}: class embedding has shape {(rows, d)}; expected (num_classes + 1, {dim})")
-        cond = dict(num_classes=int(rows) - 1, cls_token_num=1, caption_dim=0)
+        cond = {"num_classes": int(rows) - 1, "cls_token_num": 1, "caption_dim": 0}
     elif "cls_embedding.cap_proj.fc1.weight" in sd:
         d, caption_dim = sd["cls_embedding.cap_proj.fc1.weight"].shape
         unc = sd.get("cls_embedding.uncond_embedding")
@@ -265,7 +266,7 @@ def gpt_config_from_llamagen_state_dict(
             )
         if "cls_embedding.cap_proj.fc2.weight" not in sd:
             raise CheckpointError(f"{source}: text-to-image {WHAT} lacks cls_embedding.cap_proj.fc2.weight")
-        cond = dict(num_classes=0, cls_token_num=int(unc.shape[0]), caption_dim=int(caption_dim))
+        cond = {"num_classes": 0, "cls_token_num": int(unc.shape[0]), "caption_dim": int(caption_dim)}
     else:
         raise CheckpointError(
             f"{source}: {WHAT} has neither a class embedding (cls_embedding.embedding_table) nor a caption "
@@ -419,7 +420,8 @@ def convert_llamagen(
     an error leaves no partial output. The pipeline's defaults are LlamaGen's sampling-script
     defaults (c2i: CFG 4.0, top-k 2000, temperature 1; t2i: CFG 7.5, top-k 1000).
     """
-    from ..checkpoints.llamagen_vq import WHAT as VQ_WHAT, load_llamagen_vq
+    from ..checkpoints.llamagen_vq import WHAT as VQ_WHAT
+    from ..checkpoints.llamagen_vq import load_llamagen_vq
     from ..pipeline import Pipeline
 
     out = Path(out)
