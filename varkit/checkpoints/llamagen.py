@@ -422,7 +422,6 @@ def convert_llamagen(
     """
     from ..checkpoints.llamagen_vq import WHAT as VQ_WHAT
     from ..checkpoints.llamagen_vq import load_llamagen_vq
-    from ..pipeline import Pipeline
 
     out = Path(out)
     if out.exists() and not overwrite:  # fail before the (slow) loading
@@ -437,17 +436,28 @@ def convert_llamagen(
         )
     generator = generator_from_llamagen_state_dict(sd, cfg, str(gpt))
     size = LLAMAGEN_SIZES.get((cfg.dim, cfg.n_layer), (f"GPT-d{cfg.dim}x{cfg.n_layer}",))[0]
+    return save_converted_pipeline(
+        "llamagen", out, overwrite, tokenizer, generator, cfg, size,
+        LLAMAGEN_T2I_DEFAULTS if cfg.caption_dim else LLAMAGEN_C2I_DEFAULTS, name, vq, gpt, use_ema, notes,
+    )
+
+
+def save_converted_pipeline(family: str, out: Path, overwrite: bool, tokenizer, generator, cfg, size: str,
+                            defaults: dict, name: str | None, vq, gpt, use_ema: bool, notes: dict) -> Path:
+    """Write a converted LlamaGen-format pair (LlamaGen, NAR) as a pipeline folder, atomically,
+    with ``convert.json`` recording the source files and the inferred config."""
+    from ..pipeline import Pipeline
+
     kind = "t2i" if cfg.caption_dim else "c2i"
     px = cfg.grid * tokenizer.downsample
-    defaults = dict(LLAMAGEN_T2I_DEFAULTS if cfg.caption_dim else LLAMAGEN_C2I_DEFAULTS)
-    pipe = Pipeline(tokenizer, generator, defaults, name=name or f"llamagen-{size}-{kind}-{px}")
+    pipe = Pipeline(tokenizer, generator, dict(defaults), name=name or f"{family}-{size}-{kind}-{px}")
     with atomic_directory(out, overwrite) as tmp:
         pipe.save_pretrained(tmp)
         write_json(tmp / "convert.json", {
-            "family": "llamagen",
+            "family": family,
             "vq": {"file": Path(vq).name, "bytes": Path(vq).stat().st_size},
             "gpt": {"file": Path(gpt).name, "bytes": Path(gpt).stat().st_size, "weights": "ema" if use_ema else "model"},
-            "llamagen_model": size,
+            f"{family}_model": size,
             "model_type": kind,
             "image_size": px,
             "grid": cfg.grid,

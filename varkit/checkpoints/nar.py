@@ -15,7 +15,6 @@ LlamaGen-side checks are :mod:`varkit.checkpoints.llamagen`'s.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,11 +24,12 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..io import atomic_directory, load_torch_checkpoint, write_json
+from ..io import load_torch_checkpoint
 from ..modeling import params_on_meta
 from ..models.neighbors import NeighborsConfig, NeighborsGenerator
 from ..nn.layers import swiglu_hidden_dim
 from .llamagen import (
+    save_converted_pipeline,
     gpt_state_dict_from_llamagen,
     select_gpt_state_dict,
 )
@@ -328,7 +328,6 @@ def convert_nar(
     ``out`` and renamed into place, so an error leaves no partial output. Defaults are NAR's
     ``sample_c2i.py`` ones (CFG 4.0, top-k 2000, temperature 1).
     """
-    from ..pipeline import Pipeline
     from .llamagen_vq import WHAT as VQ_WHAT
     from .llamagen_vq import load_llamagen_vq
 
@@ -345,24 +344,10 @@ def convert_nar(
         )
     generator = generator_from_nar_state_dict(sd, cfg, str(gpt))
     size = NAR_SIZES.get((cfg.dim, cfg.n_layer), (f"GPT-d{cfg.dim}x{cfg.n_layer}",))[0]
-    kind = "t2i" if cfg.caption_dim else "c2i"
-    px = cfg.grid * tokenizer.downsample
-    defaults = dict(NAR_T2I_DEFAULTS if cfg.caption_dim else NAR_C2I_DEFAULTS)
-    pipe = Pipeline(tokenizer, generator, defaults, name=name or f"nar-{size}-{kind}-{px}")
-    with atomic_directory(out, overwrite) as tmp:
-        pipe.save_pretrained(tmp)
-        write_json(tmp / "convert.json", {
-            "family": "nar",
-            "vq": {"file": Path(vq).name, "bytes": Path(vq).stat().st_size},
-            "gpt": {"file": Path(gpt).name, "bytes": Path(gpt).stat().st_size, "weights": "ema" if use_ema else "model"},
-            "nar_model": size,
-            "model_type": kind,
-            "image_size": px,
-            "grid": cfg.grid,
-            "generator_config": dataclasses.asdict(cfg),
-            **notes,
-        })
-    return out
+    return save_converted_pipeline(
+        "nar", out, overwrite, tokenizer, generator, cfg, size,
+        NAR_T2I_DEFAULTS if cfg.caption_dim else NAR_C2I_DEFAULTS, name, vq, gpt, use_ema, notes,
+    )
 
 
 def parse_image_size(text: str | None) -> int | tuple[int, int] | None:
