@@ -142,8 +142,6 @@ def test_t2i_greedy_tokens_match_official(fx, t2i_pipe):
     assert torch.equal(out.tokens, fx["t2i_tokens"])
 
 
-@pytest.mark.xfail(not hasattr(RasterGenerator, "caption_mask"), strict=True,
-                   reason="padded captions need the emb_masks handling in raster.py (caption_mask)")
 def test_t2i_padded_captions_match_official_emb_masks(fx, t2i_pipe):
     out = t2i_pipe(captions=_captions(fx, padded=True), cfg=fx["cfg_scale"], top_k=1)
     assert torch.equal(out.tokens, fx["t2i_tokens_padded"])

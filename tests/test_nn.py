@@ -42,3 +42,29 @@ def test_rmsnorm_and_llama_hidden_sizes():
     y = RMSNorm(8)(x)
     assert torch.allclose(y.pow(2).mean(-1), torch.ones(2, 5), atol=1e-3)
     assert [swiglu_hidden_dim(d) for d in (768, 1024, 1280, 1536, 3200)] == [2048, 2816, 3584, 4096, 8704]
+
+
+def test_bf16_small_row_linear_matches_nn_linear():
+    """The weight-major bf16 decode path gives nn.Linear's result up to bf16 rounding, same state dict."""
+    from varkit.nn.layers import Linear
+
+    torch.manual_seed(0)
+    ours, ref = Linear(64, 96, bias=True), torch.nn.Linear(64, 96, bias=True)
+    ref.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == ["weight", "bias"]
+    ours, ref = ours.bfloat16(), ref.bfloat16()
+    for rows in (1, 2, 16, 40):  # 40 rows take the ordinary path
+        x = torch.randn(rows, 1, 64).bfloat16()
+        a, b = ours(x), ref(x)
+        assert a.shape == b.shape == (rows, 1, 96) and a.dtype == torch.bfloat16
+        assert (a.float() - b.float()).abs().max() <= 0.05 * b.float().abs().max()
+    x = torch.randn(3, 64)
+    assert torch.equal(ours.float()(x), ref.float()(x))  # fp32 is exactly nn.Linear
+
+
+def test_rotary_tables_stay_fp32_when_the_model_is_cast():
+    from varkit.nn.rope import RotaryTable
+
+    t = RotaryTable(torch.rand(5, 4)).to(torch.bfloat16)
+    cos, sin = t(slice(0, 5))
+    assert cos.dtype == sin.dtype == torch.float32

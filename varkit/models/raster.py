@@ -18,7 +18,7 @@ from ..errors import InvalidArgumentError
 from ..layout import Layout, build_layout
 from ..modeling import register_module
 from ..nn import Attention, RMSNorm, RotaryTable, SwiGLU, block_causal_mask
-from ..nn.layers import swiglu_hidden_dim
+from ..nn.layers import Linear, swiglu_hidden_dim
 from ..nn.rope import rope_angles_2d
 from .base import Generator
 
@@ -105,7 +105,7 @@ class RasterGenerator(Generator):
         self.tok_dropout = nn.Dropout(c.token_dropout)
         self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.n_layer))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.output = Linear(c.dim, c.vocab_size, bias=False)
         # Rotary rows: condition prefix (zeros, as LlamaGen), then token i at cond_len + i.
         coords = self.layout.coords
         angles = rope_angles_2d(coords[:, 0], coords[:, 1], c.dim // c.n_head, c.rope_base)
@@ -137,8 +137,33 @@ class RasterGenerator(Generator):
 
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
         if self.is_text_conditional:
-            return self.cls_embedding.uncond_embedding.to(cond.dtype).expand_as(cond)
+            null = self.cls_embedding.uncond_embedding.to(cond.dtype).expand_as(cond)
+            # padded caption rows (all zeros) stay zero, so the null half is padded like the caption
+            # half (LlamaGen masks both halves with the same emb_masks; padded rows are never read)
+            return torch.where(cond.ne(0).any(-1, keepdim=True), null, torch.zeros_like(null))
         return torch.full_like(cond, self.num_classes)
+
+    def caption_mask(self, cond: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) True for real caption tokens; None when nothing is padded (or class-conditional).
+
+        Padded tokens are the all-zero rows of the caption embeddings, as LlamaGen's
+        ``sample_t2i.py`` makes them (``caption_embs * emb_masks``). Like LlamaGen's
+        ``emb_masks``, no position attends to a padded token except that token itself.
+        """
+        if not self.is_text_conditional:
+            return None
+        valid = cond.ne(0).any(-1)
+        return None if bool(valid.all()) else valid
+
+    @staticmethod
+    def _mask_padded_captions(mask, queries: range, n_keys: int, valid: torch.Tensor) -> torch.Tensor:
+        """(B, 1, nq, n_keys) mask: ``mask`` (or all-visible) without padded caption keys, plus the diagonal."""
+        dev = valid.device
+        keys_ok = torch.cat([valid, valid.new_ones(valid.shape[0], n_keys - valid.shape[1])], 1)[:, None, None, :]
+        base = torch.ones(len(queries), n_keys, dtype=torch.bool, device=dev) if mask is None else mask.to(dev)
+        q = torch.arange(queries.start, queries.stop, device=dev)
+        eye = torch.arange(n_keys, device=dev)[None, :] == q[:, None]
+        return (base & keys_ok) | eye
 
     def check_condition(self, cond: torch.Tensor) -> None:
         if self.is_text_conditional:
@@ -192,21 +217,32 @@ class RasterGenerator(Generator):
         return self.cls_embedding(cond).to(p.dtype)
 
     # -- contract: decoding ----------------------------------------------------------------------------
-    def prefill_hidden(self, cond: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Hidden state of the last condition token, after writing the prefix into ``cache``."""
+    def prefill_hidden(self, cond: torch.Tensor, cache: KVCache, caption_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden state of the last condition token, after writing the prefix into ``cache``.
+
+        ``caption_mask``: :meth:`caption_mask` of ``cond`` (None: no padded caption tokens).
+        """
         self.check_condition(cond)
         if cache.length != 0:
             raise InvalidArgumentError("prefill needs an empty KVCache")
         h = self._cond_embeddings(cond)
         n = h.shape[1]
         mask = None if n == 1 else torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
+        if caption_mask is not None:
+            mask = self._mask_padded_captions(mask, range(0, n), n, caption_mask)
         return self._run(h, slice(0, n), mask, cache)[:, -1:]
 
     def prefill(self, cond: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, Any]:
-        return self.hidden_to_logits(self.prefill_hidden(cond, cache)), None
+        """Logits of step 0; the state is the caption padding mask (None for classes / no padding)."""
+        caption_mask = self.caption_mask(cond)
+        return self.hidden_to_logits(self.prefill_hidden(cond, cache, caption_mask)), caption_mask
 
-    def forward_hidden(self, tokens: torch.Tensor, step: int, cache: KVCache) -> torch.Tensor:
-        """Hidden states of input ``tokens`` (steps ``step-1 …``), written into ``cache``."""
+    def forward_hidden(self, tokens: torch.Tensor, step: int, cache: KVCache,
+                       caption_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of input ``tokens`` (steps ``step-1 …``), written into ``cache``.
+
+        ``caption_mask``: the state :meth:`prefill` returned (padded caption tokens stay hidden).
+        """
         start = self.layout.step_starts[step - 1]
         n = tokens.shape[1]
         if cache.length != self.cond_len + start:
@@ -216,11 +252,13 @@ class RasterGenerator(Generator):
             )
         idx = slice(start, start + n)
         mask = self._mask(idx, cache.length, tokens.device)
+        if caption_mask is not None:
+            mask = self._mask_padded_captions(mask, range(cache.length, cache.length + n), cache.length + n, caption_mask)
         pos = slice(self.cond_len + start, self.cond_len + start + n)
         return self._run(self.tok_embeddings(tokens), pos, mask, cache)
 
     def forward(self, tokens: torch.Tensor, step: int, cache: KVCache, state: Any = None) -> torch.Tensor:
-        return self.hidden_to_logits(self.forward_hidden(tokens, step, cache))
+        return self.hidden_to_logits(self.forward_hidden(tokens, step, cache, state))
 
     def rollback(self, cache: KVCache, state: Any, step: int) -> None:
         cache.truncate(self.cond_len + self.layout.step_starts[step - 1])
@@ -236,5 +274,8 @@ class RasterGenerator(Generator):
         # condition tokens are causal among themselves (negative steps), image tokens by step
         steps = torch.cat([torch.arange(self.cond_len, device=h.device) - self.cond_len, self.token_steps[: tokens.shape[1] - 1]])
         mask = block_causal_mask(steps, steps)
+        caption_mask = self.caption_mask(cond)
+        if caption_mask is not None:
+            mask = self._mask_padded_captions(mask, range(0, L), L, caption_mask)
         h = self._run(h, slice(0, L), mask, None)
         return self.hidden_to_logits(h[:, self.cond_len - 1:])

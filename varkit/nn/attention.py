@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache
+from .layers import Linear
 from .rope import apply_rope
 
 
@@ -43,8 +44,8 @@ class Attention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by n_head {n_head}")
         self.n_head = n_head
         self.head_dim = dim // n_head
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=out_bias)
+        self.wqkv = Linear(dim, 3 * dim, bias=False)
+        self.wo = Linear(dim, dim, bias=out_bias)
         if qv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))

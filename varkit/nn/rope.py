@@ -42,6 +42,13 @@ class RotaryTable(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # the tables stay fp32 whatever the model's dtype (as LlamaGen's freqs_cis); only the device follows
+        cos, sin = self.cos, self.sin
+        super()._apply(fn, recurse)
+        self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+        return self
+
     def forward(self, positions: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions], self.sin[positions]
 
