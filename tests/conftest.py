@@ -18,6 +18,18 @@ def randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch
     return module.eval()
 
 
+def toy_model(seed: int, std: float = 1.0, **kw) -> torch.nn.Module:
+    """2×2 grid, 4 tokens, 2 classes: 4^4 = 256 sequences per class, far from uniform; small enough that
+    exactness tests enumerate its whole distribution (tests/stats_helpers.py)."""
+    cfg = {"grid": 2, "vocab_size": 4, "num_classes": 2, "dim": 16, "n_layer": 1, "n_head": 2} | kw
+    return randomize(create_model("raster-tiny", **cfg), std=std, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_model(1)
+
+
 @pytest.fixture
 def tiny_gen():
     return randomize(create_model("raster-tiny"))

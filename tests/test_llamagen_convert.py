@@ -7,7 +7,6 @@ These tests need no LlamaGen code.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import pytest
@@ -25,43 +24,13 @@ from varkit.checkpoints.llamagen import (
     gpt_state_dict_to_llamagen,
     load_llamagen_gpt,
 )
+from varkit.checkpoints.synthetic import llamagen_gpt_state_dict, llamagen_vq_state_dict
 from varkit.errors import CheckpointError, InvalidArgumentError, VarkitError
 from varkit.models.raster import RasterConfig, RasterGenerator
 from varkit.pipeline import load_pipeline
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llamagen_gpt"
 FIXTURE = FIXTURES / "tiny_gpt.pt"
-
-
-# -- the fixture's weight recipes (identical to /work/ref/llamagen_gpt/common.py) ---------------
-def gpt_recipe(keys, shapes, seed):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in zip(keys, shapes):
-        x = torch.randn(shape, generator=g)
-        if key.endswith("norm.weight"):
-            sd[key] = 1.0 + 0.2 * x
-        elif key in ("tok_embeddings.weight", "cls_embedding.embedding_table.weight"):
-            sd[key] = x
-        else:  # Linear weights (out, in) and the null caption (120, caption_dim)
-            sd[key] = x / math.sqrt(shape[1])
-    return sd
-
-
-def vq_recipe(keys, shapes, seed):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in zip(keys, shapes):
-        x = torch.randn(shape, generator=g)
-        if key.endswith(".bias"):
-            sd[key] = 0.1 * x
-        elif "norm" in key:
-            sd[key] = 1.0 + 0.2 * x
-        elif key == "quantize.embedding.weight":
-            sd[key] = x
-        else:
-            sd[key] = x / math.sqrt(math.prod(shape[1:]))
-    return sd
 
 
 def save_like_llamagen(path, gpt_sd, **extra):
@@ -79,12 +48,11 @@ def fx():
 
 @pytest.fixture(scope="module")
 def files(fx, tmp_path_factory):
-    """LlamaGen-layout files of the fixture's models: c2i GPT, t2i GPT, tiny VQ."""
+    """LlamaGen-layout files of the fixture's models (varkit.checkpoints.synthetic): c2i GPT, t2i GPT, tiny VQ."""
     d = tmp_path_factory.mktemp("llamagen")
-    c2i = gpt_recipe(fx["c2i_keys"], fx["c2i_shapes"], fx["gpt_seed"])
-    t2i = gpt_recipe(fx["t2i_keys"], fx["t2i_shapes"], fx["gpt_seed"])
-    vq = vq_recipe(fx["vq_keys"], fx["vq_shapes"], fx["vq_seed"])
-    vq["quantize.codebook_used"] = torch.zeros(65536)  # LlamaGen's training buffer, as in real files
+    c2i = llamagen_gpt_state_dict(zip(fx["c2i_keys"], fx["c2i_shapes"]), fx["gpt_seed"])
+    t2i = llamagen_gpt_state_dict(zip(fx["t2i_keys"], fx["t2i_shapes"]), fx["gpt_seed"])
+    vq = llamagen_vq_state_dict(zip(fx["vq_keys"], fx["vq_shapes"]), fx["vq_seed"])  # with codebook_used, as real files
     torch.save({"model": vq, "args": argparse.Namespace(vq_model="VQ-16")}, d / "vq_tiny.pt")
     return {"dir": d, "c2i": c2i, "t2i": t2i, "vq": d / "vq_tiny.pt",
             "c2i_path": save_like_llamagen(d / "c2i_tiny.pt", c2i),
@@ -336,6 +304,16 @@ def test_swapped_files_are_refused(files, tmp_path):
     with pytest.raises(CheckpointError, match="pass it as --vq"):
         convert_llamagen(files["vq"], files["vq"], out, image_size=16)
     _no_output(tmp_path, out)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(files, c2i_pipe):
+    """The last check before the weights are assigned (shared by every converter): one clear error."""
+    cfg = c2i_pipe.generator.config
+    sd = gpt_state_dict_from_llamagen(files["c2i"])
+    del sd["layers.1.ffn_norm.weight"]
+    sd["output.weight"] = torch.zeros(cfg.vocab_size + 1, cfg.dim)
+    with pytest.raises(CheckpointError, match=r"src\.pt.*do not fit.*RasterGenerator.*missing 1 keys.*1 shape mismatches"):
+        generator_from_llamagen_state_dict(sd, cfg, "src.pt")
 
 
 def test_unknown_image_size_is_refused(files, tmp_path):

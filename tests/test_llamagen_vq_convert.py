@@ -5,7 +5,6 @@ The golden fixture (tests/fixtures/llamagen_vq/tiny_vq.pt) was made with LlamaGe
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from varkit.checkpoints.llamagen_vq import (
     vq_state_dict_from_llamagen,
     vq_state_dict_to_llamagen,
 )
+from varkit.checkpoints.synthetic import llamagen_vq_state_dict
 from varkit.errors import CheckpointError
 from varkit.modeling import load_module
 from varkit.tokenizers.vq import VQConfig, VQTokenizer
@@ -25,28 +25,10 @@ from varkit.tokenizers.vq import VQConfig, VQTokenizer
 FIXTURE = Path(__file__).parent / "fixtures" / "llamagen_vq" / "tiny_vq.pt"
 
 
-def recipe(keys, shapes, seed):
-    """The fixture's weights, by LlamaGen key name (identical to the generating script's)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in zip(keys, shapes):
-        x = torch.randn(shape, generator=g)
-        if key.endswith(".bias"):
-            sd[key] = 0.1 * x
-        elif "norm" in key:
-            sd[key] = 1.0 + 0.2 * x
-        elif key == "quantize.embedding.weight":
-            sd[key] = x
-        else:
-            sd[key] = x / math.sqrt(math.prod(shape[1:]))
-    return sd
-
-
 @pytest.fixture(scope="module")
 def golden():
     fx = torch.load(FIXTURE, map_location="cpu", weights_only=True)
-    sd = recipe(fx["keys"], fx["shapes"], fx["seed"])
-    sd["quantize.codebook_used"] = torch.zeros(65536)  # LlamaGen's training buffer, as in real files
+    sd = llamagen_vq_state_dict(zip(fx["keys"], fx["shapes"]), fx["seed"])  # + codebook_used, as real files
     cfg = fx["config"]
     tok = VQTokenizer(
         vq_config_from_llamagen_state_dict(sd, entropy_loss_ratio=cfg["entropy_loss_ratio"], commit_beta=cfg["commit_beta"])

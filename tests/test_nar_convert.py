@@ -7,7 +7,6 @@ need no NAR code.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from varkit.checkpoints.nar import (
     nar_state_dict_from_official,
     nar_state_dict_to_official,
 )
+from varkit.checkpoints.synthetic import llamagen_gpt_state_dict, llamagen_vq_state_dict
 from varkit.errors import CheckpointError, InvalidArgumentError, VarkitError
 from varkit.models.neighbors import NeighborsConfig, NeighborsGenerator
 from varkit.pipeline import load_pipeline
@@ -33,37 +33,6 @@ from varkit.tokenizers import VQConfig, VQTokenizer
 FIXTURE = Path(__file__).parent / "fixtures" / "nar" / "tiny_nar.pt"
 
 
-def gpt_recipe(keys, shapes, seed):
-    """The fixture's NAR weights by key (identical to the generating script's)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in zip(keys, shapes):
-        x = torch.randn(shape, generator=g)
-        if "norm" in key:
-            sd[key] = 1.0 + 0.2 * x
-        elif "embedding" in key:
-            sd[key] = x
-        else:
-            sd[key] = x / math.sqrt(shape[1])
-    return sd
-
-
-def vq_recipe(keys, shapes, seed):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in zip(keys, shapes):
-        x = torch.randn(shape, generator=g)
-        if key.endswith(".bias"):
-            sd[key] = 0.1 * x
-        elif "norm" in key:
-            sd[key] = 1.0 + 0.2 * x
-        elif key == "quantize.embedding.weight":
-            sd[key] = x
-        else:
-            sd[key] = x / math.sqrt(math.prod(shape[1:]))
-    return sd
-
-
 @pytest.fixture(scope="module")
 def golden():
     return torch.load(FIXTURE, map_location="cpu", weights_only=True)
@@ -71,8 +40,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def vq_file(golden, tmp_path_factory):
-    sd = vq_recipe(golden["vq_keys"], golden["vq_shapes"], golden["vq_seed"])
-    sd["quantize.codebook_used"] = torch.zeros(65536)  # LlamaGen's training buffer, as in real files
+    sd = llamagen_vq_state_dict(zip(golden["vq_keys"], golden["vq_shapes"]), golden["vq_seed"])
     path = tmp_path_factory.mktemp("vq") / "vq_ds4_tiny.pt"
     torch.save({"model": sd}, path)
     return path
@@ -80,7 +48,7 @@ def vq_file(golden, tmp_path_factory):
 
 def nar_file(golden, name, path, wrap="model", prefix=""):
     m = golden["models"][name]
-    sd = gpt_recipe(m["gpt_keys"], m["gpt_shapes"], m["config"]["seed"])
+    sd = llamagen_gpt_state_dict(zip(m["gpt_keys"], m["gpt_shapes"]), m["config"]["seed"])  # LlamaGen's GPT + medusa
     sd = {prefix + k: v for k, v in sd.items()}
     torch.save(sd if wrap is None else {wrap: sd, "steps": 10}, path)
     return path

@@ -1,93 +1,19 @@
 """SJD: exactly lossless (χ² against the enumerated joint), deterministic invariants, errors."""
-import itertools
-
 import pytest
 import torch
 from conftest import randomize
-from scipy.stats import chi2
+from stats_helpers import CFG, CFG_LINEAR, N_SAMPLES, NOCFG, gof_pvalue, seeded_generators
 
 from varkit.errors import InvalidArgumentError
 from varkit.layout import build_layout, neighbors
-from varkit.models import create_model
 from varkit.models.base import Generator
 from varkit.samplers import SAMPLERS, SamplingParams, get_sampler
-from varkit.samplers.logits import image_generators, processed_probs
+from varkit.samplers.logits import image_generators
 from varkit.samplers.sjd import SJDSampler, draft_sources, window_ends
-
-N_SAMPLES = 20000
 
 
 def test_registry():
     assert SAMPLERS.get("sjd") is SJDSampler and SJDSampler.lossless
-
-
-NOCFG = SamplingParams(temperature=1.1)
-CFG = SamplingParams(cfg=2.0, top_k=3, temperature=0.9)
-CFG_LINEAR = SamplingParams(cfg=3.0, cfg_schedule="linear", top_p=0.9)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    """2×2 grid, 4 tokens, 2 classes: 4^4 = 256 sequences per class, far from uniform."""
-    return randomize(create_model("raster-tiny", grid=2, vocab_size=4, num_classes=2, dim=16, n_layer=1, n_head=2),
-                     std=1.0, seed=1)
-
-
-def _gens(seed, n):
-    return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(n)]
-
-
-@torch.no_grad()
-def exact_joint(gen, label, params):
-    """P(sequence | label) for every sequence (base-V order), by teacher forcing."""
-    T, V = gen.layout.num_tokens, gen.vocab_size
-    seqs = torch.tensor(list(itertools.product(range(V), repeat=T)))
-    cond = torch.full((seqs.shape[0],), label)
-    logits = gen.teacher_forcing_logits(cond, seqs)
-    if params.uses_cfg(gen.layout.num_steps):
-        unc = gen.teacher_forcing_logits(gen.null_condition(cond), seqs)
-        w = torch.tensor([params.guidance(int(s), gen.layout.num_steps) for s in gen.layout.step_of])[:, None]
-        logits = unc + (logits - unc) * w
-    p = processed_probs(logits, params).double()
-    joint = p.gather(-1, seqs[..., None]).squeeze(-1).prod(-1)
-    return joint / joint.sum()
-
-
-def seq_index(tokens, V):
-    return (tokens * V ** torch.arange(tokens.shape[1] - 1, -1, -1)).sum(1)
-
-
-def chi2_pvalue(counts, probs):
-    """χ² goodness of fit, cells with expected < 5 pooled; 0 if an impossible cell was hit."""
-    n = counts.sum()
-    exp = probs * n
-    if counts[probs == 0].sum() > 0:
-        return 0.0
-    keep = exp >= 5
-    obs_c, exp_c = list(counts[keep].tolist()), list(exp[keep].tolist())
-    small_o, small_e = float(counts[~keep & (probs > 0)].sum()), float(exp[~keep].sum())
-    if small_e >= 5:
-        obs_c.append(small_o), exp_c.append(small_e)
-    elif small_e > 0:  # fold the pool into the smallest kept cell
-        j = min(range(len(exp_c)), key=exp_c.__getitem__)
-        obs_c[j] += small_o
-        exp_c[j] += small_e
-    o, e = torch.tensor(obs_c, dtype=torch.float64), torch.tensor(exp_c, dtype=torch.float64)
-    return float(((o - e) ** 2 / e).sum()), len(obs_c) - 1
-
-
-def gof_pvalue(gen, tokens, labels, params):
-    """One χ² over both classes (per-class totals fixed: df = Σ (cells − 1))."""
-    V = gen.vocab_size
-    stat, df = 0.0, 0
-    for lab in labels.unique().tolist():
-        rows = labels == lab
-        counts = torch.bincount(seq_index(tokens[rows], V), minlength=V ** tokens.shape[1]).double()
-        r = chi2_pvalue(counts, exact_joint(gen, lab, params))
-        if r == 0.0:
-            return 0.0
-        stat, df = stat + r[0], df + r[1]
-    return float(chi2.sf(stat, df))
 
 
 def sample_sjd(gen, params, window, init, seed, n=N_SAMPLES, rule=None):
@@ -95,7 +21,7 @@ def sample_sjd(gen, params, window, init, seed, n=N_SAMPLES, rule=None):
     smp = SJDSampler(params, window=window, init=init)
     if rule is not None:
         smp._rule = rule
-    return smp.sample(gen, labels, _gens(seed, n)), labels
+    return smp.sample(gen, labels, seeded_generators(seed, n)), labels
 
 
 # windows 1, 2, 4 (4 = the whole sequence) each with and without CFG, both inits, plus one of each extra
@@ -122,7 +48,8 @@ def test_sjd_reproduces_the_exact_joint(toy, k):
 def test_coupled_sjd_reproduces_the_exact_joint(toy, k):
     window, init, params = COUPLED[k]
     labels = torch.arange(N_SAMPLES) % 2
-    res = SJDSampler(params, window=window, init=init, coupling=True).sample(toy, labels, _gens(200 + k, N_SAMPLES))
+    smp = SJDSampler(params, window=window, init=init, coupling=True)
+    res = smp.sample(toy, labels, seeded_generators(200 + k, N_SAMPLES))
     assert gof_pvalue(toy, res.tokens, labels, params) > 0.01
 
 

@@ -1,22 +1,17 @@
 """Draft-model speculative decoding: exactly lossless (χ² against the enumerated joint),
 deterministic invariants, ragged batches, errors, pipeline and CLI."""
-import itertools
-
 import pytest
 import torch
-from scipy.stats import chi2
+from conftest import randomize, toy_model
+from stats_helpers import CFG, CFG_LINEAR, N_SAMPLES, NOCFG, gof_pvalue, seeded_generators
 
 from varkit.errors import InvalidArgumentError, ModelNotFoundError
 from varkit.models import create_model
 from varkit.pipeline import Pipeline
 from varkit.samplers import SAMPLERS, SamplingParams, get_sampler
-from varkit.samplers.logits import image_generators, processed_probs
+from varkit.samplers.logits import image_generators
 from varkit.samplers.speculative import SpeculativeSampler
 from varkit.tokenizers import VQConfig, VQTokenizer
-
-from conftest import randomize
-
-N_SAMPLES = 20000
 
 
 @pytest.fixture(autouse=True)
@@ -30,22 +25,6 @@ def test_registry():
     assert SAMPLERS.get("speculative") is SpeculativeSampler and SpeculativeSampler.lossless
 
 
-NOCFG = SamplingParams(temperature=1.1)
-CFG = SamplingParams(cfg=2.0, top_k=3, temperature=0.9)
-CFG_LINEAR = SamplingParams(cfg=3.0, cfg_schedule="linear", top_p=0.9)
-
-
-def toy_model(seed, std=1.0, **kw):
-    """2×2 grid, 4 tokens, 2 classes: 4^4 = 256 sequences per class, far from uniform."""
-    cfg = dict(grid=2, vocab_size=4, num_classes=2, dim=16, n_layer=1, n_head=2) | kw
-    return randomize(create_model("raster-tiny", **cfg), std=std, seed=seed)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return toy_model(1)
-
-
 @pytest.fixture(scope="module")
 def drafts():
     """A bad drafter (another random model), a uniform one (all-zero weights), and a sharp,
@@ -54,70 +33,12 @@ def drafts():
     return {"bad": toy_model(7), "uniform": uniform, "sharp": toy_model(11, std=3.0)}
 
 
-def _gens(seed, n):
-    return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(n)]
-
-
-@torch.no_grad()
-def exact_joint(gen, label, params):
-    """P(sequence | label) for every sequence (base-V order), by teacher forcing."""
-    T, V = gen.layout.num_tokens, gen.vocab_size
-    seqs = torch.tensor(list(itertools.product(range(V), repeat=T)))
-    cond = torch.full((seqs.shape[0],), label)
-    logits = gen.teacher_forcing_logits(cond, seqs)
-    if params.uses_cfg(gen.layout.num_steps):
-        unc = gen.teacher_forcing_logits(gen.null_condition(cond), seqs)
-        w = torch.tensor([params.guidance(int(s), gen.layout.num_steps) for s in gen.layout.step_of])[:, None]
-        logits = unc + (logits - unc) * w
-    p = processed_probs(logits, params).double()
-    joint = p.gather(-1, seqs[..., None]).squeeze(-1).prod(-1)
-    return joint / joint.sum()
-
-
-def seq_index(tokens, V):
-    return (tokens * V ** torch.arange(tokens.shape[1] - 1, -1, -1)).sum(1)
-
-
-def chi2_stat(counts, probs):
-    """(χ², df) with cells of expected count < 5 pooled; None if an impossible cell was hit."""
-    n = counts.sum()
-    exp = probs * n
-    if counts[probs == 0].sum() > 0:
-        return None
-    keep = exp >= 5
-    obs_c, exp_c = counts[keep].tolist(), exp[keep].tolist()
-    small_o, small_e = float(counts[~keep & (probs > 0)].sum()), float(exp[~keep].sum())
-    if small_e >= 5:
-        obs_c.append(small_o), exp_c.append(small_e)
-    elif small_e > 0:
-        j = min(range(len(exp_c)), key=exp_c.__getitem__)
-        obs_c[j] += small_o
-        exp_c[j] += small_e
-    o, e = torch.tensor(obs_c, dtype=torch.float64), torch.tensor(exp_c, dtype=torch.float64)
-    return float(((o - e) ** 2 / e).sum()), len(obs_c) - 1
-
-
-def gof_pvalue(tokens, labels, joint_of):
-    """One χ² over all classes (per-class totals fixed: df = Σ (cells − 1)); ``joint_of(label)``."""
-    stat, df = 0.0, 0
-    for lab in labels.unique().tolist():
-        probs = joint_of(lab)
-        V = round(probs.numel() ** (1 / tokens.shape[1]))
-        rows = labels == lab
-        counts = torch.bincount(seq_index(tokens[rows], V), minlength=probs.numel()).double()
-        r = chi2_stat(counts, probs)
-        if r is None:
-            return 0.0
-        stat, df = stat + r[0], df + r[1]
-    return float(chi2.sf(stat, df))
-
-
 def sample_spec(gen, draft, params, gamma, seed, n=N_SAMPLES, rule=None, **kw):
     labels = torch.arange(n) % gen.num_classes
     smp = SpeculativeSampler(params, draft=draft, gamma=gamma, **kw)
     if rule is not None:
         smp._rule = rule
-    return smp.sample(gen, labels, _gens(seed, n)), labels, smp
+    return smp.sample(gen, labels, seeded_generators(seed, n)), labels, smp
 
 
 # (gamma, params, draft): several γ (1 … beyond the sequence), with and without CFG, three bad drafters
@@ -131,7 +52,7 @@ LOSSLESS = [
 def test_speculative_reproduces_the_exact_joint(toy, drafts, k):
     gamma, params, which = LOSSLESS[k]
     res, labels, smp = sample_spec(toy, drafts[which], params, gamma, seed=100 + k)
-    assert gof_pvalue(res.tokens, labels, lambda lab: exact_joint(toy, lab, params)) > 0.01
+    assert gof_pvalue(toy, res.tokens, labels, params) > 0.01
     assert sum(res.stats.accepted_per_pass) == pytest.approx(toy.layout.num_tokens)
     assert res.stats.forward_passes <= toy.layout.num_tokens
     assert smp.trace["draft_passes"] >= res.stats.forward_passes
@@ -143,7 +64,7 @@ def test_speculative_reproduces_the_exact_joint(toy, drafts, k):
 ], ids=["always", "sqrt"])
 def test_the_same_test_rejects_a_wrong_acceptance_rule(toy, drafts, rule):
     res, labels, _ = sample_spec(toy, drafts["bad"], NOCFG, 3, seed=3, rule=rule)
-    assert gof_pvalue(res.tokens, labels, lambda lab: exact_joint(toy, lab, NOCFG)) < 1e-6
+    assert gof_pvalue(toy, res.tokens, labels, NOCFG) < 1e-6
 
 
 # -- deterministic invariants ----------------------------------------------------------------------------

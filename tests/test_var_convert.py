@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from varkit.checkpoints.synthetic import items_of, var_state_dict, var_vae_state_dict
 from varkit.checkpoints.var import (
     VAR_DEFAULTS,
     add_convert_var_arguments,
@@ -33,107 +33,6 @@ from varkit.samplers.logits import image_generators
 FIXTURE = Path(__file__).parent / "fixtures" / "var_gpt"
 
 
-# -- the seeded recipes of fixtures/var_gpt/README.md (frozen copies) ---------------------------
-def recipe_vae_weights(items, seed, emb_scale):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in items:
-        t = torch.randn(tuple(shape), generator=g)
-        if key == "quantize.ema_vocab_hit_SV":
-            t = torch.zeros(tuple(shape))
-        elif key == "quantize.embedding.weight":
-            t = t * emb_scale
-        elif key.endswith(".weight") and len(shape) == 1:
-            t = 1 + 0.1 * t
-        elif key.endswith(".bias"):
-            t = 0.05 * t
-        else:
-            t = t / math.sqrt(math.prod(shape[1:]))
-        out[key] = t
-    return out
-
-
-def _levels(patch_nums):
-    return torch.cat([torch.full((p * p,), i, dtype=torch.long) for i, p in enumerate(patch_nums)]).view(1, -1)
-
-
-def var_init_like(items, seed, patch_nums):
-    shapes = {k: tuple(s) for k, s in items}
-    C = shapes["class_emb.weight"][1]
-    depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
-    std = math.sqrt(1 / C / 3)
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in items:
-        shape = tuple(shape)
-        if key == "lvl_1L":
-            out[key] = _levels(patch_nums)
-            continue
-        if key == "attn_bias_for_masking":
-            d = _levels(patch_nums).view(1, -1, 1)
-            out[key] = torch.where(d >= d.transpose(1, 2), 0.0, -torch.inf).reshape(shape)
-            continue
-        if key.endswith(("zero_k_bias", "q_bias", "v_bias", ".bias")):
-            out[key] = torch.zeros(shape)
-            continue
-        if key.endswith("scale_mul_1H11"):
-            out[key] = torch.full(shape, 4.0).log()
-            continue
-        if key.endswith("ada_gss"):
-            t = torch.randn(shape, generator=g) / C ** 0.5
-            t[:, :, 2:] *= 0.5
-            t[:, :, :2] *= 1e-5
-            out[key] = t
-            continue
-        t = torch.randn(shape, generator=g) * std
-        if key == "head.weight":
-            t *= 0.02
-        elif key == "head_nm.ada_lin.1.weight":
-            t *= 0.5
-        elif key.endswith(("attn.proj.weight", "ffn.fc2.weight")):
-            t /= math.sqrt(2 * depth)
-        elif key.startswith("blocks.") and key.endswith("ada_lin.1.weight"):
-            t[2 * C:] *= 0.5
-            t[:2 * C] *= 1e-5
-        out[key] = t
-    return out
-
-
-def perturb(sd, seed):
-    C = sd["class_emb.weight"].shape[1]
-    std = math.sqrt(1 / C / 3)
-    g = torch.Generator().manual_seed(seed)
-
-    def n(t):
-        return torch.randn(t.shape, generator=g)
-
-    out = {}
-    for key, t in sd.items():
-        t = t.clone()
-        if key == "class_emb.weight":
-            t = t / std
-        elif key == "head.weight":
-            t = t / 0.02 * 2
-        elif key == "word_embed.weight":
-            t = t * 5
-        elif key.startswith("blocks.") and key.endswith("ada_lin.1.weight"):
-            t[:2 * C] *= 1e5
-        elif key.startswith("blocks.") and key.endswith("ada_lin.1.bias"):
-            t = t + 0.2 * n(t)
-            t[:2 * C] += 0.5
-        elif key.endswith("ada_gss"):
-            t[:, :, :2] = 0.5 + 0.2 * n(t[:, :, :2])
-            t[:, :, 2:] += 0.2 * n(t[:, :, 2:])
-        elif key in ("head_nm.ada_lin.1.bias", "shared_ada_lin.1.bias") or key.endswith(("q_bias", "v_bias")):
-            t = t + 0.2 * n(t)
-        elif key.endswith("scale_mul_1H11"):
-            t = t + 0.5 * n(t)
-        elif key.endswith(".bias"):
-            t = t + 0.05 * n(t)
-        out[key] = t
-    return out
-
-
 # -- fixtures -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fx():
@@ -144,12 +43,11 @@ def fx():
 
 @pytest.fixture(scope="module")
 def files(fx, tmp_path_factory):
-    """The official tiny pair in VAR's raw format, rebuilt from the recipes."""
+    """The official tiny pair in VAR's raw format, rebuilt from the recipes (varkit.checkpoints.synthetic)."""
     meta, _ = fx
     d = tmp_path_factory.mktemp("var_files")
-    vae = recipe_vae_weights(meta["vae_state_dict_keys"], **meta["vae"]["recipe"])
-    var = perturb(var_init_like(meta["var_state_dict_keys"], meta["var"]["recipe"]["seed"], meta["var"]["patch_nums"]),
-                  meta["var"]["recipe"]["seed"] + 1)
+    vae = var_vae_state_dict(meta["vae_state_dict_keys"], **meta["vae"]["recipe"])
+    var = var_state_dict(meta["var_state_dict_keys"], meta["var"]["recipe"]["seed"], meta["var"]["patch_nums"])
     torch.save(vae, d / "vae.pth")
     torch.save(var, d / "var.pth")
     return {"dir": d, "vae": d / "vae.pth", "var": d / "var.pth", "vae_sd": vae, "var_sd": var}
@@ -200,8 +98,7 @@ def test_shared_adaln_d36_architecture_matches_official(fx, files, tmp_path):
     meta, _ = fx
     s = meta["saln"]
     ref = load_file(str(FIXTURE / "official_outputs_saln.safetensors"))
-    var = perturb(var_init_like(s["var_state_dict_keys"], s["var"]["recipe"]["seed"], s["var"]["patch_nums"]),
-                  s["var"]["recipe"]["seed"] + 1)
+    var = var_state_dict(s["var_state_dict_keys"], s["var"]["recipe"]["seed"], s["var"]["patch_nums"])
     torch.save(var, tmp_path / "var_saln.pth")
     pipe = load_pipeline(convert_var(files["vae"], tmp_path / "var_saln.pth", tmp_path / "pipe"))
     assert pipe.generator.config.shared_aln and pipe.generator.config.depth == 3
@@ -425,16 +322,17 @@ def test_command_writes_a_loadable_pipeline(files, tmp_path, capsys):
 
 
 # -- the side-by-side bench (the official code itself is not needed here) ---------------------------
-def test_bench_recipe_is_the_fixture_recipe(fx):
-    from varkit.bench import var as bench
+def test_bench_recipe_is_the_fixture_recipe(tmp_path):
+    """The bench's random pair is written with the recipes the golden fixture was made with."""
+    from varkit.bench.var import write_random_pair
 
-    meta, _ = fx
-    items, pns = meta["var_state_dict_keys"], meta["var"]["patch_nums"]
-    a = perturb(var_init_like(items, 7, pns), 8)
-    b = bench.perturb(bench.var_init_like(items, 7, pns), 8)
-    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
-    v = meta["vae_state_dict_keys"]
-    assert all(torch.equal(x, y) for x, y in zip(recipe_vae_weights(v, 3, 0.2).values(), bench.vae_recipe(v, 3).values()))
+    vae, var, info = write_random_pair("var-tiny", tmp_path, seed=7, ch=32, ch_mult=(1, 2, 2))
+    got = torch.load(var, weights_only=True)
+    want = var_state_dict(items_of(got), 7, info["patch_nums"])
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    got = torch.load(vae, weights_only=True)
+    want = var_vae_state_dict(items_of(got), 7 + 100)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_bench_random_pair_converts(tmp_path):

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from varkit.checkpoints.synthetic import var_vae_state_dict
 from varkit.checkpoints.var_vae import (
     load_var_vae,
     msvq_config_from_var_state_dict,
@@ -21,31 +21,11 @@ from varkit.tokenizers.msvq import MSVQConfig, MultiScaleVQTokenizer
 FIXTURE = Path(__file__).parent / "fixtures" / "var_vae"
 
 
-def recipe_weights(items, seed: int, emb_scale: float) -> dict[str, torch.Tensor]:
-    """The seeded weight recipe of fixtures/var_vae/README.md."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in items:
-        t = torch.randn(tuple(shape), generator=g)
-        if key == "quantize.ema_vocab_hit_SV":
-            t = torch.zeros(tuple(shape))
-        elif key == "quantize.embedding.weight":
-            t = t * emb_scale
-        elif key.endswith(".weight") and len(shape) == 1:
-            t = 1 + 0.1 * t
-        elif key.endswith(".bias"):
-            t = 0.05 * t
-        else:
-            t = t / math.sqrt(math.prod(shape[1:]))
-        out[key] = t
-    return out
-
-
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
     meta = json.loads((FIXTURE / "fixture.json").read_text())
     ref = load_file(str(FIXTURE / "official_outputs.safetensors"))
-    sd = recipe_weights(meta["var_state_dict_keys"], meta["recipe"]["seed"], meta["recipe"]["emb_scale"])
+    sd = var_vae_state_dict(meta["var_state_dict_keys"], meta["recipe"]["seed"], meta["recipe"]["emb_scale"])
     path = tmp_path_factory.mktemp("var") / "vae.pth"
     torch.save(sd, path)
     model = load_var_vae(path, patch_nums=meta["config"]["patch_nums"])

@@ -143,8 +143,10 @@ def _import_module_packages() -> None:
         importlib.import_module(pkg)
 
 
-def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with a one-line error naming missing/unexpected keys."""
+def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, *,
+                           assign: bool = False) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming missing/unexpected keys; ``assign=True``
+    keeps the given tensors instead of copying them (for modules built with :func:`params_on_meta`)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -159,4 +161,4 @@ def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], so
             k = bad_shape[0]
             parts.append(f"{len(bad_shape)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
         raise CheckpointError(f"weights in {source} do not fit {type(module).__name__}: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)

@@ -13,12 +13,10 @@ VQ's), from a ``freqs_cis`` tensor when the file carries one, or from the file n
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +24,10 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..io import atomic_directory, load_torch_checkpoint, write_json
-from ..modeling import params_on_meta
+from ..io import atomic_directory, write_json
 from ..models.raster import RasterConfig, RasterGenerator
 from ..nn.layers import swiglu_hidden_dim
+from .common import load_checkpoint, module_from_state_dict, select_state_dict, strip_prefixes
 
 __all__ = [
     "LLAMAGEN_C2I_DEFAULTS",
@@ -41,7 +39,6 @@ __all__ = [
     "gpt_state_dict_from_llamagen",
     "gpt_state_dict_to_llamagen",
     "load_llamagen_gpt",
-    "select_gpt_state_dict",
 ]
 
 WHAT = "LlamaGen GPT checkpoint"
@@ -77,57 +74,6 @@ _DERIVED_RX = re.compile(r"freqs_cis|causal_mask|layers\.\d+\.attention\.kv_cach
 
 
 # -- reading files ----------------------------------------------------------------------------
-@contextlib.contextmanager
-def _allow_argparse() -> Iterator[None]:
-    """LlamaGen's training scripts store ``"args"`` (an ``argparse.Namespace``) next to the weights;
-    let ``torch.load(weights_only=True)`` rebuild it (plain attributes only, nothing executes)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        yield
-
-
-def _load(path: str | os.PathLike, what: str) -> Any:
-    with _allow_argparse():
-        return load_torch_checkpoint(path, what)
-
-
-def select_gpt_state_dict(ckpt: Any, source: str, use_ema: bool = False) -> dict[str, Tensor]:
-    """The weights of a LlamaGen GPT file: ``"model"`` (DDP), ``"module"`` (DeepSpeed),
-    ``"state_dict"``, ``"ema"``, or the dict itself (FSDP ``consolidated.pth``).
-
-    ``use_ema=True`` prefers ``"ema"`` when present. Raises :class:`CheckpointError` when the
-    file holds no tensors or another model family's weights.
-    """
-    if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f"{source} holds a {type(ckpt).__name__}, not a state dict; it is not a {WHAT}")
-    order = ("ema", "model", "module", "state_dict") if use_ema else ("model", "module", "state_dict", "ema")
-    for name in order:
-        if isinstance(ckpt.get(name), Mapping):
-            sd = ckpt[name]
-            break
-    else:
-        sd = ckpt
-    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, Tensor)}
-    if not sd:
-        raise CheckpointError(
-            f"{source} holds no tensors under 'model', 'module', 'state_dict' or 'ema' (top-level keys "
-            f"{sorted(map(str, ckpt))[:6]}); it is not a {WHAT}"
-        )
-    return sd
-
-
-def _strip_prefixes(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Drop ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes carried by every key."""
-    sd = dict(sd)
-    changed = True
-    while changed and sd:
-        changed = False
-        for prefix in ("module.", "_orig_mod."):
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                changed = True
-    return sd
-
-
 def _foreign(keys: set[str]) -> str | None:
     """What a non-LlamaGen-GPT state dict is, when recognisable, with the command to use."""
     if any(k.startswith("medusa_") for k in keys):
@@ -153,7 +99,7 @@ def gpt_state_dict_from_llamagen(sd: Mapping[str, Tensor], source: str = "state 
     Strips ``module.``/``_orig_mod.`` prefixes, drops derived tensors (``freqs_cis``, KV-cache
     buffers) and rejects files of other families and unknown keys with a :class:`CheckpointError`.
     """
-    sd = _strip_prefixes(sd)
+    sd = strip_prefixes(sd)
     keys = set(sd)
     what = _foreign(keys)
     if what is not None:
@@ -221,6 +167,42 @@ def _grid_from_freqs(freqs: Tensor | None, cls_token_num: int) -> int | None:
     return g if g * g == n and g > 0 else None
 
 
+def condition_fields(sd: Mapping[str, Tensor], dim: int, source: str, what: str) -> dict[str, int]:
+    """``num_classes``, ``cls_token_num`` and ``caption_dim`` of a LlamaGen-format GPT (LlamaGen's, NAR's),
+    from its class embedding (c2i) or caption projection and null caption (t2i)."""
+    if "cls_embedding.embedding_table.weight" in sd:
+        rows, d = sd["cls_embedding.embedding_table.weight"].shape
+        if d != dim or rows < 2:
+            raise CheckpointError(f"{source}: class embedding has shape {(rows, d)}; expected (num_classes + 1, {dim})")
+        return {"num_classes": int(rows) - 1, "cls_token_num": 1, "caption_dim": 0}
+    elif "cls_embedding.cap_proj.fc1.weight" in sd:
+        d, caption_dim = sd["cls_embedding.cap_proj.fc1.weight"].shape
+        unc = sd.get("cls_embedding.uncond_embedding")
+        if unc is None or unc.dim() != 2 or unc.shape[1] != caption_dim or d != dim:
+            raise CheckpointError(
+                f"{source}: text-to-image {what} needs cls_embedding.uncond_embedding of shape (tokens, {caption_dim}) "
+                f"and cap_proj.fc1 of shape ({dim}, {caption_dim})"
+            )
+        if "cls_embedding.cap_proj.fc2.weight" not in sd:
+            raise CheckpointError(f"{source}: text-to-image {what} lacks cls_embedding.cap_proj.fc2.weight")
+        return {"num_classes": 0, "cls_token_num": int(unc.shape[0]), "caption_dim": int(caption_dim)}
+    raise CheckpointError(
+        f"{source}: {what} has neither a class embedding (cls_embedding.embedding_table) nor a caption "
+        "projection (cls_embedding.cap_proj); the file is incomplete"
+    )
+
+
+def ffn_multiple_of(dim: int, hidden: int, source: str) -> int:
+    """The ``multiple_of`` (256 … 8) with which LlamaGen's SwiGLU rule gives the stored FFN width ``hidden``."""
+    for m in (256, 128, 64, 32, 16, 8):
+        if swiglu_hidden_dim(dim, m, None) == hidden:
+            return m
+    raise CheckpointError(
+        f"{source}: FFN width {hidden} does not follow LlamaGen's rule for dim {dim} "
+        f"({swiglu_hidden_dim(dim, 256)}); the file is from a modified model"
+    )
+
+
 def gpt_config_from_llamagen_state_dict(
     sd: Mapping[str, Tensor],
     grid: int | None = None,
@@ -251,27 +233,7 @@ def gpt_config_from_llamagen_state_dict(
         )
     if out_shape != (vocab, dim):
         raise CheckpointError(f"{source}: output head {out_shape} does not match tok_embeddings {(vocab, dim)}")
-    if "cls_embedding.embedding_table.weight" in sd:
-        rows, d = sd["cls_embedding.embedding_table.weight"].shape
-        if d != dim or rows < 2:
-            raise CheckpointError(f"{source}: class embedding has shape {(rows, d)}; expected (num_classes + 1, {dim})")
-        cond = {"num_classes": int(rows) - 1, "cls_token_num": 1, "caption_dim": 0}
-    elif "cls_embedding.cap_proj.fc1.weight" in sd:
-        d, caption_dim = sd["cls_embedding.cap_proj.fc1.weight"].shape
-        unc = sd.get("cls_embedding.uncond_embedding")
-        if unc is None or unc.dim() != 2 or unc.shape[1] != caption_dim or d != dim:
-            raise CheckpointError(
-                f"{source}: text-to-image {WHAT} needs cls_embedding.uncond_embedding of shape (tokens, {caption_dim}) "
-                f"and cap_proj.fc1 of shape ({dim}, {caption_dim})"
-            )
-        if "cls_embedding.cap_proj.fc2.weight" not in sd:
-            raise CheckpointError(f"{source}: text-to-image {WHAT} lacks cls_embedding.cap_proj.fc2.weight")
-        cond = {"num_classes": 0, "cls_token_num": int(unc.shape[0]), "caption_dim": int(caption_dim)}
-    else:
-        raise CheckpointError(
-            f"{source}: {WHAT} has neither a class embedding (cls_embedding.embedding_table) nor a caption "
-            "projection (cls_embedding.cap_proj); the file is incomplete"
-        )
+    cond = condition_fields(sd, dim, source, WHAT)
 
     if config is not None:
         named = _named_config(config)
@@ -290,17 +252,8 @@ def gpt_config_from_llamagen_state_dict(
             f"{source}: dim {dim} with {n_layer} layers is not a LlamaGen size and not a multiple of 64, so the "
             "number of heads cannot be inferred; pass --config"
         )
-    if swiglu_hidden_dim(dim, multiple_of, ffn_mult) != hidden:
-        # non-standard widths: find the multiple_of that reproduces the stored FFN width
-        for m in (256, 128, 64, 32, 16, 8):
-            if swiglu_hidden_dim(dim, m, None) == hidden:
-                multiple_of, ffn_mult = m, None
-                break
-        else:
-            raise CheckpointError(
-                f"{source}: FFN width {hidden} does not follow LlamaGen's rule for dim {dim} "
-                f"({swiglu_hidden_dim(dim, 256)}); the file is from a modified model"
-            )
+    if swiglu_hidden_dim(dim, multiple_of, ffn_mult) != hidden:  # a non-standard width
+        multiple_of, ffn_mult = ffn_multiple_of(dim, hidden, source), None
     if grid is None:
         grid = _grid_from_freqs(freqs_cis, cond["cls_token_num"])
     if grid is None:
@@ -319,42 +272,12 @@ def gpt_config_from_llamagen_state_dict(
 
 
 # -- building the generator -------------------------------------------------------------------
-def empty_generator(config: RasterConfig) -> RasterGenerator:
-    """A :class:`RasterGenerator` whose parameters are on the meta device (fast, no memory)."""
-    with params_on_meta():
-        return RasterGenerator(config)
-
-
 def generator_from_llamagen_state_dict(
     sd: Mapping[str, Tensor], config: RasterConfig, source: str = "state dict"
 ) -> RasterGenerator:
-    """Build a :class:`RasterGenerator` holding the converted weights ``sd`` (strict, no copy).
-
-    Parameters are created on the meta device and then assigned the (fp32) tensors of ``sd``,
-    so even GPT-3B costs no second copy of its weights.
-    """
-    gen = empty_generator(config)
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-    _check_fits(gen.state_dict(), state, source)
-    gen.load_state_dict(state, strict=True, assign=True)
-    return gen.eval()
-
-
-def _check_fits(own: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str) -> None:
-    """Keys and shapes of ``state`` against a (meta) model's state dict, one clear error."""
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
-        if bad:
-            k = bad[0]
-            parts.append(f"{len(bad)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
-        raise CheckpointError(f"{source}: the weights do not fit the inferred RasterGenerator: " + "; ".join(parts))
+    """Build a :class:`RasterGenerator` holding the converted weights ``sd`` (strict, fp32, no second copy,
+    so even GPT-3B fits)."""
+    return module_from_state_dict(RasterGenerator, config, sd, source)
 
 
 def _grid_hint_from_name(path: str | os.PathLike) -> int | None:
@@ -377,8 +300,7 @@ def load_llamagen_gpt(
 
 def _read_gpt(path, image_size, downsample, config, use_ema) -> tuple[dict[str, Tensor], RasterConfig, dict]:
     """(converted state dict, inferred config, notes) of a GPT file; nothing written."""
-    ckpt = _load(path, WHAT)
-    raw = _strip_prefixes(select_gpt_state_dict(ckpt, str(path), use_ema))
+    raw = strip_prefixes(select_state_dict(load_checkpoint(path, WHAT), str(path), WHAT, use_ema))
     freqs = raw.get("freqs_cis")
     sd = gpt_state_dict_from_llamagen(raw, str(path))
     notes: dict[str, Any] = {}
@@ -420,37 +342,58 @@ def convert_llamagen(
     an error leaves no partial output. The pipeline's defaults are LlamaGen's sampling-script
     defaults (c2i: CFG 4.0, top-k 2000, temperature 1; t2i: CFG 7.5, top-k 1000).
     """
-    from ..checkpoints.llamagen_vq import WHAT as VQ_WHAT
-    from ..checkpoints.llamagen_vq import load_llamagen_vq
+    return convert_gpt_pair(
+        "llamagen", vq, gpt, out, what=WHAT,
+        read_gpt=lambda downsample: _read_gpt(gpt, image_size, downsample, config, use_ema),
+        build=generator_from_llamagen_state_dict, sizes=LLAMAGEN_SIZES,
+        defaults=(LLAMAGEN_C2I_DEFAULTS, LLAMAGEN_T2I_DEFAULTS), name=name, use_ema=use_ema, overwrite=overwrite,
+    )
+
+
+def convert_gpt_pair(
+    family: str,
+    vq: str | os.PathLike,
+    gpt: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    what: str,
+    read_gpt: Callable[[int], tuple[dict[str, Tensor], Any, dict]],
+    build: Callable[[dict[str, Tensor], Any, str], torch.nn.Module],
+    sizes: Mapping[tuple[int, int], tuple],
+    defaults: tuple[dict, dict],
+    name: str | None,
+    use_ema: bool,
+    overwrite: bool,
+) -> Path:
+    """Convert a LlamaGen VQ + a LlamaGen-format GPT (LlamaGen's own, NAR's) into a pipeline folder ``out``.
+
+    ``read_gpt(downsample)`` reads the GPT file (converted state dict, config, notes; nothing written),
+    ``build(sd, config, source)`` makes the generator, ``sizes`` names it by (dim, n_layer), ``defaults`` are
+    the (c2i, t2i) sampling defaults. Both files are read and checked before anything is written and the
+    folder is built next to ``out`` and renamed into place, so an error leaves no partial output;
+    ``convert.json`` records the source files and the inferred config.
+    """
+    from ..pipeline import Pipeline
+    from .llamagen_vq import WHAT as VQ_WHAT
+    from .llamagen_vq import load_llamagen_vq
 
     out = Path(out)
     if out.exists() and not overwrite:  # fail before the (slow) loading
         raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite")
-    with _allow_argparse():
-        tokenizer = load_llamagen_vq(vq)  # LlamaGen's sampling scripts use the VQ's "model" weights
-    sd, cfg, notes = _read_gpt(gpt, image_size, tokenizer.downsample, config, use_ema)
+    tokenizer = load_llamagen_vq(vq)  # the sampling scripts use the VQ's "model" weights
+    sd, cfg, notes = read_gpt(tokenizer.downsample)
     if cfg.vocab_size != tokenizer.codebook_size:
         raise CheckpointError(
-            f"the GPT {gpt} predicts {cfg.vocab_size} token ids but the {VQ_WHAT} {vq} has "
+            f"the {what} {gpt} predicts {cfg.vocab_size} token ids but the {VQ_WHAT} {vq} has "
             f"{tokenizer.codebook_size} codes; pass the tokenizer the GPT was trained with"
         )
-    generator = generator_from_llamagen_state_dict(sd, cfg, str(gpt))
-    size = LLAMAGEN_SIZES.get((cfg.dim, cfg.n_layer), (f"GPT-d{cfg.dim}x{cfg.n_layer}",))[0]
-    return save_converted_pipeline(
-        "llamagen", out, overwrite, tokenizer, generator, cfg, size,
-        LLAMAGEN_T2I_DEFAULTS if cfg.caption_dim else LLAMAGEN_C2I_DEFAULTS, name, vq, gpt, use_ema, notes,
-    )
-
-
-def save_converted_pipeline(family: str, out: Path, overwrite: bool, tokenizer, generator, cfg, size: str,
-                            defaults: dict, name: str | None, vq, gpt, use_ema: bool, notes: dict) -> Path:
-    """Write a converted LlamaGen-format pair (LlamaGen, NAR) as a pipeline folder, atomically,
-    with ``convert.json`` recording the source files and the inferred config."""
-    from ..pipeline import Pipeline
-
+    generator = build(sd, cfg, str(gpt))
+    size = sizes.get((cfg.dim, cfg.n_layer), (f"GPT-d{cfg.dim}x{cfg.n_layer}",))[0]
     kind = "t2i" if cfg.caption_dim else "c2i"
     px = cfg.grid * tokenizer.downsample
-    pipe = Pipeline(tokenizer, generator, dict(defaults), name=name or f"{family}-{size}-{kind}-{px}")
+    c2i_defaults, t2i_defaults = defaults
+    pipe = Pipeline(tokenizer, generator, dict(t2i_defaults if cfg.caption_dim else c2i_defaults),
+                    name=name or f"{family}-{size}-{kind}-{px}")
     with atomic_directory(out, overwrite) as tmp:
         pipe.save_pretrained(tmp)
         write_json(tmp / "convert.json", {

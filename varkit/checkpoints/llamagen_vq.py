@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, VarkitError
-from ..io import load_torch_checkpoint
 from ..modeling import load_state_dict_strict
 from ..tokenizers.vq import VQConfig, VQTokenizer
+from .common import load_checkpoint, select_state_dict, strip_prefixes
 
 __all__ = [
     "vq_config_from_llamagen_state_dict",
@@ -42,94 +42,66 @@ _REQUIRED = (
     "post_quant_conv.weight",
 )
 
-# Attention sub-module names: LlamaGen (1x1 convs) -> diffusers Attention (Linear).
-_ATTN_TO_VARKIT = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_ATTN_TO_LLAMAGEN = {v: k for k, v in _ATTN_TO_VARKIT.items()}
-_RES_TO_VARKIT = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
-_RES_TO_LLAMAGEN = {v: k for k, v in _RES_TO_VARKIT.items()}
+# Sub-module names inside a block: LlamaGen's -> varkit's (attention: 1x1 convs -> diffusers' Linear layers).
+_RES_NAMES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+_ATTN_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+# The one key mapping, read in both directions: (LlamaGen key, varkit key without the ``model.`` prefix).
+_RULES = [
+    ("{part}.conv_in.{p}", "{part}.conv_in.{p}"),
+    ("{part}.conv_out.{p}", "{part}.conv_out.{p}"),
+    ("{part}.norm_out.{p}", "{part}.conv_norm_out.{p}"),
+    ("quant_conv.{p}", "quant_conv.{p}"),
+    ("post_quant_conv.{p}", "post_quant_conv.{p}"),
+    ("quantize.embedding.weight", "quantize.embedding.weight"),
+    ("encoder.conv_blocks.{lvl}.res.{j}.{res}.{p}", "encoder.down_blocks.{lvl}.resnets.{j}.{res}.{p}"),
+    ("encoder.conv_blocks.{lvl}.attn.{j}.{attn}.{p}", "encoder.down_blocks.{lvl}.attentions.{j}.{attn}.{p}"),
+    ("encoder.conv_blocks.{lvl}.downsample.conv.{p}", "encoder.down_blocks.{lvl}.downsamplers.0.conv.{p}"),
+    ("decoder.conv_blocks.{lvl}.res.{j}.{res}.{p}", "decoder.up_blocks.{lvl}.resnets.{j}.{res}.{p}"),
+    ("decoder.conv_blocks.{lvl}.attn.{j}.{attn}.{p}", "decoder.up_blocks.{lvl}.attentions.{j}.{attn}.{p}"),
+    ("decoder.conv_blocks.{lvl}.upsample.conv.{p}", "decoder.up_blocks.{lvl}.upsamplers.0.conv.{p}"),
+    ("{part}.mid.0.{res}.{p}", "{part}.mid_block.resnets.0.{res}.{p}"),
+    ("{part}.mid.1.{attn}.{p}", "{part}.mid_block.attentions.0.{attn}.{p}"),
+    ("{part}.mid.2.{res}.{p}", "{part}.mid_block.resnets.1.{res}.{p}"),
+]
 
 
-# -- key renaming ------------------------------------------------------------------------------
-def _res(sub: str, table: dict[str, str]) -> str | None:
-    head, _, param = sub.partition(".")
-    return f"{table[head]}.{param}" if head in table and param in ("weight", "bias") else None
+def _compile(template: str, names: dict[str, dict[str, str]]) -> re.Pattern:
+    fields = {"part": "encoder|decoder", "lvl": r"\d+", "j": r"\d+", "p": "weight|bias",
+              **{f: "|".join(map(re.escape, table)) for f, table in names.items()}}
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+    return re.compile("".join(re.escape(x) if i % 2 == 0 else f"(?P<{x}>{fields[x]})" for i, x in enumerate(parts)))
 
 
-def _attn(sub: str, table: dict[str, str]) -> str | None:
-    for src, dst in table.items():
-        if sub.startswith(src + ".") and sub[len(src) + 1:] in ("weight", "bias"):
-            return f"{dst}.{sub[len(src) + 1:]}"
+def _direction(to_varkit: bool) -> list[tuple[re.Pattern, str, dict[str, dict[str, str]]]]:
+    """(pattern of a source key, target template, sub-module renames) for one direction of :data:`_RULES`."""
+    names = {"res": _RES_NAMES, "attn": _ATTN_NAMES}
+    if not to_varkit:
+        names = {f: {v: k for k, v in table.items()} for f, table in names.items()}
+    return [(_compile(src, names), dst, names) for src, dst in (r if to_varkit else r[::-1] for r in _RULES)]
+
+
+_TO_VARKIT, _TO_LLAMAGEN = _direction(True), _direction(False)
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern, str, dict[str, dict[str, str]]]]) -> str | None:
+    """``key`` renamed by the first rule that matches it, or None when none does."""
+    for rx, template, names in rules:
+        m = rx.fullmatch(key)
+        if m:
+            vals = m.groupdict()
+            return template.format(**{f: names[f][v] if f in names else v for f, v in vals.items()})
     return None
 
 
 def _llamagen_key_to_varkit(key: str) -> str | None:
     """The varkit name of a LlamaGen key (None if the key is not part of a LlamaGen VQ)."""
-    m = re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)", key)
-    if m:
-        return key
-    m = re.fullmatch(r"(encoder|decoder)\.norm_out\.(weight|bias)", key)
-    if m:
-        return f"{m[1]}.conv_norm_out.{m[2]}"
-    m = re.fullmatch(r"(quant_conv|post_quant_conv)\.(weight|bias)", key)
-    if m or key == "quantize.embedding.weight":
-        return key
-    m = re.fullmatch(r"(encoder|decoder)\.conv_blocks\.(\d+)\.(res|attn)\.(\d+)\.(.+)", key)
-    if m:
-        part, lvl, kind, j, sub = m.groups()
-        blocks = "down_blocks" if part == "encoder" else "up_blocks"
-        new = _res(sub, _RES_TO_VARKIT) if kind == "res" else _attn(sub, _ATTN_TO_VARKIT)
-        group = "resnets" if kind == "res" else "attentions"
-        return f"{part}.{blocks}.{lvl}.{group}.{j}.{new}" if new else None
-    m = re.fullmatch(r"encoder\.conv_blocks\.(\d+)\.downsample\.conv\.(weight|bias)", key)
-    if m:
-        return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
-    m = re.fullmatch(r"decoder\.conv_blocks\.(\d+)\.upsample\.conv\.(weight|bias)", key)
-    if m:
-        return f"decoder.up_blocks.{m[1]}.upsamplers.0.conv.{m[2]}"
-    m = re.fullmatch(r"(encoder|decoder)\.mid\.([012])\.(.+)", key)
-    if m:
-        part, i, sub = m.groups()
-        if i == "1":
-            new = _attn(sub, _ATTN_TO_VARKIT)
-            return f"{part}.mid_block.attentions.0.{new}" if new else None
-        new = _res(sub, _RES_TO_VARKIT)
-        return f"{part}.mid_block.resnets.{0 if i == '0' else 1}.{new}" if new else None
-    return None
+    return _rename(key, _TO_VARKIT)
 
 
 def _varkit_key_to_llamagen(key: str) -> str | None:
     """Inverse of :func:`_llamagen_key_to_varkit` (key without the ``model.`` prefix)."""
-    m = re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)", key)
-    if m:
-        return key
-    m = re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(weight|bias)", key)
-    if m:
-        return f"{m[1]}.norm_out.{m[2]}"
-    m = re.fullmatch(r"(quant_conv|post_quant_conv)\.(weight|bias)", key)
-    if m or key == "quantize.embedding.weight":
-        return key
-    m = re.fullmatch(r"(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
-    if m:
-        part, _, lvl, group, j, sub = m.groups()
-        new = _res(sub, _RES_TO_LLAMAGEN) if group == "resnets" else _attn(sub, _ATTN_TO_LLAMAGEN)
-        kind = "res" if group == "resnets" else "attn"
-        return f"{part}.conv_blocks.{lvl}.{kind}.{j}.{new}" if new else None
-    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key)
-    if m:
-        return f"encoder.conv_blocks.{m[1]}.downsample.conv.{m[2]}"
-    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key)
-    if m:
-        return f"decoder.conv_blocks.{m[1]}.upsample.conv.{m[2]}"
-    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d)\.(.+)", key)
-    if m:
-        part, group, i, sub = m.groups()
-        if group == "attentions" and i == "0":
-            new = _attn(sub, _ATTN_TO_LLAMAGEN)
-            return f"{part}.mid.1.{new}" if new else None
-        if group == "resnets" and i in "01":
-            new = _res(sub, _RES_TO_LLAMAGEN)
-            return f"{part}.mid.{0 if i == '0' else 2}.{new}" if new else None
-    return None
+    return _rename(key, _TO_LLAMAGEN)
 
 
 def _is_attn_linear_weight(varkit_key: str) -> bool:
@@ -144,7 +116,7 @@ def vq_state_dict_from_llamagen(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     buffers (``quantize.codebook_used``) are dropped. Raises :class:`CheckpointError` on keys
     that do not belong to a LlamaGen VQ.
     """
-    sd = _unwrap_prefix(sd)
+    sd = strip_prefixes(sd)
     _check_llamagen_vq(sd, "state dict")
     out: dict[str, Tensor] = {}
     unknown = []
@@ -193,7 +165,7 @@ def vq_config_from_llamagen_state_dict(sd: Mapping[str, Tensor], **overrides) ->
     ``codebook_l2_norm`` cannot be read from weights; it defaults to True as in every
     published LlamaGen tokenizer. ``overrides`` set any other field (losses, l2 norm).
     """
-    sd = _unwrap_prefix(sd)
+    sd = strip_prefixes(sd)
     _check_llamagen_vq(sd, "state dict")
     try:
         ch, in_channels = sd["encoder.conv_in.weight"].shape[:2]
@@ -259,13 +231,13 @@ def tokenizer_from_llamagen_state_dict(sd: Mapping[str, Tensor], source: str = "
 
 
 def load_llamagen_vq(path: str | os.PathLike, *, use_ema: bool = False, **overrides) -> VQTokenizer:
-    """Load a LlamaGen VQ ``.pt`` (weights under ``"model"``, ``"ema"``, ``"state_dict"`` or raw).
+    """Load a LlamaGen VQ ``.pt`` (weights under ``"model"``, ``"module"``, ``"state_dict"``, ``"ema"`` or raw).
 
     ``"model"`` is used when present, as LlamaGen's sampling scripts do; ``use_ema=True``
     prefers ``"ema"``. Raises :class:`CheckpointError` for unreadable, truncated or foreign files.
     """
-    ckpt = load_torch_checkpoint(path, WHAT)
-    sd = _select_state_dict(ckpt, use_ema, str(path))
+    sd = select_state_dict(load_checkpoint(path, WHAT), str(path), WHAT, use_ema)
+    _check_llamagen_vq(strip_prefixes(sd), str(path))
     return tokenizer_from_llamagen_state_dict(sd, str(path), **overrides)
 
 
@@ -277,33 +249,6 @@ def convert_llamagen_vq(src: str | os.PathLike, dst: str | os.PathLike, *, use_e
 
 
 # -- detection and helpers ---------------------------------------------------------------------
-def _select_state_dict(ckpt, use_ema: bool, source: str) -> dict[str, Tensor]:
-    if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f"{source} holds a {type(ckpt).__name__}, not a state dict; it is not a {WHAT}")
-    order = ("ema", "model", "state_dict", "module") if use_ema else ("model", "ema", "state_dict", "module")
-    for name in order:
-        if isinstance(ckpt.get(name), Mapping):
-            sd = ckpt[name]
-            break
-    else:
-        sd = ckpt
-    sd = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
-    if not sd:
-        raise CheckpointError(
-            f"{source} holds no tensors under 'model', 'ema' or 'state_dict' (top-level keys "
-            f"{sorted(map(str, ckpt))[:6]}); it is not a {WHAT}"
-        )
-    _check_llamagen_vq(_unwrap_prefix(sd), source)
-    return sd
-
-
-def _unwrap_prefix(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-    """Strip a DDP ``module.`` prefix if every key has it."""
-    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
 _FOREIGN: list[tuple[Callable[[set], bool], str]] = [
     (lambda ks: "tok_embeddings.weight" in ks or any(k.startswith("layers.") and ".attention.wqkv" in k for k in ks),
      "a LlamaGen GPT (generator) checkpoint"),

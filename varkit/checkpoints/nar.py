@@ -9,30 +9,23 @@ sampler does); the tokenizer is LlamaGen's VQ (``vq_ds16_c2i.pt``).
 What the weights do not say: the number of extra layers (1 in every published NAR model;
 ``medusa_layers`` to override) and the token grid (NAR's class-conditional models are all
 256 px, 16x16 tokens; NAR's README asks users to rename downloads to LlamaGen-style names such
-as ``c2i_L_384.pt``, so the file name is deliberately not used). Reading, unwrapping and the
-LlamaGen-side checks are :mod:`varkit.checkpoints.llamagen`'s.
+as ``c2i_L_384.pt``, so the file name is deliberately not used). Reading and unwrapping files is
+:mod:`varkit.checkpoints.common`'s; the LlamaGen-side checks, the condition and FFN-width inference and
+the pipeline writing are :mod:`varkit.checkpoints.llamagen`'s.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..io import load_torch_checkpoint
-from ..modeling import params_on_meta
 from ..models.neighbors import NeighborsConfig, NeighborsGenerator
-from ..nn.layers import swiglu_hidden_dim
-from .llamagen import (
-    save_converted_pipeline,
-    gpt_state_dict_from_llamagen,
-    select_gpt_state_dict,
-)
+from .common import load_checkpoint, module_from_state_dict, select_state_dict, strip_prefixes
+from .llamagen import condition_fields, convert_gpt_pair, ffn_multiple_of, gpt_state_dict_from_llamagen
 
 __all__ = [
     "NAR_C2I_DEFAULTS",
@@ -65,43 +58,6 @@ NAR_SIZES = {
 DEFAULT_C2I_IMAGE_SIZE = 256
 
 
-# -- reading files ------------------------------------------------------------------------------
-def _load(path: str | os.PathLike) -> Any:
-    """``torch.load(weights_only=True)``; training files may carry ``"args"`` (an argparse Namespace)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return load_torch_checkpoint(path, WHAT)
-
-
-def _strip_prefixes(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Drop ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes carried by every key."""
-    sd = dict(sd)
-    changed = True
-    while changed and sd:
-        changed = False
-        for prefix in ("module.", "_orig_mod."):
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                changed = True
-    return sd
-
-
-def _check_fits(own: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str) -> None:
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
-        if bad:
-            k = bad[0]
-            parts.append(f"{len(bad)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model "
-                         f"{tuple(own[k].shape)})")
-        raise CheckpointError(f"weights in {source} do not fit NeighborsGenerator: " + "; ".join(parts))
-
-
 # -- state dicts --------------------------------------------------------------------------------
 def nar_state_dict_from_official(sd: Mapping[str, Tensor], source: str = "state dict") -> dict[str, Tensor]:
     """NAR GPT state dict → :class:`NeighborsGenerator` state dict (same names).
@@ -110,7 +66,7 @@ def nar_state_dict_from_official(sd: Mapping[str, Tensor], source: str = "state 
     buffers). Raises :class:`CheckpointError` for a plain LlamaGen (raster) GPT, other families'
     files, and unknown keys.
     """
-    sd = _strip_prefixes(sd)
+    sd = strip_prefixes(sd)
     medusa = {k: sd[k] for k in MEDUSA_KEYS if k in sd}
     rest = {k: v for k, v in sd.items() if k not in MEDUSA_KEYS}
     # LlamaGen's checks: foreign families (VAR, MAR, VQ files), missing and unknown keys
@@ -235,23 +191,8 @@ def _shape_fields(sd: Mapping[str, Tensor], source: str) -> dict[str, Any]:
     for k, shape in norms.items():
         if shape != (dim,):
             raise CheckpointError(f"{source}: {k} has shape {shape}, expected {(dim,)}")
-    if "cls_embedding.embedding_table.weight" in sd:
-        rows, d = sd["cls_embedding.embedding_table.weight"].shape
-        if d != dim or rows < 2:
-            raise CheckpointError(f"{source}: class embedding has shape {(rows, d)}; expected (num_classes + 1, {dim})")
-        cond = {"num_classes": int(rows) - 1, "cls_token_num": 1, "caption_dim": 0}
-    elif "cls_embedding.cap_proj.fc1.weight" in sd and "cls_embedding.uncond_embedding" in sd:
-        unc = sd["cls_embedding.uncond_embedding"]
-        cond = {"num_classes": 0, "cls_token_num": int(unc.shape[0]), "caption_dim": int(unc.shape[1])}
-    else:
-        raise CheckpointError(f"{source}: {WHAT} has neither a class embedding nor a caption projection; "
-                              "the file is incomplete")
-    for m in (256, 128, 64, 32, 16, 8):
-        if swiglu_hidden_dim(dim, m, None) == hidden:
-            break
-    else:
-        raise CheckpointError(f"{source}: FFN width {hidden} does not follow LlamaGen's rule for dim {dim}; "
-                              "the file is from a modified model")
+    cond = condition_fields(sd, dim, source, WHAT)
+    m = ffn_multiple_of(dim, hidden, source)
     return dict(vocab_size=int(vocab), dim=int(dim), total_layers=len(idx), multiple_of=m, **cond)
 
 
@@ -269,19 +210,13 @@ def _named_config(name: str) -> NeighborsConfig:
 
 def generator_from_nar_state_dict(sd: Mapping[str, Tensor], config: NeighborsConfig,
                                   source: str = "state dict") -> NeighborsGenerator:
-    """A :class:`NeighborsGenerator` holding the converted weights ``sd`` (strict, no copy)."""
-    with params_on_meta():
-        gen = NeighborsGenerator(config)
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-    _check_fits(gen.state_dict(), state, source)
-    gen.load_state_dict(state, strict=True, assign=True)
-    return gen.eval()
+    """A :class:`NeighborsGenerator` holding the converted weights ``sd`` (strict, fp32, no second copy)."""
+    return module_from_state_dict(NeighborsGenerator, config, sd, source)
 
 
 def _read_gpt(path, image_size, downsample, config, medusa_layers, use_ema):
     """(converted state dict, config, notes) of a NAR file; nothing written."""
-    ckpt = _load(path)
-    raw = _strip_prefixes(select_gpt_state_dict(ckpt, str(path), use_ema))
+    raw = strip_prefixes(select_state_dict(load_checkpoint(path, WHAT), str(path), WHAT, use_ema))
     freqs = raw.get("freqs_cis")
     sd = nar_state_dict_from_official(raw, str(path))
     notes: dict[str, Any] = {}
@@ -328,25 +263,11 @@ def convert_nar(
     ``out`` and renamed into place, so an error leaves no partial output. Defaults are NAR's
     ``sample_c2i.py`` ones (CFG 4.0, top-k 2000, temperature 1).
     """
-    from .llamagen_vq import WHAT as VQ_WHAT
-    from .llamagen_vq import load_llamagen_vq
-
-    out = Path(out)
-    if out.exists() and not overwrite:  # fail before the (slow) loading
-        raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        tokenizer = load_llamagen_vq(vq)
-    sd, cfg, notes = _read_gpt(gpt, image_size, tokenizer.downsample, config, medusa_layers, use_ema)
-    if cfg.vocab_size != tokenizer.codebook_size:
-        raise CheckpointError(
-            f"the NAR GPT {gpt} predicts {cfg.vocab_size} token ids but the {VQ_WHAT} {vq} has "
-            f"{tokenizer.codebook_size} codes; pass the tokenizer the GPT was trained with"
-        )
-    generator = generator_from_nar_state_dict(sd, cfg, str(gpt))
-    size = NAR_SIZES.get((cfg.dim, cfg.n_layer), (f"GPT-d{cfg.dim}x{cfg.n_layer}",))[0]
-    return save_converted_pipeline(
-        "nar", out, overwrite, tokenizer, generator, cfg, size,
-        NAR_T2I_DEFAULTS if cfg.caption_dim else NAR_C2I_DEFAULTS, name, vq, gpt, use_ema, notes,
+    return convert_gpt_pair(
+        "nar", vq, gpt, out, what=WHAT,
+        read_gpt=lambda downsample: _read_gpt(gpt, image_size, downsample, config, medusa_layers, use_ema),
+        build=generator_from_nar_state_dict, sizes=NAR_SIZES, defaults=(NAR_C2I_DEFAULTS, NAR_T2I_DEFAULTS),
+        name=name, use_ema=use_ema, overwrite=overwrite,
     )
 
 

@@ -35,9 +35,9 @@ from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
 from ..io import atomic_directory, load_torch_checkpoint, write_json
-from ..modeling import params_on_meta
 from ..models.scales import ScalesConfig, ScalesGenerator
 from ..tokenizers.msvq import VAR_PATCH_NUMS
+from .common import module_from_state_dict, strip_prefixes
 
 __all__ = [
     "VAR_DEFAULTS",
@@ -84,17 +84,9 @@ def is_var_state_dict(sd: Mapping[str, Any]) -> bool:
     return all(k in sd for k in _REQUIRED)
 
 
-def _strip_prefixes(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes carried by every key."""
-    sd = dict(sd)
-    changed = True
-    while changed and sd:
-        changed = False
-        for prefix in ("module.", "_orig_mod."):
-            if all(isinstance(k, str) and k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                changed = True
-    return sd
+def _tensors(m: Mapping) -> dict[str, Tensor]:
+    """The string-keyed tensors of a mapping, DDP/compile prefixes dropped."""
+    return strip_prefixes({k: v for k, v in m.items() if isinstance(k, str) and isinstance(v, Tensor)})
 
 
 def _foreign(keys: set[str]) -> str | None:
@@ -127,15 +119,15 @@ def select_var_state_dict(ckpt: Any, source: str) -> dict[str, Tensor]:
         cands.insert(0, trainer["var_wo_ddp"])
     cands += [ckpt[k] for k in ("model", "state_dict", "module", "ema") if isinstance(ckpt.get(k), Mapping)]
     for cand in cands:
-        sd = _strip_prefixes({k: v for k, v in cand.items() if isinstance(k, str) and isinstance(v, Tensor)})
+        sd = _tensors(cand)
         if is_var_state_dict(sd):
             return sd
     for cand in cands:
-        sd = _strip_prefixes({k: v for k, v in cand.items() if isinstance(k, str) and isinstance(v, Tensor)})
+        sd = _tensors(cand)
         what = _foreign(set(sd))
         if what is not None:
             raise CheckpointError(f"{source} is not a {WHAT}: it is {what}")
-    sd = _strip_prefixes({k: v for k, v in ckpt.items() if isinstance(k, str) and isinstance(v, Tensor)})
+    sd = _tensors(ckpt)
     if not sd:
         raise CheckpointError(f"{source} holds no tensors (top-level keys {sorted(map(str, ckpt))[:6]}); it is not a {WHAT}")
     missing = [k for k in _REQUIRED if k not in sd]
@@ -196,7 +188,7 @@ def var_state_dict_from_var(sd: Mapping[str, Tensor], source: str = "state dict"
     when the file carries neither ``lvl_1L`` nor ``attn_bias_for_masking``). Unknown keys, another
     family's file, or a non-zero ``zero_k_bias`` raise :class:`CheckpointError`.
     """
-    sd = _strip_prefixes(sd)
+    sd = strip_prefixes(sd)
     what = _foreign(set(sd))
     if what is not None and not is_var_state_dict(sd):
         raise CheckpointError(f"{source} is not a {WHAT}: it is {what}")
@@ -395,25 +387,7 @@ def var_config_from_state_dict(
 def generator_from_var_state_dict(sd: Mapping[str, Tensor], config: ScalesConfig,
                                   source: str = "state dict") -> ScalesGenerator:
     """A :class:`ScalesGenerator` holding the converted weights ``sd`` (strict; fp32; no second copy)."""
-    with params_on_meta():
-        gen = ScalesGenerator(config)
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-    own = gen.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
-        if bad:
-            k = bad[0]
-            parts.append(f"{len(bad)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
-        raise CheckpointError(f"{source}: the weights do not fit the inferred VAR transformer: " + "; ".join(parts))
-    gen.load_state_dict(state, strict=True, assign=True)
-    return gen.eval()
+    return module_from_state_dict(ScalesGenerator, config, sd, source)
 
 
 def _read_var(path, patch_nums=None, resolution=None) -> tuple[dict[str, Tensor], ScalesConfig]:
