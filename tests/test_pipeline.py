@@ -131,3 +131,11 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_compile_attaches_the_generators_compiled_step(tiny_pipeline):
+    """Pipeline.compile delegates to the generator (the compile itself happens at the first decode step)."""
+    assert tiny_pipeline.compile(max_autotune=False) is tiny_pipeline
+    assert tiny_pipeline.generator.compiled_decoding
+    tiny_pipeline.to("cpu", "float32")  # moving drops it: the frozen weights would be stale
+    assert not tiny_pipeline.generator.compiled_decoding

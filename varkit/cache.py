@@ -104,3 +104,23 @@ class KVCache:
             f"KVCache(layers={self.num_layers}, batch={k.shape[0]}, heads={k.shape[1]}, "
             f"len={self.length}/{self.max_len}, head_dim={k.shape[3]}, {k.dtype}, {k.device})"
         )
+
+
+class IndexedKV:
+    """A KVCache's buffers written at positions given as a tensor: static shapes for compiled decoding.
+
+    ``update`` has :meth:`KVCache.update`'s signature, so attention takes either. It writes the
+    new keys and values at ``index`` (a tensor, not a Python int, so one compiled graph serves
+    every step) and returns the whole ``max_len`` buffers: attention must mask the positions not
+    written yet. Nothing here moves the length pointer: the KVCache's owner advances it.
+    """
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], index: torch.Tensor):
+        self.k, self.v, self.index = k, v, index
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` (batch, heads, len(index), head_dim) at ``index``; return all ``max_len`` positions."""
+        kc, vc = self.k[layer], self.v[layer]
+        kc.index_copy_(2, self.index, k)
+        vc.index_copy_(2, self.index, v)
+        return kc, vc

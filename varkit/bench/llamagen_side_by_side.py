@@ -4,10 +4,11 @@ Given a checkout of the official source (FoundationVision/LlamaGen), one run bui
 (LlamaGen's init, with a random ``output`` head and norms, since LlamaGen zero-inits the head),
 hands the very same tensors to a varkit :class:`RasterGenerator` (and a bf16 copy), and times a
 full 16x16 image (256 tokens, CFG 4) at each batch size: LlamaGen's ``generate`` (fp32, no
-compile), varkit's ancestral sampler in fp32, and in bf16. Both sample with LlamaGen's demo
-settings (top-k 2000, temperature 1). It also decodes greedily (top-k 1) with varkit fp32 and
-bf16 and reports the share of identical tokens, and checks varkit fp32 greedy tokens against the
-official greedy tokens.
+compile), varkit's ancestral sampler in fp32, and in bf16; with ``--compile`` also varkit with its
+compiled decode step (``Generator.compile_decoding``; the compile is timed apart, in a warm-up run).
+Both sample with LlamaGen's demo settings (top-k 2000, temperature 1). It also decodes greedily
+(top-k 1) with varkit fp32 and bf16 and reports the share of identical tokens, and checks varkit
+fp32 greedy tokens against the official greedy tokens.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from ..errors import InvalidArgumentError
 
 DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # sample_c2i.py
-COLUMNS = ["impl", "dtype", "batch", "tokens", "wall_s", "ms_per_step", "image_tokens_per_s", "vs_official", "target",
+COLUMNS = ["impl", "dtype", "compiled", "batch", "tokens", "wall_s", "ms_per_step", "image_tokens_per_s", "vs_official", "target",
            "met"]
 TARGETS = {("varkit", "float32", 1): 1.2, ("varkit", "float32", 8): 1.5, ("varkit", "bfloat16", 1): 2.0}
 
@@ -102,17 +103,26 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 @torch.inference_mode()
 def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int = 2000, bf16: bool = True,
-                     greedy_batch: int = 8, seed: int = 0, repeats: int = 1,
+                     greedy_batch: int = 8, seed: int = 0, repeats: int = 1, compile: bool = False,
                      log=None) -> tuple[list[dict], dict]:
-    """Rows of the timing table and the greedy-agreement summary."""
+    """Rows of the timing table and the greedy-agreement summary (with ``compile``: compile times too)."""
     log = log or (lambda msg: print(msg, flush=True))
     gpt_models, generate = import_official(official_path)
     torch.manual_seed(seed)
     official, fp32, bf = build_models(gpt_models, seed)
-    rows = []
+    models = {("float32", False): fp32}
+    if bf16:
+        models[("bfloat16", False)] = bf
+    if compile:  # copies, so the eager rows stay eager
+        for dt, m in list(models.items()):
+            models[(dt[0], True)] = copy.deepcopy(m).compile_decoding()
+    rows, compile_s = [], {}
     for b in batches:
         labels = torch.tensor([DEMO_LABELS[i % len(DEMO_LABELS)] for i in range(b)])
-        impls = [("llamagen", "float32"), ("varkit", "float32")] + ([("varkit", "bfloat16")] if bf16 else [])
+        for (dt, compiled), m in models.items():
+            if compiled:  # the first run compiles (one graph per batch size); it is not timed
+                _, compile_s[f"{dt}_batch{b}"] = _varkit_run(m, labels, cfg, top_k, seed)
+        impls = [("llamagen", "float32", False)] + [("varkit", dt, c) for dt, c in models]
         best = {k: float("inf") for k in impls}
         for r in range(repeats):  # interleaved and rotated, best of each: fair under a varying machine load
             for k in impls[r % len(impls):] + impls[: r % len(impls)]:
@@ -120,27 +130,32 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
                     torch.manual_seed(seed)
                     _, t = _official_run(generate, official, labels, cfg, top_k)
                 else:
-                    _, t = _varkit_run(fp32 if k[1] == "float32" else bf, labels, cfg, top_k, seed)
+                    _, t = _varkit_run(models[k[1:]], labels, cfg, top_k, seed)
                 best[k] = min(best[k], t)
-        t_off = best[("llamagen", "float32")]
-        for (impl, dt), t in best.items():
+        t_off = best[("llamagen", "float32", False)]
+        for (impl, dt, compiled), t in best.items():
             target = TARGETS.get((impl, dt, b))
             ratio = t_off / t
-            rows.append({"impl": impl, "dtype": dt, "batch": b, "tokens": 256, "wall_s": t, "ms_per_step": 1000 * t / 256,
+            rows.append({"impl": impl, "dtype": dt, "compiled": "yes" if compiled else "", "batch": b, "tokens": 256,
+                         "wall_s": t, "ms_per_step": 1000 * t / 256,
                          "image_tokens_per_s": b * 256 / t, "vs_official": ratio, "repeats": repeats,
                          "target": f">={target}x" if target else "", "met": ("yes" if ratio >= target else "NO") if target else ""})
-            log(f"  batch {b} {impl:8s} {dt:8s} {1000 * t / 256:7.1f} ms/step  {b * 256 / t:7.1f} tok/s  x{ratio:.2f}")
+            log(f"  batch {b} {impl:8s} {dt:8s}{' compiled' if compiled else '         '} {1000 * t / 256:7.1f} ms/step"
+                f"  {b * 256 / t:7.1f} tok/s  x{ratio:.2f}")
     greedy = {}
     if greedy_batch:
         labels = torch.tensor([DEMO_LABELS[i % len(DEMO_LABELS)] for i in range(greedy_batch)])
         ref, _ = _official_run(generate, official, labels, cfg, top_k, greedy=True)
         tok32, _ = _varkit_run(fp32, labels, cfg, top_k, greedy=True)
         greedy["varkit_fp32_vs_official_fp32"] = _agreement(tok32, ref)
-        if bf16:
-            tok16, _ = _varkit_run(bf, labels, cfg, top_k, greedy=True)
-            greedy["varkit_bf16_vs_varkit_fp32"] = _agreement(tok16, tok32)
+        for (dt, compiled), m in models.items():
+            if dt == "float32" and not compiled:
+                continue
+            tok, _ = _varkit_run(m, labels, cfg, top_k, greedy=True)
+            name = "bf16" if dt == "bfloat16" else "fp32"
+            greedy[f"varkit_{name}{'_compiled' if compiled else ''}_vs_varkit_fp32"] = _agreement(tok, tok32)
         log(f"  greedy agreement (batch {greedy_batch}): {greedy}")
-    return rows, greedy
+    return rows, greedy, compile_s
 
 
 def cmd_bench_llamagen(args) -> None:
@@ -150,8 +165,8 @@ def cmd_bench_llamagen(args) -> None:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     t0 = time.time()
-    rows, greedy = run_side_by_side(args.official, args.batch, args.cfg, args.top_k, not args.no_bf16,
-                                    args.greedy_batch, args.seed, args.repeats)
+    rows, greedy, compile_s = run_side_by_side(args.official, args.batch, args.cfg, args.top_k, not args.no_bf16,
+                                               args.greedy_batch, args.seed, args.repeats, args.compile)
     load_after = os.getloadavg()
     print_table(rows, COLUMNS)
     for k, v in greedy.items():
@@ -160,9 +175,11 @@ def cmd_bench_llamagen(args) -> None:
               f"{v['mean_identical_prefix']:.1f}/256")
     settings = {"official": str(args.official), "batches": args.batch, "cfg": args.cfg, "top_k": args.top_k,
                 "temperature": 1.0, "model": "GPT-B c2i 16x16 (LlamaGen init, random output head and norms)",
-                "device": "cpu", "compile": False, "seed": args.seed, "repeats": args.repeats,
+                "device": "cpu", "compile": args.compile, "compile_run_s": compile_s, "seed": args.seed, "repeats": args.repeats,
                 "threads": torch.get_num_threads(), "greedy": greedy,
                 "loadavg_before": load_before, "loadavg_after": load_after, "total_s": time.time() - t0}
+    for k, v in compile_s.items():
+        print(f"compile run (compile + one image, not timed above) {k}: {v:.1f} s")
     path = save_results(args.name, rows, settings, args.out_dir)
     print(f"wrote {path} (load average before {load_before[0]:.2f}, after {load_after[0]:.2f})")
 
@@ -175,6 +192,8 @@ def add_side_by_side_parser(bench_subparsers) -> None:
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--top-k", type=int, default=2000, help="top-k of the timed (sampling) runs; LlamaGen's demo default")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 varkit runs")
+    p.add_argument("--compile", action="store_true",
+                   help="also time varkit with its compiled decode step (torch.compile; the compile run is not timed)")
     p.add_argument("--greedy-batch", type=int, default=8, help="images for the greedy agreement check (0 = skip)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each, interleaved; the best counts")

@@ -87,6 +87,40 @@ class Generator(SavableModule):
     def rollback(self, cache: KVCache, state: Any, step: int) -> None:
         raise InvalidArgumentError(f"{type(self).__name__} cannot roll back its decoding state")
 
+    # -- compiled decoding (opt-in) -----------------------------------------------------------------
+    def compile_decoding(self, max_autotune: bool = True) -> "Generator":
+        """Compile this generator's decode step with ``torch.compile``; returns ``self``.
+
+        Generators that support it override this; the rest say so.
+        """
+        raise InvalidArgumentError(f"{type(self).__name__} has no compiled decode step; decode it eagerly")
+
+    @property
+    def compiled_decoding(self) -> bool:
+        """Whether a compiled decode step is attached (see :meth:`compile_decoding`)."""
+        return self.__dict__.get("_compiled_step") is not None
+
+    def _set_compiled_step(self, fn: Any) -> None:
+        # a plain attribute, not a submodule: the compiled step wraps this module (no cycle in
+        # modules() or state_dict())
+        self.__dict__["_compiled_step"] = fn
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.float()/.cuda(): a compiled step holds frozen copies of the old weights; drop it
+        self.__dict__.pop("_compiled_step", None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        # copies and pickles leave the compiled step behind: it wraps (and froze) this very module
+        state = super().__getstate__()
+        state.pop("_compiled_step", None)
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; drops a compiled decode step (it froze the old weights)."""
+        self.__dict__.pop("_compiled_step", None)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def num_steps_in(self, tokens: int, step: int) -> int:
         """How many layout steps ``tokens`` input tokens starting at step ``step-1`` cover."""
         start = self.layout.step_starts[step - 1]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cache import KVCache
+from ..cache import IndexedKV, KVCache
 from ..errors import InvalidArgumentError
 from ..layout import Layout, build_layout
 from ..modeling import register_module
@@ -81,6 +81,18 @@ class TransformerBlock(nn.Module):
     def forward(self, x, rope, mask, cache, layer):
         x = x + self.attention(self.attention_norm(x), rope, mask, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+class _StaticDecodeStep(nn.Module):
+    """``gen.decode_static`` as a module, so that inductor's freezing sees the weights as parameters."""
+
+    def __init__(self, gen: "RasterGenerator"):
+        super().__init__()
+        self.gen = gen
+
+    def forward(self, tokens: torch.Tensor, index: torch.Tensor, keys: list[torch.Tensor],
+                values: list[torch.Tensor]) -> torch.Tensor:
+        return self.gen.decode_static(tokens, index, keys, values)
 
 
 @register_module
@@ -243,13 +255,8 @@ class RasterGenerator(Generator):
 
         ``caption_mask``: the state :meth:`prefill` returned (padded caption tokens stay hidden).
         """
-        start = self.layout.step_starts[step - 1]
+        start = self._check_cache_at(step, cache)
         n = tokens.shape[1]
-        if cache.length != self.cond_len + start:
-            raise InvalidArgumentError(
-                f"cache holds {cache.length} positions but step {step} needs {self.cond_len + start}; "
-                "roll back with gen.rollback before re-feeding"
-            )
         idx = slice(start, start + n)
         mask = self._mask(idx, cache.length, tokens.device)
         if caption_mask is not None:
@@ -257,8 +264,87 @@ class RasterGenerator(Generator):
         pos = slice(self.cond_len + start, self.cond_len + start + n)
         return self._run(self.tok_embeddings(tokens), pos, mask, cache)
 
+    def _check_cache_at(self, step: int, cache: KVCache) -> int:
+        """Layout index of the first input token of ``step``, after checking the cache is filled up to it."""
+        start = self.layout.step_starts[step - 1]
+        if cache.length != self.cond_len + start:
+            raise InvalidArgumentError(
+                f"cache holds {cache.length} positions but step {step} needs {self.cond_len + start}; "
+                "roll back with gen.rollback before re-feeding"
+            )
+        return start
+
     def forward(self, tokens: torch.Tensor, step: int, cache: KVCache, state: Any = None) -> torch.Tensor:
+        compiled = self.__dict__.get("_compiled_step")
+        if (compiled is not None and tokens.shape[1] == 1 and state is None and cache.length < cache.max_len
+                and not self.training and not torch.is_grad_enabled()):
+            self._check_cache_at(step, cache)
+            logits = compiled(tokens, torch.tensor([cache.length], device=tokens.device), cache.k, cache.v)
+            cache.advance(1)
+            return logits
         return self.hidden_to_logits(self.forward_hidden(tokens, step, cache, state))
+
+    # -- compiled decoding (opt-in) ------------------------------------------------------------------
+    def decode_static(self, tokens: torch.Tensor, index: torch.Tensor, keys: list[torch.Tensor],
+                      values: list[torch.Tensor]) -> torch.Tensor:
+        """Logits (B, 1, V) after one input token per row at cache position ``index`` (a (1,) tensor).
+
+        The step :meth:`forward` takes, with static shapes for ``torch.compile``: the KV buffers
+        ``keys``/``values`` (a KVCache's ``k``/``v``) are written by index and attention reads all
+        ``max_len`` positions, masking those after ``index``, so one graph serves every step.
+        Nothing here reads or moves the cache's length pointer.
+        """
+        kv = IndexedKV(keys, values, index)
+        written = (torch.arange(keys[0].shape[2], device=index.device) <= index)[None]  # (1, max_len)
+        h = self.tok_embeddings(tokens)
+        rope = self.rope(index)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, written, kv, i)
+        return self.hidden_to_logits(h)
+
+    def compile_decoding(self, max_autotune: bool = True) -> "RasterGenerator":
+        """Decode one-token steps through ``torch.compile`` (inductor); opt-in, returns ``self``.
+
+        Why: at batch 1 a decode step is hundreds of small ops around a few matrix-vector products.
+        Inductor fuses the small ops, and with ``freezing`` prepacks the weights for its own GEMM
+        kernels (``max_autotune`` lets it pick them: AMX / AVX-512 where the CPU has them; not for
+        fp32 on the CPU, where MKL's GEMVs are faster).
+        :meth:`decode_static` keeps shapes static, so there is one compile per batch size; the
+        first decode step compiles (tens of seconds for GPT-B). Prefill, multi-token steps (speculative
+        samplers), captions with padding, training and grad-enabled calls stay eager. The compiled
+        step froze the weights as they are now: ``.to()`` and ``load_state_dict`` drop it (decoding
+        is eager again until the next call); other in-place weight edits need a new call. Compiled
+        CPU kernels keep the thread count of the compile.
+        """
+        if self.layout.kind != "raster":
+            raise InvalidArgumentError(
+                f"compiled decoding covers one token a step (raster layout); this model's layout is {self.layout.kind}"
+            )
+        from torch._inductor import config as inductor_config
+
+        p = next(self.parameters())
+        # fp32 GEMVs on the CPU: MKL's (eager) beat inductor's prepacked and template GEMMs (measured
+        # on GPT-B, batch 1), so fp32 CPU compiles fuse the small ops only
+        packed = not (p.device.type == "cpu" and p.dtype == torch.float32)
+        settings: dict[str, Any] = {"freezing": packed, "max_autotune": max_autotune and packed}
+        if settings["max_autotune"] and p.device.type == "cpu":
+            settings["max_autotune_gemm_backends"] = "CPP,ATEN"
+        # dynamo reads ``freezing`` when it traces and inductor when it compiles, and both happen
+        # inside a call (the first one, or one with a new batch size): so every call runs under
+        # these settings (torch.compile's ``options=`` does not reach dynamo)
+        patch = inductor_config.patch(settings)
+        # guards on the input tensors only (shape, dtype, device: a new batch size recompiles). The
+        # module guards would cost more per step than the rest of the call, and guard nothing that
+        # matters here: the weights are frozen, and forward() calls this in eval mode without grad
+        compiled = torch.compile(_StaticDecodeStep(self), dynamic=False,
+                                 options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+
+        def step(*args: Any) -> torch.Tensor:
+            with patch:
+                return compiled(*args)
+
+        self._set_compiled_step(step)
+        return self
 
     def rollback(self, cache: KVCache, state: Any, step: int) -> None:
         cache.truncate(self.cond_len + self.layout.step_starts[step - 1])
