@@ -150,3 +150,50 @@ def test_bad_inputs(model):
         MultiScaleVQTokenizer(MSVQConfig(**{**CFG.__dict__, "patch_nums": (1, 3, 2)}))
     with pytest.raises(InvalidArgumentError, match="ch_mult must start with 1"):
         MultiScaleVQTokenizer(MSVQConfig(**{**CFG.__dict__, "ch_mult": (2, 2)}))
+
+
+# -- the decoder's inference paths ----------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsample2x_conv3x3_equals_upsample_then_conv(bias):
+    from varkit.tokenizers.msvq import upsample2x_conv3x3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 7, generator=g)
+    w = torch.randn(4, 6, 3, 3, generator=g)
+    b = torch.randn(4, generator=g) if bias else None
+    want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=1)
+    got = upsample2x_conv3x3(x, w, b)
+    assert got.shape == want.shape == (2, 4, 10, 14)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_decoder_inference_paths_match_diffusers_forward(monkeypatch):
+    """The swapped upsampler and resnet blocks give diffusers' results without autograd, and keep its training path."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.upsampling import Upsample2D
+    import varkit.tokenizers.msvq as msvq
+
+    torch.manual_seed(0)
+    m = MultiScaleVQTokenizer(MSVQConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, codebook_size=16,
+                                         patch_nums=(1, 2, 4, 32), norm_num_groups=4)).eval()
+    ups = [u for b in m.decoder.up_blocks for u in (b.upsamplers or [])]
+    assert ups and all(isinstance(u, msvq._UpsampleConv) for u in ups)
+    assert any(isinstance(r, msvq._ResnetBlock) for r in m.decoder.modules())
+    monkeypatch.setattr(msvq._UpsampleConv, "min_side", 1)   # every level takes the low-resolution form
+    f_hat = torch.randn(1, 4, 32, 32)
+    with torch.no_grad():
+        fast = m.decode_fhat(f_hat)
+    monkeypatch.setattr(msvq._ResnetBlock, "forward", ResnetBlock2D.forward)
+    monkeypatch.setattr(msvq._UpsampleConv, "min_side", 10**9)
+    with torch.no_grad():
+        plain = m.decode_fhat(f_hat)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    assert not torch.equal(fast, torch.zeros_like(fast))
+    # with autograd: the direct form (diffusers' Upsample2D math), gradients reach the upsampler's conv
+    up = ups[0]
+    ref = Upsample2D(up.conv.in_channels, use_conv=True, out_channels=up.conv.out_channels)
+    ref.conv = up.conv
+    x = torch.randn(1, up.conv.in_channels, 4, 4, requires_grad=True)
+    y = up(x)
+    assert torch.equal(y, ref(x))
+    y.sum().backward()
+    assert up.conv.weight.grad is not None and x.grad is not None

@@ -70,6 +70,7 @@ def test_parameter_names_are_nars():
     assert {"medusa_norm.weight", "medusa_output.weight", "output.weight", "norm.weight"} <= keys
     assert max(int(k.split(".")[1]) for k in keys if k.startswith("layers.")) == 2 + 2 - 1
     assert gen.cache_dims()[0] == 4
+    assert type(gen.medusa_output) is type(gen.output)  # both heads take varkit's Linear decode paths
     fresh = NeighborsGenerator(gen.config)  # NAR's init: output zero, medusa_output not
     assert fresh.output.weight.abs().max() == 0 and fresh.medusa_output.weight.abs().max() > 0
 
@@ -117,6 +118,17 @@ def test_proximity_mask_within_front():
             assert diff[L.step_starts[s + 1]:].max() > 0  # later fronts see it
 
 
+def test_one_front_needs_no_mask():
+    """A one-front input attends to everything (mask None, SDPA's fast path); two fronts need the mask."""
+    gen = tiny(grid=4)
+    starts = gen.layout.step_starts
+    assert gen._mask(slice(starts[2], starts[3]), 5, "cpu") is None
+    two = gen._mask(slice(starts[2], starts[4]), 5, "cpu")
+    assert two.shape == (starts[4] - starts[2], 5 + starts[4] - starts[2])
+    assert two[:, :5].all() and not two.all()  # the past is visible, the later front is not to the earlier one
+    assert bool(two[-1].all())
+
+
 @pytest.mark.parametrize("medusa", [1, 2])
 def test_teacher_forcing_equals_decoding(medusa):
     gen = tiny(grid=5, medusa=medusa)
@@ -130,6 +142,19 @@ def test_teacher_forcing_equals_decoding(medusa):
     # a prefix of the layout gives the prefix of the logits
     with torch.no_grad():
         torch.testing.assert_close(gen.teacher_forcing_logits(cond, tokens[:, :9]), tf[:, :9], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_weights_give_the_same_samples(dtype):
+    """The prepacked-linear path (what ``varkit bench nar`` times) samples the tokens the plain path does."""
+    from varkit.nn.layers import prepack_linears
+
+    gen = tiny(grid=5).to(dtype)
+    params = SamplingParams(cfg=4.0, top_k=8)
+    plain = get_sampler("ancestral", params).sample(gen, torch.tensor([1, 3]), image_generators(0, 2)).tokens
+    assert prepack_linears(gen) == 5 * 3 + 2  # wqkv, wo, w1, w2, w3 in 3 layers (2 + medusa), both heads
+    packed = get_sampler("ancestral", params).sample(gen, torch.tensor([1, 3]), image_generators(0, 2)).tokens
+    assert torch.equal(packed, plain)
 
 
 def test_multistep_forward_and_rollback():
@@ -251,6 +276,19 @@ def test_bench_rows_and_official_path(tmp_path):
     add_nar_bench_parser(p.add_subparsers())
     args = p.parse_args(["nar", "--official", "/x", "--batch", "1", "8"])
     assert args.batch == [1, 8] and args.cfg == 4.0 and args.func.__name__ == "cmd_bench_nar"
+    (tmp_path / "NAR-images").mkdir()  # a checkout's root is searched for its NAR-images folder
+    with pytest.raises(InvalidArgumentError, match="NAR-images is not NAR's source tree"):
+        load_official(tmp_path)
+
+
+def test_bench_times_round_robin():
+    """Implementations are timed A B A B, each as many times as asked; the fastest call is kept."""
+    from varkit.bench.nar import _interleaved
+
+    calls = []
+    out = _interleaved([lambda: calls.append("a") or "ra", lambda: calls.append("b") or "rb"], [2, 3])
+    assert calls == ["a", "b", "a", "b", "b"]
+    assert [o[0] for o in out] == ["ra", "rb"] and all(0 <= o[1] < float("inf") and o[2] >= 0 for o in out)
 
 
 OFFICIAL = "/work/ref/NAR/NAR-images"

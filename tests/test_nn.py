@@ -1,6 +1,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 from varkit.nn import RMSNorm, block_causal_mask
 from varkit.nn.layers import swiglu_hidden_dim
@@ -21,6 +22,22 @@ def test_apply_rope_rotates_interleaved_pairs():
     sin = torch.tensor([[math.sin(0.5), math.sin(1.0)]])
     y = apply_rope(x, cos, sin).flatten()
     assert torch.allclose(y, torch.tensor([math.cos(0.5), math.sin(0.5), -math.sin(1.0), math.cos(1.0)]))
+
+
+def test_apply_rope_on_strided_views_is_the_real_form():
+    """q and k come as strided views of the fused qkv (odd offsets too): same result as the real-form formula."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 5, 3, 4, 8)
+    ang = torch.rand(5, 4) * 20
+    cos, sin = ang.cos(), ang.sin()
+    for x in (*qkv.unbind(2), torch.randn(2, 5, 4, 9)[..., 1:], qkv[:, :, 0].bfloat16()):
+        xf = x.float()
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+        c, s = cos[None, :, None], sin[None, :, None]
+        ref = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], -1).flatten(-2).type_as(x)
+        out = apply_rope(x, cos, sin)
+        assert out.dtype == x.dtype
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_zero_rows_zero_the_prefix():
@@ -60,6 +77,41 @@ def test_bf16_small_row_linear_matches_nn_linear():
         assert (a.float() - b.float()).abs().max() <= 0.05 * b.float().abs().max()
     x = torch.randn(3, 64)
     assert torch.equal(ours.float()(x), ref.float()(x))  # fp32 is exactly nn.Linear
+
+
+def test_prepacked_linear_matches_nn_linear_and_follows_the_weight():
+    """Prepacked (oneDNN) inference path: F.linear's result (bit-exact in bf16), repacked after any weight change."""
+    import copy
+    import io
+
+    from varkit.nn.layers import Linear, prepack_linears
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Linear(64, 96, bias=True), torch.nn.GELU(), Linear(96, 32, bias=False))
+    assert prepack_linears(model) == 2 and model[0].prepacked
+    with torch.no_grad():
+        for rows in (1, 5, 40):
+            x = torch.randn(2, rows, 128)[..., :64]  # a strided view, as the heads' inputs are
+            ref = F.linear(x, model[0].weight, model[0].bias)
+            torch.testing.assert_close(model[0](x), ref, rtol=1e-5, atol=1e-5)
+            xb, mb = x.bfloat16(), copy.deepcopy(model[0]).bfloat16()
+            assert torch.equal(mb(xb), F.linear(xb, mb.weight, mb.bias))
+        assert "_packed" in model[0].__dict__
+        model[0].weight.mul_(2)  # an in-place edit is seen
+        torch.testing.assert_close(model[0](x), F.linear(x, model[0].weight, model[0].bias), rtol=1e-5, atol=1e-5)
+    half = model.bfloat16()  # .to() drops the packed copy, the next call packs the new weight
+    assert "_packed" not in half[0].__dict__
+    with torch.no_grad():
+        xb = torch.randn(3, 64).bfloat16()
+        assert torch.equal(half[0](xb), F.linear(xb, half[0].weight, half[0].bias))
+    torch.save(copy.deepcopy(half), io.BytesIO())  # the opaque packed tensor is neither copied nor pickled
+    model = model.float()
+    x = torch.randn(4, 64)
+    y = model(x)  # grad enabled: the ordinary path, gradients flow
+    y.sum().backward()
+    assert model[0].weight.grad is not None
+    prepack_linears(model, enabled=False)
+    assert not model[0].prepacked and "_packed" not in model[0].__dict__
 
 
 def test_rotary_tables_stay_fp32_when_the_model_is_cast():

@@ -70,3 +70,41 @@ def test_var_configs_match_published_parameter_counts():
         assert sum(p.numel() for p in create_model("var-d16").parameters()) == 310_283_520
         assert sum(p.numel() for p in create_model("var-d36").parameters()) == 2_353_893_904
         assert sum(p.numel() for p in create_model("llamagen-b").parameters()) == 110_888_448
+
+
+def test_inference_gemms_on_packed_weights_match_plain(var_pair):
+    """VAR's Linear layers (qkv with q/v bias, ffn, head) run fp32 CPU inference on prepacked weights:
+    the same logits as plain F.linear, weights re-packed when they change, nothing packed under autograd."""
+    from varkit.nn.layers import Linear, prepack_linears
+
+    tok, gen = var_pair
+    lin = {n: m for n, m in gen.named_modules() if isinstance(m, Linear)}
+    assert {"head", "blocks.0.attn.wqkv", "blocks.0.attn.wo", "blocks.0.ffn.fc1", "blocks.0.ffn.fc2"} <= set(lin)
+    assert prepack_linears(gen) == len(lin)
+    cond = torch.tensor([1, 2, 3, 4])
+    tokens = torch.randint(0, 16, (4, gen.layout.num_tokens), generator=torch.Generator().manual_seed(0))
+
+    def decode():
+        with torch.inference_mode():
+            cache = gen.new_cache(4)
+            logits, state = gen.prefill(cond, cache)
+            outs = [logits] + [gen(tokens[:, gen.layout.step_slice(s - 1)], s, cache, state)
+                               for s in range(1, gen.layout.num_steps)]
+        return torch.cat(outs, 1)
+
+    packed = decode()
+    if torch.backends.mkldnn.is_available():
+        assert all("_packed" in lin[n].__dict__ for n in ("head", "blocks.0.attn.wqkv", "blocks.0.ffn.fc1"))
+    with torch.no_grad():
+        gen.head.weight.mul_(2)   # an in-place update must re-pack
+    repacked = decode()
+    prepack_linears(gen, enabled=False)
+    assert all(not m.prepacked and "_packed" not in m.__dict__ for m in lin.values())
+    torch.testing.assert_close(repacked, decode(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        gen.head.weight.div_(2)
+    torch.testing.assert_close(packed, decode(), atol=1e-5, rtol=1e-5)
+    prepack_linears(gen)
+    gen.train()
+    gen.teacher_forcing_logits(cond, tokens).sum().backward()   # autograd: plain F.linear, gradients flow
+    assert all("_packed" not in m.__dict__ for m in lin.values()) and gen.head.weight.grad is not None

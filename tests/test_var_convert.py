@@ -353,6 +353,17 @@ def test_bench_parser_and_bad_official_path(tmp_path):
     add_var_bench_parser(p.add_subparsers())
     args = p.parse_args(["var", "--official", str(tmp_path), "--work-dir", str(tmp_path / "w")])
     assert (args.batch, args.cfg, args.top_k, args.top_p, args.config) == ([1, 8], 1.5, 900, 0.96, "var-d16")
+    assert not args.profile and p.parse_args(["var", "--official", "x", "--profile"]).profile
     with pytest.raises(InvalidArgumentError, match="not a checkout of FoundationVision/VAR"):
         run_side_by_side(args)
     assert not (tmp_path / "w").exists()
+
+
+def test_bench_profile_sums_op_time_by_category():
+    from varkit.bench.var import PROFILE_CATEGORIES, _timed
+
+    x = torch.randn(64, 64)
+    out, wall, cpu, cats = _timed(lambda: torch.nn.functional.gelu(x @ x), True)
+    assert out.shape == (64, 64) and wall > 0 and cpu > 0
+    assert set(cats) == {*PROFILE_CATEGORIES, "other"} and cats["gemm"] > 0 and cats["activations"] > 0
+    assert cats["conv"] == 0 and _timed(lambda: 1, False)[3] is None

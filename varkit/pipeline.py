@@ -82,6 +82,17 @@ class Pipeline:
         self.generator.compile_decoding(max_autotune)
         return self
 
+    def prepack(self, enabled: bool = True) -> "Pipeline":
+        """Run the generator's CPU inference GEMMs on weights packed once for oneDNN (opt-in); returns ``self``.
+
+        1.1-2x faster GEMMs at decode shapes (AMX in bf16), for one more copy of the generator's linear
+        weights in memory (+1.2 GB for VAR-d16 in fp32). See :func:`varkit.nn.layers.prepack_linears`.
+        """
+        from .nn.layers import prepack_linears
+
+        prepack_linears(self.generator, enabled)
+        return self
+
     def sampling_params(self, **overrides: Any) -> SamplingParams:
         """The model's defaults with every non-None override applied."""
         values = {k: self.defaults.get(k) for k in SAMPLING_KEYS}
@@ -172,10 +183,12 @@ class Pipeline:
 
 
 def load_pipeline(name_or_dir: str | Path, device: str | torch.device | None = "cpu",
-                  dtype: str | torch.dtype | None = None, compile: bool = False) -> Pipeline:
+                  dtype: str | torch.dtype | None = None, compile: bool = False,
+                  prepack: bool = False) -> Pipeline:
     """A bundled model by name (see :func:`bundled_models`) or a pipeline folder; offline.
 
     ``compile``: decode through the generator's compiled step (:meth:`Pipeline.compile`).
+    ``prepack``: CPU inference GEMMs on prepacked weights (:meth:`Pipeline.prepack`).
     """
     path = Path(name_or_dir)
     if (ASSETS / str(name_or_dir) / "config.json").is_file() and not path.exists():
@@ -186,6 +199,8 @@ def load_pipeline(name_or_dir: str | Path, device: str | torch.device | None = "
             "and no such folder"
         )
     pipe = Pipeline.from_pretrained(path).to(device, dtype)
+    if prepack:
+        pipe.prepack()
     return pipe.compile() if compile else pipe
 
 

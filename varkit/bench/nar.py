@@ -2,7 +2,8 @@
 
 Rows, at every batch size (CFG 4 by default, so the generator sees twice the batch):
 
-- ``varkit``/``nar``: varkit's ancestral sampler on a :class:`NeighborsGenerator`;
+- ``varkit``/``nar``: varkit's ancestral sampler on a :class:`NeighborsGenerator`, with plain
+  linears and/or (``--prepack``) with weights prepacked for oneDNN (:func:`varkit.nn.layers.prepack_linears`);
 - ``official``/``nar``: NAR's own ``generate`` (``autoregressive/models/generate.py`` of the
   source tree given by ``--official``) on the *same weights*, loaded into NAR's ``Transformer``;
 - ``varkit``/``raster``: the ancestral sampler on a LlamaGen raster generator of the same size.
@@ -12,11 +13,13 @@ non-zero heads) and, when bundled, ``digits-nar`` vs ``digits``. Both NAR implem
 same sampling settings (temperature, top-k), dtype (``--dtype``, as NAR's ``--precision``) and
 number of threads; wall time is the best of ``--repeats`` runs of a whole sampling call (NAR's
 includes its cache setup, as its ``generate`` does it per call), ``cpu_s`` the process CPU time of
-that run (steadier than wall time when other processes share the cores).
+that run (steadier than wall time when other processes share the cores). The implementations are
+timed round-robin, so that load from other processes falls on all of them alike.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import sys
 import time
@@ -26,8 +29,9 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError
+from ..nn.layers import prepack_linears
 
-COLUMNS = ["model", "impl", "layout", "batch", "forward_passes", "wall_s", "cpu_s", "images_per_s", "vs_raster",
+COLUMNS = ["model", "impl", "layout", "prepacked", "batch", "forward_passes", "wall_s", "cpu_s", "images_per_s", "vs_raster",
            "vs_official", "cpu_vs_official"]
 
 # NAR GPT-B and LlamaGen GPT-B (class-conditional, 16x16 tokens, vocabulary 16384)
@@ -58,8 +62,10 @@ def b_models(seed: int = 0):
 
 
 def load_official(path: str | Path):
-    """NAR's ``gpt`` and ``generate`` modules, imported from the source tree ``path`` (NAR-images)."""
+    """NAR's ``gpt`` and ``generate`` modules, imported from the source tree ``path`` (NAR-images, or the checkout)."""
     root = Path(path)
+    if (root / "NAR-images").is_dir() and not (root / "autoregressive").is_dir():
+        root = root / "NAR-images"  # the checkout's root: its image code is in NAR-images
     if not (root / "autoregressive" / "models" / "generate.py").is_file():
         raise InvalidArgumentError(
             f"{root} is not NAR's source tree: it has no autoregressive/models/generate.py "
@@ -92,55 +98,78 @@ def official_model(gpt_module, nar_gen) -> torch.nn.Module:
 
 
 def _best(fn, repeats: int):
-    """(result, wall seconds, CPU seconds of this process) of the fastest of ``repeats`` calls.
+    """(result, wall seconds, CPU seconds of this process) of the fastest of ``repeats`` calls."""
+    return _interleaved([fn], [repeats])[0]
 
-    CPU seconds are less sensitive than wall time to other processes sharing the cores.
+
+def _interleaved(fns: list, repeats: list[int]) -> list[tuple[Any, float, float]]:
+    """(result, wall s, CPU s) of the fastest call of each of ``fns``, called round-robin.
+
+    Round-robin (A B C A B C, not A A B B C C) so that a burst of load from other processes on
+    a shared machine hits every implementation alike; CPU seconds are less sensitive than wall
+    time to other processes sharing the cores.
     """
-    best = (None, float("inf"), float("inf"))
-    for _ in range(max(repeats, 1)):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if wall < best[1]:
-            best = (out, wall, cpu)
+    best = [(None, float("inf"), float("inf")) for _ in fns]
+    for r in range(max(max(repeats), 1)):
+        for i, fn in enumerate(fns):
+            if r >= max(repeats[i], 1):
+                continue
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = fn()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if wall < best[i][1]:
+                best[i] = (out, wall, cpu)
     return best
 
 
-def bench_varkit(gen, name: str, layout: str, batch: int, params, repeats: int) -> dict[str, Any]:
+def varkit_runner(gen, batch: int, params):
+    """A call that samples ``batch`` images with varkit's ancestral sampler; it returns the forward passes."""
     from ..samplers import get_sampler
     from ..samplers.logits import image_generators
 
     cond = torch.arange(batch) % gen.num_classes
     sampler = get_sampler("ancestral", params)
-    res, t, cpu = _best(lambda: sampler.sample(gen, cond, image_generators(0, batch)), repeats)
-    return {"model": name, "impl": "varkit", "layout": layout, "batch": batch,
-            "forward_passes": res.stats.forward_passes, "wall_s": t, "cpu_s": cpu, "images_per_s": batch / t}
+    return lambda: sampler.sample(gen, cond, image_generators(0, batch)).stats.forward_passes
 
 
-def bench_official(gen_module, model, name: str, batch: int, params, repeats: int) -> dict[str, Any]:
+def official_runner(gen_module, model, batch: int, params):
+    """A call that samples ``batch`` images with NAR's own ``generate``; it returns the forward passes."""
     grid = model.grid_size
     cond = torch.arange(batch) % model.num_classes
     calls = {"n": 0}
-    forward = model.forward
+    forward = type(model).forward
 
     def counting(*a, **kw):
         calls["n"] += 1
-        return forward(*a, **kw)
+        return forward(model, *a, **kw)
 
     def run():
         calls["n"] = 0
         torch.manual_seed(0)
-        return gen_module.generate(model, cond, grid * grid, cfg_scale=params.cfg, cfg_interval=-1,
-                                   temperature=params.temperature, top_k=params.top_k or 0,
-                                   top_p=params.top_p if params.top_p is not None else 1.0, sample_logits=True)
+        model.forward = counting
+        try:
+            gen_module.generate(model, cond, grid * grid, cfg_scale=params.cfg, cfg_interval=-1,
+                                temperature=params.temperature, top_k=params.top_k or 0,
+                                top_p=params.top_p if params.top_p is not None else 1.0, sample_logits=True)
+        finally:
+            del model.forward
+        return calls["n"]
 
-    model.forward = counting
-    try:
-        _, t, cpu = _best(run, repeats)
-    finally:
-        del model.forward
-    return {"model": name, "impl": "official", "layout": "neighbors", "batch": batch,
-            "forward_passes": calls["n"], "wall_s": t, "cpu_s": cpu, "images_per_s": batch / t}
+    return run
+
+
+def _row(name: str, impl: str, layout: str, batch: int, timed: tuple[Any, float, float]) -> dict[str, Any]:
+    passes, t, cpu = timed
+    return {"model": name, "impl": impl, "layout": layout, "batch": batch, "forward_passes": passes,
+            "wall_s": t, "cpu_s": cpu, "images_per_s": batch / t}
+
+
+def bench_varkit(gen, name: str, layout: str, batch: int, params, repeats: int) -> dict[str, Any]:
+    return _row(name, "varkit", layout, batch, _best(varkit_runner(gen, batch, params), repeats))
+
+
+def bench_official(gen_module, model, name: str, batch: int, params, repeats: int) -> dict[str, Any]:
+    return _row(name, "official", "neighbors", batch, _best(official_runner(gen_module, model, batch, params), repeats))
 
 
 def run_bench(args) -> list[dict[str, Any]]:
@@ -169,12 +198,24 @@ def run_bench(args) -> list[dict[str, Any]]:
         # as NAR's sample_c2i.py --precision: the whole model (and so its KV cache) in that dtype
         nar, raster = nar.to(dtype), raster.to(dtype)
         off_model = off_model.to(dtype) if off_model is not None else None
+        # varkit's NAR with plain linears and/or with prepacked weights (a copy of the model: its own packed cache)
+        nars = []
+        if args.prepack in ("off", "both"):
+            nars.append((False, nar))
+        if args.prepack in ("on", "both"):
+            packed = copy.deepcopy(nar)
+            prepack_linears(packed)
+            nars.append((True, packed))
         for b in args.batch:
-            group = [bench_varkit(nar, name, "neighbors", b, params, args.repeats)]
+            # (row label, call, repeats), timed round-robin
+            runs = [(("varkit", "neighbors", p), varkit_runner(g, b, params), args.repeats) for p, g in nars]
             if off_model is not None:
-                group.append(bench_official(official[1], off_model, name, b, params, args.official_repeats))
+                runs.append((("official", "neighbors", False), official_runner(official[1], off_model, b, params),
+                             args.official_repeats))
             if not args.skip_raster:
-                group.append(bench_varkit(raster, name, "raster", b, params, 1))
+                runs.append((("varkit", "raster", False), varkit_runner(raster, b, params), 1))
+            timed = _interleaved([fn for _, fn, _ in runs], [n for _, _, n in runs])
+            group = [_row(name, impl, layout, b, t) | {"prepacked": p} for ((impl, layout, p), _, _), t in zip(runs, timed)]
             ras = next((r for r in group if r["layout"] == "raster"), None)
             off = next((r for r in group if r["impl"] == "official"), None)
             for r in group:
@@ -209,7 +250,7 @@ def add_nar_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     """Add ``varkit bench nar`` to the ``bench`` sub-commands."""
     p = bench_subparsers.add_parser("nar", help="NAR vs raster, and varkit's NAR vs NAR's own sampling loop")
     p.add_argument("--official", default=None,
-                   help="NAR's source tree (the NAR-images folder of a ThisisBillhe/NAR checkout) to time its own loop")
+                   help="NAR's source tree (a ThisisBillhe/NAR checkout or its NAR-images folder) to time its own loop")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -218,6 +259,8 @@ def add_nar_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--official-repeats", type=int, default=2, help="best of this many runs for NAR's own loop")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16 (NAR's --precision bf16), for every model")
+    p.add_argument("--prepack", choices=["off", "on", "both"], default="both",
+                   help="varkit's NAR with plain linears (off), prepacked oneDNN weights (on), or a row for each")
     p.add_argument("--seed", type=int, default=0, help="seed of the random B-sized weights")
     p.add_argument("--bundled-nar", default="digits-nar")
     p.add_argument("--bundled-raster", default="digits")

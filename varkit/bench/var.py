@@ -12,12 +12,13 @@ largest total of its per-layer ``cached_k``/``cached_v`` tensors (a ``torch.cat`
 Images/s = batch / wall seconds of one whole call (sampling + VQVAE decode; varkit's also makes PIL images),
 best of the timed runs; ``speedup`` = varkit/official images/s, ``speedup_mean`` the ratio of mean times and
 ``speedup_cpu`` the ratio of process CPU seconds (less sensitive to other processes on a shared machine).
+``--profile`` adds one ``torch.profiler`` run per side and batch size: seconds per op category (GEMM, conv,
+attention, ...), to show where the two sides differ.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -35,6 +36,20 @@ LABELS = [980, 437, 22, 562, 207, 360, 388, 88, 979, 417, 279, 971, 1, 130, 94, 
 COLUMNS = ["impl", "batch", "images_per_s", "s_per_image", "best_s", "mean_s", "cpu_s_per_image", "runs",
            "kv_peak_bytes", "kv_transient_bytes", "speedup", "speedup_mean", "speedup_cpu"]
 _TAG = "@@VARBENCH "
+#: op-name prefixes of each category of ``--profile`` (the rest is "other")
+PROFILE_CATEGORIES = {
+    "gemm": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "mkl::_mkl_linear", "mkldnn::_linear_pointwise"),
+    "conv": ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten::_nnpack", "mkldnn::_convolution"),
+    "attention": ("aten::_scaled_dot_product",),
+    "norms": ("aten::native_group_norm", "aten::native_layer_norm", "aten::linalg_vector_norm"),
+    "activations": ("aten::gelu", "aten::silu"),
+    "sampling": ("aten::topk", "aten::sort", "aten::_softmax", "aten::cumsum", "aten::multinomial", "aten::exponential_",
+                 "aten::searchsorted", "aten::masked_fill", "aten::scatter", "aten::argmax", "aten::uniform_", "aten::gather"),
+    "resampling": ("aten::upsample", "aten::_upsample", "aten::avg_pool2d", "aten::_adaptive_avg_pool2d"),
+    "copies": ("aten::copy_", "aten::cat", "aten::fill_", "aten::zero_", "aten::clone", "aten::index", "aten::repeat"),
+    "elementwise": ("aten::add", "aten::mul", "aten::div", "aten::sub", "aten::rsub", "aten::addcmul", "aten::clamp",
+                    "aten::exp", "aten::where", "aten::lt", "aten::le", "aten::ge", "aten::round", "aten::neg"),
+}
 
 
 def bench_labels(batch: int, num_classes: int) -> list[int]:
@@ -42,118 +57,16 @@ def bench_labels(batch: int, num_classes: int) -> list[int]:
     return [LABELS[i % len(LABELS)] % num_classes for i in range(batch)]
 
 
-# -- the shared random weights (VAR's raw format) -------------------------------------------------
-def _levels(patch_nums) -> torch.Tensor:
-    return torch.cat([torch.full((p * p,), i, dtype=torch.long) for i, p in enumerate(patch_nums)]).view(1, -1)
-
-
-def var_init_like(items, seed: int, patch_nums) -> dict[str, torch.Tensor]:
-    """VAR's ``init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)`` key by key
-    (``randn·std``; the ±2 truncation of ``trunc_normal_`` is inactive at these stds); derived buffers exact."""
-    shapes = {k: tuple(s) for k, s in items}
-    C = shapes["class_emb.weight"][1]
-    depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
-    std = math.sqrt(1 / C / 3)
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in items:
-        shape = tuple(shape)
-        if key == "lvl_1L":
-            out[key] = _levels(patch_nums)
-            continue
-        if key == "attn_bias_for_masking":
-            d = _levels(patch_nums).view(1, -1, 1)
-            out[key] = torch.where(d >= d.transpose(1, 2), 0.0, -torch.inf).reshape(shape)
-            continue
-        if key.endswith(("zero_k_bias", "q_bias", "v_bias", ".bias")):
-            out[key] = torch.zeros(shape)
-            continue
-        if key.endswith("scale_mul_1H11"):
-            out[key] = torch.full(shape, 4.0).log()
-            continue
-        if key.endswith("ada_gss"):
-            t = torch.randn(shape, generator=g) / C ** 0.5
-            t[:, :, 2:] *= 0.5
-            t[:, :, :2] *= 1e-5
-            out[key] = t
-            continue
-        t = torch.randn(shape, generator=g) * std
-        if key == "head.weight":
-            t *= 0.02
-        elif key == "head_nm.ada_lin.1.weight":
-            t *= 0.5
-        elif key.endswith(("attn.proj.weight", "ffn.fc2.weight")):
-            t /= math.sqrt(2 * depth)
-        elif key.startswith("blocks.") and key.endswith("ada_lin.1.weight"):
-            t[2 * C:] *= 0.5
-            t[:2 * C] *= 1e-5
-        out[key] = t
-    return out
-
-
-def perturb(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """O(1) AdaLN gates, unit-std class embeddings, a sharp head: a fresh VAR that is not degenerate."""
-    C = sd["class_emb.weight"].shape[1]
-    std = math.sqrt(1 / C / 3)
-    g = torch.Generator().manual_seed(seed)
-
-    def n(t):
-        return torch.randn(t.shape, generator=g)
-
-    for key in list(sd):
-        t = sd[key]
-        if key == "class_emb.weight":
-            t = t / std
-        elif key == "head.weight":
-            t = t / 0.02 * 2
-        elif key == "word_embed.weight":
-            t = t * 5
-        elif key.startswith("blocks.") and key.endswith("ada_lin.1.weight"):
-            t[:2 * C] *= 1e5
-        elif key.startswith("blocks.") and key.endswith("ada_lin.1.bias"):
-            t = t + 0.2 * n(t)
-            t[:2 * C] += 0.5
-        elif key.endswith("ada_gss"):
-            t[:, :, :2] = 0.5 + 0.2 * n(t[:, :, :2])
-            t[:, :, 2:] += 0.2 * n(t[:, :, 2:])
-        elif key in ("head_nm.ada_lin.1.bias", "shared_ada_lin.1.bias") or key.endswith(("q_bias", "v_bias")):
-            t = t + 0.2 * n(t)
-        elif key.endswith("scale_mul_1H11"):
-            t = t + 0.5 * n(t)
-        elif key.endswith(".bias"):
-            t = t + 0.05 * n(t)
-        sd[key] = t
-    return sd
-
-
-def vae_recipe(items, seed: int, emb_scale: float = 0.2) -> dict[str, torch.Tensor]:
-    """Random VQVAE weights with a working decoder (the recipe of tests/fixtures/var_vae)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in items:
-        t = torch.randn(tuple(shape), generator=g)
-        if key == "quantize.ema_vocab_hit_SV":
-            t = torch.zeros(tuple(shape))
-        elif key == "quantize.embedding.weight":
-            t = t * emb_scale
-        elif key.endswith(".weight") and len(shape) == 1:
-            t = 1 + 0.1 * t
-        elif key.endswith(".bias"):
-            t = 0.05 * t
-        else:
-            t = t / math.sqrt(math.prod(shape[1:]))
-        out[key] = t
-    return out
-
-
 def write_random_pair(config: str, work: Path, seed: int, **vae_overrides: Any) -> tuple[Path, Path, dict]:
-    """VAR-format ``vae.pth`` + ``var.pth`` with random weights for the named varkit config.
+    """VAR-format ``vae.pth`` + ``var.pth`` with random weights for the named varkit config, built with the
+    recipes of the golden fixtures (:mod:`varkit.checkpoints.synthetic`).
 
     The VQVAE is VAR's ``vae_ch160v4096z32`` architecture (``vae_overrides`` change it, for tests; the official
     worker needs the default ``ch_mult``)."""
+    from ..checkpoints.synthetic import items_of, var_state_dict, var_vae_state_dict
     from ..checkpoints.var import var_state_dict_to_var
-    from ..modeling import params_on_meta
     from ..checkpoints.var_vae import msvq_state_dict_to_var
+    from ..modeling import params_on_meta
     from ..models.registry import _REGISTRY
     from ..models.scales import ScalesGenerator
     from ..tokenizers.msvq import MSVQConfig, MultiScaleVQTokenizer
@@ -165,16 +78,37 @@ def write_random_pair(config: str, work: Path, seed: int, **vae_overrides: Any) 
         gen = ScalesGenerator(_REGISTRY[config][1]())
         tok = MultiScaleVQTokenizer(MSVQConfig(codebook_size=gen.config.vocab_size, z_channels=gen.config.vae_dim,
                                                patch_nums=gen.config.patch_nums, **vae_overrides))
-    var_items = [(k, list(v.shape)) for k, v in var_state_dict_to_var(gen.state_dict(), gen.config).items()]
-    vae_items = [(k, list(v.shape)) for k, v in msvq_state_dict_to_var(tok.state_dict(), tok.config).items()]
+    var_items = items_of(var_state_dict_to_var(gen.state_dict(), gen.config))
+    vae_items = items_of(msvq_state_dict_to_var(tok.state_dict(), tok.config))
     work.mkdir(parents=True, exist_ok=True)
-    torch.save(vae_recipe(vae_items, seed + 100), work / "vae.pth")
-    torch.save(perturb(var_init_like(var_items, seed, gen.config.patch_nums), seed + 1), work / "var.pth")
+    torch.save(var_vae_state_dict(vae_items, seed + 100), work / "vae.pth")
+    torch.save(var_state_dict(var_items, seed, gen.config.patch_nums), work / "var.pth")
     return work / "vae.pth", work / "var.pth", {"depth": gen.config.depth, "patch_nums": list(gen.config.patch_nums),
                                                   "shared_aln": gen.config.shared_aln}
 
 
 # -- workers (one process per implementation) -------------------------------------------------------
+def _timed(fn, profile: bool) -> tuple[Any, float, float, dict[str, float] | None]:
+    """Run ``fn``; its wall and process CPU seconds, and with ``profile`` its profiler seconds per category."""
+    prof = None
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+        prof = torch_profile(activities=[ProfilerActivity.CPU])
+        prof.__enter__()
+    t, c = time.perf_counter(), time.process_time()
+    out = fn()
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    cats = None
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        cats = {k: 0.0 for k in [*PROFILE_CATEGORIES, "other"]}
+        for e in prof.key_averages():
+            cat = next((k for k, pre in PROFILE_CATEGORIES.items() if e.key.startswith(pre)), "other")
+            cats[cat] += e.self_cpu_time_total / 1e6
+    return out, wall, cpu, cats
+
+
 def _reply(obj: dict) -> None:
     sys.stdout.write(_TAG + json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -230,20 +164,19 @@ def _official_worker(args) -> None:
         labels = torch.tensor(bench_labels(B, var.num_classes))
         kv.update(peak=0, transient=0)
         SelfAttention.forward = measured if req.get("kv") else plain
-        t, c = time.perf_counter(), time.process_time()
-        img = var.autoregressive_infer_cfg(B, labels, g_seed=req["seed"], cfg=req["cfg"],
-                                           top_k=min(req["top_k"], var.V), top_p=req["top_p"], more_smooth=False)
-        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        img, wall, cpu, cats = _timed(lambda: var.autoregressive_infer_cfg(
+            B, labels, g_seed=req["seed"], cfg=req["cfg"], top_k=min(req["top_k"], var.V), top_p=req["top_p"],
+            more_smooth=False), req.get("profile", False))
         SelfAttention.forward = plain
         _reply({"wall_s": wall, "cpu_s": cpu, "kv_peak_bytes": kv["peak"] or None, "kv_transient_bytes": kv["transient"] or None,
-                "shape": list(img.shape)})
+                "shape": list(img.shape), "profile": cats})
 
 
 def _varkit_worker(args) -> None:
     from ..pipeline import load_pipeline
 
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.pipeline)
+    pipe = load_pipeline(args.pipeline, prepack=args.prepack)
     _reply({"ready": True, "load_s": time.perf_counter() - t0, "threads": torch.get_num_threads()})
     for line in sys.stdin:
         req = json.loads(line)
@@ -251,12 +184,10 @@ def _varkit_worker(args) -> None:
             break
         B = req["batch"]
         labels = bench_labels(B, pipe.num_classes)
-        t, c = time.perf_counter(), time.process_time()
-        out = pipe(class_labels=labels, seed=req["seed"], cfg=req["cfg"], cfg_schedule="var", top_k=req["top_k"],
-                   top_p=req["top_p"])
-        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        out, wall, cpu, cats = _timed(lambda: pipe(class_labels=labels, seed=req["seed"], cfg=req["cfg"], cfg_schedule="var",
+                                                   top_k=req["top_k"], top_p=req["top_p"]), req.get("profile", False))
         _reply({"wall_s": wall, "cpu_s": cpu, "kv_peak_bytes": out.stats.cache_bytes, "kv_transient_bytes": out.stats.cache_bytes,
-                "shape": [len(out.images), *out.images[0].size]})
+                "shape": [len(out.images), *out.images[0].size], "profile": cats})
 
 
 class _Worker:
@@ -339,7 +270,9 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         common = ["--vae", str(work / "vae.pth"), "--var", str(work / "var.pth")]
         off = _Worker("official", common + ["--official", str(official)], args.threads, args.verbose)
         workers.append(off)
-        vk = _Worker("varkit", common + ["--pipeline", str(pipe_dir)], args.threads, args.verbose)
+        vk = _Worker("varkit", common + ["--pipeline", str(pipe_dir)] + (["--prepack"] if args.prepack else []),
+                     args.threads, args.verbose)
+        settings["varkit_prepacked_weights"] = bool(args.prepack)
         workers.append(vk)
         settings["load_s"] = {"official": off.info["load_s"], "varkit": vk.info["load_s"]}
         settings["worker_threads"] = {"official": off.info["threads"], "varkit": vk.info["threads"]}
@@ -370,6 +303,9 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                              "cpu_s_per_image": min(cpu) / B, "cpu_times_s": cpu,
                              "kv_peak_bytes": res[kind]["kv_peak_bytes"],
                              "kv_transient_bytes": res[kind]["kv_transient_bytes"], "times_s": t})
+            if args.profile:  # one more (untimed) run per side under the profiler
+                settings.setdefault("profile_s", {})[str(B)] = {
+                    w.kind: w.ask(**req, batch=B, seed=args.seed, profile=True)["profile"] for w in (off, vk)}
             rows[-1]["speedup"] = rows[-1]["images_per_s"] / rows[-2]["images_per_s"]
             rows[-1]["speedup_mean"] = rows[-2]["mean_s"] / rows[-1]["mean_s"]
             rows[-1]["speedup_cpu"] = rows[-2]["cpu_s_per_image"] / rows[-1]["cpu_s_per_image"]
@@ -390,6 +326,10 @@ def cmd_bench_var(args) -> None:
         torch.set_num_threads(args.threads)
     rows, settings = run_side_by_side(args)
     print_table(rows, COLUMNS)
+    for B, prof in settings.get("profile_s", {}).items():
+        print(f"profile, batch {B} (seconds per op category, one run each):")
+        print_table([{"category": k, "official": prof["official"][k], "varkit": prof["varkit"][k]}
+                     for k in prof["official"]], ["category", "official", "varkit"])
     la = settings.get("loadavg_runs") or []
     if la:
         print(f"load average during the runs: {min(la):.2f} .. {max(la):.2f} (machine has {os.cpu_count()} CPUs)")
@@ -413,6 +353,9 @@ def add_var_bench_parser(bench_subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="keep the random weights and converted pipeline here (reused)")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--no-prepack", dest="prepack", action="store_false",
+                   help="varkit without prepacked GEMM weights (load_pipeline(prepack=False), its default)")
+    p.add_argument("--profile", action="store_true", help="also profile one run per side: seconds per op category")
     p.add_argument("--name", default="var_side_by_side")
     p.add_argument("--out-dir", default="bench/results")
     p.set_defaults(func=cmd_bench_var)
@@ -425,6 +368,7 @@ def _worker_main(argv: list[str]) -> None:
     p.add_argument("--var")
     p.add_argument("--official")
     p.add_argument("--pipeline")
+    p.add_argument("--prepack", action="store_true")
     args = p.parse_args(argv)
     (_official_worker if args.worker == "official" else _varkit_worker)(args)
 

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..cache import KVCache
 from ..errors import InvalidArgumentError
 from ..modeling import register_module
 from ..nn import RMSNorm, block_causal_mask
+from ..nn.layers import Linear
 from .raster import RasterConfig, RasterGenerator, TransformerBlock
 
 
@@ -81,7 +81,8 @@ class NeighborsGenerator(RasterGenerator):
         for _ in range(config.medusa_layers):
             self.layers.append(TransformerBlock(config))
         self.medusa_norm = RMSNorm(config.dim, config.norm_eps)
-        self.medusa_output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # varkit's Linear (same parameters as NAR's nn.Linear): its CPU decode path, as ``output`` has
+        self.medusa_output = Linear(config.dim, config.vocab_size, bias=False)
         self.reset_parameters()
         # left / upper neighbour (layout index, -1 at the border) of every token
         n = config.grid
@@ -105,6 +106,17 @@ class NeighborsGenerator(RasterGenerator):
         return c.n_layer + c.medusa_layers, c.n_head, c.dim // c.n_head
 
     # -- the transformer ---------------------------------------------------------------------------
+    def _mask(self, token_idx: slice, past: int, device) -> torch.Tensor | None:
+        """None (attend to every key) when the inputs are one front, else the block-causal mask.
+
+        Every token of a front sees the whole front and everything before it, so the ancestral
+        sampler's one-front calls need no mask (SDPA is faster without one, and no mask is built).
+        """
+        steps = self.token_steps[token_idx]
+        if int(steps[0]) == int(steps[-1]):
+            return None
+        return super()._mask(token_idx, past, device)
+
     def _run(self, h: torch.Tensor, positions: slice, mask, cache: KVCache | None) -> torch.Tensor:
         """Run every layer; return ``[horizontal hidden | vertical hidden]`` (B, n, 2·dim)."""
         h = self.tok_dropout(h)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
-
 import torch
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch import nn
 
 from ..cache import KVCache
@@ -22,6 +20,7 @@ from ..errors import InvalidArgumentError
 from ..layout import scales
 from ..modeling import register_module
 from ..nn import Attention, block_causal_mask
+from ..nn.layers import Linear
 from .base import Generator
 
 
@@ -41,6 +40,19 @@ class ScalesConfig:
     init_std: float = -1.0  # < 0: sqrt(1 / dim / 3), as VAR
 
 
+class GeluMlp(nn.Module):
+    """``fc2(GELU_tanh(fc1(x)))`` on varkit's Linear; parameter names as timm's ``Mlp`` (VAR's ``ffn.fc1/fc2``)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 class AdaLNBlock(nn.Module):
     """``x += γ1·attn(LN(x)(1+s1)+b1)``; ``x += γ2·ffn(LN(x)(1+s2)+b2)``; γ, s, b from the class."""
 
@@ -48,7 +60,7 @@ class AdaLNBlock(nn.Module):
         super().__init__()
         self.dim = c.dim
         self.attn = Attention(c.dim, c.n_head, qv_bias=True, out_bias=True, qk_l2norm=True)
-        self.ffn = Mlp(c.dim, int(c.dim * c.mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
+        self.ffn = GeluMlp(c.dim, int(c.dim * c.mlp_ratio))
         self.ln = nn.LayerNorm(c.dim, eps=c.norm_eps, elementwise_affine=False)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if c.shared_aln:
@@ -64,8 +76,11 @@ class AdaLNBlock(nn.Module):
 
     def forward(self, x, cond, mask, cache, layer, mods=None):
         g1, g2, s1, s2, b1, b2 = (self.modulation(cond) if mods is None else mods).unbind(2)
-        x = x + self.drop_path(self.attn(self.ln(x) * (s1 + 1) + b1, None, mask, cache, layer) * g1)
-        return x + self.drop_path(self.ffn(self.ln(x) * (s2 + 1) + b2) * g2)
+        # addcmul: one pass over (B, n, C) instead of two for each modulation and gated residual
+        h = self.attn(torch.addcmul(b1, self.ln(x), s1 + 1), None, mask, cache, layer)
+        x = x + self.drop_path(h * g1) if self.training else torch.addcmul(x, h, g1)
+        h = self.ffn(torch.addcmul(b2, self.ln(x), s2 + 1))
+        return x + self.drop_path(h * g2) if self.training else torch.addcmul(x, h, g2)
 
 
 class AdaLNHead(nn.Module):
@@ -120,7 +135,7 @@ class ScalesGenerator(Generator):
         dpr = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
         self.blocks = nn.ModuleList(AdaLNBlock(c, dpr[i]) for i in range(c.depth))
         self.head_nm = AdaLNHead(c.dim, c.norm_eps)
-        self.head = nn.Linear(c.dim, c.vocab_size)
+        self.head = Linear(c.dim, c.vocab_size)
         self.register_buffer("lvl_1L", self.layout.step_of.clone(), persistent=False)
         for p in (self.pos_start, self.pos_1LC):
             nn.init.trunc_normal_(p, std=std)

@@ -61,7 +61,7 @@ class Attention(nn.Module):
         if self.q_bias is None:
             return self.wqkv(x)
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        return F.linear(x, self.wqkv.weight, bias)
+        return self.wqkv.linear(x, bias)
 
     def forward(
         self,
