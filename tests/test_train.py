@@ -208,3 +208,136 @@ def test_torchrun_two_processes_train_a_loadable_model(tmp_path):
     short = _train_cmd(tok, tmp_path / "short", 2, "--nproc", "2")
     subprocess.run(short, check=True, env=ENV, capture_output=True)
     assert (tmp_path / "short" / "generator" / "model.safetensors").exists()
+
+
+# -- distillation (--teacher) ---------------------------------------------------------------------
+def _tiny_teacher(tmp_path: Path, tok_dir: Path, seed: int = 0) -> Path:
+    """A random-weight tiny raster teacher over the tokenizer in ``tok_dir`` (10 digit classes), CFG 2 by default."""
+    from conftest import randomize
+    from varkit.modeling import load_module
+    from varkit.pipeline import Pipeline
+
+    gen = randomize(create_model("raster-tiny", num_classes=10), std=0.5, seed=seed)
+    out = tmp_path / f"teacher{seed}"
+    Pipeline(load_module(tok_dir), gen, {"cfg": 2.0}, name="teacher").save_pretrained(out)
+    return out
+
+
+def _kl_to_teacher(teacher_dir: Path, student, n: int = 64) -> float:
+    """Mean per-position KL(teacher || student) on sequences the teacher samples, cond and null rows."""
+    import varkit
+    from varkit.samplers import get_sampler
+    from varkit.samplers.logits import image_generators
+
+    pipe = varkit.load_pipeline(teacher_dir)
+    labels = torch.arange(n) % 10
+    toks = get_sampler("ancestral", pipe.sampling_params()).sample(pipe.generator, labels, image_generators(5, n)).tokens
+    cond = torch.cat([labels, student.null_condition(labels)])
+    with torch.no_grad():
+        p = pipe.generator.teacher_forcing_logits(cond, torch.cat([toks, toks])).log_softmax(-1)
+        q = student.eval().teacher_forcing_logits(cond, torch.cat([toks, toks])).log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_distilled_student_gets_closer_to_its_teacher(tmp_path):
+    from varkit.train.generator import train_generator
+
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    teacher = _tiny_teacher(tmp_path, tok)
+    cfg = TrainConfig(steps=80, batch_size=32, lr=1e-2, warmup=2, log_every=5, ckpt_every=1000)
+    before = create_model("raster-tiny", num_classes=10)  # the student at initialisation (zero head: uniform)
+    plain = train_generator("digits", tok, "raster-tiny", tmp_path / "plain", cfg, resolution=16).generator
+    student = train_generator("digits", tok, "raster-tiny", tmp_path / "student", cfg, resolution=16, teacher=teacher,
+                              class_dropout=0.5, teacher_samples_count=256).generator
+    kl0, kl_plain, kl = _kl_to_teacher(teacher, before), _kl_to_teacher(teacher, plain), _kl_to_teacher(teacher, student)
+    assert kl < 0.6 * kl0 and kl < 0.5 * kl_plain, (kl0, kl_plain, kl)
+    log = [json.loads(x) for x in (tmp_path / "student" / "train-generator" / "log.jsonl").read_text().splitlines()]
+    assert {"kl", "ce"} <= set(log[-1]) and log[-1]["kl"] < log[0]["kl"]
+
+
+def test_distillation_resumes_bit_exactly_and_refuses_other_settings(tmp_path, monkeypatch):
+    from varkit.errors import CheckpointError
+    from varkit.train.generator import train_generator
+
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    teacher = _tiny_teacher(tmp_path, tok)
+    cfg = TrainConfig(steps=10, batch_size=16, lr=1e-2, warmup=2, log_every=1, ckpt_every=5)
+    opts = dict(resolution=16, teacher=teacher, class_dropout=0.5, teacher_samples_count=64, ce_weight=0.5,
+                distill_cfg=2.0)
+    full = train_generator("digits", tok, "raster-tiny", tmp_path / "full", cfg, **opts).generator
+
+    class Crash(Exception):
+        pass
+
+    real_save = Trainer.save
+
+    def save_then_crash(self):  # the process dies right after its step-5 checkpoint
+        real_save(self)
+        raise Crash
+
+    monkeypatch.setattr(Trainer, "save", save_then_crash)
+    with pytest.raises(Crash):
+        train_generator("digits", tok, "raster-tiny", tmp_path / "cut", cfg, **opts)
+    monkeypatch.setattr(Trainer, "save", real_save)
+    ckpt = tmp_path / "cut" / "train-generator" / "checkpoint.pt"
+    assert torch.load(ckpt, weights_only=True)["step"] == 5
+    for other in (dict(opts, teacher=None, ce_weight=0.0, teacher_samples_count=0, distill_cfg=None),
+                  dict(opts, ce_weight=1.0), dict(opts, distill_cfg=None),
+                  dict(opts, teacher=_tiny_teacher(tmp_path, tok, seed=1))):
+        with pytest.raises(CheckpointError, match="other training settings"):
+            train_generator("digits", tok, "raster-tiny", tmp_path / "cut", cfg, resume=str(ckpt), **other)
+    resumed = train_generator("digits", tok, "raster-tiny", tmp_path / "cut", cfg, resume=str(ckpt), **opts).generator
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed distillation differs from the uninterrupted one"
+    log = [json.loads(x) for x in (tmp_path / "cut" / "train-generator" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 11)) and {"kl", "kl_cfg", "ce"} <= set(log[-1])
+
+
+def test_distillation_and_init_errors(tmp_path):
+    from varkit.train.generator import train_generator
+
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    torch.manual_seed(1)
+    other_tok = VQTokenizer(VQConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, codebook_size=16,
+                                     codebook_dim=4, norm_groups=4))
+    other_tok.save_pretrained(tmp_path / "other_tok")
+    teacher = _tiny_teacher(tmp_path, tmp_path / "other_tok")
+    cfg = TrainConfig(steps=1, batch_size=4)
+    with pytest.raises(InvalidArgumentError, match="another tokenizer"):
+        train_generator("digits", tok, "raster-tiny", tmp_path / "o", cfg, resolution=16, teacher=teacher)
+    with pytest.raises(InvalidArgumentError, match="only apply with --teacher"):
+        train_generator("digits", tok, "raster-tiny", tmp_path / "o", cfg, resolution=16, ce_weight=1.0)
+    with pytest.raises(InvalidArgumentError, match="has no field widht"):
+        train_generator("digits", tok, "raster-tiny", tmp_path / "o", cfg, resolution=16, widht=3)
+    with pytest.raises(InvalidArgumentError, match="no parameter"):
+        train_generator("digits", tok, "raster-tiny", tmp_path / "o", cfg, resolution=16, init_from=teacher,
+                        dim=48, n_head=2)
+
+
+def test_init_from_copies_the_matching_weights(tmp_path):
+    import varkit
+    from varkit.train.generator import init_from_generator
+
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    teacher = _tiny_teacher(tmp_path, tok)
+    src = varkit.load_pipeline(teacher).generator.state_dict()
+    student = create_model("raster-tiny", num_classes=10, n_layer=1)
+    copied = init_from_generator(student, teacher)
+    own = student.state_dict()
+    assert "layers.0.attention.wqkv.weight" in copied and not any(k.startswith("layers.1") for k in own)
+    assert all(torch.equal(own[k], src[k]) for k in copied) and set(copied) == set(own)
+
+
+def test_teacher_samples_are_reproducible_and_never_the_evaluation_images(tmp_path):
+    import varkit
+    from varkit.samplers import get_sampler
+    from varkit.samplers.logits import image_generators
+    from varkit.train.generator import teacher_samples
+
+    pipe = varkit.load_pipeline(_tiny_teacher(tmp_path, _tiny_tokenizer(tmp_path / "tok")))
+    toks, labels = teacher_samples(pipe, 20, 0, torch.device("cpu"), batch=8)
+    again, _ = teacher_samples(pipe, 20, 0, torch.device("cpu"), batch=20)
+    assert torch.equal(toks, again) and labels.tolist() == [i % 10 for i in range(20)]
+    # `generate --seed 0` / the benches draw image i from (0, i): a student must not train on those
+    evaluated = get_sampler("ancestral", pipe.sampling_params()).sample(pipe.generator, labels, image_generators(0, 20)).tokens
+    assert (toks != evaluated).any(1).all()

@@ -58,7 +58,8 @@ def cmd_generate(args) -> None:
     from .io import save_image
     from .pipeline import image_grid, load_pipeline
 
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
+                         prepack=args.prepack)
     classes = args.classes if args.classes is not None else list(range(min(pipe.num_classes, 10)))
     if args.per_class < 1:
         raise InvalidArgumentError(f"--per-class must be >= 1, got {args.per_class}")
@@ -131,7 +132,9 @@ def cmd_train_generator(args) -> None:
     defaults = {k: v for k, v in dict(cfg=args.default_cfg, top_k=args.default_top_k).items() if v is not None}
     train_generator(args.data, args.tokenizer, args.config, args.out, _train_config(args),
                     resolution=args.resolution, device=args.device, resume=args.resume,
-                    class_dropout=args.class_dropout, defaults=defaults, flip=args.flip)
+                    class_dropout=args.class_dropout, defaults=defaults, flip=args.flip, teacher=args.teacher,
+                    ce_weight=args.ce_weight, teacher_samples_count=args.teacher_samples, init_from=args.init_from,
+                    distill_cfg=args.distill_cfg, **_sampler_options(args.model_option))
     _record_command(args.out, "generator/COMMAND.txt")
 
 
@@ -180,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default=None, help="float32 (default) or bfloat16 for the generator")
+    g.add_argument("--prepack", action="store_true",
+                   help="CPU inference GEMMs on weights packed once for oneDNN (faster; one more copy of the weights)")
+    g.add_argument("--compile", action="store_true",
+                   help="decode through a torch.compile'd step (raster models; the first image compiles, tens of seconds)")
     g.add_argument("--out", default="samples.png", help="a .png grid, or a folder for one PNG per image")
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
@@ -197,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--class-dropout", type=float, default=0.1)
     tg.add_argument("--default-cfg", type=float, default=None, help="CFG scale stored as the model's default")
     tg.add_argument("--default-top-k", type=int, default=None)
+    tg.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of the named config (e.g. dim=128), repeatable")
+    tg.add_argument("--teacher", default=None, metavar="MODEL",
+                    help="distil from this pipeline (bundled name or folder, same tokenizer): loss = KL(teacher || student) "
+                         "per position (e.g. a drafter for speculative decoding)")
+    tg.add_argument("--ce-weight", type=float, default=0.0,
+                    help="with --teacher: weight of the cross-entropy on the training tokens added to the KL")
+    tg.add_argument("--teacher-samples", type=int, default=0, metavar="N",
+                    help="with --teacher: add N sequences sampled from the teacher (its default CFG) to the data")
+    tg.add_argument("--distill-cfg", type=float, default=None, metavar="W",
+                    help="with --teacher: run every row under the null condition too and add the KL of the "
+                         "CFG-mixed (scale W) distributions, what speculative decoding compares")
+    tg.add_argument("--init-from", default=None, metavar="MODEL",
+                    help="copy every same-named, same-shaped weight from this generator (e.g. the target's first layers)")
     tg.set_defaults(func=cmd_train_generator)
 
     m = sub.add_parser("models", help="list bundled models and named configs")

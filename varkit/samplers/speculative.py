@@ -63,7 +63,7 @@ from .logits import SamplingParams, processed_probs, sample_probs, uniforms
 
 
 @functools.lru_cache(maxsize=4)
-def _load_draft(path: str, mtime: float) -> tuple[Generator, Any]:
+def _load_draft(path: str, mtime: float, role: str = "draft") -> tuple[Generator, Any]:
     """(generator, tokenizer or None) of a pipeline folder or a bare generator folder."""
     from ..modeling import load_module, read_config
     from ..pipeline import Pipeline
@@ -74,13 +74,14 @@ def _load_draft(path: str, mtime: float) -> tuple[Generator, Any]:
         return pipe.generator, pipe.tokenizer
     module = load_module(path)
     if not isinstance(module, Generator):
-        raise InvalidArgumentError(f"{path} holds a {type(module).__name__}, not a generator to draft with")
+        raise InvalidArgumentError(f"{path} holds a {type(module).__name__}, not a generator ({role})")
     return module, None
 
 
-def resolve_draft(draft: Any) -> tuple[Generator, Any]:
+def resolve_draft(draft: Any, role: str = "draft") -> tuple[Generator, Any]:
     """A drafter given as a Generator, a Pipeline, a pipeline/generator folder or a bundled name
-    → (generator, its tokenizer or None)."""
+    → (generator, its tokenizer or None). ``role`` names it in errors (training's ``init_from``
+    resolves its source generator here too)."""
     if draft is None:
         raise InvalidArgumentError(
             "speculative decoding needs a draft model: pass draft=<bundled name (e.g. digits-draft), "
@@ -99,17 +100,18 @@ def resolve_draft(draft: Any) -> tuple[Generator, Any]:
             path = ASSETS / str(draft)
         if not path.exists():
             raise ModelNotFoundError(
-                f"unknown draft model {str(draft)!r}: not a bundled model ({', '.join(bundled_models()) or 'none'}) "
+                f"unknown {role} model {str(draft)!r}: not a bundled model ({', '.join(bundled_models()) or 'none'}) "
                 "and no such folder"
             )
         cfg = path / "config.json"
-        return _load_draft(str(path.resolve()), cfg.stat().st_mtime if cfg.is_file() else 0.0)
+        return _load_draft(str(path.resolve()), cfg.stat().st_mtime if cfg.is_file() else 0.0, role)
     raise InvalidArgumentError(
-        f"draft must be a bundled name, a model folder, a Pipeline or a Generator, got {type(draft).__name__}"
+        f"{role} must be a bundled name, a model folder, a Pipeline or a Generator, got {type(draft).__name__}"
     )
 
 
-def _same_codebook(a, b) -> bool:
+def same_codebook(a, b) -> bool:
+    """Whether two tokenizers share their codebook (by content; by size where one exposes none)."""
     if a is b:
         return True
     ca, cb = getattr(a, "codebook", None), getattr(b, "codebook", None)
@@ -192,7 +194,7 @@ class SpeculativeSampler(Sampler):
                 f"{getattr(gen, 'num_classes', '?')} classes); the drafter must be trained on the same labels"
             )
         if self.tokenizer is not None and self.draft_tokenizer is not None and \
-                not _same_codebook(self.tokenizer, self.draft_tokenizer):
+                not same_codebook(self.tokenizer, self.draft_tokenizer):
             raise InvalidArgumentError(
                 "draft and target use different tokenizers (their codebooks differ); speculative decoding "
                 "needs a drafter trained on the target's tokenizer"

@@ -1,9 +1,19 @@
 """``varkit train generator``: teacher forcing through the generator, class dropout for CFG.
 
 The tokenizer is frozen; the ids of the whole dataset are computed once at start-up.
+
+**Distillation** (``teacher=``, e.g. a drafter for speculative decoding): the loss is
+``KL(teacher ‖ student)`` of the next-token distributions at every position, both models
+teacher-forced on the same tokens under the same (possibly dropped-to-null) condition, so the
+unconditional rows that CFG mixes in are matched too; ``ce_weight`` adds the ordinary
+cross-entropy on the tokens. ``teacher_samples`` adds that many sequences sampled from the
+teacher (at its default sampling settings, e.g. its CFG) to the training tokens: these are the
+prefixes a speculative sampler visits. ``init_from`` copies every parameter whose name and
+shape match from another generator (e.g. the target's embeddings, first layers and head).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +29,7 @@ from ..models import create_model
 from ..models.registry import model_class
 from ..pipeline import Pipeline
 from .data import load_dataset
-from .loop import Trainer, TrainConfig, init_distributed
+from .loop import Trainer, TrainConfig, dist_info, init_distributed
 
 
 def encode_dataset(tokenizer, dataset, layout, device, batch: int = 256) -> torch.Tensor:
@@ -43,23 +53,145 @@ class TeacherForcing(nn.Module):
         return self.gen.teacher_forcing_logits(cond, tokens)
 
 
-def make_generator_loss(gen, class_dropout: float):
-    """Cross-entropy of every token, with the condition dropped to null at ``class_dropout``."""
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p ‖ q) from log-probabilities (..., V)."""
+    V = log_p.shape[-1]
+    return F.kl_div(log_q.reshape(-1, V), log_p.reshape(-1, V), reduction="batchmean", log_target=True)
+
+
+def make_generator_loss(gen, class_dropout: float, teacher=None, ce_weight: float = 0.0,
+                        distill_cfg: float | None = None):
+    """Cross-entropy of every token, with the condition dropped to null at ``class_dropout``.
+
+    With a ``teacher`` generator: ``KL(teacher ‖ student)`` per position (mean over positions)
+    plus ``ce_weight`` × the cross-entropy, the teacher seeing the same dropped conditions.
+    ``distill_cfg`` W: every row is also run under the null condition, and the KL of the
+    CFG-mixed distributions ``u + W·(c − u)`` (what a CFG'd drafter proposes and a CFG'd target
+    verifies) is added: the student may then trade errors between its two branches.
+    """
+    from ..samplers.logits import mix_cfg
 
     def generator_loss(model, batch):
         tokens, labels = batch
         drop = torch.rand(labels.shape[0], device=labels.device) < class_dropout
-        logits = model(gen.drop_condition(labels, drop), tokens)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)), {}
+        cond = gen.drop_condition(labels, drop)
+        if teacher is not None and distill_cfg is not None:
+            cond, tokens = torch.cat([cond, gen.null_condition(labels)]), torch.cat([tokens, tokens])
+        logits = model(cond, tokens)
+        B = labels.shape[0]
+        ce = F.cross_entropy(logits[:B].reshape(-1, logits.shape[-1]), tokens[:B].reshape(-1))
+        if teacher is None:
+            return ce, {}
+        with torch.no_grad():
+            t_logits = teacher.teacher_forcing_logits(cond, tokens).float()
+        kl = _kl(t_logits.log_softmax(-1), logits.float().log_softmax(-1))
+        metrics = {"kl": float(kl.detach()), "ce": float(ce.detach())}
+        loss = kl + ce_weight * ce
+        if distill_cfg is not None:
+            kl_cfg = _kl(mix_cfg(t_logits, distill_cfg).log_softmax(-1), mix_cfg(logits.float(), distill_cfg).log_softmax(-1))
+            metrics["kl_cfg"] = float(kl_cfg.detach())
+            loss = loss + kl_cfg
+        return loss, metrics
 
     return generator_loss
+
+
+def load_teacher(teacher: str | Path, tokenizer, gen, device: torch.device):
+    """The teacher pipeline (bundled name or pipeline folder), frozen, checked against the
+    student: same codebook, vocabulary, layout and conditions."""
+    from ..pipeline import load_pipeline
+    from ..samplers.speculative import same_codebook
+
+    pipe = load_pipeline(teacher, device=device)
+    t = pipe.generator.eval().requires_grad_(False)
+    if not same_codebook(pipe.tokenizer, tokenizer):
+        raise InvalidArgumentError(
+            f"teacher {teacher} uses another tokenizer than the student's (their codebooks differ); "
+            "distill from a generator trained on the same tokenizer"
+        )
+    if t.vocab_size != gen.vocab_size:
+        raise InvalidArgumentError(
+            f"teacher {teacher} has {t.vocab_size} tokens but the student {gen.vocab_size}; use the teacher's tokenizer"
+        )
+    tl, sl = t.layout, gen.layout
+    if tl.kind != sl.kind or tl.step_sizes != sl.step_sizes or not torch.equal(tl.coords, sl.coords):
+        raise InvalidArgumentError(
+            f"teacher {teacher} generates another layout ({tl.kind} {tuple(tl.grid)} vs {sl.kind} {tuple(sl.grid)}); "
+            "distill into a student of the same layout and resolution"
+        )
+    if t.num_classes != gen.num_classes or getattr(t.config, "caption_dim", 0) != getattr(gen.config, "caption_dim", 0):
+        raise InvalidArgumentError(
+            f"teacher {teacher} takes other conditions ({t.num_classes} classes vs the data's {gen.num_classes})"
+        )
+    return pipe
+
+
+TEACHER_SAMPLES_STREAM = 0x7EAC4E5  # a third seed word: teacher samples never share an evaluation seed
+
+
+def teacher_samples(pipe, count: int, seed: int, device: torch.device, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` sequences (layout order) sampled from the teacher at its default sampling
+    settings, classes cycling 0, 1, …, so a resumed run regenerates the same set. Image i is
+    seeded from (seed, i, ``TEACHER_SAMPLES_STREAM``): never the (seed, i) of ``generate`` or
+    the benches, which would otherwise evaluate the student on its own training sequences."""
+    import numpy as np
+
+    from ..samplers import get_sampler
+    from ..samplers.logits import image_generators
+
+    labels = torch.arange(count) % pipe.num_classes
+    seeds = [int(np.random.SeedSequence([int(seed), i, TEACHER_SAMPLES_STREAM]).generate_state(1, np.uint64)[0] >> 1)
+             for i in range(count)]
+    gens = image_generators(seed, count, image_seeds=seeds)
+    sampler = get_sampler("ancestral", pipe.sampling_params())
+    out = [sampler.sample(pipe.generator, labels[i:i + batch].to(device), gens[i:i + batch]).tokens.cpu()
+           for i in range(0, count, batch)]
+    return (torch.cat(out) if out else torch.zeros(0, pipe.generator.layout.num_tokens, dtype=torch.long)), labels
+
+
+def init_from_generator(gen, source: str | Path) -> list[str]:
+    """Copy into ``gen`` every parameter of the generator in ``source`` (pipeline, generator
+    folder or bundled name) with the same name and shape; returns the names copied."""
+    from ..samplers.speculative import resolve_draft
+
+    src, _ = resolve_draft(source, role="--init-from")
+    theirs = src.state_dict()
+    own = gen.state_dict()
+    copied = [k for k, v in own.items() if k in theirs and theirs[k].shape == v.shape]
+    if not copied:
+        raise InvalidArgumentError(
+            f"--init-from {source}: no parameter of that generator has a name and shape of this one "
+            "(same architecture and width needed)"
+        )
+    with torch.no_grad():
+        for k in copied:
+            own[k].copy_(theirs[k].to(own[k]))
+    return copied
+
+
+def _fingerprint(module: nn.Module) -> float:
+    """A number that changes with any weight: identifies a teacher across a resume."""
+    with torch.no_grad():
+        return float(sum(p.double().square().sum() + p.double().sum() for p in module.parameters()))
 
 
 def train_generator(data: str, tokenizer_dir: str | Path, config: str, out: str | Path, cfg: TrainConfig,
                     resolution: int = 32, device: str | None = None, resume: str | None = None,
                     class_dropout: float = 0.1, defaults: dict[str, Any] | None = None, flip: bool = False,
-                    **overrides) -> Pipeline:
-    """Train generator ``config`` on ``data`` tokenized by ``tokenizer_dir``; save a pipeline to ``out``."""
+                    teacher: str | Path | None = None, ce_weight: float = 0.0, teacher_samples_count: int = 0,
+                    init_from: str | Path | None = None, distill_cfg: float | None = None, **overrides) -> Pipeline:
+    """Train generator ``config`` on ``data`` tokenized by ``tokenizer_dir``; save a pipeline to ``out``.
+
+    ``teacher``: distil from that pipeline (see the module docstring) with ``ce_weight``,
+    ``teacher_samples_count`` and ``distill_cfg``; ``init_from``: start from another generator's
+    matching weights.
+    """
+    if teacher is None and (ce_weight or teacher_samples_count or distill_cfg is not None):
+        raise InvalidArgumentError("--ce-weight, --teacher-samples and --distill-cfg only apply with --teacher (distillation)")
+    if distill_cfg is not None and distill_cfg < 0:
+        raise InvalidArgumentError(f"--distill-cfg must be >= 0 (a CFG scale), got {distill_cfg}")
+    if ce_weight < 0 or teacher_samples_count < 0:
+        raise InvalidArgumentError("--ce-weight and --teacher-samples must be >= 0")
     dev = resolve_device(device)
     init_distributed(dev)
     torch.manual_seed(cfg.seed)
@@ -69,14 +201,32 @@ def train_generator(data: str, tokenizer_dir: str | Path, config: str, out: str 
             f"resolution {resolution} is not divisible by the tokenizer's downsampling factor {tok.downsample}"
         )
     ds = load_dataset(data, resolution, flip)
+    known = {f.name for f in dataclasses.fields(model_class(config).config_class)}
+    if set(overrides) - known:
+        raise InvalidArgumentError(
+            f"config {config} has no field {', '.join(sorted(set(overrides) - known))}; its fields: {', '.join(sorted(known))}"
+        )
     overrides = {**model_class(config).config_for_tokenizer(tok, resolution), "num_classes": ds.num_classes, **overrides}
     gen = create_model(config, **overrides)
     gen.bind_tokenizer(tok)
+    if init_from is not None:
+        copied = init_from_generator(gen, init_from)
+        if dist_info()[0] == 0:
+            print(f"initialised {len(copied)} of {len(gen.state_dict())} tensors from {init_from}")
     tokens = encode_dataset(tok, ds, gen.layout, dev)
     labels = ds.labels()
-    trainer = Trainer(TeacherForcing(gen), make_generator_loss(gen, class_dropout),
-                      lambda idx: (tokens[idx].to(dev), labels[idx].to(dev)),
-                      len(ds), cfg, Path(out) / "train-generator", dev, kind=f"generator:{config}")
+    meta: dict[str, Any] = {}
+    tpipe = None
+    if teacher is not None:
+        tpipe = load_teacher(teacher, tok, gen, dev)
+        meta = {"teacher_fingerprint": _fingerprint(tpipe.generator), "ce_weight": float(ce_weight),
+                "teacher_samples": int(teacher_samples_count), "distill_cfg": distill_cfg}
+        if teacher_samples_count:
+            extra, extra_labels = teacher_samples(tpipe, teacher_samples_count, cfg.seed, dev)
+            tokens, labels = torch.cat([tokens, extra]), torch.cat([labels, extra_labels])
+    loss = make_generator_loss(gen, class_dropout, tpipe.generator if tpipe else None, ce_weight, distill_cfg)
+    trainer = Trainer(TeacherForcing(gen), loss, lambda idx: (tokens[idx].to(dev), labels[idx].to(dev)),
+                      len(tokens), cfg, Path(out) / "train-generator", dev, kind=f"generator:{config}", meta=meta)
     if resume:
         trainer.resume(resume)
     gen = trainer.fit().gen

@@ -83,12 +83,14 @@ class Trainer:
     """Train ``model`` with ``loss_fn(model, batch)`` on ``get_batch(indices)``.
 
     ``out`` receives ``checkpoint.pt`` (everything needed to resume), ``log.jsonl`` and
-    ``loss.png``. Returns the trained model (the EMA copy if EMA is on).
+    ``loss.png``. Returns the trained model (the EMA copy if EMA is on). ``meta``: settings
+    outside the model and the ``TrainConfig`` that shape the loss (e.g. a distillation
+    teacher); saved in the checkpoint, and a resume with other settings is refused.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, get_batch: Callable[[torch.Tensor], Any],
                  dataset_size: int, cfg: TrainConfig, out: str | Path, device: torch.device,
-                 kind: str = "model"):
+                 kind: str = "model", meta: dict[str, Any] | None = None):
         self.rank, self.world = dist_info()
         if cfg.batch_size % self.world:
             raise InvalidArgumentError(
@@ -96,7 +98,7 @@ class Trainer:
                 "choose a multiple of the process count"
             )
         self.cfg, self.loss_fn, self.get_batch = cfg, loss_fn, get_batch
-        self.n, self.device, self.kind = dataset_size, device, kind
+        self.n, self.device, self.kind, self.meta = dataset_size, device, kind, dict(meta or {})
         self.out = Path(out)
         self.model = model.to(device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema > 0 else None
@@ -116,6 +118,7 @@ class Trainer:
     def state(self) -> dict:
         return {
             "kind": self.kind,
+            "meta": self.meta,
             "step": self.step,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -135,6 +138,11 @@ class Trainer:
             raise CheckpointError(
                 f"{path} is not a checkpoint of this {self.kind} run (it holds "
                 f"{ck.get('kind') if isinstance(ck, dict) else type(ck).__name__!r}); pass the checkpoint.pt of the same run"
+            )
+        if ck.get("meta", {}) != self.meta:
+            raise CheckpointError(
+                f"{path} was written with other training settings ({ck.get('meta', {})} vs {self.meta} now); "
+                "resume with the options of the interrupted run"
             )
         own = self.model.state_dict()
         if set(own) != set(ck["model"]) or any(own[k].shape != ck["model"][k].shape for k in own):
