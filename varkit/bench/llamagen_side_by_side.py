@@ -13,16 +13,13 @@ fp32 greedy tokens against the official greedy tokens.
 from __future__ import annotations
 
 import copy
-import importlib
 import os
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-from ..errors import InvalidArgumentError
+from .official import import_checkout
 
 DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # sample_c2i.py
 COLUMNS = ["impl", "dtype", "compiled", "batch", "tokens", "wall_s", "ms_per_step", "image_tokens_per_s", "vs_official", "target",
@@ -32,22 +29,9 @@ TARGETS = {("varkit", "float32", 1): 1.2, ("varkit", "float32", 8): 1.5, ("varki
 
 def import_official(path: str | os.PathLike):
     """LlamaGen's ``GPT_models`` and ``generate`` from a checkout at ``path``."""
-    root = Path(path)
-    if not (root / "autoregressive" / "models" / "gpt.py").is_file():
-        raise InvalidArgumentError(
-            f"{root} is not a LlamaGen checkout (no autoregressive/models/gpt.py); pass the folder of "
-            "git clone https://github.com/FoundationVision/LlamaGen"
-        )
-    sys.path.insert(0, str(root))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gpt = importlib.import_module("autoregressive.models.gpt")
-            gen = importlib.import_module("autoregressive.models.generate")
-    except ImportError as exc:
-        raise InvalidArgumentError(f"cannot import LlamaGen's code from {root}: {exc}") from None
-    finally:
-        sys.path.remove(str(root))
+    gpt, gen = import_checkout(path, "autoregressive/models/gpt.py",
+                               ["autoregressive.models.gpt", "autoregressive.models.generate"], "a LlamaGen checkout",
+                               "pass the folder of git clone https://github.com/FoundationVision/LlamaGen")
     return gpt.GPT_models, gen.generate
 
 

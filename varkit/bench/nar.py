@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import InvalidArgumentError
 from ..nn.layers import prepack_linears
+from .official import import_checkout
 
 COLUMNS = ["model", "impl", "layout", "prepacked", "batch", "forward_passes", "wall_s", "cpu_s", "images_per_s", "vs_raster",
            "vs_official", "cpu_vs_official"]
@@ -66,19 +64,9 @@ def load_official(path: str | Path):
     root = Path(path)
     if (root / "NAR-images").is_dir() and not (root / "autoregressive").is_dir():
         root = root / "NAR-images"  # the checkout's root: its image code is in NAR-images
-    if not (root / "autoregressive" / "models" / "generate.py").is_file():
-        raise InvalidArgumentError(
-            f"{root} is not NAR's source tree: it has no autoregressive/models/generate.py "
-            "(pass the NAR-images folder of a ThisisBillhe/NAR checkout)"
-        )
-    sys.path.insert(0, str(root))
-    try:
-        gpt = importlib.import_module("autoregressive.models.gpt")
-        gen = importlib.import_module("autoregressive.models.generate")
-    except ImportError as exc:
-        raise InvalidArgumentError(f"cannot import NAR's code from {root}: {exc}") from None
-    finally:
-        sys.path.remove(str(root))
+    gpt, gen = import_checkout(root, "autoregressive/models/generate.py",
+                               ["autoregressive.models.gpt", "autoregressive.models.generate"], "NAR's source tree",
+                               "pass the NAR-images folder of a ThisisBillhe/NAR checkout")
     gen.tqdm = lambda it, **kw: it  # its progress bar only
     return gpt, gen
 

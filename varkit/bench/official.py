@@ -1,0 +1,34 @@
+"""Import an official repository's modules from a local checkout, for side-by-side benchmarks.
+
+The official code is never vendored: the user passes the folder of their own clone, and its
+modules are imported from there for the duration of the import only.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+from ..errors import InvalidArgumentError
+
+
+def import_checkout(root: str | os.PathLike, marker: str, modules: list[str], what: str, hint: str) -> list[ModuleType]:
+    """``modules`` imported from ``root``, which must hold the file ``marker``; clear errors otherwise.
+
+    ``what`` names the source tree in messages ("a LlamaGen checkout"); ``hint`` says what to pass instead.
+    """
+    root = Path(root)
+    if not (root / marker).is_file():
+        raise InvalidArgumentError(f"{root} is not {what} (no {marker}); {hint}")
+    sys.path.insert(0, str(root))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return [importlib.import_module(m) for m in modules]
+    except ImportError as exc:
+        raise InvalidArgumentError(f"cannot import {what}'s code from {root}: {exc}") from None
+    finally:
+        sys.path.remove(str(root))
