@@ -155,11 +155,7 @@ def _official_worker(args) -> None:
             kv["transient"] = max(kv["transient"], total + old)
         return out
 
-    _reply({"ready": True, "load_s": time.perf_counter() - t0, "threads": torch.get_num_threads()})
-    for line in sys.stdin:
-        req = json.loads(line)
-        if req["op"] == "quit":
-            break
+    def run(req: dict) -> dict:
         B = req["batch"]
         labels = torch.tensor(bench_labels(B, var.num_classes))
         kv.update(peak=0, transient=0)
@@ -168,8 +164,10 @@ def _official_worker(args) -> None:
             B, labels, g_seed=req["seed"], cfg=req["cfg"], top_k=min(req["top_k"], var.V), top_p=req["top_p"],
             more_smooth=False), req.get("profile", False))
         SelfAttention.forward = plain
-        _reply({"wall_s": wall, "cpu_s": cpu, "kv_peak_bytes": kv["peak"] or None, "kv_transient_bytes": kv["transient"] or None,
-                "shape": list(img.shape), "profile": cats})
+        return {"wall_s": wall, "cpu_s": cpu, "kv_peak_bytes": kv["peak"] or None, "kv_transient_bytes": kv["transient"] or None,
+                "shape": list(img.shape), "profile": cats}
+
+    _serve(t0, run)
 
 
 def _varkit_worker(args) -> None:
@@ -177,17 +175,25 @@ def _varkit_worker(args) -> None:
 
     t0 = time.perf_counter()
     pipe = load_pipeline(args.pipeline, prepack=args.prepack)
+
+    def run(req: dict) -> dict:
+        labels = bench_labels(req["batch"], pipe.num_classes)
+        out, wall, cpu, cats = _timed(lambda: pipe(class_labels=labels, seed=req["seed"], cfg=req["cfg"], cfg_schedule="var",
+                                                   top_k=req["top_k"], top_p=req["top_p"]), req.get("profile", False))
+        return {"wall_s": wall, "cpu_s": cpu, "kv_peak_bytes": out.stats.cache_bytes, "kv_transient_bytes": out.stats.cache_bytes,
+                "shape": [len(out.images), *out.images[0].size], "profile": cats}
+
+    _serve(t0, run)
+
+
+def _serve(t0: float, run) -> None:
+    """A worker's protocol: say ready (with its load time), then answer one JSON request per stdin line."""
     _reply({"ready": True, "load_s": time.perf_counter() - t0, "threads": torch.get_num_threads()})
     for line in sys.stdin:
         req = json.loads(line)
         if req["op"] == "quit":
             break
-        B = req["batch"]
-        labels = bench_labels(B, pipe.num_classes)
-        out, wall, cpu, cats = _timed(lambda: pipe(class_labels=labels, seed=req["seed"], cfg=req["cfg"], cfg_schedule="var",
-                                                   top_k=req["top_k"], top_p=req["top_p"]), req.get("profile", False))
-        _reply({"wall_s": wall, "cpu_s": cpu, "kv_peak_bytes": out.stats.cache_bytes, "kv_transient_bytes": out.stats.cache_bytes,
-                "shape": [len(out.images), *out.images[0].size], "profile": cats})
+        _reply(run(req))
 
 
 class _Worker:
