@@ -3,6 +3,7 @@ from __future__ import annotations
 
 
 from ..device import resolve_device, resolve_dtype
+from .report import add_output_args
 
 COLUMNS = ["model", "mode", "batch", "tokens", "tokens_per_s", "ms_per_step", "forward_passes", "cache_bytes", "peak_rss_mb"]
 
@@ -50,8 +51,7 @@ def add_bench_parser(sub) -> None:
     d.add_argument("--dtype", default=None)
     d.add_argument("--skip-bundled", action="store_true")
     d.add_argument("--skip-large", action="store_true")
-    d.add_argument("--name", default="decode")
-    d.add_argument("--out-dir", default="bench/results")
+    add_output_args(d, "decode")
     d.set_defaults(func=cmd_bench_decode)
 
     from .sjd import add_sjd_bench_parser

@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from .official import import_checkout
+from .report import add_output_args
 
 DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # sample_c2i.py
 COLUMNS = ["impl", "dtype", "compiled", "batch", "tokens", "wall_s", "ms_per_step", "image_tokens_per_s", "vs_official", "target",
@@ -182,6 +183,5 @@ def add_side_by_side_parser(bench_subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each, interleaved; the best counts")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="llamagen_side_by_side")
-    p.add_argument("--out-dir", default="bench/results")
+    add_output_args(p, "llamagen_side_by_side")
     p.set_defaults(func=cmd_bench_llamagen)

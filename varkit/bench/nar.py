@@ -28,6 +28,7 @@ import torch
 
 from ..nn.layers import prepack_linears
 from .official import import_checkout
+from .report import add_output_args
 
 COLUMNS = ["model", "impl", "layout", "prepacked", "batch", "forward_passes", "wall_s", "cpu_s", "images_per_s", "vs_raster",
            "vs_official", "cpu_vs_official"]
@@ -255,7 +256,6 @@ def add_nar_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--skip-bundled", action="store_true")
     p.add_argument("--skip-large", action="store_true")
     p.add_argument("--skip-raster", action="store_true")
-    p.add_argument("--name", default="nar")
-    p.add_argument("--out-dir", default="bench/results")
+    add_output_args(p, "nar")
     p.set_defaults(func=cmd_bench_nar)
     return p

@@ -5,7 +5,7 @@ import time
 
 from ..eval.digits import digits_fid
 from ..pipeline import bundled_models, load_pipeline
-from .report import print_table, save_results
+from .report import add_output_args, print_table, save_results
 
 COLUMNS = ["model", "sampler", "cfg", "images", "forward_passes", "digits_fid", "accuracy", "generate_s", "eval_s"]
 
@@ -35,6 +35,5 @@ def add_quality_bench_parser(bs) -> None:
     q.add_argument("--batch-size", type=int, default=100)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu")
-    q.add_argument("--name", default="quality")
-    q.add_argument("--out-dir", default="bench/results")
+    add_output_args(q, "quality")
     q.set_defaults(func=cmd_bench_quality)

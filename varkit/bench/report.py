@@ -53,6 +53,22 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(x, widths)))
 
 
+def add_output_args(parser, name: str) -> None:
+    """``--name`` and ``--out-dir`` of every benchmark: where :func:`save_results` writes its JSON."""
+    parser.add_argument("--name", default=name)
+    parser.add_argument("--out-dir", default="bench/results")
+
+
+def add_sampler_run_args(parser) -> None:
+    """Options shared by the sampler benchmarks (bundled model + large random model, one table)."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--skip-bundled", action="store_true")
+    parser.add_argument("--skip-large", action="store_true")
+
+
 def save_results(name: str, rows: list[dict[str, Any]], settings: dict[str, Any], out_dir: str | Path) -> Path:
     path = Path(out_dir) / f"{name}.json"
     write_json(path, {"benchmark": name, "machine": machine(), "settings": settings, "rows": rows,

@@ -26,7 +26,7 @@ from ..io import atomic_path, write_json
 from ..samplers import SamplingParams, get_sampler
 from ..samplers.logits import image_generators
 from ..samplers.sjd import SJDSampler
-from .report import machine, print_table
+from .report import add_output_args, add_sampler_run_args, machine, print_table
 
 COLUMNS = ["model", "sampler", "batch", "images", "passes", "pass_reduction", "accepted_per_pass", "images_per_s",
            "speedup", "cpu_ms_per_image", "accuracy"]
@@ -184,12 +184,6 @@ def add_sjd_bench_parser(bench_subparsers) -> None:
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--images", type=int, default=100, help="images per batch size on the bundled model")
     s.add_argument("--large-images", type=int, default=2, help="images per batch size on the large model (>= batch)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default=None)
-    s.add_argument("--skip-bundled", action="store_true")
-    s.add_argument("--skip-large", action="store_true")
-    s.add_argument("--name", default="sjd")
-    s.add_argument("--out-dir", default="bench/results")
+    add_sampler_run_args(s)
+    add_output_args(s, "sjd")
     s.set_defaults(func=cmd_bench_sjd)

@@ -39,7 +39,7 @@ from ..samplers import SamplingParams, get_sampler
 from ..samplers.logits import image_generators, mix_cfg, processed_probs
 from ..samplers.sjd import SJDSampler
 from ..samplers.speculative import SpeculativeSampler
-from .report import machine, print_table
+from .report import add_output_args, add_sampler_run_args, machine, print_table
 
 COLUMNS = ["model", "method", "images", "target_passes", "pass_reduction", "draft_passes", "accepted_len",
            "images_per_s", "accuracy", "met"]
@@ -295,12 +295,6 @@ def add_speculative_bench_parser(bench_subparsers) -> None:
     s.add_argument("--images", type=int, default=100, help="images per method on the bundled model")
     s.add_argument("--sweep-images", type=int, default=100, help="images per delta and variant in the sweep")
     s.add_argument("--large-images", type=int, default=2, help="images per method on the large model")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default=None)
-    s.add_argument("--skip-bundled", action="store_true")
-    s.add_argument("--skip-large", action="store_true")
-    s.add_argument("--name", default="speculative")
-    s.add_argument("--out-dir", default="bench/results")
+    add_sampler_run_args(s)
+    add_output_args(s, "speculative")
     s.set_defaults(func=cmd_bench_speculative)

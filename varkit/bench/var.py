@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError
+from .report import add_output_args
 
 LABELS = [980, 437, 22, 562, 207, 360, 388, 88, 979, 417, 279, 971, 1, 130, 94, 33]
 COLUMNS = ["impl", "batch", "images_per_s", "s_per_image", "best_s", "mean_s", "cpu_s_per_image", "runs",
@@ -362,8 +363,7 @@ def add_var_bench_parser(bench_subparsers) -> None:
     p.add_argument("--no-prepack", dest="prepack", action="store_false",
                    help="varkit without prepacked GEMM weights (load_pipeline(prepack=False), its default)")
     p.add_argument("--profile", action="store_true", help="also profile one run per side: seconds per op category")
-    p.add_argument("--name", default="var_side_by_side")
-    p.add_argument("--out-dir", default="bench/results")
+    add_output_args(p, "var_side_by_side")
     p.set_defaults(func=cmd_bench_var)
 
 
