@@ -32,6 +32,29 @@ def register_module(cls: type[T]) -> type[T]:
     return cls
 
 
+class DerivedState:
+    """Mixin for modules that keep objects derived from their weights outside the module tree
+    (a prepacked weight, a compiled step): ``_apply`` (``.to()``, ``.float()``) drops them, since
+    they would be stale, and copies and pickles leave them out. Name them in ``derived_attrs``.
+    """
+
+    derived_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def drop_derived(self) -> None:
+        for name in self.derived_attrs:
+            self.__dict__.pop(name, None)
+
+    def _apply(self, fn, recurse=True):
+        self.drop_derived()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())  # nn.Module returns its live __dict__: never edit that
+        for name in self.derived_attrs:
+            state.pop(name, None)
+        return state
+
+
 class SavableModule(nn.Module):
     """An ``nn.Module`` built from a dataclass config, saved as a diffusers-style folder."""
 

@@ -25,10 +25,10 @@ import torch
 from ..cache import KVCache
 from ..errors import InvalidArgumentError
 from ..layout import Layout
-from ..modeling import SavableModule
+from ..modeling import DerivedState, SavableModule
 
 
-class Generator(SavableModule):
+class Generator(DerivedState, SavableModule):
     """Base class of every generator; see the module docstring for the contract."""
 
     layout: Layout
@@ -88,6 +88,9 @@ class Generator(SavableModule):
         raise InvalidArgumentError(f"{type(self).__name__} cannot roll back its decoding state")
 
     # -- compiled decoding (opt-in) -----------------------------------------------------------------
+    # the compiled step wraps (and froze) this very module: .to() drops it, copies and pickles leave it out
+    derived_attrs = ("_compiled_step",)
+
     def compile_decoding(self, max_autotune: bool = True) -> "Generator":
         """Compile this generator's decode step with ``torch.compile``; returns ``self``.
 
@@ -105,20 +108,9 @@ class Generator(SavableModule):
         # modules() or state_dict())
         self.__dict__["_compiled_step"] = fn
 
-    def _apply(self, fn, recurse=True):
-        # .to()/.float()/.cuda(): a compiled step holds frozen copies of the old weights; drop it
-        self.__dict__.pop("_compiled_step", None)
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:
-        # copies and pickles leave the compiled step behind: it wraps (and froze) this very module
-        state = super().__getstate__()
-        state.pop("_compiled_step", None)
-        return state
-
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; drops a compiled decode step (it froze the old weights)."""
-        self.__dict__.pop("_compiled_step", None)
+        self.drop_derived()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def num_steps_in(self, tokens: int, step: int) -> int:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..modeling import DerivedState
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +23,7 @@ class RMSNorm(nn.Module):
         return out.type_as(x) * self.weight
 
 
-class Linear(nn.Linear):
+class Linear(DerivedState, nn.Linear):
     """``nn.Linear`` (same parameters and state dict) with faster CPU paths for decoding.
 
     With few rows (decode steps: batch x CFG), PyTorch's bf16 ``x @ W.T`` on the CPU runs well
@@ -36,6 +37,7 @@ class Linear(nn.Linear):
     1.2-2x faster there, for any row count, and in bf16 gives the same numbers as ``F.linear``.
     """
 
+    derived_attrs = ("_packed",)  # an opaque oneDNN tensor: stale after .to(), never pickled or copied
     small_rows = 32  # NAR's fronts at batch 1 with CFG reach 32 rows; bit-identical to F.linear up to here
     prepacked = False  # set per module by prepack_linears
 
@@ -70,14 +72,6 @@ class Linear(nn.Linear):
             self.__dict__["_packed"] = cached
         return cached[1]
 
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_packed", None)  # .to() / .float(): the packed copy is stale
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = super().__getstate__().copy()
-        state.pop("_packed", None)  # an opaque oneDNN tensor: never pickled or deep-copied
-        return state
 
 
 def prepack_linears(module: nn.Module, enabled: bool = True) -> int:
@@ -94,7 +88,7 @@ def prepack_linears(module: nn.Module, enabled: bool = True) -> int:
         if isinstance(m, Linear):
             m.prepacked = enabled
             if not enabled:
-                m.__dict__.pop("_packed", None)
+                m.drop_derived()
             count += 1
     return count
 
