@@ -110,6 +110,35 @@ def resolve_draft(draft: Any, role: str = "draft") -> tuple[Generator, Any]:
     )
 
 
+def check_same_tokens(model, ref, model_tok, ref_tok, roles: tuple[str, str]) -> None:
+    """One clear error if ``model`` cannot stand in for ``ref`` token by token: vocabulary, layout,
+    conditions and (where both are known) tokenizer codebook must agree. ``roles`` names the two
+    in messages: ("draft", "target") for speculative decoding, ("student", "teacher") for distillation."""
+    a, b = roles
+    if model.vocab_size != ref.vocab_size:
+        raise InvalidArgumentError(
+            f"{a} and {b} have different vocabularies ({model.vocab_size} vs {ref.vocab_size} tokens); "
+            f"the {a} must be trained on the {b}'s tokenizer"
+        )
+    ml, rl = model.layout, ref.layout
+    if ml.kind != rl.kind or ml.step_sizes != rl.step_sizes or not torch.equal(ml.coords, rl.coords):
+        raise InvalidArgumentError(
+            f"{a} and {b} have different layouts ({ml.kind} {tuple(ml.grid)} vs {rl.kind} {tuple(rl.grid)}); "
+            f"the {a} must generate the same token grid in the same order"
+        )
+    if getattr(model, "num_classes", None) != getattr(ref, "num_classes", None) or \
+            getattr(getattr(model, "config", None), "caption_dim", 0) != getattr(getattr(ref, "config", None), "caption_dim", 0):
+        raise InvalidArgumentError(
+            f"{a} and {b} take different conditions ({getattr(model, 'num_classes', '?')} vs "
+            f"{getattr(ref, 'num_classes', '?')} classes); the {a} must be trained on the same labels"
+        )
+    if model_tok is not None and ref_tok is not None and not same_codebook(model_tok, ref_tok):
+        raise InvalidArgumentError(
+            f"{a} and {b} use different tokenizers (the {a} comes from another tokenizer: their codebooks "
+            f"differ); the {a} must be trained on the {b}'s tokenizer"
+        )
+
+
 def same_codebook(a, b) -> bool:
     """Whether two tokenizers share their codebook (by content; by size where one exposes none)."""
     if a is b:
@@ -176,29 +205,7 @@ class SpeculativeSampler(Sampler):
                     f"their state; {type(g).__name__} does not (supports_multistep="
                     f"{getattr(g, 'supports_multistep', None)}, supports_rollback={getattr(g, 'supports_rollback', None)})"
                 )
-        if d.vocab_size != gen.vocab_size:
-            raise InvalidArgumentError(
-                f"draft and target have different vocabularies ({d.vocab_size} vs {gen.vocab_size} tokens); "
-                "the drafter must be trained on the target's tokenizer"
-            )
-        dl = d.layout
-        if dl.kind != layout.kind or dl.step_sizes != layout.step_sizes or not torch.equal(dl.coords, layout.coords):
-            raise InvalidArgumentError(
-                f"draft and target have different layouts ({dl.kind} {tuple(dl.grid)} vs {layout.kind} "
-                f"{tuple(layout.grid)}); the drafter must generate the same token grid in the same order"
-            )
-        if getattr(d, "num_classes", None) != getattr(gen, "num_classes", None) or \
-                getattr(getattr(d, "config", None), "caption_dim", 0) != getattr(getattr(gen, "config", None), "caption_dim", 0):
-            raise InvalidArgumentError(
-                f"draft and target take different conditions ({getattr(d, 'num_classes', '?')} vs "
-                f"{getattr(gen, 'num_classes', '?')} classes); the drafter must be trained on the same labels"
-            )
-        if self.tokenizer is not None and self.draft_tokenizer is not None and \
-                not same_codebook(self.tokenizer, self.draft_tokenizer):
-            raise InvalidArgumentError(
-                "draft and target use different tokenizers (their codebooks differ); speculative decoding "
-                "needs a drafter trained on the target's tokenizer"
-            )
+        check_same_tokens(d, gen, self.draft_tokenizer, self.tokenizer, roles=("draft", "target"))
         if self.relaxation is not None:
             self.relaxation.check(gen.vocab_size)
 

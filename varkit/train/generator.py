@@ -100,29 +100,11 @@ def load_teacher(teacher: str | Path, tokenizer, gen, device: torch.device):
     """The teacher pipeline (bundled name or pipeline folder), frozen, checked against the
     student: same codebook, vocabulary, layout and conditions."""
     from ..pipeline import load_pipeline
-    from ..samplers.speculative import same_codebook
+    from ..samplers.speculative import check_same_tokens
 
     pipe = load_pipeline(teacher, device=device)
     t = pipe.generator.eval().requires_grad_(False)
-    if not same_codebook(pipe.tokenizer, tokenizer):
-        raise InvalidArgumentError(
-            f"teacher {teacher} uses another tokenizer than the student's (their codebooks differ); "
-            "distill from a generator trained on the same tokenizer"
-        )
-    if t.vocab_size != gen.vocab_size:
-        raise InvalidArgumentError(
-            f"teacher {teacher} has {t.vocab_size} tokens but the student {gen.vocab_size}; use the teacher's tokenizer"
-        )
-    tl, sl = t.layout, gen.layout
-    if tl.kind != sl.kind or tl.step_sizes != sl.step_sizes or not torch.equal(tl.coords, sl.coords):
-        raise InvalidArgumentError(
-            f"teacher {teacher} generates another layout ({tl.kind} {tuple(tl.grid)} vs {sl.kind} {tuple(sl.grid)}); "
-            "distill into a student of the same layout and resolution"
-        )
-    if t.num_classes != gen.num_classes or getattr(t.config, "caption_dim", 0) != getattr(gen.config, "caption_dim", 0):
-        raise InvalidArgumentError(
-            f"teacher {teacher} takes other conditions ({t.num_classes} classes vs the data's {gen.num_classes})"
-        )
+    check_same_tokens(gen, t, tokenizer, pipe.tokenizer, roles=("student", "teacher"))
     return pipe
 
 
