@@ -24,6 +24,8 @@ __all__ = [
     "items_of",
     "llamagen_gpt_state_dict",
     "llamagen_vq_state_dict",
+    "mar_state_dict",
+    "mar_vae_state_dict",
     "perturb_var",
     "var_init_like",
     "var_state_dict",
@@ -181,3 +183,38 @@ def perturb_var(sd: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
 def var_state_dict(items: Items, seed: int, patch_nums: Sequence[int]) -> dict[str, Tensor]:
     """A VAR transformer state dict: :func:`var_init_like` (``seed``) then :func:`perturb_var` (``seed + 1``)."""
     return perturb_var(var_init_like(items, seed, patch_nums), seed + 1)
+
+
+# -- MAR ---------------------------------------------------------------------------------------------
+def mar_vae_state_dict(items: Items, seed: int) -> dict[str, Tensor]:
+    """MAR's KL-VAE (the ``"model"`` of ``kl16.ckpt``) state dict: the recipe of :func:`var_vae_state_dict`
+    (same LDM layout, no codebook): 1-D weights ``1 + 0.1·x``, biases ``0.05·x``, other weights
+    ``x / sqrt(fan_in)``."""
+    return var_vae_state_dict(items, seed)
+
+
+MAR_LEARNED_TOKENS = ("fake_latent", "mask_token", "encoder_pos_embed_learned", "decoder_pos_embed_learned",
+                      "diffusion_pos_embed_learned")
+
+
+def mar_state_dict(items: Items, seed: int) -> dict[str, Tensor]:
+    """A MAR generator state dict (what ``MAR.state_dict()`` holds, ``diffloss.net.*`` included), with the
+    zero-initialised tensors made non-zero: norm gains ``1 + 0.1·x``, biases ``0.05·x``, class embeddings
+    ``x``, ``fake_latent``/``mask_token``/position embeddings ``0.5·x``, every other weight (Linear,
+    DiffLoss's adaLN and output layers included) ``x / sqrt(fan_in)``."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in items:
+        shape = tuple(shape)
+        x = torch.randn(shape, generator=g)
+        if key.endswith(".bias"):
+            sd[key] = 0.05 * x
+        elif len(shape) == 1:
+            sd[key] = 1.0 + 0.1 * x
+        elif key == "class_emb.weight":
+            sd[key] = x
+        elif key in MAR_LEARNED_TOKENS:
+            sd[key] = 0.5 * x
+        else:
+            sd[key] = x / math.sqrt(math.prod(shape[1:]))
+    return sd

@@ -1,10 +1,11 @@
-"""Tokenizers: VQ (LlamaGen-style), multi-scale residual VQ (VAR), and their named configs."""
+"""Tokenizers: VQ (LlamaGen-style), multi-scale residual VQ (VAR), KL-VAE (MAR), and their named configs."""
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Any
 
 from ..errors import ModelNotFoundError
+from .kl import KLConfig, KLTokenizer
 from .msvq import MSVQConfig, MultiScaleVQTokenizer
 from .vq import VQConfig, VQTokenizer
 
@@ -19,6 +20,12 @@ TOKENIZER_CONFIGS: dict[str, tuple[type, Any]] = {
     "digits-vq": (VQTokenizer, VQConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32,
                                         codebook_size=128, codebook_dim=8, norm_groups=8,
                                         entropy_loss_ratio=0.05)),
+    "mar-kl16": (KLTokenizer, KLConfig()),
+    # 32 px digits -> 8x8 latents of 4 channels; `varkit train tokenizer` sets scaling_factor from the data
+    "digits-kl": (KLTokenizer, KLConfig(block_out_channels=(16, 32, 32), layers_per_block=1, latent_dim=4,
+                                        norm_groups=8, down_block_types=("DownEncoderBlock2D",) * 2
+                                        + ("AttnDownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",) * 3,
+                                        scaling_factor=1.0, kl_weight=1e-4)),
 }
 
 
@@ -32,4 +39,4 @@ def create_tokenizer(name: str, **overrides: Any):
     return cls(replace(cfg, **overrides))
 
 
-__all__ = ["VQConfig", "VQTokenizer", "MSVQConfig", "MultiScaleVQTokenizer", "TOKENIZER_CONFIGS", "create_tokenizer"]
+__all__ = ["VQConfig", "VQTokenizer", "MSVQConfig", "MultiScaleVQTokenizer", "KLConfig", "KLTokenizer", "TOKENIZER_CONFIGS", "create_tokenizer"]

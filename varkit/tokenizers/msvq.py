@@ -211,6 +211,7 @@ class MultiScaleVQTokenizer(SavableModule):
 
     config_class = MSVQConfig
     kind = "discrete"
+    token_shape: tuple[int, ...] = ()  # one token is a codebook id
 
     def __init__(self, config: MSVQConfig | None = None):
         config = config if config is not None else MSVQConfig()

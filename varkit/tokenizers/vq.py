@@ -122,6 +122,7 @@ class VQTokenizer(SavableModule):
 
     config_class: ClassVar[type] = VQConfig
     kind: ClassVar[str] = "discrete"
+    token_shape: ClassVar[tuple[int, ...]] = ()  # one token is a codebook id
 
     def __init__(self, config: VQConfig | None = None):
         config = config if config is not None else VQConfig()
