@@ -79,7 +79,7 @@ def test_inference_gemms_on_packed_weights_match_plain(var_pair):
 
     tok, gen = var_pair
     lin = {n: m for n, m in gen.named_modules() if isinstance(m, Linear)}
-    assert {"head", "blocks.0.attn.wqkv", "blocks.0.attn.wo", "blocks.0.ffn.fc1", "blocks.0.ffn.fc2"} <= set(lin)
+    assert {"output", "blocks.0.attn.wqkv", "blocks.0.attn.wo", "blocks.0.ffn.fc1", "blocks.0.ffn.fc2"} <= set(lin)
     assert prepack_linears(gen) == len(lin)
     cond = torch.tensor([1, 2, 3, 4])
     tokens = torch.randint(0, 16, (4, gen.layout.num_tokens), generator=torch.Generator().manual_seed(0))
@@ -94,17 +94,17 @@ def test_inference_gemms_on_packed_weights_match_plain(var_pair):
 
     packed = decode()
     if torch.backends.mkldnn.is_available():
-        assert all("_packed" in lin[n].__dict__ for n in ("head", "blocks.0.attn.wqkv", "blocks.0.ffn.fc1"))
+        assert all("_packed" in lin[n].__dict__ for n in ("output", "blocks.0.attn.wqkv", "blocks.0.ffn.fc1"))
     with torch.no_grad():
-        gen.head.weight.mul_(2)   # an in-place update must re-pack
+        gen.output.weight.mul_(2)   # an in-place update must re-pack
     repacked = decode()
     prepack_linears(gen, enabled=False)
     assert all(not m.prepacked and "_packed" not in m.__dict__ for m in lin.values())
     torch.testing.assert_close(repacked, decode(), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        gen.head.weight.div_(2)
+        gen.output.weight.div_(2)
     torch.testing.assert_close(packed, decode(), atol=1e-5, rtol=1e-5)
     prepack_linears(gen)
     gen.train()
     gen.teacher_forcing_logits(cond, tokens).sum().backward()   # autograd: plain F.linear, gradients flow
-    assert all("_packed" not in m.__dict__ for m in lin.values()) and gen.head.weight.grad is not None
+    assert all("_packed" not in m.__dict__ for m in lin.values()) and gen.output.weight.grad is not None

@@ -59,6 +59,7 @@ class SavableModule(nn.Module):
     """An ``nn.Module`` built from a dataclass config, saved as a diffusers-style folder."""
 
     config_class: ClassVar[type]
+    legacy_keys: ClassVar[dict[str, str]] = {}  # old parameter name -> current name, applied when loading
 
     def __init__(self, config: Any):
         super().__init__()
@@ -170,6 +171,9 @@ def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], so
                            assign: bool = False) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming missing/unexpected keys; ``assign=True``
     keeps the given tensors instead of copying them (for modules built with :func:`params_on_meta`)."""
+    legacy = getattr(module, "legacy_keys", {})
+    if legacy:  # folders saved under older parameter names still load
+        state = {legacy.get(k, k) if legacy.get(k, k) not in state else k: v for k, v in state.items()}
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -203,7 +203,7 @@ def var_state_dict_from_var(sd: Mapping[str, Tensor], source: str = "state dict"
         if k in _DERIVED_TOP:
             continue
         if k in _TOP:
-            out[k] = v
+            out[ScalesGenerator.legacy_keys.get(k, k)] = v
             continue
         m = _BLOCK_RX.fullmatch(k)
         if m is None:
@@ -261,7 +261,8 @@ def var_state_dict_to_var(sd: Mapping[str, Tensor], config: ScalesConfig) -> dic
         order += [(p + s,) * 2 for s in ("ffn.fc1.weight", "ffn.fc1.bias", "ffn.fc2.weight", "ffn.fc2.bias")]
         if not config.shared_aln:
             order += [(p + "ada_lin.1.weight",) * 2, (p + "ada_lin.1.bias",) * 2]
-    order += [(k,) * 2 for k in ("head_nm.ada_lin.1.weight", "head_nm.ada_lin.1.bias", "head.weight", "head.bias")]
+    order += [(k,) * 2 for k in ("head_nm.ada_lin.1.weight", "head_nm.ada_lin.1.bias")]
+    order += [("head.weight", "output.weight"), ("head.bias", "output.bias")]
     wanted = {v for _, v in order if v is not None}
     missing = sorted(wanted - set(sd))
     unknown = sorted(set(sd) - wanted - {"lvl_1L"})
@@ -333,7 +334,7 @@ def var_config_from_state_dict(
         depth = _depth(sd, source)
         n_head = int(sd["blocks.0.attn.qk_scale"].shape[1])
         hidden = int(sd["blocks.0.ffn.fc1.weight"].shape[0])
-        vocab = int(sd["head.weight"].shape[0])
+        vocab = int(sd["output.weight"].shape[0])
         vae_dim = int(sd["word_embed.weight"].shape[1])
         L = int(sd["pos_1LC"].shape[1])
         S = int(sd["lvl_embed.weight"].shape[0])
@@ -345,14 +346,14 @@ def var_config_from_state_dict(
                  ("attn.wqkv.weight", "attn.wo.weight", "attn.wo.bias", "attn.q_bias", "attn.v_bias", "attn.qk_scale",
                   "ffn.fc1.weight", "ffn.fc1.bias", "ffn.fc2.weight", "ffn.fc2.bias")
                  + (("ada_gss",) if shared else ("ada_lin.1.weight", "ada_lin.1.bias"))]
-    missing = [k for k in per_block + ["pos_start", "word_embed.bias", "head.bias", "head_nm.ada_lin.1.bias"]
+    missing = [k for k in per_block + ["pos_start", "word_embed.bias", "output.bias", "head_nm.ada_lin.1.bias"]
                + (["shared_ada_lin.1.bias"] if shared else []) if k not in sd]
     if missing:
         raise CheckpointError(f"{source}: {WHAT} lacks {len(missing)} weights (e.g. {missing[:2]}); the file is incomplete")
     if dim % n_head:
         raise CheckpointError(f"{source}: width {dim} is not divisible by the {n_head} heads of qk_scale")
-    if tuple(sd["pos_1LC"].shape) != (1, L, dim) or tuple(sd["head.weight"].shape) != (vocab, dim):
-        raise CheckpointError(f"{source}: pos_1LC {tuple(sd['pos_1LC'].shape)} / head {tuple(sd['head.weight'].shape)} "
+    if tuple(sd["pos_1LC"].shape) != (1, L, dim) or tuple(sd["output.weight"].shape) != (vocab, dim):
+        raise CheckpointError(f"{source}: pos_1LC {tuple(sd['pos_1LC'].shape)} / head {tuple(sd['output.weight'].shape)} "
                               f"do not match width {dim}; the file is corrupt")
     if stored_patch_nums is not None and (patch_nums is not None or resolution is not None):
         given = tuple(patch_nums) if patch_nums is not None else resolution_patch_nums(resolution)

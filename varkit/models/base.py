@@ -3,18 +3,22 @@
 A sampler never knows which architecture it drives. It calls, in order:
 
 1. ``cache = gen.new_cache(batch)`` — the one :class:`~varkit.cache.KVCache`, sized for this generator.
-2. ``logits, state = gen.prefill(cond, cache)`` — runs the condition, returns logits (B, n_0, V)
-   for the tokens of layout step 0.
-3. ``logits = gen(tokens, step, cache, state)`` — ``tokens`` (B, m) are the sampled tokens of
-   steps ``step-1 … step+k-2`` (layout order, concatenated); returns logits for steps
+2. ``out, state = gen.prefill(cond, cache, order=None, layout=None)`` — runs the condition, returns
+   the head's input (B, n_0, C) for the tokens of layout step 0: logits for a categorical head, a
+   conditioning vector for a continuous one (``gen.head`` turns it into tokens). ``layout`` is
+   ``gen.sampling_layout(num_iter)``; ``order`` (B, N) is one permutation per image for layouts with
+   ``random_order`` (MAR's ``sets``), drawn by the sampler from the per-image randomness.
+3. ``out = gen(tokens, step, cache, state)`` — ``tokens`` (B, m, *head.token_shape) are the sampled
+   tokens of steps ``step-1 … step+k-2`` (layout order, concatenated); returns outputs for steps
    ``step … step+k-1``. ``k > 1`` (several future steps at once, as speculative samplers need)
    only where ``supports_multistep``.
 4. ``gen.rollback(cache, state, step)`` — restore cache and state to what they were just before
    a call ``gen(..., step, ...)``; speculative samplers use it after rejecting drafts. Generators
    whose state cannot be rolled back set ``supports_rollback = False`` and raise.
 
-CFG belongs to the sampler: it concatenates ``cond`` with ``gen.null_condition(cond)`` and
-doubles the batch; the generator never mixes logits.
+CFG belongs to the sampler side: it concatenates ``cond`` with ``gen.null_condition(cond)`` and
+doubles the batch; the generator never mixes, the head does (``head.sample(out, weights, ...)``).
+Generators that do not reuse a KV cache (MAR re-encodes every step) return None from ``new_cache``.
 """
 from __future__ import annotations
 
@@ -26,21 +30,28 @@ from ..cache import KVCache
 from ..errors import InvalidArgumentError
 from ..layout import Layout
 from ..modeling import DerivedState, SavableModule
+from .heads import Head
+
+
+def token_fields_for_tokenizer(tokenizer) -> dict:
+    """The config fields a tokenizer's tokens fix: ``vocab_size`` for ids, ``token_dim`` for latents."""
+    shape = tuple(getattr(tokenizer, "token_shape", ()))
+    return {"token_dim": shape[0]} if shape else {"vocab_size": tokenizer.codebook_size}
 
 
 class Generator(DerivedState, SavableModule):
     """Base class of every generator; see the module docstring for the contract."""
 
     layout: Layout
-    vocab_size: int
+    head: "Head"
     num_classes: int
     supports_multistep: bool = True
     supports_rollback: bool = True
 
     @classmethod
     def config_for_tokenizer(cls, tokenizer, resolution: int) -> dict:
-        """Config fields that a trained tokenizer fixes (vocabulary, grid, ...)."""
-        return {"vocab_size": tokenizer.codebook_size}
+        """Config fields that a trained tokenizer fixes (vocabulary or latent size, grid, ...)."""
+        return token_fields_for_tokenizer(tokenizer)
 
     def bind_tokenizer(self, tokenizer) -> None:
         """Generators whose inputs are tokenizer-side computations (VAR) keep a reference."""
@@ -77,8 +88,36 @@ class Generator(DerivedState, SavableModule):
         p = next(self.parameters())
         return KVCache(layers, batch, heads, max_len or self.max_cache_len(), head_dim, p.device, p.dtype)
 
+    @property
+    def vocab_size(self) -> int:
+        """Codebook size of a categorical head (discrete-only code paths: SJD, LANTERN, distillation)."""
+        size = getattr(self.head, "vocab_size", None)
+        if size is None:
+            raise InvalidArgumentError(f"{type(self).__name__} generates {self.head.kind} tokens, not ids from a vocabulary")
+        return size
+
+    @vocab_size.setter
+    def vocab_size(self, size: int) -> None:
+        """Generators written before heads existed set ``vocab_size``: that gives them a categorical head."""
+        from .heads import create_head
+
+        if "head" not in self._modules:
+            self.head = create_head("categorical", vocab_size=size)
+        elif getattr(self.head, "vocab_size", None) != size:
+            raise InvalidArgumentError(f"vocab_size {size} contradicts this generator's {self.head.kind} head")
+
     # -- decoding --------------------------------------------------------------------------------
-    def prefill(self, cond: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, Any]:
+    def sampling_layout(self, num_iter: int | None = None) -> Layout:
+        """The layout to decode with; ``num_iter`` (a step count) only where steps are a sampling choice."""
+        if num_iter is not None and num_iter != self.layout.num_steps:
+            raise InvalidArgumentError(
+                f"num_iter applies to layouts whose step count is a sampling choice (sets: MAR); "
+                f"this model's {self.layout.kind} layout always takes {self.layout.num_steps} steps"
+            )
+        return self.layout
+
+    def prefill(self, cond: torch.Tensor, cache: KVCache, order: torch.Tensor | None = None,
+                layout: Layout | None = None) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 
     def forward(self, tokens: torch.Tensor, step: int, cache: KVCache, state: Any = None) -> torch.Tensor:
@@ -127,6 +166,11 @@ class Generator(DerivedState, SavableModule):
         return k
 
     # -- training ----------------------------------------------------------------------------------
+    def training_outputs(self, cond: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Outputs (B, N, C) for every token given the ground truth, and the (B, N) mask of positions
+        the loss counts (None: all). The trainer applies ``self.head.loss``."""
+        return self.teacher_forcing_logits(cond, tokens), None
+
     def teacher_forcing_logits(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, N, V) for every token of the layout given all ground-truth ``tokens``."""
         raise NotImplementedError

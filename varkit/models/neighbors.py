@@ -192,7 +192,7 @@ class NeighborsGenerator(RasterGenerator):
         return out
 
     # -- contract: decoding ----------------------------------------------------------------------------
-    def prefill(self, cond: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, Any]:
+    def prefill(self, cond: torch.Tensor, cache: KVCache, order=None, layout=None) -> tuple[torch.Tensor, Any]:
         hh = self.prefill_hidden(cond, cache)
         return (self.vertical_logits(hh) + self.horizontal_logits(hh)) / 2, None
 

@@ -18,13 +18,14 @@ from ..errors import InvalidArgumentError
 from ..layout import Layout, build_layout
 from ..modeling import register_module
 from ..nn import Attention, RMSNorm, RotaryTable, SwiGLU, block_causal_mask
-from ..nn.layers import Linear, swiglu_hidden_dim
+from ..nn.layers import swiglu_hidden_dim
 from ..nn.rope import rope_angles_2d
-from .base import Generator
+from .base import Generator, token_fields_for_tokenizer
+from .heads import HeadConfig, head_from_config
 
 
 @dataclass
-class RasterConfig:
+class RasterConfig(HeadConfig):
     vocab_size: int = 16384
     num_classes: int = 1000
     dim: int = 768
@@ -105,19 +106,19 @@ class RasterGenerator(Generator):
         super().__init__(config)
         c = config
         self.layout: Layout = build_layout(c.layout, (c.grid, c.grid))
-        self.vocab_size = c.vocab_size
         self.num_classes = c.num_classes
+        self.head = head_from_config(c, c.dim)
         if c.caption_dim > 0:
             self.cls_embedding = CaptionEmbedder(c.caption_dim, c.dim, c.cls_token_num)
         else:
             if c.cls_token_num != 1:
                 raise InvalidArgumentError("class-conditional models use exactly one condition token")
             self.cls_embedding = LabelEmbedder(c.num_classes, c.dim)
-        self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
+        self.tok_embeddings = self.head.input_embedding(c.dim)
         self.tok_dropout = nn.Dropout(c.token_dropout)
         self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.n_layer))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.output = Linear(c.dim, c.vocab_size, bias=False)
+        self.output = self.head.output_layer(c.dim)
         # Rotary rows: condition prefix (zeros, as LlamaGen), then token i at cond_len + i.
         coords = self.layout.coords
         angles = rope_angles_2d(coords[:, 0], coords[:, 1], c.dim // c.n_head, c.rope_base)
@@ -127,16 +128,19 @@ class RasterGenerator(Generator):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """LlamaGen's init: normal(0.02) for linear and embedding weights, zero output head."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
+        """LlamaGen's init: normal(0.02) for linear and embedding weights, zero output head.
+
+        The token head's own network (a diffusion MLP) keeps its own init."""
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not name.startswith("head."):
                 nn.init.normal_(m.weight, std=0.02)
-        nn.init.zeros_(self.output.weight)
+        if isinstance(self.output, nn.Linear):
+            nn.init.zeros_(self.output.weight)
 
     @classmethod
     def config_for_tokenizer(cls, tokenizer, resolution: int) -> dict:
         """Config fields a trained tokenizer fixes."""
-        return {"vocab_size": tokenizer.codebook_size, "grid": resolution // tokenizer.downsample}
+        return {**token_fields_for_tokenizer(tokenizer), "grid": resolution // tokenizer.downsample}
 
     # -- contract: conditions and cache ----------------------------------------------------------
     @property
@@ -244,7 +248,7 @@ class RasterGenerator(Generator):
             mask = self._mask_padded_captions(mask, range(0, n), n, caption_mask)
         return self._run(h, slice(0, n), mask, cache)[:, -1:]
 
-    def prefill(self, cond: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, Any]:
+    def prefill(self, cond: torch.Tensor, cache: KVCache, order=None, layout=None) -> tuple[torch.Tensor, Any]:
         """Logits of step 0; the state is the caption padding mask (None for classes / no padding)."""
         caption_mask = self.caption_mask(cond)
         return self.hidden_to_logits(self.prefill_hidden(cond, cache, caption_mask)), caption_mask

@@ -22,6 +22,7 @@ from ..modeling import register_module
 from ..nn import Attention, block_causal_mask
 from ..nn.layers import Linear
 from .base import Generator
+from .heads import create_head
 
 
 @dataclass
@@ -115,6 +116,7 @@ class ScalesGenerator(Generator):
     """VAR: class-conditional next-scale prediction over a multi-scale VQ tokenizer."""
 
     config_class = ScalesConfig
+    legacy_keys = {"head.weight": "output.weight", "head.bias": "output.bias"}  # VAR's name for the output Linear
     supports_multistep = False
     supports_rollback = False
 
@@ -122,7 +124,8 @@ class ScalesGenerator(Generator):
         super().__init__(config)
         c = config
         self.layout = scales(c.patch_nums)
-        self.vocab_size, self.num_classes = c.vocab_size, c.num_classes
+        self.num_classes = c.num_classes
+        self.head = create_head("categorical", vocab_size=c.vocab_size)
         L, first = self.layout.num_tokens, c.patch_nums[0] ** 2
         std = c.init_std if c.init_std > 0 else math.sqrt(1 / c.dim / 3)
         self.class_emb = nn.Embedding(c.num_classes + 1, c.dim)
@@ -135,7 +138,7 @@ class ScalesGenerator(Generator):
         dpr = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
         self.blocks = nn.ModuleList(AdaLNBlock(c, dpr[i]) for i in range(c.depth))
         self.head_nm = AdaLNHead(c.dim, c.norm_eps)
-        self.head = Linear(c.dim, c.vocab_size)
+        self.output = Linear(c.dim, c.vocab_size)  # VAR's ``head`` Linear (with a bias); ``self.head`` is the token head
         self.register_buffer("lvl_1L", self.layout.step_of.clone(), persistent=False)
         for p in (self.pos_start, self.pos_1LC):
             nn.init.trunc_normal_(p, std=std)
@@ -153,7 +156,7 @@ class ScalesGenerator(Generator):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         with torch.no_grad():
-            self.head.weight.mul_(0.02)
+            self.output.weight.mul_(0.02)
             for b in self.blocks:
                 b.attn.wo.weight.div_(math.sqrt(2 * c.depth))
                 b.ffn.fc2.weight.div_(math.sqrt(2 * c.depth))
@@ -229,7 +232,7 @@ class ScalesGenerator(Generator):
             x = block(x, mods, mask, cache, i, block_mods[i])
         if cache is not None:
             cache.advance(x.shape[1])
-        return self.head(self.head_nm(x.float(), cond_emb.float(), head_mods).float()).float()
+        return self.output(self.head_nm(x.float(), cond_emb.float(), head_mods).float()).float()
 
     def _level_pos(self, sl: slice) -> torch.Tensor:
         return self.lvl_embed(self.lvl_1L[sl])[None] + self.pos_1LC[:, sl]
@@ -239,7 +242,7 @@ class ScalesGenerator(Generator):
         return cond_emb[:, None] + self.pos_start + self._level_pos(slice(0, first))
 
     # -- contract: decoding ----------------------------------------------------------------------------
-    def prefill(self, cond: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, ScalesState]:
+    def prefill(self, cond: torch.Tensor, cache: KVCache, order=None, layout=None) -> tuple[torch.Tensor, ScalesState]:
         self.check_condition(cond)
         if cache.length != 0:
             raise InvalidArgumentError("prefill needs an empty KVCache")

@@ -5,35 +5,37 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import GuidedRunner, SampleResult, Sampler, SamplerStats
-from .logits import sample_logits, uniforms
+from .random import Randomness
 
 
 class AncestralSampler(Sampler):
     """Sample each layout step from the guided, filtered distribution given all earlier steps.
 
-    Works on every discrete generator (raster: one token a step; VAR: one scale; NAR: one
-    front). Drives the generator only through the contract in ``varkit.models.base``.
+    Works on every generator and every head (raster: one token a step; VAR: one scale; NAR: one
+    front; MAR: one set of a random order; ids or continuous latents): the head turns each step's
+    outputs into tokens with noise drawn per image. Drives the generator only through the contract
+    in ``varkit.models.base``.
     """
 
     name = "ancestral"
     lossless = True
 
     def _sample(self, gen, cond, gens, progress) -> SampleResult:
-        layout = gen.layout
-        run = GuidedRunner(gen, self.params, cond)
+        rng = Randomness(gens, cond.device)
+        run = GuidedRunner(gen, self.params, cond, rng)
+        layout, head, order = run.layout, gen.head, run.order
         B = cond.shape[0]
-        tokens = torch.empty(B, layout.num_tokens, dtype=torch.long, device=cond.device)
-        logits = run.prefill()
+        tokens = torch.zeros(B, layout.num_tokens, *head.token_shape, dtype=head.token_dtype, device=cond.device)
+        out, w = run.prefill()
         for step in tqdm(range(layout.num_steps), disable=not progress, desc="steps", leave=False):
             if step > 0:
-                logits = run.forward(tokens[:, layout.step_slice(step - 1)], step)
-            u = None if self.params.greedy else uniforms(gens, logits.shape[1], logits.device)
-            tokens[:, layout.step_slice(step)] = sample_logits(logits, self.params, u)
-        n = layout.num_steps
+                out, w = run.forward(layout.read(tokens, step - 1, order), step)
+            noise = head.draw_noise(rng, out.shape[1], self.params)
+            layout.write(tokens, step, head.sample(out, w, noise, self.params), order)
         stats = SamplerStats(
             forward_passes=run.passes,
-            steps=n,
+            steps=layout.num_steps,
             accepted_per_pass=list(layout.step_sizes),
-            cache_bytes=run.cache.nbytes,
+            cache_bytes=run.cache_bytes,
         )
         return SampleResult(tokens, stats)

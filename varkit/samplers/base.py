@@ -9,7 +9,8 @@ import torch
 
 from ..cache import KVCache
 from ..models.base import Generator
-from .logits import SamplingParams, mix_cfg
+from .logits import SamplingParams
+from .random import Randomness
 
 
 @dataclass
@@ -41,54 +42,80 @@ class SamplerStats:
 
 @dataclass
 class SampleResult:
-    tokens: torch.Tensor  # (B, N) in layout order
+    tokens: torch.Tensor  # (B, N, *head.token_shape) in layout order (row-major for sets layouts)
     stats: SamplerStats
 
 
-class GuidedRunner:
-    """Drives a generator with or without the CFG-doubled batch and returns mixed logits.
+def is_categorical(gen: Any) -> bool:
+    """Whether ``gen`` decodes ids through a categorical head (what the discrete speculative samplers need)."""
+    return getattr(getattr(gen, "head", None), "kind", None) == "categorical"
 
-    Samplers call ``prefill``/``forward``/``rollback`` on this runner instead of the
-    generator; it doubles conditions and tokens, mixes logits with the step's CFG weight,
-    and counts forward passes.
+
+class GuidedRunner:
+    """Drives a generator with or without the CFG-doubled batch; returns outputs and CFG weights.
+
+    Samplers call ``prefill``/``forward``/``rollback`` on this runner instead of the generator. It
+    picks the layout to decode with (``gen.sampling_layout(params.num_iter)``), draws each image's
+    generation order where the layout has random orders, doubles conditions, orders and tokens for
+    CFG, and counts forward passes. It does not mix: ``prefill``/``forward`` return the raw outputs
+    (2B rows under CFG: conditional, then unconditional) and ``weights``, the CFG weight of each
+    returned position (a (n,) tensor; None without CFG), which the head applies
+    (``gen.head.sample(out, weights, ...)``; ``gen.head.mix`` for categorical logits).
     """
 
-    def __init__(self, gen: Generator, params: SamplingParams, cond: torch.Tensor):
+    def __init__(self, gen: Generator, params: SamplingParams, cond: torch.Tensor, rng: Randomness | None = None):
         self.gen, self.params = gen, params
-        self.num_steps = gen.layout.num_steps
-        self.cfg = params.uses_cfg(self.num_steps)
+        gen.head.check_params(params)
+        self.layout = gen.sampling_layout(params.num_iter)
+        self.num_steps = self.layout.num_steps
         self.batch = cond.shape[0]
         gen.check_condition(cond)
+        self.order = None
+        if self.layout.random_order:
+            if rng is None:
+                raise ValueError("a layout with random orders needs the per-image randomness (rng=)")
+            self.order = rng.permutations(self.layout.num_tokens)
+        # CFG weight of every token position, from its step's progress (non-constant schedules)
+        step_w = [params.guidance_at(self.layout.progress(s)) for s in range(self.num_steps)]
+        self.cfg = params.uses_cfg(self.num_steps)
+        self.token_weights = torch.tensor(step_w, dtype=torch.float32)[self.layout.step_of]
         self.cond = torch.cat([cond, gen.null_condition(cond)]) if self.cfg else cond
-        self.cache: KVCache = gen.new_cache(self.cond.shape[0])
+        self.cache: KVCache | None = gen.new_cache(self.cond.shape[0])
         self.state: Any = None
         self.passes = 0
-        layout = gen.layout
-        # CFG weight of every token position, from its step (non-constant schedules)
-        self.token_weights = torch.tensor(
-            [params.guidance(int(st), self.num_steps) for st in layout.step_of], dtype=torch.float32
-        )
 
-    def _mix(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+    @property
+    def cache_bytes(self) -> int:
+        return 0 if self.cache is None else self.cache.nbytes
+
+    def weights(self, step: int, n: int) -> torch.Tensor | None:
+        """CFG weights (n,) of the ``n`` positions starting at layout step ``step`` (None: no CFG)."""
         if not self.cfg:
-            return logits
-        if self.params.cfg_schedule == "constant":
-            return mix_cfg(logits, self.params.cfg)
-        start = self.gen.layout.step_starts[step]
-        return mix_cfg(logits, self.token_weights[start:start + logits.shape[1], None].to(logits))
+            return None
+        start = self.layout.step_starts[step]
+        return self.token_weights[start:start + n]
 
-    def prefill(self) -> torch.Tensor:
-        logits, self.state = self.gen.prefill(self.cond, self.cache)
+    def prefill(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        extra: dict[str, Any] = {}  # only layouts chosen at sampling time travel (fixed-layout generators take none)
+        if self.order is not None:
+            extra["order"] = torch.cat([self.order, self.order]) if self.cfg else self.order
+        if self.layout is not self.gen.layout:
+            extra["layout"] = self.layout
+        out, self.state = self.gen.prefill(self.cond, self.cache, **extra)
         self.passes += 1
-        return self._mix(logits, 0)
+        return out, self.weights(0, out.shape[1])
 
-    def forward(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        """``tokens`` (B, m) of steps ``step-1 …`` → guided logits (B, ·, V) of steps ``step …``."""
+    def forward(self, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``tokens`` (B, m, ...) of steps ``step-1 …`` → outputs (B or 2B, n, C) of steps ``step …`` and weights."""
         if self.cfg:
             tokens = torch.cat([tokens, tokens])
-        logits = self.gen(tokens, step, self.cache, self.state)
+        out = self.gen(tokens, step, self.cache, self.state)
         self.passes += 1
-        return self._mix(logits, step)
+        return out, self.weights(step, out.shape[1])
+
+    def logits(self, guided: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        """Guided logits (B, n, V) of a categorical head from ``prefill``/``forward``'s result."""
+        return self.gen.head.mix(*guided)
 
     def rollback(self, step: int) -> None:
         self.gen.rollback(self.cache, self.state, step)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
+from .random import image_generators, uniforms  # noqa: F401  (re-exported: the one source of per-image draws)
 
 CFG_SCHEDULES = ("constant", "linear", "var")
 
@@ -21,7 +21,13 @@ class SamplingParams:
 
     CFG mixes ``uncond + w·(cond − uncond)`` with a weight ``w`` per layout step:
     ``constant``: w = cfg; ``linear``: w ramps from 1 at the first step to cfg at the last;
-    ``var``: w = 1 + cfg·s/(S−1), VAR's ``(1+t)·cond − t·uncond`` ramp.
+    ``var``: w = 1 + cfg·s/(S−1), VAR's ``(1+t)·cond − t·uncond`` ramp. The ramp variable is the
+    layout's :meth:`~varkit.layout.Layout.progress` (s/(S−1); for MAR's ``sets``, the share of tokens
+    known after the step, so ``linear`` is MAR's schedule there).
+
+    Continuous heads read ``head_steps`` (denoising steps per token; None: the head's default) and
+    ``temperature`` (MAR: scales the per-step noise only). ``num_iter`` sets the step count of layouts
+    whose steps are a sampling choice (``sets``); None keeps the model's default.
     """
 
     cfg: float = 1.0
@@ -29,6 +35,8 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    head_steps: int | None = None
+    num_iter: int | None = None
 
     def __post_init__(self) -> None:
         if self.cfg is None or self.cfg < 0:
@@ -43,10 +51,17 @@ class SamplingParams:
             raise InvalidArgumentError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise InvalidArgumentError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        for name in ("head_steps", "num_iter"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InvalidArgumentError(f"{name} must be an integer >= 1, got {v!r}")
 
     def guidance(self, step: int, num_steps: int) -> float:
-        """CFG weight at layout step ``step`` of ``num_steps``."""
-        ramp = step / (num_steps - 1) if num_steps > 1 else 1.0
+        """CFG weight at layout step ``step`` of ``num_steps`` (a fixed-order layout)."""
+        return self.guidance_at(step / (num_steps - 1) if num_steps > 1 else 1.0)
+
+    def guidance_at(self, ramp: float) -> float:
+        """CFG weight at decoding progress ``ramp`` in [0, 1] (see :meth:`Layout.progress`)."""
         if self.cfg_schedule == "linear":
             return 1.0 + (self.cfg - 1.0) * ramp
         if self.cfg_schedule == "var":
@@ -62,8 +77,11 @@ class SamplingParams:
         return self.top_k == 1
 
 
-def mix_cfg(logits: torch.Tensor, weight: float) -> torch.Tensor:
-    """Rows [0:B] conditional, [B:2B] unconditional → ``u + w·(c − u)`` (B rows)."""
+def mix_cfg(logits: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
+    """Rows [0:B] conditional, [B:2B] unconditional → ``u + w·(c − u)`` (B rows).
+
+    ``weight``: a number, or one weight per position (a tensor broadcasting against (B, n, ...)).
+    """
     cond, uncond = logits.chunk(2, dim=0)
     return uncond + (cond - uncond) * weight
 
@@ -114,22 +132,3 @@ def sample_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(-1)
     j = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[..., -1])[..., None].contiguous())
     return j.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
-
-
-def image_generators(seed: int, count: int, image_seeds: list[int] | None = None) -> list[torch.Generator]:
-    """One CPU ``torch.Generator`` per image, seeded from (seed, index) or from ``image_seeds``.
-
-    An image's randomness therefore depends neither on the batch size nor on its position.
-    """
-    if image_seeds is not None:
-        if len(image_seeds) != count:
-            raise InvalidArgumentError(f"got {len(image_seeds)} image_seeds for {count} images")
-        seeds = [int(s) for s in image_seeds]
-    else:
-        seeds = [int(np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint64)[0] >> 1) for i in range(count)]
-    return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def uniforms(gens: list[torch.Generator], n: int, device: torch.device) -> torch.Tensor:
-    """(B, n) uniforms, row b drawn from ``gens[b]``."""
-    return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in gens]).to(device)

@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InvalidArgumentError
 from .accept import AcceptRule, acceptance_prob, accepts, residual_mass
-from .base import GuidedRunner, Sampler, SampleResult, SamplerStats
+from .base import GuidedRunner, Sampler, SampleResult, SamplerStats, is_categorical
 from .lantern import DEFAULT_DELTA, DEFAULT_K, make_relaxation
 from .logits import SamplingParams, processed_probs, sample_probs, uniforms
 
@@ -177,8 +177,10 @@ class SJDSampler(Sampler):
                 f"SJD cannot drive {type(gen).__name__}: its {kind} layout has no drafted token steps "
                 f"(SJD works on the {' and '.join(LAYOUTS)} layouts); use sampler='ancestral'"
             )
-        if not isinstance(getattr(gen, "vocab_size", None), int):
-            raise InvalidArgumentError(f"SJD needs a discrete generator with token logits; {type(gen).__name__} has none")
+        if not is_categorical(gen):
+            raise InvalidArgumentError(
+                f"SJD needs a generator of ids with token logits; {type(gen).__name__} has a "
+                f"{getattr(getattr(gen, 'head', None), 'kind', 'missing')} head (use sampler='ancestral')")
         if not getattr(gen, "supports_multistep", False) or not getattr(gen, "supports_rollback", False):
             raise InvalidArgumentError(
                 f"SJD needs a generator that feeds several steps at once and rolls back its state; "
@@ -212,7 +214,7 @@ class SJDSampler(Sampler):
         q = torch.zeros(B, Wt, V, device=dev)  # q of the draft at token tok0_of[c] + slot
         trace_c, trace_n = [], []
 
-        logits = run.prefill()
+        logits = run.logits(run.prefill())
         base = 0  # token index of logits[:, 0]
         m = 0  # smallest committed count of the images still running
         bar = tqdm(total=T, disable=not progress, desc="tokens", leave=False)
@@ -241,7 +243,7 @@ class SJDSampler(Sampler):
             # -- one pass over the union of the windows -----------------------------------------------
             if m > 0:  # (the first pass is the prefill, which yields step 0)
                 E = int(torch.where(active, e, 0).max())
-                logits = run.forward(tokens[:, starts[m - 1]:starts[E - 1]], m)
+                logits = run.logits(run.forward(tokens[:, starts[m - 1]:starts[E - 1]], m))
                 base = starts[m]
             rel = (pos - base).clamp(0, logits.shape[1] - 1)
             p_win = processed_probs(logits.gather(1, rel[..., None].expand(-1, -1, V)), params)  # (B, Wt, V)
@@ -283,7 +285,7 @@ class SJDSampler(Sampler):
         accepted = torch.stack(trace_n).cpu()
         self.trace = {"start": torch.stack(trace_c).cpu(), "accepted": accepted}
         stats = SamplerStats(forward_passes=run.passes, steps=S, accepted_per_pass=(accepted.double().mean(1)).tolist(),
-                             cache_bytes=run.cache.nbytes)
+                             cache_bytes=run.cache_bytes)
         return SampleResult(tokens[:, :T].contiguous(), stats)
 
     def _geometry(self, layout, dev) -> dict:

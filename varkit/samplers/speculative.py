@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from ..errors import InvalidArgumentError
 from ..models.base import Generator
 from .accept import AcceptRule, acceptance_prob, verify
-from .base import GuidedRunner, SampleResult, Sampler, SamplerStats
+from .base import GuidedRunner, SampleResult, Sampler, SamplerStats, is_categorical
 from .lantern import DEFAULT_DELTA, DEFAULT_K, make_relaxation
 from .logits import SamplingParams, processed_probs, sample_probs, uniforms
 
@@ -190,9 +190,10 @@ class SpeculativeSampler(Sampler):
     def check_generator(self, gen) -> None:
         d = self.draft
         layout = getattr(gen, "layout", None)
-        if not isinstance(getattr(gen, "vocab_size", None), int) or layout is None:
+        if not is_categorical(gen) or layout is None:
             raise InvalidArgumentError(
-                f"speculative decoding needs a discrete generator with token logits; {type(gen).__name__} has none")
+                f"speculative decoding needs a generator of ids with token logits; {type(gen).__name__} has a "
+                f"{getattr(getattr(gen, 'head', None), 'kind', 'missing')} head (use sampler='ancestral')")
         if not layout.single_token_steps:
             raise InvalidArgumentError(
                 f"speculative decoding drafts one token per step; the {layout.kind} layout of {type(gen).__name__} "
@@ -231,7 +232,7 @@ class SpeculativeSampler(Sampler):
 
         # pass 0: the target's prefill yields position 0 only; draw it from p
         u0 = uniforms(gens, 1, dev)[:, 0]
-        tokens[:, 0] = sample_probs(processed_probs(tgt.prefill()[:, 0], params), u0)
+        tokens[:, 0] = sample_probs(processed_probs(tgt.logits(tgt.prefill())[:, 0], params), u0)
         drf.prefill()
         n = torch.ones(B, dtype=torch.long, device=dev)  # committed tokens per image
         trace_n.append(torch.zeros_like(n))
@@ -256,7 +257,7 @@ class SpeculativeSampler(Sampler):
                 fed_draft = m - 1
             last = int((n + g)[active].max())  # one past the furthest draft
             for P in range(m, last):
-                logits = drf.forward(tokens[:, fed_draft:P], fed_draft + 1)[:, -1]
+                logits = drf.logits(drf.forward(tokens[:, fed_draft:P], fed_draft + 1))[:, -1]
                 fed_draft = P
                 j = P - n  # draft slot of position P per image
                 mine = active & (j >= 0) & (j < g)
@@ -270,7 +271,7 @@ class SpeculativeSampler(Sampler):
 
             # -- verify all drafts (and the bonus position) in one target pass --------------------------
             end = int(torch.minimum(n + G, torch.full_like(n, T - 1))[active].max())  # last position scored
-            logits = tgt.forward(tokens[:, m - 1:end], m)  # positions m .. end
+            logits = tgt.logits(tgt.forward(tokens[:, m - 1:end], m))  # positions m .. end
             pos = n[:, None] + steps  # (B, G+1) positions of the drafts and the bonus
             rel = (pos - m).clamp(0, logits.shape[1] - 1)
             p = processed_probs(logits.gather(1, rel[..., None].expand(-1, -1, V)), params)  # (B, G+1, V)
@@ -304,5 +305,5 @@ class SpeculativeSampler(Sampler):
         self.trace = {"start": torch.stack(trace_n).cpu(), "accepted": commits, "draft_passes": drf.passes}
         stats = SamplerStats(forward_passes=tgt.passes, steps=gen.layout.num_steps,
                              accepted_per_pass=commits.double().mean(1).tolist(),
-                             cache_bytes=tgt.cache.nbytes + drf.cache.nbytes)
+                             cache_bytes=tgt.cache_bytes + drf.cache_bytes)
         return SampleResult(tokens[:, :T].contiguous(), stats)

@@ -1,0 +1,292 @@
+"""Heads: how a generator's per-position output becomes a token.
+
+The token type belongs to the head, not to the layout or the generator: any layout (raster, scales,
+neighbors, sets) carries any head, and samplers, the pipeline and training talk to tokens only
+through the head (``token_shape``, ``draw_noise``, ``sample``, ``log_prob``, ``loss``).
+
+- :class:`CategoricalHead`: the output is logits; tokens are ids. Temperature, top-k, top-p.
+- :class:`DiffusionHead`: MAR's diffusion loss. The output is a conditioning vector z; a small MLP
+  (``net``) denoises a D-dim token from Gaussian noise over a respaced cosine schedule.
+
+A head applies CFG itself (``weights``: None without CFG, else the CFG weight of each position and
+the output holds the conditional rows then the unconditional ones): the categorical head mixes
+logits, the diffusion head mixes only ε inside its loop, as MAR (mixing conditioning vectors would
+be wrong). Heads take their randomness as *injected noise* (``draw_noise``), so two models can share
+one draw (continuous speculative decoding) and a seed reproduces an image at any batch position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidArgumentError
+from ..nn.layers import Linear
+
+
+class Head(nn.Module):
+    """Base class: the token type and everything that depends on it (see the module docstring)."""
+
+    kind: ClassVar[str] = ""
+    token_shape: tuple[int, ...] = ()
+    token_dtype: torch.dtype = torch.long
+
+    def input_embedding(self, dim: int) -> nn.Module:
+        """A fresh module embedding tokens (B, n, *token_shape) into ``dim`` (the generator owns it)."""
+        raise NotImplementedError
+
+    def output_layer(self, dim: int) -> nn.Module:
+        """A fresh module turning the generator's final hidden ``dim`` into this head's input."""
+        raise NotImplementedError
+
+    def check_params(self, params) -> None:
+        """Raise ``InvalidArgumentError`` for sampling settings this head cannot honour."""
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise ``InvalidArgumentError`` unless ``tokenizer``'s tokens are this head's tokens."""
+        shape = tuple(getattr(tokenizer, "token_shape", ()))
+        if shape != tuple(self.token_shape):
+            have = f"{shape[0]}-dim latents (a continuous KL tokenizer)" if shape else "ids (a discrete VQ tokenizer)"
+            want = (f"{self.token_shape[0]}-dim latents: it needs a continuous (KL) tokenizer" if self.token_shape
+                    else "ids: it needs a discrete (VQ) tokenizer")
+            raise InvalidArgumentError(f"the tokenizer gives {have}, but this {self.kind}-head generator takes {want}")
+        size = getattr(self, "vocab_size", None)
+        if size is not None and getattr(tokenizer, "codebook_size", size) != size:
+            raise InvalidArgumentError(
+                f"the tokenizer has {tokenizer.codebook_size} codes, the generator {size}; use the tokenizer it was trained with")
+
+    def draw_noise(self, rng, n: int, params) -> Any:
+        """This head's randomness for ``n`` positions of every image, drawn from ``rng`` (Randomness)."""
+        raise NotImplementedError
+
+    def sample(self, out: torch.Tensor, weights: torch.Tensor | float | None, noise: Any, params) -> torch.Tensor:
+        """Tokens (B, n, *token_shape) from outputs (B or 2B, n, C) with the injected ``noise``."""
+        raise NotImplementedError
+
+    def log_prob(self, out: torch.Tensor, weights, tokens: torch.Tensor, params, noise: Any = None) -> torch.Tensor:
+        """Log-probability (B, n) of ``tokens`` under the distribution :meth:`sample` draws from."""
+        raise NotImplementedError
+
+    def loss(self, out: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Training loss of outputs (B, N, C) against tokens (B, N, ...) on ``mask`` (B, N) (None: all)."""
+        raise NotImplementedError
+
+
+def _expand_weights(weights: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """Per-position CFG weights (n,) → a tensor broadcasting over (B, n, C); numbers pass through."""
+    if isinstance(weights, torch.Tensor):
+        return weights.to(like.device, like.dtype).view(1, -1, *([1] * (like.dim() - 2)))
+    return weights
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp_min(1)
+
+
+class CategoricalHead(Head):
+    """Tokens are ids of a ``vocab_size`` codebook; the output is logits (no parameters of its own)."""
+
+    kind = "categorical"
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        if vocab_size < 2:
+            raise InvalidArgumentError(f"a categorical head needs vocab_size >= 2, got {vocab_size}")
+        self.vocab_size = vocab_size
+
+    def input_embedding(self, dim: int) -> nn.Module:
+        return nn.Embedding(self.vocab_size, dim)
+
+    def output_layer(self, dim: int) -> nn.Module:
+        return Linear(dim, self.vocab_size, bias=False)
+
+    def check_params(self, params) -> None:
+        if params.head_steps is not None:
+            raise InvalidArgumentError("head_steps applies to continuous heads (MAR, FlowAR); this model's tokens are ids")
+
+    def mix(self, out: torch.Tensor, weights) -> torch.Tensor:
+        """Guided logits (B, n, V): ``u + w·(c − u)`` per position; the output itself without CFG."""
+        from ..samplers.logits import mix_cfg
+
+        return out if weights is None else mix_cfg(out, _expand_weights(weights, out))
+
+    def draw_noise(self, rng, n: int, params) -> torch.Tensor | None:
+        return None if params.greedy else rng.uniforms(n)
+
+    def sample(self, out, weights, noise, params) -> torch.Tensor:
+        from ..samplers.logits import sample_logits
+
+        return sample_logits(self.mix(out, weights), params, noise)
+
+    def log_prob(self, out, weights, tokens, params, noise=None) -> torch.Tensor:
+        from ..samplers.logits import processed_probs
+
+        probs = processed_probs(self.mix(out, weights).float(), params)
+        return probs.gather(-1, tokens[..., None]).squeeze(-1).log()
+
+    def loss(self, out, tokens, mask=None):
+        ce = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), tokens.reshape(-1), reduction="none")
+        loss = _masked_mean(ce.view(tokens.shape), mask)
+        return loss, {}
+
+
+@dataclass
+class DiffusionNoise:
+    """A diffusion head's randomness for n positions: x_T (B, n, D) and one normal per step (B, n, S, D)."""
+
+    x_T: torch.Tensor
+    steps: torch.Tensor
+    final: torch.Tensor | None = None  # (B, n, D): noise of the final step, only when it adds noise
+
+
+class DiffusionHead(Head):
+    """MAR's diffusion loss head: an MLP (``net``, MAR's SimpleMLPAdaLN) denoising one token from z.
+
+    Sampling: ancestral DDPM over the cosine schedule respaced to ``head_steps`` (default
+    ``default_steps``), learned-range variance, ε-prediction; ``temperature`` scales the per-step
+    noise only and x_T is not scaled (as MAR). CFG mixes ε between the conditional and unconditional
+    rows; the variance comes from the conditional rows. ``final_noise``: MAR adds no noise at the last
+    step (the token is that step's mean); with it the token is a real draw from the last step's
+    Gaussian, whose density :meth:`log_prob` gives (what exact speculative acceptance needs).
+    Training: ε-MSE + VB on ``batch_mul`` noised copies of every token (MAR's ``diffusion_batch_mul``).
+    """
+
+    kind = "diffusion"
+
+    def __init__(self, token_dim: int, cond_dim: int, depth: int = 3, width: int = 1024, batch_mul: int = 4,
+                 train_steps: int = 1000, schedule: str = "cosine", default_steps: int = 100):
+        super().__init__()
+        from .diffusion import DiffusionMLP, GaussianDiffusion
+
+        if token_dim < 1:
+            raise InvalidArgumentError(f"a diffusion head needs token_dim >= 1, got {token_dim}")
+        self.token_dim, self.cond_dim = token_dim, cond_dim
+        self.token_shape = (token_dim,)
+        self.token_dtype = torch.float32
+        self.batch_mul, self.default_steps = batch_mul, default_steps
+        self.net = DiffusionMLP(token_dim, width, 2 * token_dim, cond_dim, depth)
+        self.diffusion = GaussianDiffusion(train_steps, schedule)
+
+    def input_embedding(self, dim: int) -> nn.Module:
+        return nn.Linear(self.token_dim, dim)
+
+    def output_layer(self, dim: int) -> nn.Module:
+        if dim != self.cond_dim:
+            raise InvalidArgumentError(f"diffusion head conditions on {self.cond_dim} channels, the generator gives {dim}")
+        return nn.Identity()
+
+    def steps_for(self, params) -> int:
+        return params.head_steps or self.default_steps
+
+    def check_params(self, params) -> None:
+        if params.top_k or (params.top_p is not None and params.top_p < 1):
+            raise InvalidArgumentError("top_k / top_p apply to categorical heads; this model's tokens are continuous")
+
+    def draw_noise(self, rng, n: int, params, final_noise: bool = False) -> DiffusionNoise:
+        S, D = self.steps_for(params), self.token_dim
+        return DiffusionNoise(rng.normals(n, D), rng.normals(n, S, D), rng.normals(n, D) if final_noise else None)
+
+    def _model_fn(self, z: torch.Tensor, weights) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The guided network call of the sampling loop on flattened rows (N, ·)."""
+        net, D = self.net, self.token_dim
+        if weights is None:
+            return lambda x, t: net(x.to(z.dtype), t, z).to(x.dtype)
+        N = z.shape[0] // 2
+        w = weights  # (N,) tensor or a number
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = net(torch.cat([x, x]).to(z.dtype), torch.cat([t, t]), z).to(x.dtype)
+            cond, uncond = out[:N], out[N:]
+            eps = uncond[:, :D] + (cond[:, :D] - uncond[:, :D]) * w
+            return torch.cat([eps, cond[:, D:]], 1)
+
+        return guided
+
+    def run(self, out: torch.Tensor, weights, noise: DiffusionNoise, params):
+        """The whole denoising chain: the schedule's ``SampleOut`` on rows (B·n, D)."""
+        B, n = noise.x_T.shape[:2]
+        z = out.reshape(-1, out.shape[-1])
+        if weights is not None and isinstance(weights, torch.Tensor):
+            weights = weights.to(torch.float32).view(1, -1, 1).expand(B, n, 1).reshape(B * n, 1)
+        sched = self.diffusion.respaced(self.steps_for(params))
+        if noise.steps.shape[2] != len(sched.timesteps):
+            raise InvalidArgumentError(
+                f"injected noise has {noise.steps.shape[2]} steps, the head samples with {len(sched.timesteps)}"
+            )
+        x_T = noise.x_T.reshape(B * n, -1).float()
+        steps = noise.steps.reshape(B * n, noise.steps.shape[2], -1).float()
+        return sched.sample(self._model_fn(z, weights), x_T, steps, params.temperature)
+
+    def sample(self, out, weights, noise: DiffusionNoise, params) -> torch.Tensor:
+        B, n = noise.x_T.shape[:2]
+        res = self.run(out, weights, noise, params)
+        x = res.x0 if noise.final is None else res.mean + res.std * noise.final.reshape(B * n, -1).to(res.mean)
+        return x.view(B, n, self.token_dim).float()
+
+    def log_prob(self, out, weights, tokens, params, noise: DiffusionNoise | None = None) -> torch.Tensor:
+        """Log-density (B, n) of ``tokens`` under the final step's Gaussian N(μ, (σ·τ)²) of the chain
+        driven by ``noise`` (its x_T and per-step normals): the distribution a ``final_noise`` draw comes from."""
+        if noise is None:
+            raise InvalidArgumentError("a diffusion head's density depends on its trajectory: pass the noise it sampled with")
+        B, n = noise.x_T.shape[:2]
+        res = self.run(out, weights, noise, params)
+        x = tokens.reshape(B * n, -1).to(res.mean.dtype)
+        lp = -0.5 * ((x - res.mean) / res.std) ** 2 - res.std.log() - 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=x.dtype))
+        return lp.sum(-1).view(B, n)
+
+    def loss(self, out, tokens, mask=None):
+        D, k = self.token_dim, self.batch_mul
+        z = out.reshape(-1, out.shape[-1]).repeat(k, 1)
+        x0 = tokens.reshape(-1, D).to(z.dtype).repeat(k, 1)
+        t = torch.randint(0, self.diffusion.num_train_steps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        per = self.diffusion.training_loss(self.net, x0, z, t, noise)
+        m = None if mask is None else mask.reshape(-1).repeat(k)
+        return _masked_mean(per, m), {}
+
+
+HEADS: dict[str, type[Head]] = {cls.kind: cls for cls in (CategoricalHead, DiffusionHead)}
+
+
+def create_head(kind: str, **config: Any) -> Head:
+    """Build head ``kind`` ("categorical", "diffusion") from its config fields."""
+    if kind not in HEADS:
+        raise InvalidArgumentError(f"unknown head {kind!r}; choose one of {', '.join(sorted(HEADS))}")
+    try:
+        return HEADS[kind](**config)
+    except TypeError as e:
+        raise InvalidArgumentError(f"bad settings for a {kind} head: {e}") from None
+
+
+@dataclass
+class HeadConfig:
+    """The head fields every generator config carries (mixed into its dataclass).
+
+    ``head``: "categorical" (ids of ``vocab_size`` codes) or "diffusion" (``token_dim``-dim latents,
+    an MLP of ``head_depth`` blocks of ``head_width``, ``head_batch_mul`` noised copies per token in
+    training, ``head_steps`` denoising steps by default).
+    """
+
+    head: str = "categorical"
+    token_dim: int = 0
+    head_depth: int = 3
+    head_width: int = 1024
+    head_batch_mul: int = 4
+    head_steps: int = 100
+
+
+def head_from_config(config: Any, cond_dim: int) -> Head:
+    """The head a generator config describes (its ``head`` fields), conditioned on ``cond_dim`` channels."""
+    kind = getattr(config, "head", "categorical")
+    if kind == "categorical":
+        return create_head(kind, vocab_size=config.vocab_size)
+    if kind == "diffusion":
+        return create_head(kind, token_dim=config.token_dim, cond_dim=cond_dim, depth=config.head_depth,
+                           width=config.head_width, batch_mul=config.head_batch_mul, default_steps=config.head_steps)
+    raise InvalidArgumentError(f"unknown head {kind!r}; choose one of {', '.join(sorted(HEADS))}")
