@@ -1,8 +1,9 @@
-"""Generators (raster, scales, neighbors) and their registry of named configs."""
+"""Generators (raster, scales, neighbors, MAR) and their registry of named configs."""
 from . import configs  # noqa: F401  (registers the named configs)
 from .base import Generator
+from .mar import MARConfig, MARGenerator
 from .neighbors import NeighborsConfig, NeighborsGenerator
 from .raster import RasterConfig, RasterGenerator
 from .registry import create_model, list_models, register_config
 
-__all__ = ["Generator", "NeighborsConfig", "NeighborsGenerator", "RasterConfig", "RasterGenerator", "create_model", "list_models", "register_config"]
+__all__ = ["Generator", "MARConfig", "MARGenerator", "NeighborsConfig", "NeighborsGenerator", "RasterConfig", "RasterGenerator", "create_model", "list_models", "register_config"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from .mar import MARConfig, MARGenerator
 from .neighbors import NeighborsConfig, NeighborsGenerator
 from .raster import RasterConfig, RasterGenerator
 from .scales import ScalesConfig, ScalesGenerator
@@ -90,4 +91,40 @@ register_config(
     NeighborsGenerator,
     partial(NeighborsConfig, vocab_size=128, num_classes=10, dim=128, n_layer=4, n_head=4, grid=8, multiple_of=32),
     "the bundled digits NAR generator: 8x8 tokens in 15 fronts over the digits-vq tokenizer",
+)
+
+# MAR: encoder = decoder (dim, depth, heads), DiffLoss MLP (depth, width) as the published checkpoints;
+# 256 px over the KL-16 VAE (16x16 latents of 16 channels), 64 buffer slots, 64 decode steps by default.
+_MAR = {"base": (768, 12, 12, 6, 1024), "large": (1024, 16, 16, 8, 1280), "huge": (1280, 20, 16, 12, 1536)}
+for _name, (_dim, _depth, _heads, _hd, _hw) in _MAR.items():
+    register_config(
+        f"mar-{_name}",
+        MARGenerator,
+        partial(MARConfig, encoder_dim=_dim, encoder_depth=_depth, encoder_heads=_heads, decoder_dim=_dim,
+                decoder_depth=_depth, decoder_heads=_heads, head_depth=_hd, head_width=_hw, token_dim=16, grid=16),
+        f"MAR-{_name[0].upper()} class-conditional, 16x16 continuous tokens (256 px with MAR's KL-16 VAE)",
+    )
+register_config(
+    "mar-tiny",
+    MARGenerator,
+    partial(MARConfig, token_dim=4, grid=4, num_classes=4, encoder_dim=32, encoder_depth=2, encoder_heads=2,
+            decoder_dim=48, decoder_depth=2, decoder_heads=3, buffer_size=4, head_depth=2, head_width=64,
+            num_iter=4, head_steps=10, label_drop_prob=0.0, attn_dropout=0.0, proj_dropout=0.0),
+    "tiny MAR (sets layout + diffusion head) for tests",
+)
+register_config(
+    "digits-mar",
+    MARGenerator,
+    partial(MARConfig, token_dim=4, grid=8, num_classes=10, encoder_dim=128, encoder_depth=3, encoder_heads=4,
+            decoder_dim=128, decoder_depth=3, decoder_heads=4, buffer_size=8, head_depth=3, head_width=256,
+            num_iter=16, head_steps=50),
+    "the bundled digits MAR: 8x8 latents over the digits-kl tokenizer (token_dim from it), diffusion head",
+)
+register_config(
+    "digits-maskgit",
+    MARGenerator,
+    partial(MARConfig, head="categorical", vocab_size=128, token_dim=0, grid=8, num_classes=10, encoder_dim=128,
+            encoder_depth=3, encoder_heads=4, decoder_dim=128, decoder_depth=3, decoder_heads=4, buffer_size=8,
+            num_iter=16),
+    "MaskGIT-style digits generator: MAR's sets layout + a categorical head over the digits-vq tokenizer",
 )
