@@ -12,6 +12,10 @@ from pathlib import Path
 
 from .errors import InvalidArgumentError, VarkitError
 
+# the sampling settings a model folder may store as defaults (Pipeline's SAMPLING_KEYS; kept here so
+# the parser need not import the pipeline)
+SAMPLING_DEFAULT_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "head_steps", "num_iter")
+
 
 def _sampler_options(pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings → dict, values parsed as int, float, bool or str."""
@@ -40,6 +44,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--head-steps", type=int, default=None,
+                   help="continuous heads (MAR): denoising steps per token (default: the model's, 100 for MAR)")
+    p.add_argument("--num-iter", type=int, default=None,
+                   help="sets layouts (MAR): decoding steps over the random order (default: the model's)")
     p.add_argument("--window", type=int, default=None, help="SJD window length")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sampler option, repeatable")
@@ -50,7 +58,7 @@ def sampling_kwargs(args) -> dict:
     if args.window is not None:
         opts["window"] = args.window
     return dict(sampler=args.sampler, cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, **opts)
+                top_k=args.top_k, top_p=args.top_p, head_steps=args.head_steps, num_iter=args.num_iter, **opts)
 
 
 # -- generate ------------------------------------------------------------------------------------
@@ -129,7 +137,12 @@ def cmd_train_generator(args) -> None:
     from .train.generator import train_generator
 
     _maybe_spawn(args)
-    defaults = {k: v for k, v in dict(cfg=args.default_cfg, top_k=args.default_top_k).items() if v is not None}
+    defaults = _sampler_options(args.default)
+    unknown = set(defaults) - set(SAMPLING_DEFAULT_KEYS)
+    if unknown:
+        raise InvalidArgumentError(f"--default {', '.join(sorted(unknown))}: not a sampling setting; "
+                                   f"choose from {', '.join(SAMPLING_DEFAULT_KEYS)}")
+    defaults.update({k: v for k, v in dict(cfg=args.default_cfg, top_k=args.default_top_k).items() if v is not None})
     train_generator(args.data, args.tokenizer, args.config, args.out, _train_config(args),
                     resolution=args.resolution, device=args.device, resume=args.resume,
                     class_dropout=args.class_dropout, defaults=defaults, flip=args.flip, teacher=args.teacher,
@@ -204,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--class-dropout", type=float, default=0.1)
     tg.add_argument("--default-cfg", type=float, default=None, help="CFG scale stored as the model's default")
     tg.add_argument("--default-top-k", type=int, default=None)
+    tg.add_argument("--default", action="append", default=[], metavar="KEY=VALUE",
+                    help="another default sampling setting stored with the model (cfg_schedule=linear, num_iter=16, "
+                         "head_steps=50, temperature=0.9 ...), repeatable")
     tg.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field of the named config (e.g. dim=128), repeatable")
     tg.add_argument("--teacher", default=None, metavar="MODEL",

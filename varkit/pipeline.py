@@ -16,26 +16,22 @@ from PIL import Image
 
 from .device import resolve_device, resolve_dtype
 from .errors import InvalidArgumentError, ModelNotFoundError
+from .hub import ASSETS, bundled_models, resolve_model_dir  # noqa: F401  (ASSETS, bundled_models re-exported)
 from .io import write_json
 from .modeling import load_module, read_config
 from .samplers import SamplerStats, SamplingParams, get_sampler
-from .samplers.logits import image_generators
+from .samplers.random import image_generators
 
-ASSETS = Path(__file__).parent / "assets"
-SAMPLING_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p")
-DEFAULT_SAMPLING = {"cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None, "top_p": None}
+SAMPLING_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "head_steps", "num_iter")
+DEFAULT_SAMPLING = {"cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None, "top_p": None,
+                    "head_steps": None, "num_iter": None}
 
 
 @dataclass
 class PipelineOutput:
     images: list[Image.Image]
-    tokens: torch.Tensor  # (B, N) in the generator's layout order
+    tokens: torch.Tensor  # (B, N) ids, or (B, N, D) continuous tokens, in the generator's layout order
     stats: SamplerStats
-
-
-def bundled_models() -> list[str]:
-    """Names of the models shipped inside the package."""
-    return sorted(p.name for p in ASSETS.iterdir() if (p / "generator").is_dir()) if ASSETS.is_dir() else []
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -51,6 +47,7 @@ class Pipeline:
     def __init__(self, tokenizer, generator, defaults: dict[str, Any] | None = None, name: str = ""):
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
+        generator.head.check_tokenizer(tokenizer)
         generator.bind_tokenizer(tokenizer)
         self.defaults = {**DEFAULT_SAMPLING, **(defaults or {})}
         self.name = name
@@ -110,6 +107,8 @@ class Pipeline:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        head_steps: int | None = None,
+        num_iter: int | None = None,
         seed: int = 0,
         image_seeds: Sequence[int] | None = None,
         batch_size: int | None = None,
@@ -120,10 +119,13 @@ class Pipeline:
 
         Image i draws its randomness from its own generator seeded from ``(seed, i)`` (or
         ``image_seeds[i]``), so it is the same whatever the batch size. ``sampler_options``
-        go to the sampler (e.g. ``window=16`` for SJD).
+        go to the sampler (e.g. ``window=16`` for SJD). Continuous-token models (MAR) also take
+        ``head_steps`` (denoising steps per token) and ``num_iter`` (decoding steps of a ``sets``
+        layout); their ``temperature`` scales the head's per-step noise.
         """
         cond = self._conditions(class_labels, captions)
-        params = self.sampling_params(cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p)
+        params = self.sampling_params(cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, head_steps=head_steps, num_iter=num_iter)
         smp = get_sampler(sampler, params, **sampler_options)
         if hasattr(smp, "bind_tokenizer"):  # samplers that need the tokenizer (LANTERN's codebook, drafter checks)
             smp.bind_tokenizer(self.tokenizer)
@@ -141,7 +143,7 @@ class Pipeline:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
-        """Layout-order tokens → PIL images through the tokenizer."""
+        """Layout-order tokens (ids (B, N) or latents (B, N, D)) → PIL images through the tokenizer."""
         ids = self.generator.layout.to_tokenizer_ids(tokens)
         return to_pil(self.tokenizer.decode(ids))
 
@@ -190,15 +192,7 @@ def load_pipeline(name_or_dir: str | Path, device: str | torch.device | None = "
     ``compile``: decode through the generator's compiled step (:meth:`Pipeline.compile`).
     ``prepack``: CPU inference GEMMs on prepacked weights (:meth:`Pipeline.prepack`).
     """
-    path = Path(name_or_dir)
-    if (ASSETS / str(name_or_dir) / "config.json").is_file() and not path.exists():
-        path = ASSETS / str(name_or_dir)
-    elif not path.exists():
-        raise ModelNotFoundError(
-            f"unknown model {str(name_or_dir)!r}: not a bundled model ({', '.join(bundled_models()) or 'none'}) "
-            "and no such folder"
-        )
-    pipe = Pipeline.from_pretrained(path).to(device, dtype)
+    pipe = Pipeline.from_pretrained(resolve_model_dir(name_or_dir)).to(device, dtype)
     if prepack:
         pipe.prepack()
     return pipe.compile() if compile else pipe

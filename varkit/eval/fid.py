@@ -32,7 +32,7 @@ from ..io import save_image, write_json
 from . import stats as S
 
 SEED_STRIDE = 1_000_003
-SAMPLING_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p")
+SAMPLING_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "head_steps", "num_iter")  # = Pipeline's
 MANIFEST = "varkit_samples.json"
 _LABEL_RE = re.compile(r"_c(\d+)\.[A-Za-z]+$")
 ALL_METRICS = ("fid", "isc", "kid", "prc")
@@ -307,6 +307,7 @@ def _settings_hash(obj: dict) -> str:
 def eval_fid(model, *, ref: str | os.PathLike | None = None, num_samples: int | None = None,
              sampler: str | None = None, cfg: float | None = None, cfg_schedule: str | None = None,
              top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
+             head_steps: int | None = None, num_iter: int | None = None,
              sampler_kwargs: dict | None = None, seed: int = 0, batch_size: int = 32,
              out_dir: str | os.PathLike | None = None, json_path: str | os.PathLike | None = None,
              features: str = "inception", inception_weights: str | os.PathLike | None = None,
@@ -349,7 +350,7 @@ def eval_fid(model, *, ref: str | os.PathLike | None = None, num_samples: int | 
     else:
         pipe, model_name = model, getattr(model, "name", "") or type(model).__name__
     settings = resolve_settings(pipe, sampler, cfg=cfg, cfg_schedule=cfg_schedule, top_k=top_k, top_p=top_p,
-                                temperature=temperature)
+                                temperature=temperature, head_steps=head_steps, num_iter=num_iter)
     n = int(num_samples) if num_samples is not None else default_num_samples(pipe)
     if n < 2:
         raise InvalidArgumentError(f"--num-samples must be at least 2 (FID needs a covariance), got {n}")

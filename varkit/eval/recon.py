@@ -32,23 +32,15 @@ def load_tokenizer(name_or_dir):
     else:
         from ..modeling import load_module
 
-        path = Path(name_or_dir)
-        if not path.exists():
-            from ..pipeline import ASSETS, bundled_models
+        from ..hub import resolve_model_dir
 
-            if (ASSETS / str(name_or_dir) / "tokenizer").is_dir():
-                path = ASSETS / str(name_or_dir) / "tokenizer"
-            else:
-                raise ModelNotFoundError(
-                    f"unknown tokenizer {str(name_or_dir)!r}: no such folder and not a bundled model "
-                    f"({', '.join(bundled_models()) or 'none'}); pass a tokenizer or pipeline folder"
-                )
-        elif (path / "tokenizer" / "config.json").is_file():
+        path = resolve_model_dir(name_or_dir, "tokenizer")
+        if (path / "tokenizer" / "config.json").is_file():
             path = path / "tokenizer"
         tok = load_module(path)
-    for attr in ("encode", "decode", "codebook_size"):
+    for attr in ("encode", "decode", "token_shape"):
         if not hasattr(tok, attr):
-            raise ModelNotFoundError(f"{type(tok).__name__} is not a discrete tokenizer (it has no {attr!r})")
+            raise ModelNotFoundError(f"{type(tok).__name__} is not a tokenizer (it has no {attr!r})")
     return tok.eval()
 
 

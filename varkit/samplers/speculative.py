@@ -66,12 +66,10 @@ from .logits import SamplingParams, processed_probs, sample_probs, uniforms
 def _load_draft(path: str, mtime: float, role: str = "draft") -> tuple[Generator, Any]:
     """(generator, tokenizer or None) of a pipeline folder or a bare generator folder."""
     from ..modeling import load_module, read_config
-    from ..pipeline import Pipeline
 
     cfg = read_config(path)
     if cfg.get("_class") == "Pipeline":
-        pipe = Pipeline.from_pretrained(path)
-        return pipe.generator, pipe.tokenizer
+        return load_module(Path(path) / "generator"), load_module(Path(path) / "tokenizer")
     module = load_module(path)
     if not isinstance(module, Generator):
         raise InvalidArgumentError(f"{path} holds a {type(module).__name__}, not a generator ({role})")
@@ -92,17 +90,9 @@ def resolve_draft(draft: Any, role: str = "draft") -> tuple[Generator, Any]:
     if hasattr(draft, "generator") and hasattr(draft, "tokenizer"):
         return draft.generator, draft.tokenizer
     if isinstance(draft, (str, Path)):
-        from ..errors import ModelNotFoundError
-        from ..pipeline import ASSETS, bundled_models
+        from ..hub import resolve_model_dir
 
-        path = Path(draft)
-        if not path.exists() and (ASSETS / str(draft) / "config.json").is_file():
-            path = ASSETS / str(draft)
-        if not path.exists():
-            raise ModelNotFoundError(
-                f"unknown {role} model {str(draft)!r}: not a bundled model ({', '.join(bundled_models()) or 'none'}) "
-                "and no such folder"
-            )
+        path = resolve_model_dir(draft, f"{role} model")
         cfg = path / "config.json"
         return _load_draft(str(path.resolve()), cfg.stat().st_mtime if cfg.is_file() else 0.0, role)
     raise InvalidArgumentError(

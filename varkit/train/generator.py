@@ -43,14 +43,15 @@ def encode_dataset(tokenizer, dataset, layout, device, batch: int = 256) -> torc
 
 
 class TeacherForcing(nn.Module):
-    """Makes teacher forcing a module's ``forward`` so DistributedDataParallel can wrap it."""
+    """Makes the generator's training pass a module's ``forward`` so DistributedDataParallel can wrap it:
+    outputs (B, N, C) for every token given the ground truth, and the mask of positions the loss counts."""
 
     def __init__(self, gen):
         super().__init__()
         self.gen = gen
 
-    def forward(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.gen.teacher_forcing_logits(cond, tokens)
+    def forward(self, cond: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.gen.training_outputs(cond, tokens)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,9 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def make_generator_loss(gen, class_dropout: float, teacher=None, ce_weight: float = 0.0,
                         distill_cfg: float | None = None):
-    """Cross-entropy of every token, with the condition dropped to null at ``class_dropout``.
+    """The head's loss on every token (cross-entropy for ids, the diffusion loss for latents; only the
+    positions the generator's training pass masks, for MAR), with the condition dropped to null at
+    ``class_dropout``.
 
     With a ``teacher`` generator: ``KL(teacher ‖ student)`` per position (mean over positions)
     plus ``ce_weight`` × the cross-entropy, the teacher seeing the same dropped conditions.
@@ -77,11 +80,11 @@ def make_generator_loss(gen, class_dropout: float, teacher=None, ce_weight: floa
         cond = gen.drop_condition(labels, drop)
         if teacher is not None and distill_cfg is not None:
             cond, tokens = torch.cat([cond, gen.null_condition(labels)]), torch.cat([tokens, tokens])
-        logits = model(cond, tokens)
+        logits, mask = model(cond, tokens)
         B = labels.shape[0]
-        ce = F.cross_entropy(logits[:B].reshape(-1, logits.shape[-1]), tokens[:B].reshape(-1))
         if teacher is None:
-            return ce, {}
+            return gen.head.loss(logits, tokens, mask)
+        ce = F.cross_entropy(logits[:B].reshape(-1, logits.shape[-1]), tokens[:B].reshape(-1))
         with torch.no_grad():
             t_logits = teacher.teacher_forcing_logits(cond, tokens).float()
         kl = _kl(t_logits.log_softmax(-1), logits.float().log_softmax(-1))
@@ -190,6 +193,7 @@ def train_generator(data: str, tokenizer_dir: str | Path, config: str, out: str 
         )
     overrides = {**model_class(config).config_for_tokenizer(tok, resolution), "num_classes": ds.num_classes, **overrides}
     gen = create_model(config, **overrides)
+    gen.head.check_tokenizer(tok)
     gen.bind_tokenizer(tok)
     if init_from is not None:
         copied = init_from_generator(gen, init_from)
