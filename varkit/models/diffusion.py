@@ -35,11 +35,16 @@ NetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # --------------------------------------------------------------------------------------------- network
 
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (N, dim) of timesteps, cos half first then sin, computed in fp32 as MAR."""
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sinusoidal embedding (N, dim) of timesteps, cos half first then sin (MAR/GLIDE).
+
+    MAR computes it in fp32 (``dtype`` default); fp64 networks compute it in fp64 so that their
+    outputs are reference-grade (fp32 sinusoids of t up to 999 carry ~1e-7 relative rounding).
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-    args = t[:, None].float() * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype) / half).to(t.device)
+    args = t[:, None].to(dtype) * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -59,8 +64,9 @@ class TimestepEmbedder(nn.Module):
         self.frequency_dim = frequency_dim
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype)
-        return self.mlp(freq)
+        wdtype = self.mlp[0].weight.dtype
+        fdtype = torch.float64 if wdtype == torch.float64 else torch.float32
+        return self.mlp(timestep_embedding(t, self.frequency_dim, dtype=fdtype).to(wdtype))
 
 
 class ResBlock(nn.Module):
@@ -272,7 +278,8 @@ class RespacedSchedule:
         """x_t ~ q(x_t | x_0) with the given noise."""
         return co.sqrt_alphas_cumprod[i] * x0 + co.sqrt_one_minus_alphas_cumprod[i] * noise
 
-    def q_posterior(self, co: _Coefficients, x0: torch.Tensor, xt: torch.Tensor, i) -> tuple[torch.Tensor, torch.Tensor]:
+    def q_posterior(self, co: _Coefficients, x0: torch.Tensor, xt: torch.Tensor,
+                    i) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
         mean = co.posterior_mean_coef1[i] * x0 + co.posterior_mean_coef2[i] * xt
         return mean, co.posterior_log_variance_clipped[i].expand_as(mean)
@@ -313,7 +320,8 @@ class RespacedSchedule:
             t = torch.full((N,), self.timesteps[i], dtype=torch.long, device=device)
             out = model_fn(x, t).to(dtype)
             if tuple(out.shape) != (N, 2 * D):
-                raise InvalidArgumentError(f"the diffusion network must return (N, 2D) = {(N, 2 * D)}, got {tuple(out.shape)}")
+                raise InvalidArgumentError(
+                    f"the diffusion network must return (N, 2D) = {(N, 2 * D)}, got {tuple(out.shape)}")
             mean, log_var = self.p_mean_log_var(co, x, i, out[:, :D], out[:, D:])
             std = torch.exp(0.5 * log_var)
             if i > 0:  # no noise at t = 0: the token is the last step's mean
@@ -326,14 +334,16 @@ class RespacedSchedule:
 
 def _normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats (the official formula)."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
 
 
 def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
-def _discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+def _discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor,
+                                         log_scales: torch.Tensor) -> torch.Tensor:
     """Log-probability of the 1/255-wide bin around x (data in [-1, 1]), as ADM's decoder term."""
     centered = x - means
     inv_std = torch.exp(-log_scales)
@@ -350,12 +360,13 @@ class GaussianDiffusion:
 
     def __init__(self, num_train_steps: int = 1000, schedule: str = "cosine"):
         if schedule not in SCHEDULES:
-            raise InvalidArgumentError(f"unknown noise schedule {schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}")
+            raise InvalidArgumentError(
+                f"unknown noise schedule {schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}")
         if num_train_steps < 2:
             raise InvalidArgumentError(f"a diffusion needs at least 2 training steps, got {num_train_steps}")
         self.num_train_steps, self.schedule = num_train_steps, schedule
         betas = SCHEDULES[schedule](num_train_steps)
-        self.alphas_cumprod: list[float] = []
+        self.alphas_cumprod: list[float] = []  # ᾱ_t, t = 0..T-1, float64 like the official np.cumprod
         acc = 1.0
         for b in betas:
             acc *= 1.0 - b
@@ -386,13 +397,15 @@ class GaussianDiffusion:
         """
         if x0.dim() != 2 or noise.shape != x0.shape or t.shape != (x0.shape[0],):
             raise InvalidArgumentError(
-                f"training_loss takes x0 and noise (N, D) and t (N,), got {tuple(x0.shape)}, {tuple(noise.shape)}, {tuple(t.shape)}")
+                f"training_loss takes x0 and noise (N, D) and t (N,), "
+                f"got {tuple(x0.shape)}, {tuple(noise.shape)}, {tuple(t.shape)}")
         sched, D = self.full, x0.shape[1]
         co = sched.coefficients(x0.dtype, x0.device)
         xt = sched.q_sample(co, x0, t, noise)
         out = net_fn(xt, t, c).to(x0.dtype)
         if tuple(out.shape) != (x0.shape[0], 2 * D):
-            raise InvalidArgumentError(f"the diffusion network must return (N, 2D) = {(x0.shape[0], 2 * D)}, got {tuple(out.shape)}")
+            raise InvalidArgumentError(
+                f"the diffusion network must return (N, 2D) = {(x0.shape[0], 2 * D)}, got {tuple(out.shape)}")
         eps, v = out[:, :D], out[:, D:]
         true_mean, true_log_var = sched.q_posterior(co, x0, xt, t)
         mean, log_var = sched.p_mean_log_var(co, xt, t, eps.detach(), v)
