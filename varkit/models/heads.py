@@ -219,15 +219,16 @@ class DiffusionHead(Head):
             raise InvalidArgumentError(
                 f"injected noise has {noise.steps.shape[2]} steps, the head samples with {len(sched.timesteps)}"
             )
-        x_T = noise.x_T.reshape(B * n, -1).float()
-        steps = noise.steps.reshape(B * n, noise.steps.shape[2], -1).float()
+        dtype = torch.promote_types(z.dtype, torch.float32)  # fp32 under a bf16 generator; fp64 stays fp64
+        x_T = noise.x_T.reshape(B * n, -1).to(dtype)
+        steps = noise.steps.reshape(B * n, noise.steps.shape[2], -1).to(dtype)
         return sched.sample(self._model_fn(z, weights), x_T, steps, params.temperature)
 
     def sample(self, out, weights, noise: DiffusionNoise, params) -> torch.Tensor:
         B, n = noise.x_T.shape[:2]
         res = self.run(out, weights, noise, params)
         x = res.x0 if noise.final is None else res.mean + res.std * noise.final.reshape(B * n, -1).to(res.mean)
-        return x.view(B, n, self.token_dim).float()
+        return x.view(B, n, self.token_dim).to(torch.promote_types(self.token_dtype, x.dtype))
 
     def log_prob(self, out, weights, tokens, params, noise: DiffusionNoise | None = None) -> torch.Tensor:
         """Log-density (B, n) of ``tokens`` under the final step's Gaussian N(μ, (σ·τ)²) of the chain
@@ -236,9 +237,9 @@ class DiffusionHead(Head):
             raise InvalidArgumentError("a diffusion head's density depends on its trajectory: pass the noise it sampled with")
         B, n = noise.x_T.shape[:2]
         res = self.run(out, weights, noise, params)
-        x = tokens.reshape(B * n, -1).to(res.mean.dtype)
-        lp = -0.5 * ((x - res.mean) / res.std) ** 2 - res.std.log() - 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=x.dtype))
-        return lp.sum(-1).view(B, n)
+        from .diffusion import normal_log_prob
+
+        return normal_log_prob(tokens.reshape(B * n, -1).to(res.mean.dtype), res.mean, res.std).view(B, n)
 
     def loss(self, out, tokens, mask=None):
         D, k = self.token_dim, self.batch_mul
