@@ -229,3 +229,22 @@ def test_from_diffusers_loads_a_folder_and_its_factors(tmp_path):
                        tok.decode_latents(mean))
     with pytest.raises(ModelNotFoundError, match="config.json"):
         KLTokenizer.from_diffusers(tmp_path)
+
+
+# -- training -------------------------------------------------------------------------------------------
+def test_train_tokenizer_digits_kl_calibrates_the_scaling_factor(tmp_path, capsys):
+    from varkit.cli import main
+
+    assert main(["train", "tokenizer", "--data", "digits", "--config", "digits-kl", "--resolution", "16",
+                 "--steps", "2", "--batch-size", "4", "--adversarial", "0.1", "--out", str(tmp_path)]) == 0
+    log = [json.loads(x) for x in (tmp_path / "train-tokenizer" / "log.jsonl").read_text().splitlines()]
+    assert {"kl", "recon", "d_loss"} <= set(log[-1])
+    assert (tmp_path / "tokenizer" / "COMMAND.txt").is_file() and (tmp_path / "train-tokenizer" / "loss.png").is_file()
+    tok = load_module(tmp_path / "tokenizer")
+    assert isinstance(tok, KLTokenizer) and f"scaling_factor {tok.scaling_factor}" in capsys.readouterr().out
+    from varkit.train.data import digits_images
+
+    with torch.no_grad():
+        z = tok.encode(digits_images(16)[0])
+    # the factor is 1/std over exactly these latents, rounded to 4 significant digits (relative error <= 5e-4)
+    assert abs(float(z.double().std()) - 1) < 1e-3
