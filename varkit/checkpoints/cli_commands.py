@@ -50,6 +50,11 @@ CONVERTERS: dict[str, Converter] = {
         "varkit.checkpoints.nar:add_nar_arguments",
         "varkit.checkpoints.nar:cmd_convert_nar",
     ),
+    "mar": Converter(
+        "MAR (masked AR, diffusion loss) checkpoint + its KL-16 VAE (mar_base/large/huge) -> a varkit pipeline folder",
+        "varkit.checkpoints.mar:add_convert_mar_arguments",
+        "varkit.checkpoints.mar:cmd_convert_mar",
+    ),
 }
 
 
