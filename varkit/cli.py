@@ -181,7 +181,7 @@ def cmd_models(args) -> None:
 
     print("bundled pipelines:  " + ", ".join(bundled_models()))
     print("generator configs:  " + ", ".join(list_models()))
-    print("tokenizer configs:  " + ", ".join(sorted(TOKENIZER_CONFIGS)))
+    print("tokenizer configs:  " + ", ".join(TOKENIZER_CONFIGS.names()))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,17 +18,18 @@ from torch import nn
 
 from .errors import CheckpointError, ModelNotFoundError
 from .io import atomic_path, write_json
+from .registry import Registry
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
-_MODULE_CLASSES: dict[str, type["SavableModule"]] = {}
+_MODULE_CLASSES: Registry[type["SavableModule"]] = Registry("module class", ModelNotFoundError)
 T = TypeVar("T", bound="SavableModule")
 
 
 def register_module(cls: type[T]) -> type[T]:
     """Class decorator: make ``cls`` loadable by name from a config.json."""
-    _MODULE_CLASSES[cls.__name__] = cls
+    _MODULE_CLASSES.register(cls.__name__, cls)
     return cls
 
 

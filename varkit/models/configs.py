@@ -128,3 +128,12 @@ register_config(
             num_iter=16),
     "MaskGIT-style digits generator: MAR's sets layout + a categorical head over the digits-vq tokenizer",
 )
+
+# MAR's causal "AR" variant: the raster generator carrying the diffusion head (no per-combination code)
+register_config(
+    "digits-ar-diffusion",
+    RasterGenerator,
+    partial(RasterConfig, head="diffusion", token_dim=4, num_classes=10, dim=128, n_layer=4, n_head=4, grid=8,
+            multiple_of=32, head_depth=3, head_width=256, head_batch_mul=4),
+    "raster (next-token) generator with MAR's diffusion head over the digits KL tokenizer's 8x8x4 latents",
+)

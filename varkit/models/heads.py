@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..registry import Registry
 from ..nn.layers import Linear
 
 
@@ -252,15 +253,16 @@ class DiffusionHead(Head):
         return _masked_mean(per, m), {}
 
 
-HEADS: dict[str, type[Head]] = {cls.kind: cls for cls in (CategoricalHead, DiffusionHead)}
+HEADS: Registry[type[Head]] = Registry("head", InvalidArgumentError)
+for _cls in (CategoricalHead, DiffusionHead):
+    HEADS.register(_cls.kind, _cls)
 
 
 def create_head(kind: str, **config: Any) -> Head:
     """Build head ``kind`` ("categorical", "diffusion") from its config fields."""
-    if kind not in HEADS:
-        raise InvalidArgumentError(f"unknown head {kind!r}; choose one of {', '.join(sorted(HEADS))}")
+    cls = HEADS.lookup(kind)
     try:
-        return HEADS[kind](**config)
+        return cls(**config)
     except TypeError as e:
         raise InvalidArgumentError(f"bad settings for a {kind} head: {e}") from None
 
@@ -290,4 +292,5 @@ def head_from_config(config: Any, cond_dim: int) -> Head:
     if kind == "diffusion":
         return create_head(kind, token_dim=config.token_dim, cond_dim=cond_dim, depth=config.head_depth,
                            width=config.head_width, batch_mul=config.head_batch_mul, default_steps=config.head_steps)
-    raise InvalidArgumentError(f"unknown head {kind!r}; choose one of {', '.join(sorted(HEADS))}")
+    HEADS.lookup(kind)  # unknown kind: the registry's error
+    raise InvalidArgumentError(f"head {kind!r} has no config fields in HeadConfig yet")

@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 from ..errors import InvalidArgumentError
+from ..registry import Registry
 from .ancestral import AncestralSampler
 from .base import Sampler, SampleResult, SamplerStats
 from .logits import SamplingParams
 from .sjd import SJDSampler
 from .speculative import SpeculativeSampler
 
-SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (AncestralSampler, SJDSampler, SpeculativeSampler)}
+SAMPLERS: Registry[type[Sampler]] = Registry("sampler", InvalidArgumentError)
+for _cls in (AncestralSampler, SJDSampler, SpeculativeSampler):
+    SAMPLERS.register(_cls.name, _cls)
 
 
 def get_sampler(name: str, params: SamplingParams | None = None, **options) -> Sampler:
     """Build sampler ``name`` with sampling ``params`` and its own ``options`` (e.g. window)."""
-    if name not in SAMPLERS:
-        raise InvalidArgumentError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(SAMPLERS))}")
-    cls = SAMPLERS[name]
+    cls = SAMPLERS.lookup(name)
     try:
         return cls(params, **options)
     except TypeError:

@@ -5,12 +5,14 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import ModelNotFoundError
+from ..registry import Registry
 from .kl import KLConfig, KLTokenizer
 from .msvq import MSVQConfig, MultiScaleVQTokenizer
 from .vq import VQConfig, VQTokenizer
 
 # name -> (class, config); the bundled models' tokenizers are built from these.
-TOKENIZER_CONFIGS: dict[str, tuple[type, Any]] = {
+TOKENIZER_CONFIGS: Registry[tuple[type, Any]] = Registry("tokenizer config", ModelNotFoundError)
+for _name, _entry in {
     "llamagen-vq16": (VQTokenizer, VQConfig()),
     "llamagen-vq8": (VQTokenizer, VQConfig(ch_mult=(1, 2, 2, 4))),
     "var-vae-ch160v4096z32": (MultiScaleVQTokenizer, MSVQConfig()),
@@ -26,16 +28,13 @@ TOKENIZER_CONFIGS: dict[str, tuple[type, Any]] = {
                                         norm_groups=8, down_block_types=("DownEncoderBlock2D",) * 2
                                         + ("AttnDownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",) * 3,
                                         scaling_factor=1.0, kl_weight=1e-4)),
-}
+}.items():
+    TOKENIZER_CONFIGS.register(_name, _entry)
 
 
 def create_tokenizer(name: str, **overrides: Any):
     """Build a tokenizer from a named config with random weights."""
-    if name not in TOKENIZER_CONFIGS:
-        raise ModelNotFoundError(
-            f"unknown tokenizer config {name!r}; known: {', '.join(sorted(TOKENIZER_CONFIGS))}"
-        )
-    cls, cfg = TOKENIZER_CONFIGS[name]
+    cls, cfg = TOKENIZER_CONFIGS.lookup(name)
     return cls(replace(cfg, **overrides))
 
 
