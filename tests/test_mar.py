@@ -300,6 +300,12 @@ def mar_file(golden, path, *, ema=True, wrap=True, model_seed=99):
     return path
 
 
+def stand_in_vae(path: Path) -> Path:
+    """A readable file in the VAE's place (its weights come from ``tiny_vae``)."""
+    torch.save({"model": {"encoder.conv_in.weight": torch.zeros(1)}}, path)
+    return path
+
+
 @pytest.fixture
 def tiny_vae(monkeypatch):
     """MAR's KL-16 loader replaced by a small KL tokenizer with 4-channel latents (the real one is 266 MB)."""
@@ -315,7 +321,7 @@ def tiny_vae(monkeypatch):
 
 
 def test_convert_takes_ema_weights_and_round_trips(golden, tmp_path, tiny_vae):
-    (tmp_path / "kl16.ckpt").write_bytes(b"stand-in")
+    stand_in_vae(tmp_path / "kl16.ckpt")
     path = mar_file(golden, tmp_path / "checkpoint-last.pth")
     out = convert_mar(tmp_path / "kl16.ckpt", path, tmp_path / "pipe", heads=2)
     pipe = load_pipeline(out)
@@ -375,7 +381,7 @@ def test_published_sizes_are_inferred(size):
 
 
 def test_bad_files_fail_with_one_clear_line(golden, tmp_path, tiny_vae):
-    (tmp_path / "kl16.ckpt").write_bytes(b"stand-in")
+    stand_in_vae(tmp_path / "kl16.ckpt")
     good = mar_file(golden, tmp_path / "good.pth")
     # kl16.ckpt passed as --mar
     vae_like = {"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3), "quant_conv.weight": torch.zeros(32, 32, 1, 1),
@@ -409,7 +415,7 @@ def test_bad_files_fail_with_one_clear_line(golden, tmp_path, tiny_vae):
 
 
 def test_cli_convert_mar(golden, tmp_path, tiny_vae, capsys):
-    (tmp_path / "kl16.ckpt").write_bytes(b"stand-in")
+    stand_in_vae(tmp_path / "kl16.ckpt")
     good = mar_file(golden, tmp_path / "good.pth")
     assert cli_main(["convert", "mar", "--vae", str(tmp_path / "kl16.ckpt"), "--mar", str(good), "--out",
                      str(tmp_path / "pipe"), "--heads", "2"]) == 0
