@@ -273,7 +273,9 @@ class MARGenerator(Generator):
             x = self._blocks(self.decoder_blocks[:-1], x)
             x = self.decoder_norm(self.decoder_blocks[-1](x, S + rows)) + self.diffusion_pos_embed_learned[0][rows]
         out = self.output(x)
-        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out  # fp64 stays fp64 (tests)
+        # logits are sampled in fp32; a continuous head's z feeds the head's own network (same dtype as ours)
+        low = out.dtype in (torch.float16, torch.bfloat16)
+        return out.float() if low and self.head.kind == "categorical" else out
 
     # -- contract: decoding ------------------------------------------------------------------------------
     def prefill(self, cond: torch.Tensor, cache: Any = None, order: torch.Tensor | None = None,
