@@ -248,3 +248,20 @@ def test_train_tokenizer_digits_kl_calibrates_the_scaling_factor(tmp_path, capsy
         z = tok.encode(digits_images(16)[0])
     # the factor is 1/std over exactly these latents, rounded to 4 significant digits (relative error <= 5e-4)
     assert abs(float(z.double().std()) - 1) < 1e-3
+
+
+def test_eval_recon_takes_a_continuous_tokenizer(tmp_path, capsys):
+    from varkit.eval.cli_commands import main
+    from varkit.io import save_image
+    from varkit.train.data import digits_images
+    from varkit.pipeline import to_pil
+
+    for i, im in enumerate(to_pil(digits_images(16)[0][:6])):
+        save_image(im, tmp_path / "imgs" / f"{i}.png")
+    _tiny().save_pretrained(tmp_path / "tok")
+    assert main(["eval", "recon", "--tokenizer", str(tmp_path / "tok"), "--images", str(tmp_path / "imgs"),
+                 "--features", "digits", "--device", "cpu", "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "codebook" not in out
+    m = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    assert m["psnr"] > 0 and m["rfid"] >= 0 and "codebook_size" not in m

@@ -2,8 +2,9 @@
 
 PSNR and SSIM per image (on the reconstruction rounded to 8 bits, as it would be saved),
 rFID (FID between the originals and their reconstructions, through torch-fidelity with
-Inception or the digits features), and codebook usage (share of codebook entries used over the
-whole folder, and the perplexity of their histogram; all scales for multi-scale tokenizers).
+Inception or the digits features), and, for discrete tokenizers, codebook usage (share of codebook
+entries used over the whole folder, and the perplexity of their histogram; all scales for
+multi-scale tokenizers). Continuous tokenizers (KL-VAE) decode their posterior means.
 Features are accumulated batch by batch, so large folders never sit in memory.
 """
 from __future__ import annotations
@@ -42,6 +43,11 @@ def load_tokenizer(name_or_dir):
         if not hasattr(tok, attr):
             raise ModelNotFoundError(f"{type(tok).__name__} is not a tokenizer (it has no {attr!r})")
     return tok.eval()
+
+
+def _continuous(tok) -> bool:
+    """Continuous tokenizers (KL-VAE: a token is a vector) have no codebook statistics."""
+    return tuple(getattr(tok, "token_shape", ())) != ()
 
 
 # -- image metrics ---------------------------------------------------------------------------------
@@ -151,7 +157,8 @@ def eval_recon(tokenizer, images: str | os.PathLike, *, features: str = "incepti
     extractor = S.load_extractor(features, inception_weights, dev)
     tok_name = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else type(tokenizer).__name__
     tok = load_tokenizer(tokenizer).to(dev)
-    size = int(tok.codebook_size)
+    continuous = _continuous(tok)
+    size = 0 if continuous else int(tok.codebook_size)
     counts = torch.zeros(size, dtype=torch.long)
     psnrs, ssims, f_orig, f_rec = [], [], [], []
     save_dir = Path(save_dir) if save_dir is not None else None
@@ -165,7 +172,7 @@ def eval_recon(tokenizer, images: str | os.PathLike, *, features: str = "incepti
             if rec.shape != x.shape:
                 raise DataError(f"the tokenizer turned {tuple(x.shape[1:])} images into {tuple(rec.shape[1:])}; "
                                 "pass --resolution with the size it was trained on")
-            for t in _ids_list(ids):
+            for t in [] if continuous else _ids_list(ids):
                 t = t.reshape(-1).long().cpu()
                 if t.numel() and (t.min() < 0 or t.max() >= size):
                     raise DataError(f"token ids outside [0, {size}) from {type(tok).__name__}.encode")
@@ -191,7 +198,8 @@ def eval_recon(tokenizer, images: str | os.PathLike, *, features: str = "incepti
         "tokenizer": tok_name, "images": str(Path(images).resolve()), "num_images": len(files),
         "resolution": resolution, "features": extractor.info,
         "metrics": {"psnr": float(p.mean()), "ssim": float(s.mean()), "rfid": float(rfid),
-                    "psnr_std": float(p.std()) if len(p) > 1 else 0.0, **codebook_usage(counts)},
+                    "psnr_std": float(p.std()) if len(p) > 1 else 0.0,
+                    **({} if continuous else codebook_usage(counts))},
         "seconds": round(time.perf_counter() - t0, 3), "versions": versions(),
     }
     if json_path is not None:
@@ -205,9 +213,10 @@ def eval_recon(tokenizer, images: str | os.PathLike, *, features: str = "incepti
 def format_recon_table(record: dict) -> str:
     m = record["metrics"]
     tag = " (digits features)" if record["features"].get("name") == "digits" else ""
-    rows = [("PSNR (dB)", f"{m['psnr']:.3f}"), ("SSIM", f"{m['ssim']:.4f}"), ("rFID" + tag, f"{m['rfid']:.4f}"),
-            ("codebook usage", f"{m['used']}/{m['codebook_size']} ({100 * m['usage']:.1f}%), "
-                               f"perplexity {m['perplexity']:.1f}"),
-            ("images", str(record["num_images"]))]
+    rows = [("PSNR (dB)", f"{m['psnr']:.3f}"), ("SSIM", f"{m['ssim']:.4f}"), ("rFID" + tag, f"{m['rfid']:.4f}")]
+    if "codebook_size" in m:  # discrete tokenizers
+        rows.append(("codebook usage", f"{m['used']}/{m['codebook_size']} ({100 * m['usage']:.1f}%), "
+                                       f"perplexity {m['perplexity']:.1f}"))
+    rows.append(("images", str(record["num_images"])))
     w = max(len(r[0]) for r in rows)
     return "\n".join([f"{'metric':<{w}}  value", f"{'-' * w}  {'-' * 16}"] + [f"{k:<{w}}  {v}" for k, v in rows])
