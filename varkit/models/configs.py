@@ -117,7 +117,7 @@ register_config(
     MARGenerator,
     partial(MARConfig, token_dim=4, grid=8, num_classes=10, encoder_dim=128, encoder_depth=3, encoder_heads=4,
             decoder_dim=128, decoder_depth=3, decoder_heads=4, buffer_size=8, head_depth=3, head_width=256,
-            num_iter=16, head_steps=50),
+            num_iter=16, head_steps=50, label_drop_prob=0.0),  # class dropout: `train generator --class-dropout`
     "the bundled digits MAR: 8x8 latents over the digits-kl tokenizer (token_dim from it), diffusion head",
 )
 register_config(
@@ -125,7 +125,7 @@ register_config(
     MARGenerator,
     partial(MARConfig, head="categorical", vocab_size=128, token_dim=0, grid=8, num_classes=10, encoder_dim=128,
             encoder_depth=3, encoder_heads=4, decoder_dim=128, decoder_depth=3, decoder_heads=4, buffer_size=8,
-            num_iter=16),
+            num_iter=16, label_drop_prob=0.0),
     "MaskGIT-style digits generator: MAR's sets layout + a categorical head over the digits-vq tokenizer",
 )
 
