@@ -379,6 +379,9 @@ def test_published_sizes_are_inferred(size):
     assert cfg == named.config
     own = {k: tuple(v.shape) for k, v in named.state_dict().items()}
     assert own == {k: tuple(v.shape) for k, v in sd.items()}  # MAR-B: exactly the published key list
+    assert mar_config_from_state_dict(sd, size=f"mar-{size}")[0] == cfg == mar_config_from_state_dict(sd, size=size)[0]
+    with pytest.raises(InvalidArgumentError, match="unknown MAR size"):
+        mar_config_from_state_dict(sd, size="giant")
 
 
 def test_bad_files_fail_with_one_clear_line(golden, tmp_path, tiny_vae):
