@@ -143,9 +143,8 @@ class InjectedRandomness:
 SAMPLE_RTOL_OF_MAX = 4e-5
 
 
-# cases 1 and 2 (linear CFG) need MAR's last-step weight 1 + (cfg-1)(N-1)/N (its mask_len is clamped to >= 1);
-# Layout.progress gives the last step 1.0, so they are left out until it does
-@pytest.mark.parametrize("index", [0, 3])
+# cases 1 and 2 (linear CFG) check MAR's last-step weight 1 + (cfg-1)(N-1)/N (its mask_len is clamped to >= 1)
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
 def test_ancestral_sampler_matches_official_sample_tokens(golden, gen, monkeypatch, index):
     """The whole of MAR's sample_tokens (cosine mask schedule, CFG, temperature on the per-step noise, 25-step
     respaced DiffLoss) given the same orders, x_T and per-step noises: the ancestral sampler's tokens."""

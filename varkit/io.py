@@ -117,7 +117,14 @@ def load_torch_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> 
         raise CheckpointError(f"{what} not found: {path} (pass the path of the downloaded file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as exc:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, IndexError, ValueError,
+            KeyError, TypeError, AttributeError) as exc:
+        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc).lower():
+            raise CheckpointError(
+                f"{path} is not a weights-only {what}: it pickles objects other than tensors and plain "
+                "containers, which varkit never unpickles (nothing in it was run). Re-save its state dict "
+                "with torch.save(model.state_dict(), ...) or pass the right file"
+            ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"cannot read {what} {path}: {first[:200]}. The file may be truncated or not a "

@@ -80,8 +80,8 @@ class Layout:
         Fixed orders ramp by step (``step / (S-1)``: LlamaGen, VAR); ``sets`` by the share of tokens
         known once the step is done (MAR's ``(N - mask_len) / N``).
         """
-        if self.kind == "sets":
-            return self.step_starts[step + 1] / self.num_tokens
+        if self.kind == "sets":  # MAR counts at least one token as still masked, even after the last step
+            return min(self.step_starts[step + 1], self.num_tokens - 1) / self.num_tokens
         return step / (self.num_steps - 1) if self.num_steps > 1 else 1.0
 
     # -- where a step's tokens are --------------------------------------------------------------

@@ -196,13 +196,15 @@ class DiffusionHead(Head):
     def _model_fn(self, z: torch.Tensor, weights) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The guided network call of the sampling loop on flattened rows (N, ·)."""
         net, D = self.net, self.token_dim
+        dt = next(net.parameters()).dtype  # the MLP's own dtype (a bf16 generator may feed it fp32 z, or the reverse)
+        z = z.to(dt)
         if weights is None:
-            return lambda x, t: net(x.to(z.dtype), t, z).to(x.dtype)
+            return lambda x, t: net(x.to(dt), t, z).to(x.dtype)
         N = z.shape[0] // 2
         w = weights  # (N,) tensor or a number
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = net(torch.cat([x, x]).to(z.dtype), torch.cat([t, t]), z).to(x.dtype)
+            out = net(torch.cat([x, x]).to(dt), torch.cat([t, t]), z).to(x.dtype)
             cond, uncond = out[:N], out[N:]
             eps = uncond[:, :D] + (cond[:, :D] - uncond[:, :D]) * w
             return torch.cat([eps, cond[:, D:]], 1)
@@ -220,7 +222,8 @@ class DiffusionHead(Head):
             raise InvalidArgumentError(
                 f"injected noise has {noise.steps.shape[2]} steps, the head samples with {len(sched.timesteps)}"
             )
-        dtype = torch.promote_types(z.dtype, torch.float32)  # fp32 under a bf16 generator; fp64 stays fp64
+        # the chain runs in fp32 (fp64 for an fp64 head): bf16 would lose the schedule's small coefficients
+        dtype = torch.promote_types(next(self.net.parameters()).dtype, torch.float32)
         x_T = noise.x_T.reshape(B * n, -1).to(dtype)
         steps = noise.steps.reshape(B * n, noise.steps.shape[2], -1).to(dtype)
         return sched.sample(self._model_fn(z, weights), x_T, steps, params.temperature)
@@ -253,13 +256,134 @@ class DiffusionHead(Head):
         return _masked_mean(per, m), {}
 
 
+class FlowHead(Head):
+    """FlowAR's flow-matching head: the tokens of a whole scale are sampled *jointly* by an Euler ODE.
+
+    The generator's output is the per-token condition z (B, n, C) of one scale (FlowAR's decoder output
+    + ``diffusion_pos_embed``); the head's network (``net``, FlowAR's SimpleTransformerAdaLN) attends
+    across the n = s² tokens of that scale. Its cross-attention variant (``cross=True``, FlowAR-L/H) attends
+    from the tokens to "the AR tokens", which in FlowAR are exactly these z of the same scale: so ``out``
+    already carries all the context and no extra input travels with it. The head therefore needs whole,
+    square, row-major scales (what the ``scales`` layout gives per step); it knows the scale sizes
+    (``patch_nums``) to split a training sequence and weight each scale's loss by s²/G² (G = the finest
+    side: FlowAR's s²/256).
+
+    Sampling: Gaussian noise (``draw_noise``: one (n, D) draw per image and scale) integrated from t = 1 to 0
+    in float64 over ``head_steps`` (default ``default_steps``; 25 is FlowAR's two-piece grid), CFG on the
+    velocity only while t <= ``guidance_interval`` (``SamplingParams.guidance_interval``, default the
+    model's). The ODE is deterministic given its noise: ``temperature`` does not apply and there is no
+    density (:meth:`log_prob` refuses).
+    """
+
+    kind = "flow"
+
+    def __init__(self, token_dim: int, cond_dim: int, patch_nums: tuple[int, ...], depth: int = 2, width: int = 1024,
+                 cross: bool = False, default_steps: int = 25, guidance_interval: float = 1.0,
+                 grad_checkpointing: bool = False):
+        super().__init__()
+        from .flow import FlowNet, time_grid
+
+        if token_dim < 1:
+            raise InvalidArgumentError(f"a flow head needs token_dim >= 1, got {token_dim}")
+        patch_nums = tuple(int(p) for p in patch_nums)
+        if not patch_nums or any(p < 1 for p in patch_nums):
+            raise InvalidArgumentError(f"a flow head needs positive scale sides, got {patch_nums}")
+        time_grid(default_steps)  # a clear error for a bad default
+        _check_interval(guidance_interval, "guidance_interval")
+        self.token_dim, self.cond_dim, self.patch_nums = token_dim, cond_dim, patch_nums
+        self.token_shape = (token_dim,)
+        self.token_dtype = torch.float32
+        self.default_steps, self.guidance_interval = default_steps, float(guidance_interval)
+        self.net = FlowNet(token_dim, width, cond_dim, depth, cross, patch_nums[-1], grad_checkpointing)
+
+    def input_embedding(self, dim: int) -> nn.Module:
+        return nn.Linear(self.token_dim, dim)
+
+    def output_layer(self, dim: int) -> nn.Module:
+        if dim != self.cond_dim:
+            raise InvalidArgumentError(f"flow head conditions on {self.cond_dim} channels, the generator gives {dim}")
+        return nn.Identity()
+
+    def steps_for(self, params) -> int:
+        return params.head_steps or self.default_steps
+
+    def interval_for(self, params) -> float:
+        g = getattr(params, "guidance_interval", None)
+        return self.guidance_interval if g is None else float(g)
+
+    def check_params(self, params) -> None:
+        if params.top_k or (params.top_p is not None and params.top_p < 1):
+            raise InvalidArgumentError("top_k / top_p apply to categorical heads; this model's tokens are continuous")
+        if params.temperature != 1.0:
+            raise InvalidArgumentError(
+                f"temperature {params.temperature} does not apply to a flow head (its Euler ODE is deterministic given "
+                "its noise); leave it at 1")
+
+    def draw_noise(self, rng, n: int, params) -> torch.Tensor:
+        """The initial noise x₁ (B, n, D) of one scale, one draw per image."""
+        return rng.normals(n, self.token_dim)
+
+    def sample(self, out, weights, noise: torch.Tensor, params) -> torch.Tensor:
+        from .flow import euler_sample, time_grid
+
+        if tuple(noise.shape[1:]) != (out.shape[1], self.token_dim):
+            raise InvalidArgumentError(
+                f"injected noise has shape {tuple(noise.shape)}, the head samples {out.shape[1]} tokens of {self.token_dim}")
+        rope = self.net.rope(out.shape[1], out.device)
+        x = euler_sample(lambda x, t, c: self.net(x, t, c, rope), noise.to(out.device), out, weights,
+                         time_grid(self.steps_for(params)), self.interval_for(params))
+        return x.to(torch.promote_types(self.token_dtype, out.dtype))
+
+    def log_prob(self, out, weights, tokens, params, noise=None) -> torch.Tensor:
+        raise InvalidArgumentError("a flow head's tokens are a deterministic function of its noise: they have no density")
+
+    def scale_losses(self, out: torch.Tensor, tokens: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-scale flow-matching losses (K,) with injected times t (B, K) and noise (B, N, D)."""
+        from .flow import flow_matching_loss
+
+        N = sum(p * p for p in self.patch_nums)
+        if out.shape[1] != N or tokens.shape[1] != N:
+            raise InvalidArgumentError(
+                f"the flow head trains on whole sequences of scales {self.patch_nums} ({N} tokens), got {tokens.shape[1]}")
+        losses, start = [], 0
+        for k, p in enumerate(self.patch_nums):
+            sl = slice(start, start + p * p)
+            start += p * p
+            rope = self.net.rope(p * p, out.device)
+            per = flow_matching_loss(lambda x, tt, c: self.net(x, tt, c, rope), tokens[:, sl], out[:, sl], t[:, k],
+                                     noise[:, sl])
+            losses.append(_masked_mean(per, None if mask is None else mask[:, sl]))
+        return torch.stack(losses)
+
+    def scale_weights(self) -> torch.Tensor:
+        """FlowAR's per-scale loss weights s²/G² (G: the finest side; s²/256 at 16×16)."""
+        return torch.tensor([p * p / self.patch_nums[-1] ** 2 for p in self.patch_nums])
+
+    def loss(self, out, tokens, mask=None):
+        """FlowAR's loss: Σ_k (s_k²/G²)·MSE_k, one time t ~ U(0, 1) per image and scale, noise per token.
+
+        ``mask`` (B, N): the positions each scale's mean counts (None: all)."""
+        B, K = tokens.shape[0], len(self.patch_nums)
+        t = torch.rand(B, K, device=tokens.device)
+        noise = torch.randn(tokens.shape, device=tokens.device)
+        per = self.scale_losses(out, tokens, t, noise, mask)
+        total = (per * self.scale_weights().to(per)).sum()
+        return total, {f"loss_s{p}": float(v) for p, v in zip(self.patch_nums, per.detach())}
+
+
+def _check_interval(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise InvalidArgumentError(f"{name} must be a number in [0, 1] (CFG applies while t <= it), got {value!r}")
+
+
 HEADS: Registry[type[Head]] = Registry("head", InvalidArgumentError)
-for _cls in (CategoricalHead, DiffusionHead):
+for _cls in (CategoricalHead, DiffusionHead, FlowHead):
     HEADS.register(_cls.kind, _cls)
 
 
 def create_head(kind: str, **config: Any) -> Head:
-    """Build head ``kind`` ("categorical", "diffusion") from its config fields."""
+    """Build head ``kind`` ("categorical", "diffusion", "flow") from its config fields."""
     cls = HEADS.lookup(kind)
     try:
         return cls(**config)
@@ -292,5 +416,10 @@ def head_from_config(config: Any, cond_dim: int) -> Head:
     if kind == "diffusion":
         return create_head(kind, token_dim=config.token_dim, cond_dim=cond_dim, depth=config.head_depth,
                            width=config.head_width, batch_mul=config.head_batch_mul, default_steps=config.head_steps)
+    if kind == "flow":
+        return create_head(kind, token_dim=config.token_dim, cond_dim=cond_dim, patch_nums=tuple(config.patch_nums),
+                           depth=config.head_depth, width=config.head_width, cross=getattr(config, "head_cross", False),
+                           default_steps=config.head_steps, guidance_interval=getattr(config, "guidance_interval", 1.0),
+                           grad_checkpointing=getattr(config, "grad_checkpointing", False))
     HEADS.lookup(kind)  # unknown kind: the registry's error
     raise InvalidArgumentError(f"head {kind!r} has no config fields in HeadConfig yet")
