@@ -77,3 +77,7 @@ def add_bench_parser(sub) -> None:
     from .speculative import add_speculative_bench_parser
 
     add_speculative_bench_parser(bs)
+
+    from .mar import add_mar_bench_parser
+
+    add_mar_bench_parser(bs)

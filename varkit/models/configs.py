@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from .flowar import FlowARConfig, FlowARGenerator
 from .mar import MARConfig, MARGenerator
 from .neighbors import NeighborsConfig, NeighborsGenerator
 from .raster import RasterConfig, RasterGenerator
@@ -136,4 +137,31 @@ register_config(
     partial(RasterConfig, head="diffusion", token_dim=4, num_classes=10, dim=128, n_layer=4, n_head=4, grid=8,
             multiple_of=32, head_depth=3, head_width=256, head_batch_mul=4),
     "raster (next-token) generator with MAR's diffusion head over the digits KL tokenizer's 8x8x4 latents",
+)
+
+# FlowAR: encoder + decoder stacks of equal width, flow head (depth, width, cross-attention) and the README's
+# evaluation head steps / guidance interval; 256 px over MAR's KL-16 VAE (scales 1, 2, 4, 8, 16 of 16 channels).
+_FLOWAR = {"small": (768, 12, 6, 2, 1024, False, 25, 0.9), "large": (1024, 16, 8, 12, 1024, True, 25, 0.9),
+           "huge": (1536, 16, 15, 12, 1536, True, 50, 0.7)}
+for _name, (_dim, _heads, _depth, _hd, _hw, _cross, _steps, _g) in _FLOWAR.items():
+    register_config(
+        f"flowar-{_name}",
+        FlowARGenerator,
+        partial(FlowARConfig, dim=_dim, n_head=_heads, encoder_depth=_depth, decoder_depth=_depth, head_depth=_hd,
+                head_width=_hw, head_cross=_cross, head_steps=_steps, guidance_interval=_g),
+        f"FlowAR-{_name[0].upper()} class-conditional, scales 1-16 of 16-channel latents (256 px with MAR's KL-16 VAE)",
+    )
+register_config(
+    "flowar-tiny",
+    FlowARGenerator,
+    partial(FlowARConfig, token_dim=4, num_classes=4, patch_nums=(1, 2, 4), dim=32, n_head=2, encoder_depth=1,
+            decoder_depth=1, head_depth=1, head_width=64, head_steps=4, guidance_interval=1.0),
+    "tiny FlowAR (scales layout + flow head) for tests",
+)
+register_config(
+    "digits-flowar",
+    FlowARGenerator,
+    partial(FlowARConfig, token_dim=4, num_classes=10, patch_nums=(1, 2, 4, 8), dim=128, n_head=4, encoder_depth=3,
+            decoder_depth=3, head_depth=2, head_width=128, head_steps=25, guidance_interval=1.0),
+    "digits FlowAR: scales 1-8 over the digits KL tokenizer's 8x8 latents (token_dim from it), flow head",
 )

@@ -21,7 +21,7 @@ class AncestralSampler(Sampler):
     lossless = True
 
     def _sample(self, gen, cond, gens, progress) -> SampleResult:
-        rng = Randomness(gens, cond.device)
+        rng = gens if isinstance(gens, Randomness) else Randomness(gens, cond.device)  # injectable draws
         run = GuidedRunner(gen, self.params, cond, rng)
         layout, head, order = run.layout, gen.head, run.order
         B = cond.shape[0]

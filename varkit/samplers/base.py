@@ -134,7 +134,10 @@ class Sampler:
         """Raise ``InvalidArgumentError`` if this sampler cannot drive ``gen``."""
 
     @torch.inference_mode()
-    def sample(self, gen: Generator, cond: torch.Tensor, gens: list[torch.Generator], progress: bool = False) -> SampleResult:
+    def sample(self, gen: Generator, cond: torch.Tensor, gens: list[torch.Generator] | Randomness,
+               progress: bool = False) -> SampleResult:
+        """Sample one token sequence per row of ``cond``. ``gens``: one ``torch.Generator`` per image, or a
+        :class:`~varkit.samplers.random.Randomness` (e.g. one replaying recorded draws, for equality tests)."""
         self.check_generator(gen)
         t0 = time.perf_counter()
         result = self._sample(gen, cond, gens, progress)
