@@ -14,7 +14,8 @@ from .errors import InvalidArgumentError, VarkitError
 
 # the sampling settings a model folder may store as defaults (Pipeline's SAMPLING_KEYS; kept here so
 # the parser need not import the pipeline)
-SAMPLING_DEFAULT_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "head_steps", "num_iter")
+SAMPLING_DEFAULT_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "head_steps", "num_iter",
+                         "guidance_interval")
 
 
 def _sampler_options(pairs: list[str]) -> dict:
@@ -48,6 +49,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="continuous heads (MAR): denoising steps per token (default: the model's, 100 for MAR)")
     p.add_argument("--num-iter", type=int, default=None,
                    help="sets layouts (MAR): decoding steps over the random order (default: the model's)")
+    p.add_argument("--guidance-interval", type=float, default=None,
+                   help="flow heads (FlowAR): CFG only while the ODE time t <= this, in [0, 1] (default: the model's)")
     p.add_argument("--window", type=int, default=None, help="SJD window length")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sampler option, repeatable")
@@ -58,7 +61,8 @@ def sampling_kwargs(args) -> dict:
     if args.window is not None:
         opts["window"] = args.window
     return dict(sampler=args.sampler, cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, head_steps=args.head_steps, num_iter=args.num_iter, **opts)
+                top_k=args.top_k, top_p=args.top_p, head_steps=args.head_steps, num_iter=args.num_iter,
+                guidance_interval=args.guidance_interval, **opts)
 
 
 # -- generate ------------------------------------------------------------------------------------

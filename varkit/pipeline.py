@@ -22,9 +22,9 @@ from .modeling import load_module, read_config
 from .samplers import SamplerStats, SamplingParams, get_sampler
 from .samplers.random import image_generators
 
-SAMPLING_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "head_steps", "num_iter")
+SAMPLING_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "head_steps", "num_iter", "guidance_interval")
 DEFAULT_SAMPLING = {"cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None, "top_p": None,
-                    "head_steps": None, "num_iter": None}
+                    "head_steps": None, "num_iter": None, "guidance_interval": None}
 
 
 @dataclass
@@ -109,6 +109,7 @@ class Pipeline:
         top_p: float | None = None,
         head_steps: int | None = None,
         num_iter: int | None = None,
+        guidance_interval: float | None = None,
         seed: int = 0,
         image_seeds: Sequence[int] | None = None,
         batch_size: int | None = None,
@@ -121,11 +122,13 @@ class Pipeline:
         ``image_seeds[i]``), so it is the same whatever the batch size. ``sampler_options``
         go to the sampler (e.g. ``window=16`` for SJD). Continuous-token models (MAR) also take
         ``head_steps`` (denoising steps per token) and ``num_iter`` (decoding steps of a ``sets``
-        layout); their ``temperature`` scales the head's per-step noise.
+        layout); their ``temperature`` scales the head's per-step noise. Flow heads (FlowAR) take
+        ``head_steps`` (Euler steps per scale) and ``guidance_interval`` (CFG only while t <= it).
         """
         cond = self._conditions(class_labels, captions)
         params = self.sampling_params(cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, head_steps=head_steps, num_iter=num_iter)
+                                      top_p=top_p, head_steps=head_steps, num_iter=num_iter,
+                                      guidance_interval=guidance_interval)
         smp = get_sampler(sampler, params, **sampler_options)
         if hasattr(smp, "bind_tokenizer"):  # samplers that need the tokenizer (LANTERN's codebook, drafter checks)
             smp.bind_tokenizer(self.tokenizer)

@@ -55,6 +55,11 @@ CONVERTERS: dict[str, Converter] = {
         "varkit.checkpoints.mar:add_convert_mar_arguments",
         "varkit.checkpoints.mar:cmd_convert_mar",
     ),
+    "flowar": Converter(
+        "FlowAR (next-scale, flow-matching head) FlowAR-S/L/H.pth + MAR's KL-16 VAE -> a varkit pipeline folder",
+        "varkit.checkpoints.flowar:add_convert_flowar_arguments",
+        "varkit.checkpoints.flowar:cmd_convert_flowar",
+    ),
 }
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from .var import _attn_bias, _lvl_1L
 
 __all__ = [
+    "flowar_state_dict",
     "items_of",
     "llamagen_gpt_state_dict",
     "llamagen_vq_state_dict",
@@ -214,6 +215,57 @@ def mar_state_dict(items: Items, seed: int) -> dict[str, Tensor]:
         elif key == "class_emb.weight":
             sd[key] = x
         elif key in MAR_LEARNED_TOKENS:
+            sd[key] = 0.5 * x
+        else:
+            sd[key] = x / math.sqrt(math.prod(shape[1:]))
+    return sd
+
+
+# -- FlowAR ------------------------------------------------------------------------------------------
+FLOWAR_LEARNED_TOKENS = ("encoder_pos_embed_learned", "decoder_pos_embed_learned", "diffusion_pos_embed_learned")
+
+
+def _flowar_rope_freqs(n: int) -> Tensor:
+    """FlowAR's ``VisionRotaryEmbeddingFast.freqs`` buffer of ``n`` entries (dim = 2n: half a head's width)."""
+    dim = 2 * n
+    return 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+
+
+def _flowar_mask(n: int) -> Tensor:
+    """FlowAR's ``mask`` buffer (1, 1, n, n): 0 where a token sees a key (same or earlier scale), -inf elsewhere."""
+    from .flowar import scales_for_tokens
+
+    sides = scales_for_tokens(n)
+    if sides is None:
+        raise ValueError(f"{n} tokens are not FlowAR's doubling scales")
+    step = torch.repeat_interleave(torch.arange(len(sides)), torch.tensor([p * p for p in sides]))
+    mask = torch.zeros(n, n).masked_fill(step[None, :] > step[:, None], float("-inf"))
+    return mask[None, None]
+
+
+def flowar_state_dict(items: Items, seed: int) -> dict[str, Tensor]:
+    """A FlowAR state dict (what ``FlowAR.state_dict()`` holds, ``flownet.*`` included). FlowAR's derived buffers
+    (``mask``, ``*.rope.freqs``) are exact and draw nothing; every other key one ``randn`` in order: biases
+    ``0.05·x``, other 1-D tensors (RMSNorm gains) ``1 + 0.1·x``, class embeddings ``x``, position embeddings
+    ``0.5·x``, every other weight (the zero-initialised output layer included) ``x / sqrt(fan_in)``."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in items:
+        shape = tuple(shape)
+        if key == "mask":
+            sd[key] = _flowar_mask(shape[-1])
+            continue
+        if key.endswith("rope.freqs"):
+            sd[key] = _flowar_rope_freqs(shape[0])
+            continue
+        x = torch.randn(shape, generator=g)
+        if key.endswith(".bias"):
+            sd[key] = 0.05 * x
+        elif len(shape) == 1:
+            sd[key] = 1.0 + 0.1 * x
+        elif key == "class_emb.weight":
+            sd[key] = x
+        elif key in FLOWAR_LEARNED_TOKENS:
             sd[key] = 0.5 * x
         else:
             sd[key] = x / math.sqrt(math.prod(shape[1:]))

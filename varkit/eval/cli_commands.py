@@ -82,6 +82,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--temperature", type=float)
     f.add_argument("--head-steps", type=int, help="continuous heads (MAR): denoising steps per token")
     f.add_argument("--num-iter", type=int, help="sets layouts (MAR): decoding steps")
+    f.add_argument("--guidance-interval", type=float, help="flow heads (FlowAR): CFG only while t <= this, in [0, 1]")
     f.add_argument("--window", type=int, help="SJD window length")
     f.add_argument("--option", "--sampler-arg", dest="option", action="append", metavar="KEY=VALUE",
                    help="extra sampler option, repeatable (as in `varkit generate`)")
@@ -132,7 +133,7 @@ def run_fid(args: argparse.Namespace) -> int:
         return 0
     eval_fid(args.model, ref=args.ref, num_samples=args.num_samples, sampler=args.sampler, cfg=args.cfg,
              cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-             head_steps=args.head_steps, num_iter=args.num_iter, sampler_kwargs=_sampler_kwargs(args), seed=args.seed, batch_size=args.batch_size,
+             head_steps=args.head_steps, num_iter=args.num_iter, guidance_interval=args.guidance_interval, sampler_kwargs=_sampler_kwargs(args), seed=args.seed, batch_size=args.batch_size,
              out_dir=args.out, json_path=args.json, metric_batch_size=args.metric_batch_size, **common)
     return 0
 

@@ -32,7 +32,8 @@ from ..io import save_image, write_json
 from . import stats as S
 
 SEED_STRIDE = 1_000_003
-SAMPLING_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "head_steps", "num_iter")  # = Pipeline's
+SAMPLING_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "head_steps", "num_iter",
+                 "guidance_interval")  # = Pipeline's
 MANIFEST = "varkit_samples.json"
 _LABEL_RE = re.compile(r"_c(\d+)\.[A-Za-z]+$")
 ALL_METRICS = ("fid", "isc", "kid", "prc")
@@ -68,6 +69,8 @@ def resolve_settings(pipe, sampler: str | None = None, **overrides: Any) -> dict
     for k in SAMPLING_KEYS:
         v = overrides.get(k)
         out[k] = v if v is not None else defaults.get(k)
+    if out.get("guidance_interval") is None:  # flow heads only: unset, it leaves earlier folders' manifests and hashes as they were
+        out.pop("guidance_interval", None)
     return out
 
 
@@ -307,7 +310,7 @@ def _settings_hash(obj: dict) -> str:
 def eval_fid(model, *, ref: str | os.PathLike | None = None, num_samples: int | None = None,
              sampler: str | None = None, cfg: float | None = None, cfg_schedule: str | None = None,
              top_k: int | None = None, top_p: float | None = None, temperature: float | None = None,
-             head_steps: int | None = None, num_iter: int | None = None,
+             head_steps: int | None = None, num_iter: int | None = None, guidance_interval: float | None = None,
              sampler_kwargs: dict | None = None, seed: int = 0, batch_size: int = 32,
              out_dir: str | os.PathLike | None = None, json_path: str | os.PathLike | None = None,
              features: str = "inception", inception_weights: str | os.PathLike | None = None,
@@ -350,7 +353,8 @@ def eval_fid(model, *, ref: str | os.PathLike | None = None, num_samples: int | 
     else:
         pipe, model_name = model, getattr(model, "name", "") or type(model).__name__
     settings = resolve_settings(pipe, sampler, cfg=cfg, cfg_schedule=cfg_schedule, top_k=top_k, top_p=top_p,
-                                temperature=temperature, head_steps=head_steps, num_iter=num_iter)
+                                temperature=temperature, head_steps=head_steps, num_iter=num_iter,
+                                guidance_interval=guidance_interval)
     n = int(num_samples) if num_samples is not None else default_num_samples(pipe)
     if n < 2:
         raise InvalidArgumentError(f"--num-samples must be at least 2 (FID needs a covariance), got {n}")

@@ -329,6 +329,7 @@ class FlowHead(Head):
         if tuple(noise.shape[1:]) != (out.shape[1], self.token_dim):
             raise InvalidArgumentError(
                 f"injected noise has shape {tuple(noise.shape)}, the head samples {out.shape[1]} tokens of {self.token_dim}")
+        out = out.to(next(self.net.parameters()).dtype)  # the network's own dtype (a bf16 generator may feed fp32 z)
         rope = self.net.rope(out.shape[1], out.device)
         x = euler_sample(lambda x, t, c: self.net(x, t, c, rope), noise.to(out.device), out, weights,
                          time_grid(self.steps_for(params)), self.interval_for(params))
@@ -346,6 +347,7 @@ class FlowHead(Head):
         if out.shape[1] != N or tokens.shape[1] != N:
             raise InvalidArgumentError(
                 f"the flow head trains on whole sequences of scales {self.patch_nums} ({N} tokens), got {tokens.shape[1]}")
+        out = out.to(next(self.net.parameters()).dtype)
         losses, start = [], 0
         for k, p in enumerate(self.patch_nums):
             sl = slice(start, start + p * p)

@@ -27,7 +27,9 @@ class SamplingParams:
 
     Continuous heads read ``head_steps`` (denoising steps per token; None: the head's default) and
     ``temperature`` (MAR: scales the per-step noise only). ``num_iter`` sets the step count of layouts
-    whose steps are a sampling choice (``sets``); None keeps the model's default.
+    whose steps are a sampling choice (``sets``); None keeps the model's default. ``guidance_interval``
+    (flow heads, FlowAR): CFG applies to the velocity only while the ODE time t <= it, in [0, 1]; None
+    keeps the model's default.
     """
 
     cfg: float = 1.0
@@ -37,6 +39,7 @@ class SamplingParams:
     top_p: float | None = None
     head_steps: int | None = None
     num_iter: int | None = None
+    guidance_interval: float | None = None
 
     def __post_init__(self) -> None:
         if self.cfg is None or self.cfg < 0:
@@ -55,6 +58,9 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InvalidArgumentError(f"{name} must be an integer >= 1, got {v!r}")
+        g = self.guidance_interval
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1):
+            raise InvalidArgumentError(f"guidance_interval must be in [0, 1] (CFG applies while t <= it), got {g!r}")
 
     def guidance(self, step: int, num_steps: int) -> float:
         """CFG weight at layout step ``step`` of ``num_steps`` (a fixed-order layout)."""
