@@ -292,9 +292,13 @@ class FlowHead(Head):
         _check_interval(guidance_interval, "guidance_interval")
         self.token_dim, self.cond_dim, self.patch_nums = token_dim, cond_dim, patch_nums
         self.token_shape = (token_dim,)
-        self.token_dtype = torch.float32
         self.default_steps, self.guidance_interval = default_steps, float(guidance_interval)
         self.net = FlowNet(token_dim, width, cond_dim, depth, cross, patch_nums[-1], grad_checkpointing)
+
+    @property
+    def token_dtype(self) -> torch.dtype:
+        """fp32 tokens (FlowAR's ``.float()``), fp64 under an fp64 network (reference-grade runs stay fp64)."""
+        return torch.promote_types(torch.float32, next(self.net.parameters()).dtype)
 
     def input_embedding(self, dim: int) -> nn.Module:
         return nn.Linear(self.token_dim, dim)
