@@ -13,6 +13,8 @@ math only; :class:`~varkit.models.heads.FlowHead` wires it into generators and s
   modulated by t only, cross-attention from the tokens to the scale's conditions z, MLP modulated by
   ``c + t``. Attention uses FlowAR's 2-D RoPE: scale s places its s×s tokens at ``i·G/s`` on the
   G-grid of the finest scale (G = 16 for the published models: FlowAR's ``pt_seq_len``).
+- :class:`FlowCondition` (:meth:`FlowNet.prepare`): what depends on z alone (``cond_embed(z)``, the cross blocks'
+  keys and values, the RoPE tables), computed once per scale rather than at every Euler step (same arithmetic).
 - :func:`time_grid` and :func:`euler_sample`: FlowAR's ``euler_sampler``: 25 steps use its two-piece
   grid ``linspace(1, 0.3, 12) ++ linspace(0.25, 0, 13)`` (25 time points: 24 Euler steps, exactly as
   the official sampler), any other count a uniform grid (FlowAR's 50). CFG mixes the velocity
@@ -26,6 +28,7 @@ fp32, as FlowAR's autocast sampling), so the 25-step grid's ``t = 0.3`` maps to 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -133,12 +136,16 @@ class FlowCrossAttention(nn.Module):
         self.kv = Linear(cond_dim, 2 * dim, bias=False)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def keys(self, cond: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values (B, heads, n, head_dim) of the (normed) conditions: fixed for a whole ODE."""
+        B, n, _ = cond.shape
+        k, v = self.kv(cond).view(B, n, 2, self.heads, self.head_dim).unbind(2)
+        return apply_rope(k, *rope).transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], rope: Rope) -> torch.Tensor:
         B, n, C = x.shape
         q = apply_rope(self.q(x).view(B, n, self.heads, self.head_dim), *rope)
-        k, v = self.kv(cond).view(B, n, 2, self.heads, self.head_dim).unbind(2)
-        k = apply_rope(k, *rope)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), *kv)
         return self.proj(o.transpose(1, 2).reshape(B, n, C))
 
 
@@ -154,8 +161,8 @@ class FlowBlock(nn.Module):
         self.mlp = GatedMlp(dim, gated_hidden(dim))
         self.ada_lin = Linear(dim, 6 * dim)
 
-    def forward(self, x, t, c, cond, rope):
-        B, n, _ = cond.shape
+    def forward(self, x, t, c, kv, rope):
+        B, n, _ = c.shape
         g1, g2, s1, s2, b1, b2 = self.ada_lin(F.silu(t + c)).view(B, n, 6, self.dim).unbind(2)
         x = x + self.attn(modulate(self.norm1(x), b1, s1), rope) * g1
         return x + self.mlp(modulate(self.norm2(x), b2, s2)) * g2
@@ -178,12 +185,15 @@ class FlowCrossBlock(nn.Module):
         self.ada_lin_attn = Linear(dim, 3 * dim)
         self.ada_lin_mlp = Linear(dim, 3 * dim)
 
-    def forward(self, x, t, c, cond, rope):
-        B, n, _ = cond.shape
+    def keys(self, cond: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.crossattn.keys(self.norm2_2(cond), rope)
+
+    def forward(self, x, t, c, kv, rope):
+        B, n, _ = c.shape
         g1, s1, b1 = self.ada_lin_attn(F.silu(t)).view(B, 1, 3, self.dim).unbind(2)
         g2, s2, b2 = self.ada_lin_mlp(F.silu(c + t)).view(B, n, 3, self.dim).unbind(2)
         x = x + self.attn(modulate(self.norm1(x), b1, s1), rope) * g1
-        x = x + self.crossattn(self.norm2_1(x), self.norm2_2(cond), rope)
+        x = x + self.crossattn(self.norm2_1(x), kv, rope)
         return x + self.mlp(modulate(self.norm3(x), b2, s2)) * g2
 
 
@@ -199,6 +209,28 @@ class FlowFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+@dataclass
+class FlowCondition:
+    """What the network derives from a scale's conditions z alone, computed once per scale instead of at every
+    Euler step: ``cond_embed(z)``, each cross block's rotated keys and values, and the scale's RoPE tables.
+    Rows slice like a tensor (``cond[:B]``: the conditional rows under CFG)."""
+
+    c: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+    rope: Rope
+
+    def __getitem__(self, rows) -> "FlowCondition":
+        return FlowCondition(self.c[rows], [None if p is None else (p[0][rows], p[1][rows]) for p in self.kv], self.rope)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.c.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.c.dtype
 
 
 class FlowNet(nn.Module):
@@ -252,19 +284,26 @@ class FlowNet(nn.Module):
         angles = scale_rope_angles(side, self.grid, self.width // self.heads).to(device)
         return angles.cos(), angles.sin()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
-        """Velocity (R, n, D) of tokens x (R, n, D) at times t (R,) in [0, 1] given conditions cond (R, n, C)."""
-        if rope is None:
-            rope = self.rope(x.shape[1], x.device)
+    def prepare(self, cond: torch.Tensor) -> FlowCondition:
+        """The step-independent part of the network for conditions ``cond`` (R, n, C) of one scale."""
+        rope = self.rope(cond.shape[1], cond.device)
+        kv = [b.keys(cond, rope) if isinstance(b, FlowCrossBlock) else None for b in self.res_blocks]
+        return FlowCondition(self.cond_embed(cond), kv, rope)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | FlowCondition) -> torch.Tensor:
+        """Velocity (R, n, D) of tokens x (R, n, D) at times t (R,) in [0, 1] given conditions cond (R, n, C)
+        (or their :meth:`prepare`'d form)."""
+        if not isinstance(cond, FlowCondition):
+            cond = self.prepare(cond)
         steps = (t * 1000).long()  # FlowAR's time input, floored
         h = self.input_proj(x)
         te = self.time_embed(steps).unsqueeze(1)
-        c = self.cond_embed(cond)
-        for block in self.res_blocks:
+        c = cond.c
+        for block, kv in zip(self.res_blocks, cond.kv):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, te, c, cond, rope, use_reentrant=False)
+                h = checkpoint(block, h, te, c, kv, cond.rope, use_reentrant=False)
             else:
-                h = block(h, te, c, cond, rope)
+                h = block(h, te, c, kv, cond.rope)
         return self.final_layer(h, c + te)
 
 
@@ -294,7 +333,8 @@ def euler_sample(net: VelocityFn, x1: torch.Tensor, cond: torch.Tensor, weight: 
                  grid: torch.Tensor, interval: float) -> torch.Tensor:
     """Integrate dx/dt = v from t = 1 (``x1``, (B, n, D)) to t = 0 along ``grid``; float64 result.
 
-    ``cond`` (B, n, C), or (2B, n, C) = [conditional; unconditional] rows under CFG. ``weight``: None
+    ``cond`` (B, n, C), or (2B, n, C) = [conditional; unconditional] rows under CFG (a tensor or anything
+    that slices rows and has ``shape``/``dtype``, e.g. a :class:`FlowCondition`). ``weight``: None
     (no CFG) or the CFG weight (a number, or one per position (n,)); where a step's time is <= ``interval``
     and some weight differs from 1 the velocity is ``u + w·(c − u)``, elsewhere the conditional one.
     ``net(x, t, cond)`` runs in ``cond``'s dtype; x and the update stay float64 (FlowAR).

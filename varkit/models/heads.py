@@ -334,8 +334,7 @@ class FlowHead(Head):
             raise InvalidArgumentError(
                 f"injected noise has shape {tuple(noise.shape)}, the head samples {out.shape[1]} tokens of {self.token_dim}")
         out = out.to(next(self.net.parameters()).dtype)  # the network's own dtype (a bf16 generator may feed fp32 z)
-        rope = self.net.rope(out.shape[1], out.device)
-        x = euler_sample(lambda x, t, c: self.net(x, t, c, rope), noise.to(out.device), out, weights,
+        x = euler_sample(self.net, noise.to(out.device), self.net.prepare(out), weights,
                          time_grid(self.steps_for(params)), self.interval_for(params))
         return x.to(torch.promote_types(self.token_dtype, out.dtype))
 
@@ -356,9 +355,7 @@ class FlowHead(Head):
         for k, p in enumerate(self.patch_nums):
             sl = slice(start, start + p * p)
             start += p * p
-            rope = self.net.rope(p * p, out.device)
-            per = flow_matching_loss(lambda x, tt, c: self.net(x, tt, c, rope), tokens[:, sl], out[:, sl], t[:, k],
-                                     noise[:, sl])
+            per = flow_matching_loss(self.net, tokens[:, sl], out[:, sl], t[:, k], noise[:, sl])
             losses.append(_masked_mean(per, None if mask is None else mask[:, sl]))
         return torch.stack(losses)
 
