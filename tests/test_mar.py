@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import varkit.samplers.ancestral as ancestral
 from varkit.checkpoints import mar_vae
 from varkit.checkpoints.mar import (
     MAR_DEFAULTS,
@@ -145,18 +144,17 @@ SAMPLE_RTOL_OF_MAX = 4e-5
 
 # cases 1 and 2 (linear CFG) check MAR's last-step weight 1 + (cfg-1)(N-1)/N (its mask_len is clamped to >= 1)
 @pytest.mark.parametrize("index", [0, 1, 2, 3])
-def test_ancestral_sampler_matches_official_sample_tokens(golden, gen, monkeypatch, index):
+def test_ancestral_sampler_matches_official_sample_tokens(golden, gen, index):
     """The whole of MAR's sample_tokens (cosine mask schedule, CFG, temperature on the per-step noise, 25-step
     respaced DiffLoss) given the same orders, x_T and per-step noises: the ancestral sampler's tokens."""
     case = golden["sample"][index]
     draws = [t for pair in zip(case["x_T"], case["noise"]) for t in pair]  # per step: x_T, then the step noises
     fake = InjectedRandomness(case["orders"].flip(1), draws)
-    monkeypatch.setattr(ancestral, "Randomness", lambda gens, device="cpu": fake)
     params = SamplingParams(cfg=case["cfg"], cfg_schedule=case["schedule"], temperature=case["temperature"],
                             num_iter=case["num_iter"], head_steps=int(case["steps"]))
     labels = golden["labels"]
     with torch.no_grad():
-        res = get_sampler("ancestral", params).sample(gen, labels, image_generators(0, len(labels)))
+        res = get_sampler("ancestral", params).sample(gen, labels, fake)  # the recorded draws, injected
     assert not fake.normals_left and res.stats.forward_passes == case["num_iter"]
     ref = case["final32"]
     torch.testing.assert_close(res.tokens, ref, rtol=0, atol=SAMPLE_RTOL_OF_MAX * float(ref.abs().max()))

@@ -34,6 +34,7 @@ from . import stats as S
 SEED_STRIDE = 1_000_003
 SAMPLING_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "head_steps", "num_iter",
                  "guidance_interval")  # = Pipeline's
+CONTINUOUS_KEYS = ("head_steps", "num_iter", "guidance_interval")  # settings only continuous heads / sets layouts read
 MANIFEST = "varkit_samples.json"
 _LABEL_RE = re.compile(r"_c(\d+)\.[A-Za-z]+$")
 ALL_METRICS = ("fid", "isc", "kid", "prc")
@@ -69,8 +70,9 @@ def resolve_settings(pipe, sampler: str | None = None, **overrides: Any) -> dict
     for k in SAMPLING_KEYS:
         v = overrides.get(k)
         out[k] = v if v is not None else defaults.get(k)
-    if out.get("guidance_interval") is None:  # flow heads only: unset, it leaves earlier folders' manifests and hashes as they were
-        out.pop("guidance_interval", None)
+    for k in CONTINUOUS_KEYS:  # continuous heads only: unset, they leave earlier folders' manifests and hashes as they were
+        if out.get(k) is None:
+            out.pop(k, None)
     return out
 
 

@@ -21,7 +21,8 @@ class AncestralSampler(Sampler):
     lossless = True
 
     def _sample(self, gen, cond, gens, progress) -> SampleResult:
-        rng = gens if isinstance(gens, Randomness) else Randomness(gens, cond.device)  # injectable draws
+        # a list of per-image generators, or a ready Randomness-like object (injected draws, for equality tests)
+        rng = Randomness(gens, cond.device) if isinstance(gens, (list, tuple)) else gens
         run = GuidedRunner(gen, self.params, cond, rng)
         layout, head, order = run.layout, gen.head, run.order
         B = cond.shape[0]
