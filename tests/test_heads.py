@@ -166,3 +166,28 @@ def test_head_refuses_tokenizer_of_the_other_kind():
         cont.head.check_tokenizer(Ids())
     with pytest.raises(InvalidArgumentError, match="discrete"):
         cat.head.check_tokenizer(Latents())
+
+
+def test_head_steps_anneal_linearly_over_ar_steps():
+    """DiSA's step annealing: "50:5" gives 50 head steps at the first AR step, 5 at the last, linear between,
+    and the sampler draws each step's noise for that step's count."""
+    p = SamplingParams(head_steps="50:5")
+    assert p.head_steps == (50, 5)
+    assert [p.at_step(s, 10).head_steps for s in (0, 9)] == [50, 5]
+    assert p.at_step(3, 10).head_steps == 35
+    assert SamplingParams(head_steps=[8, 2]).head_steps == (8, 2)  # as read back from a folder's JSON defaults
+    assert SamplingParams(head_steps="12").head_steps == 12
+    for bad in ("0:5", "a:b", "5:4:3", "", 0):
+        with pytest.raises(InvalidArgumentError, match="head_steps"):
+            SamplingParams(head_steps=bad)
+    gen = _continuous_raster()
+    seen = []
+    orig = gen.head.draw_noise
+
+    def spy(rng, n, params, **kw):
+        seen.append(params.head_steps)
+        return orig(rng, n, params, **kw)
+
+    gen.head.draw_noise = spy
+    get_sampler("ancestral", SamplingParams(head_steps="16:2")).sample(gen, torch.tensor([0]), image_generators(0, 1))
+    assert seen[0] == 16 and seen[-1] == 2 and len(seen) == 16 and seen == sorted(seen, reverse=True)

@@ -45,8 +45,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--head-steps", type=int, default=None,
-                   help="continuous heads (MAR): denoising steps per token (default: the model's, 100 for MAR)")
+    p.add_argument("--head-steps", type=str, default=None,
+                   help="continuous heads (MAR, FlowAR): denoising steps per token (default: the model's), or START:END "
+                        "to anneal them linearly over the AR steps (DiSA, e.g. 50:5)")
     p.add_argument("--num-iter", type=int, default=None,
                    help="sets layouts (MAR): decoding steps over the random order (default: the model's)")
     p.add_argument("--guidance-interval", type=float, default=None,

@@ -80,7 +80,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--top-k", type=int, help="0 = off")
     f.add_argument("--top-p", type=float, help="1 = off")
     f.add_argument("--temperature", type=float)
-    f.add_argument("--head-steps", type=int, help="continuous heads (MAR): denoising steps per token")
+    f.add_argument("--head-steps", type=str, help="continuous heads (MAR, FlowAR): denoising steps per token, or START:END (annealed, e.g. 50:5)")
     f.add_argument("--num-iter", type=int, help="sets layouts (MAR): decoding steps")
     f.add_argument("--guidance-interval", type=float, help="flow heads (FlowAR): CFG only while t <= this, in [0, 1]")
     f.add_argument("--window", type=int, help="SJD window length")

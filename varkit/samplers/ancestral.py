@@ -31,8 +31,9 @@ class AncestralSampler(Sampler):
         for step in tqdm(range(layout.num_steps), disable=not progress, desc="steps", leave=False):
             if step > 0:
                 out, w = run.forward(layout.read(tokens, step - 1, order), step)
-            noise = head.draw_noise(rng, out.shape[1], self.params)
-            layout.write(tokens, step, head.sample(out, w, noise, self.params), order)
+            params = self.params.at_step(step, layout.num_steps)  # annealed head steps (DiSA) resolve per step
+            noise = head.draw_noise(rng, out.shape[1], params)
+            layout.write(tokens, step, head.sample(out, w, noise, params), order)
         stats = SamplerStats(
             forward_passes=run.passes,
             steps=layout.num_steps,

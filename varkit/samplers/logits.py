@@ -5,7 +5,7 @@ ancestral sampling and for the speculative samplers that must reproduce it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,7 +25,8 @@ class SamplingParams:
     layout's :meth:`~varkit.layout.Layout.progress` (s/(S−1); for MAR's ``sets``, the share of tokens
     known after the step, so ``linear`` is MAR's schedule there).
 
-    Continuous heads read ``head_steps`` (denoising steps per token; None: the head's default) and
+    Continuous heads read ``head_steps`` (denoising steps per token; None: the head's default; ``"50:5"``
+    anneals them linearly from 50 at the first AR step to 5 at the last, DiSA's training-free schedule) and
     ``temperature`` (MAR: scales the per-step noise only). ``num_iter`` sets the step count of layouts
     whose steps are a sampling choice (``sets``); None keeps the model's default. ``guidance_interval``
     (flow heads, FlowAR): CFG applies to the velocity only while the ODE time t <= it, in [0, 1]; None
@@ -37,7 +38,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    head_steps: int | None = None
+    head_steps: int | tuple[int, int] | None = None  # (start, end): annealed over the AR steps (DiSA)
     num_iter: int | None = None
     guidance_interval: float | None = None
 
@@ -54,13 +55,28 @@ class SamplingParams:
             raise InvalidArgumentError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise InvalidArgumentError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        for name in ("head_steps", "num_iter"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise InvalidArgumentError(f"{name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.head_steps, str):
+            self.head_steps = parse_head_steps(self.head_steps)
+        elif isinstance(self.head_steps, list):  # a schedule read back from a model folder's JSON defaults
+            self.head_steps = tuple(self.head_steps)
+        v = self.num_iter
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise InvalidArgumentError(f"num_iter must be an integer >= 1, got {v!r}")
+        v = self.head_steps
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1) and not (
+                isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, int) and x >= 1 for x in v)):
+            raise InvalidArgumentError(f"head_steps must be an integer >= 1 or 'START:END' (annealed), got {v!r}")
         g = self.guidance_interval
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1):
             raise InvalidArgumentError(f"guidance_interval must be in [0, 1] (CFG applies while t <= it), got {g!r}")
+
+    def at_step(self, step: int, num_steps: int) -> "SamplingParams":
+        """These settings at AR step ``step`` of ``num_steps``: an annealed ``head_steps`` resolved to its integer."""
+        if not isinstance(self.head_steps, tuple):
+            return self
+        a, b = self.head_steps
+        frac = step / (num_steps - 1) if num_steps > 1 else 0.0
+        return replace(self, head_steps=max(1, round(a + (b - a) * frac)))
 
     def guidance(self, step: int, num_steps: int) -> float:
         """CFG weight at layout step ``step`` of ``num_steps`` (a fixed-order layout)."""
@@ -81,6 +97,18 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.top_k == 1
+
+
+def parse_head_steps(text: str) -> int | tuple[int, int]:
+    """``"100"`` → 100; ``"50:5"`` → (50, 5), head steps annealed from 50 to 5 over the AR steps."""
+    parts = text.strip().split(":")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) not in (1, 2) or any(n < 1 for n in nums):
+        raise InvalidArgumentError(f"head_steps must be an integer >= 1 or 'START:END' like '50:5', got {text!r}")
+    return nums[0] if len(nums) == 1 else (nums[0], nums[1])
 
 
 def mix_cfg(logits: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
