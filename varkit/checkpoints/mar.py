@@ -20,24 +20,26 @@ on the linear schedule, temperature 1.0, 100 diffusion steps; 64 decode steps (M
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..io import atomic_directory, write_json
 from ..models.mar import MARConfig, MARGenerator
-from .common import load_checkpoint, module_from_state_dict, strip_prefixes
+from .common import (TOP_LEVEL, add_output_arguments, add_pair_arguments, converted_record, count_indexed,
+                     describe_other_generator, file_record, load_checkpoint, module_from_state_dict, published_heads,
+                     read_converted, refuse_existing, require_keys, save_converted_pipeline,
+                     select_required_state_dict, shape_of)
 
 __all__ = [
     "MAR_DEFAULTS",
     "MAR_SIZES",
+    "EncoderDecoderShapes",
+    "encoder_decoder_shapes",
     "add_convert_mar_arguments",
     "cmd_convert_mar",
     "convert_mar",
@@ -69,22 +71,13 @@ _CUSTOM_DEFAULTS = {"cfg": 3.0, "cfg_schedule": "linear", "temperature": 1.0, "n
 
 
 # -- reading files -----------------------------------------------------------------------------------
-def _tensors(m: Mapping) -> dict[str, Tensor]:
-    return strip_prefixes({k: v for k, v in m.items() if isinstance(k, str) and isinstance(v, Tensor)})
-
-
 def _foreign(keys: set[str]) -> str | None:
     """What a non-MAR state dict is, when recognisable, with what to do."""
     if "encoder.conv_in.weight" in keys and "quant_conv.weight" in keys and not any(k.startswith("quantize.") for k in keys):
         return "MAR's KL-16 VAE (kl16.ckpt); pass it as --vae and the MAR file (checkpoint-last.pth) as --mar"
-    if any(k.startswith("medusa_") for k in keys):
-        return "a NAR (next-neighbour) checkpoint; convert it with `varkit convert nar`"
-    if "tok_embeddings.weight" in keys or any(k.startswith("layers.") and ".attention." in k for k in keys):
-        return "a LlamaGen GPT checkpoint; convert it with `varkit convert llamagen`"
-    if any(k.startswith("quantize.") for k in keys):
-        return "a VQ tokenizer checkpoint (LlamaGen's or VAR's), not a MAR generator"
-    if "class_emb.weight" in keys and any(k.startswith("blocks.") for k in keys):
-        return "a VAR transformer checkpoint; convert it with `varkit convert var`"
+    other = describe_other_generator(keys, "MAR")
+    if other is not None:
+        return other
     if any(k.startswith("head.net.") for k in keys) and "fake_latent" in keys:
         return "already in varkit's format (a MARGenerator state dict); load it with varkit.load_pipeline"
     return None
@@ -93,36 +86,16 @@ def _foreign(keys: set[str]) -> str | None:
 def select_mar_state_dict(ckpt: Any, source: str, ema: bool = True) -> tuple[dict[str, Tensor], str]:
     """(MAR weights, which entry they came from) of a loaded file: ``model_ema`` (with ``ema``, when present
     and not None), else ``model``, else the file's top level (a raw state dict)."""
-    if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f"{source} holds a {type(ckpt).__name__}, not a state dict; it is not a {WHAT}")
     order = ("model_ema", "model") if ema else ("model",)
-    cands = [(k, ckpt[k]) for k in order if isinstance(ckpt.get(k), Mapping)]
-    cands += [(k, ckpt[k]) for k in ("state_dict", "module") if isinstance(ckpt.get(k), Mapping)]
-    cands.append(("top level", ckpt))
-    for entry, cand in cands:
-        sd = _tensors(cand)
-        if all(k in sd for k in _REQUIRED):
-            return sd, entry
-    for _, cand in cands:
-        what = _foreign(set(_tensors(cand)))
-        if what is not None:
-            raise CheckpointError(f"{source} is not a {WHAT}: it is {what}")
-    sd = _tensors(cands[0][1])
-    if not sd:
-        raise CheckpointError(f"{source} holds no tensors (top-level keys {sorted(map(str, ckpt))[:6]}); it is not a {WHAT}")
-    missing = [k for k in _REQUIRED if k not in sd]
-    raise CheckpointError(f"{source} is not a {WHAT}: it lacks {missing[:3]} (found e.g. {sorted(sd)[:3]}); "
-                          "pass MAR's checkpoint-last.pth (mar_base, mar_large or mar_huge) as --mar")
+    return select_required_state_dict(ckpt, source, WHAT, (*order, "state_dict", "module", TOP_LEVEL), _REQUIRED,
+                                      _foreign, hint="; pass MAR's checkpoint-last.pth (mar_base, mar_large or "
+                                      "mar_huge) as --mar")
 
 
 # -- key mapping ---------------------------------------------------------------------------------------
 def mar_state_dict_from_official(sd: Mapping[str, Tensor], source: str = "state dict") -> dict[str, Tensor]:
     """MAR state dict → :class:`MARGenerator` state dict (``diffloss.net.`` → ``head.net.``)."""
-    sd = strip_prefixes(sd)
-    missing = [k for k in _REQUIRED if k not in sd]
-    if missing:
-        what = _foreign(set(sd))
-        raise CheckpointError(f"{source} is not a {WHAT}: " + (f"it is {what}" if what else f"it lacks {missing[:3]}"))
+    sd = require_keys(sd, source, WHAT, _REQUIRED, _foreign)
     out = {}
     for k, v in sd.items():
         if k.startswith(OFFICIAL_HEAD):
@@ -139,17 +112,36 @@ def mar_state_dict_to_official(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {(OFFICIAL_HEAD + k[len(HEAD):] if k.startswith(HEAD) else k): v for k, v in sd.items()}
 
 
-def _count(sd: Mapping[str, Tensor], prefix: str, source: str) -> int:
-    idx = sorted({int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m})
-    if idx != list(range(len(idx))):
-        raise CheckpointError(f"{source}: {prefix}* has indices {idx[:6]}…; expected 0..n-1, the file is incomplete")
-    return len(idx)
+class EncoderDecoderShapes(NamedTuple):
+    """The sizes of MAR's encoder-decoder layout (which FlowAR keeps), read off a converted state dict."""
+
+    classes: int
+    width: int
+    token_dim: int
+    decoder_width: int
+    decoder_in: int
+    encoder_positions: int
+    head_positions: int
+    head_width: int
+    mlp_hidden: int
+    encoder_depth: int
+    decoder_depth: int
+    head_depth: int
 
 
-def _shape(sd: Mapping[str, Tensor], key: str, source: str) -> tuple[int, ...]:
-    if key not in sd:
-        raise CheckpointError(f"{source}: {WHAT} lacks {key}; the file is incomplete")
-    return tuple(sd[key].shape)
+def encoder_decoder_shapes(sd: Mapping[str, Tensor], source: str, what: str,
+                           mlp: str = "encoder_blocks.0.mlp.fc1.weight") -> EncoderDecoderShapes:
+    """:class:`EncoderDecoderShapes` of ``sd`` (varkit names; ``mlp`` is the first MLP layer's weight); a
+    :class:`CheckpointError` naming the incomplete ``what`` when a key is missing."""
+    V, E = shape_of(sd, "class_emb.weight", source, what)
+    _, D = shape_of(sd, "z_proj.weight", source, what)
+    Dd, E2 = shape_of(sd, "decoder_embed.weight", source, what)
+    _, N, _ = shape_of(sd, "diffusion_pos_embed_learned", source, what)
+    _, L, _ = shape_of(sd, "encoder_pos_embed_learned", source, what)
+    hw, _ = shape_of(sd, HEAD + "input_proj.weight", source, what)
+    hidden = shape_of(sd, mlp, source, what)[0]
+    return EncoderDecoderShapes(V, E, D, Dd, E2, L, N, hw, hidden, count_indexed(sd, "encoder_blocks.", source),
+                                count_indexed(sd, "decoder_blocks.", source), count_indexed(sd, HEAD + "res_blocks.", source))
 
 
 def mar_config_from_state_dict(sd: Mapping[str, Tensor], source: str = "state dict", *, size: str | None = None,
@@ -160,15 +152,7 @@ def mar_config_from_state_dict(sd: Mapping[str, Tensor], source: str = "state di
     MAR's size table, or ``heads`` for a MAR of another size (else :class:`CheckpointError` naming the
     shapes found). ``size`` ("base", "mar_large", "mar-huge" …) must agree with the weights.
     """
-    V, E = _shape(sd, "class_emb.weight", source)
-    _, D = _shape(sd, "z_proj.weight", source)
-    Dd, E2 = _shape(sd, "decoder_embed.weight", source)
-    _, N, _ = _shape(sd, "diffusion_pos_embed_learned", source)
-    _, L, _ = _shape(sd, "encoder_pos_embed_learned", source)
-    hw, _ = _shape(sd, HEAD + "input_proj.weight", source)
-    hidden = _shape(sd, "encoder_blocks.0.mlp.fc1.weight", source)[0]
-    enc, dec = _count(sd, "encoder_blocks.", source), _count(sd, "decoder_blocks.", source)
-    hd = _count(sd, HEAD + "res_blocks.", source)
+    V, E, D, Dd, E2, L, N, hw, hidden, enc, dec, hd = encoder_decoder_shapes(sd, source, WHAT)
     grid = math.isqrt(N)
     if grid * grid != N:
         raise CheckpointError(f"{source}: diffusion_pos_embed_learned has {N} positions, not a square token grid")
@@ -186,13 +170,8 @@ def mar_config_from_state_dict(sd: Mapping[str, Tensor], source: str = "state di
         if table is None or table[0] != want:
             raise CheckpointError(f"{source} has {found}, which is not {want} (width {named[want][0]}, depth "
                                   f"{named[want][1]}+{named[want][2]}); drop --size to infer it")
-    if heads is None:
-        if table is None:
-            raise CheckpointError(
-                f"{source} is a MAR of unknown size ({found}); the published sizes are "
-                + ", ".join(f"{v[0]} (width {k[0]}, depth {k[1]}+{k[2]})" for k, v in MAR_SIZES.items())
-                + "; pass heads= (attention heads) to convert another size")
-        heads = table[1]
+    heads = published_heads(heads, table, source, "MAR", found, ", ".join(
+        f"{v[0]} (width {k[0]}, depth {k[1]}+{k[2]})" for k, v in MAR_SIZES.items()))
     if E % heads or Dd % heads:
         raise InvalidArgumentError(f"{heads} attention heads do not divide the widths {E}/{Dd}")
     cfg = MARConfig(token_dim=int(D), grid=grid, num_classes=int(V), encoder_dim=int(E), encoder_depth=enc,
@@ -239,72 +218,39 @@ def convert_mar(
     Both files are read and checked before anything is written; the folder is built next to ``out``
     and renamed into place, so an error leaves no partial output. Defaults: :data:`MAR_DEFAULTS`.
     """
-    from ..pipeline import Pipeline
-    from .mar_vae import load_mar_vae
+    from . import mar_vae
 
-    out = Path(out)
-    if out.exists() and not overwrite:  # fail before the (slow) loading
-        raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite")
+    out = refuse_existing(out, overwrite)
     sd, cfg, size_name, entry = _read_mar(mar, ema, size, heads)
-    _refuse_mar_as_vae(vae)
-    tokenizer = load_mar_vae(vae)
-    if tuple(tokenizer.token_shape) != (cfg.token_dim,):
-        raise CheckpointError(
-            f"{Path(vae).name} and {Path(mar).name} are not a MAR pair: the MAR model takes {cfg.token_dim}-channel "
-            f"tokens but the VAE's latents have {tokenizer.token_shape[0]} (MAR with patch_size > 1 is not supported)")
+    tokenizer = mar_vae.load_mar_vae_for(vae, mar, cfg.token_dim, family="MAR", model="the MAR model",
+                                         generator_keys=("fake_latent", "z_proj.weight"),
+                                         entries=(None, "model", "model_ema"),
+                                         note=" (MAR with patch_size > 1 is not supported)")
     generator = generator_from_mar_state_dict(sd, cfg, str(mar))
     px = cfg.grid * tokenizer.downsample
     defaults = dict(MAR_DEFAULTS.get(size_name, {**_CUSTOM_DEFAULTS, "num_iter": cfg.num_iter}))
-    pipe = Pipeline(tokenizer, generator, defaults, name=name or f"{size_name.replace('_', '-')}-{px}")
-    with atomic_directory(out, overwrite) as tmp:
-        pipe.save_pretrained(tmp)
-        write_json(tmp / "convert.json", {
-            "family": "mar",
-            "vae": {"file": Path(vae).name, "bytes": Path(vae).stat().st_size},
-            "mar": {"file": Path(mar).name, "bytes": Path(mar).stat().st_size, "weights": entry},
-            "mar_model": size_name,
-            "image_size": px,
-            "grid": cfg.grid,
-            "generator_config": dataclasses.asdict(cfg),
-            "defaults": defaults,
-        })
-    return out
-
-
-def _refuse_mar_as_vae(path) -> None:
-    """One clear line when a MAR generator file is given as the VAE (the file is memory-mapped: cheap)."""
-    ckpt = load_checkpoint(path, "MAR KL-16 VAE checkpoint (kl16.ckpt)")
-    if not isinstance(ckpt, Mapping):
-        return
-    for cand in (ckpt, ckpt.get("model"), ckpt.get("model_ema")):
-        if isinstance(cand, Mapping) and all(k in _tensors(cand) for k in ("fake_latent", "z_proj.weight")):
-            raise CheckpointError(f"{path} is a MAR generator checkpoint, not MAR's KL-16 VAE; pass it as --mar "
-                                  "and kl16.ckpt as --vae")
+    return save_converted_pipeline(out, overwrite, tokenizer, generator, defaults,
+                                   name or f"{size_name.replace('_', '-')}-{px}",
+                                   converted_record("mar", {"vae": file_record(vae), "mar": file_record(mar, weights=entry)},
+                                                    size_name, px, cfg, defaults, grid=cfg.grid))
 
 
 def add_convert_mar_arguments(p) -> None:
     """The arguments of ``varkit convert mar``."""
-    p.add_argument("--vae", required=True, help="MAR's KL-16 VAE file (kl16.ckpt)")
-    p.add_argument("--mar", required=True, help="MAR file (checkpoint-last.pth of mar_base, mar_large or mar_huge)")
-    p.add_argument("--out", required=True, help="output pipeline folder (must not exist, unless --overwrite)")
+    add_pair_arguments(p, ("--vae", "MAR's KL-16 VAE file (kl16.ckpt)"),
+                       ("--mar", "MAR file (checkpoint-last.pth of mar_base, mar_large or mar_huge)"))
     p.add_argument("--size", default=None, help="base|large|huge; default: inferred from the weights")
     p.add_argument("--no-ema", dest="ema", action="store_false",
                    help="use the file's 'model' weights instead of its EMA weights ('model_ema', MAR's sampling default)")
     p.add_argument("--heads", type=int, default=None, help="attention heads, for a MAR of a non-published size")
-    p.add_argument("--name", default=None, help="pipeline name stored in config.json")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (once the new one is complete)")
+    add_output_arguments(p)
 
 
 def cmd_convert_mar(args) -> None:
     """``varkit convert mar``: see :func:`convert_mar`."""
     out = convert_mar(args.vae, args.mar, args.out, size=args.size, ema=args.ema, heads=args.heads, name=args.name,
                       overwrite=args.overwrite)
-    import json
-
-    from ..modeling import read_config
-
-    g = read_config(out / "generator")
-    conv = json.loads((out / "convert.json").read_text())
+    g, conv = read_converted(out)
     print(f"wrote {out}/ ({conv['mar_model']}: {g['encoder_dim']}d x {g['encoder_depth']}+{g['decoder_depth']} blocks, "
           f"DiffLoss {g['head_depth']}x{g['head_width']}, {g['grid']}x{g['grid']} tokens of {g['token_dim']} channels "
           f"({conv['image_size']} px), {conv['mar']['weights']} weights); "

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from torch import Tensor
 
 from ..errors import CheckpointError
 from ..tokenizers.kl import KLConfig, KLTokenizer
-from .common import load_checkpoint, module_from_state_dict, select_state_dict, strip_prefixes
+from .common import load_checkpoint, module_from_state_dict, select_state_dict, strip_prefixes, tensors_of
 
-__all__ = ["MAR_KL16_CONFIG", "is_ldm_kl_vae_state_dict", "kl_state_dict_from_ldm", "load_mar_vae"]
+__all__ = ["MAR_KL16_CONFIG", "is_ldm_kl_vae_state_dict", "kl_state_dict_from_ldm", "load_mar_vae", "load_mar_vae_for"]
 
 MAR_KL16_CONFIG = KLConfig()  # KLConfig's defaults are MAR's KL-16
 _WHAT = "MAR KL-16 VAE checkpoint (kl16.ckpt)"
@@ -146,3 +147,25 @@ def _differs(sd: Mapping[str, Tensor]) -> bool:
                 or f"encoder.down.{len(MAR_KL16_CONFIG.block_out_channels) - 1}.block.0.conv1.weight" not in sd)
     except (KeyError, AttributeError, IndexError):
         return False
+
+
+def load_mar_vae_for(vae: str | os.PathLike, generator: str | os.PathLike, token_dim: int, *, family: str,
+                     generator_keys: Sequence[str], entries: Sequence[str | None] = (None,),
+                     model: str, note: str = "") -> KLTokenizer:
+    """MAR's KL-16 VAE for a generator of ``family`` ("MAR", "FlowAR") that takes ``token_dim``-channel tokens.
+
+    One clear line when the generator file was given as the VAE (it holds every ``generator_keys`` at the top
+    level, or under one of ``entries``; the file is memory-mapped: cheap) and when the two are not a pair
+    (``model`` names the generator in that line, ``note`` ends it)."""
+    ckpt = load_checkpoint(vae, _WHAT)
+    if isinstance(ckpt, Mapping):
+        for cand in (ckpt.get(e) if e else ckpt for e in entries):
+            if isinstance(cand, Mapping) and all(k in tensors_of(cand) for k in generator_keys):
+                raise CheckpointError(f"{vae} is a {family} generator checkpoint, not MAR's KL-16 VAE; pass it as "
+                                      f"--{family.lower()} and kl16.ckpt as --vae")
+    tokenizer = load_mar_vae(vae)
+    if tuple(tokenizer.token_shape) != (token_dim,):
+        raise CheckpointError(
+            f"{Path(vae).name} and {Path(generator).name} are not a {family} pair: {model} takes {token_dim}-channel "
+            f"tokens but the VAE's latents have {tokenizer.token_shape[0]}{note}")
+    return tokenizer
