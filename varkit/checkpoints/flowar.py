@@ -55,8 +55,7 @@ WHAT = "FlowAR checkpoint (FlowAR-S.pth, FlowAR-L.pth or FlowAR-H.pth)"
 OFFICIAL_HEAD, HEAD = "flownet.", "head.net."
 _REQUIRED = ("class_emb.weight", "z_proj.weight", "encoder_pos_embed_learned", "decoder_embed.weight",
              "diffusion_pos_embed_learned", "flownet.input_proj.weight")
-_ATTN = re.compile(r"^((?:encoder|decoder)_blocks\.\d+\.attn\.)(qkv|proj)\.(weight|bias)$")
-_ATTN_BACK = re.compile(r"^((?:encoder|decoder)_blocks\.\d+\.attn\.)(wqkv|wo)\.(weight|bias)$")
+_ATTN = {"qkv": "wqkv", "proj": "wo"}  # FlowAR's attention projections -> varkit's Attention
 _DERIVED = re.compile(r"^(mask|.*\.rope\.freqs)$")
 
 # (width, encoder depth, decoder depth, head depth, head width, cross) -> (name, attention heads)
@@ -102,27 +101,28 @@ def select_flowar_state_dict(ckpt: Any, source: str, ema: bool = True) -> tuple[
 def flowar_state_dict_from_official(sd: Mapping[str, Tensor], source: str = "state dict") -> dict[str, Tensor]:
     """FlowAR state dict → :class:`FlowARGenerator` state dict (see the module docstring's table)."""
     sd = require_keys(sd, source, WHAT, _REQUIRED, _foreign)
-    out = {}
-    for k, v in sd.items():
-        if _DERIVED.match(k):
-            continue
-        if k.startswith(OFFICIAL_HEAD):
-            out[HEAD + k[len(OFFICIAL_HEAD):]] = v
-            continue
-        m = _ATTN.match(k)
-        out[f"{m.group(1)}{'wqkv' if m.group(2) == 'qkv' else 'wo'}.{m.group(3)}" if m else k] = v
-    return out
+    return _renamed(sd, OFFICIAL_HEAD, HEAD, _ATTN, skip=_DERIVED)
 
 
 def flowar_state_dict_to_official(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """:class:`FlowARGenerator` state dict → FlowAR's (without the derived ``mask``/``rope.freqs`` buffers)."""
+    return _renamed(sd, HEAD, OFFICIAL_HEAD, {v: k for k, v in _ATTN.items()})
+
+
+def _renamed(sd: Mapping[str, Tensor], head_from: str, head_to: str, attn: Mapping[str, str],
+             skip: re.Pattern | None = None) -> dict[str, Tensor]:
+    """``sd`` with the head's prefix ``head_from`` → ``head_to``, the blocks' attention projections renamed by
+    ``attn`` and the keys ``skip`` matches dropped: the one renaming both directions share."""
+    pattern = re.compile(r"^((?:encoder|decoder)_blocks\.\d+\.attn\.)(" + "|".join(attn) + r")\.(weight|bias)$")
     out = {}
     for k, v in sd.items():
-        if k.startswith(HEAD):
-            out[OFFICIAL_HEAD + k[len(HEAD):]] = v
+        if skip is not None and skip.match(k):
             continue
-        m = _ATTN_BACK.match(k)
-        out[f"{m.group(1)}{'qkv' if m.group(2) == 'wqkv' else 'proj'}.{m.group(3)}" if m else k] = v
+        if k.startswith(head_from):
+            out[head_to + k[len(head_from):]] = v
+            continue
+        m = pattern.match(k)
+        out[f"{m.group(1)}{attn[m.group(2)]}.{m.group(3)}" if m else k] = v
     return out
 
 
