@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train a tokenizer or a generator").add_subparsers(dest="what", required=True)
-    tt = t.add_parser("tokenizer", help="train a VQ tokenizer")
+    tt = t.add_parser("tokenizer", help="train a tokenizer (VQ, multi-scale VQ or KL-VAE, by --config)")
     _add_train_common(tt, lr=2e-3)
     tt.add_argument("--adversarial", type=float, default=0.0,
                     help="weight of the hinge GAN loss from a small PatchGAN discriminator (0 = off)")

@@ -31,17 +31,20 @@ def load_tokenizer(name_or_dir):
     if isinstance(name_or_dir, torch.nn.Module):
         tok = name_or_dir
     else:
-        from ..modeling import load_module
-
         from ..hub import resolve_model_dir
+        from ..modeling import load_module
 
         path = resolve_model_dir(name_or_dir, "tokenizer")
         if (path / "tokenizer" / "config.json").is_file():
             path = path / "tokenizer"
         tok = load_module(path)
-    for attr in ("encode", "decode", "token_shape"):
+    # a continuous tokenizer declares its latent shape; anything else must be a discrete one (a codebook)
+    needed = ("encode", "decode") if tuple(getattr(tok, "token_shape", ())) else ("encode", "decode", "codebook_size")
+    for attr in needed:
         if not hasattr(tok, attr):
-            raise ModelNotFoundError(f"{type(tok).__name__} is not a tokenizer (it has no {attr!r})")
+            raise ModelNotFoundError(
+                f"{type(tok).__name__} is not a discrete tokenizer (it has no {attr!r}) nor a continuous one "
+                "(no token_shape); pass a tokenizer or pipeline folder")
     return tok.eval()
 
 
