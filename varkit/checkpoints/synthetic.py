@@ -13,7 +13,7 @@ The golden fixtures under ``tests/fixtures/`` hold the official code's outputs o
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -203,10 +203,22 @@ def mar_state_dict(items: Items, seed: int) -> dict[str, Tensor]:
     zero-initialised tensors made non-zero: norm gains ``1 + 0.1·x``, biases ``0.05·x``, class embeddings
     ``x``, ``fake_latent``/``mask_token``/position embeddings ``0.5·x``, every other weight (Linear,
     DiffLoss's adaLN and output layers included) ``x / sqrt(fan_in)``."""
+    return _scaled_randn_state_dict(items, seed, MAR_LEARNED_TOKENS)
+
+
+def _scaled_randn_state_dict(items: Items, seed: int, learned: Sequence[str],
+                             exact: Callable[[str, tuple[int, ...]], Tensor | None] | None = None) -> dict[str, Tensor]:
+    """The recipe MAR's and FlowAR's synthetic weights share: one ``randn`` per key in order (keys ``exact``
+    gives a tensor for draw nothing), biases ``0.05·x``, other 1-D tensors ``1 + 0.1·x``, class embeddings
+    ``x``, ``learned`` tokens ``0.5·x``, every other weight ``x / sqrt(fan_in)``."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for key, shape in items:
         shape = tuple(shape)
+        fixed = exact(key, shape) if exact is not None else None
+        if fixed is not None:
+            sd[key] = fixed
+            continue
         x = torch.randn(shape, generator=g)
         if key.endswith(".bias"):
             sd[key] = 0.05 * x
@@ -214,7 +226,7 @@ def mar_state_dict(items: Items, seed: int) -> dict[str, Tensor]:
             sd[key] = 1.0 + 0.1 * x
         elif key == "class_emb.weight":
             sd[key] = x
-        elif key in MAR_LEARNED_TOKENS:
+        elif key in learned:
             sd[key] = 0.5 * x
         else:
             sd[key] = x / math.sqrt(math.prod(shape[1:]))
@@ -248,25 +260,13 @@ def flowar_state_dict(items: Items, seed: int) -> dict[str, Tensor]:
     (``mask``, ``*.rope.freqs``) are exact and draw nothing; every other key one ``randn`` in order: biases
     ``0.05·x``, other 1-D tensors (RMSNorm gains) ``1 + 0.1·x``, class embeddings ``x``, position embeddings
     ``0.5·x``, every other weight (the zero-initialised output layer included) ``x / sqrt(fan_in)``."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in items:
-        shape = tuple(shape)
-        if key == "mask":
-            sd[key] = _flowar_mask(shape[-1])
-            continue
-        if key.endswith("rope.freqs"):
-            sd[key] = _flowar_rope_freqs(shape[0])
-            continue
-        x = torch.randn(shape, generator=g)
-        if key.endswith(".bias"):
-            sd[key] = 0.05 * x
-        elif len(shape) == 1:
-            sd[key] = 1.0 + 0.1 * x
-        elif key == "class_emb.weight":
-            sd[key] = x
-        elif key in FLOWAR_LEARNED_TOKENS:
-            sd[key] = 0.5 * x
-        else:
-            sd[key] = x / math.sqrt(math.prod(shape[1:]))
-    return sd
+    return _scaled_randn_state_dict(items, seed, FLOWAR_LEARNED_TOKENS, _flowar_buffer)
+
+
+def _flowar_buffer(key: str, shape: tuple[int, ...]) -> Tensor | None:
+    """FlowAR's derived buffers, exact; None for a key that is drawn."""
+    if key == "mask":
+        return _flowar_mask(shape[-1])
+    if key.endswith("rope.freqs"):
+        return _flowar_rope_freqs(shape[0])
+    return None
