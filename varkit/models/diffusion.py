@@ -51,7 +51,8 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return emb
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN's ``x·(1 + scale) + shift`` (MAR's and FlowAR's order of operations)."""
     return x * (1 + scale) + shift
 
 
@@ -69,6 +70,18 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.frequency_dim, dtype=fdtype).to(wdtype))
 
 
+def init_linears_and_timestep(net: nn.Module, time_embed: TimestepEmbedder) -> None:
+    """The init MAR's and FlowAR's heads start with, in this order of RNG draws: xavier-uniform weights and zero
+    biases for every linear of ``net``, then N(0, 0.02) for the weights of ``time_embed``'s MLP."""
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(time_embed.mlp[0].weight, std=0.02)
+    nn.init.normal_(time_embed.mlp[2].weight, std=0.02)
+
+
 class ResBlock(nn.Module):
     """``x + gate · MLP(LN(x)·(1+scale) + shift)`` with (shift, scale, gate) from the conditioning y."""
 
@@ -80,21 +93,21 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
-        return x + gate * self.mlp(_modulate(self.in_ln(x), shift, scale))
+        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
 
 
 class FinalLayer(nn.Module):
-    """Affine-free LN, adaLN (shift, scale) from y, then the output projection (DiT's final layer)."""
+    """Affine-free LN (or ``norm``), adaLN (shift, scale) from y, then the output projection (DiT's final layer)."""
 
-    def __init__(self, channels: int, out_channels: int):
+    def __init__(self, channels: int, out_channels: int, norm: nn.Module | None = None):
         super().__init__()
-        self.norm_final = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
+        self.norm_final = norm if norm is not None else nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
         self.linear = Linear(channels, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(channels, 2 * channels))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class DiffusionMLP(nn.Module):
@@ -126,13 +139,7 @@ class DiffusionMLP(nn.Module):
 
     def initialize_weights(self) -> None:
         """MAR's ``initialize_weights`` (same order of RNG draws)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        init_linears_and_timestep(self, self.time_embed)
         zeroed = [b.adaLN_modulation[-1] for b in self.res_blocks]
         zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
         for lin in zeroed:

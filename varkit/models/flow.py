@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import InvalidArgumentError
 from ..nn.layers import Linear
 from ..nn.rope import apply_rope, rope_angles_2d
-from .diffusion import TimestepEmbedder
+from .diffusion import FinalLayer, TimestepEmbedder, init_linears_and_timestep, modulate
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -100,11 +100,6 @@ def scale_rope_angles(side: int, grid: int, head_dim: int) -> torch.Tensor:
 def check_head_dim(head_dim: int, what: str) -> None:
     if head_dim < 4 or head_dim % 4:
         raise InvalidArgumentError(f"{what}: 2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x·(1 + scale) + shift``, in FlowAR's order of operations."""
-    return x * (1 + scale) + shift
 
 
 # --------------------------------------------------------------------------------------------- network
@@ -197,18 +192,11 @@ class FlowCrossBlock(nn.Module):
         return x + self.mlp(modulate(self.norm3(x), b2, s2)) * g2
 
 
-class FlowFinalLayer(nn.Module):
-    """Affine-free RMSNorm, adaLN (shift, scale) from ``c + t``, then the velocity projection."""
+class FlowFinalLayer(FinalLayer):
+    """MAR's final layer on an affine-free RMSNorm: adaLN (shift, scale) from ``c + t``, then the velocity projection."""
 
     def __init__(self, width: int, out_channels: int):
-        super().__init__()
-        self.norm_final = RMSNorm(width)
-        self.linear = Linear(width, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(width, 2 * width))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        super().__init__(width, out_channels, norm=RMSNorm(width))
 
 
 @dataclass
@@ -266,13 +254,7 @@ class FlowNet(nn.Module):
 
     def initialize_weights(self) -> None:
         """FlowAR's init: xavier-uniform linears with zero bias, timestep MLP N(0, 0.02), zero output layer."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        init_linears_and_timestep(self, self.time_embed)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
