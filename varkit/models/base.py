@@ -39,6 +39,36 @@ def token_fields_for_tokenizer(tokenizer) -> dict:
     return {"token_dim": shape[0]} if shape else {"vocab_size": tokenizer.codebook_size}
 
 
+def check_class_ids(cond: torch.Tensor, num_classes: int, model: str | None = None) -> None:
+    """Raise ``InvalidArgumentError`` for a class id outside 0..num_classes (num_classes: the null class); with
+    ``model`` named, also for anything but integer ids of shape (B,)."""
+    if model is not None and (cond.dim() != 1 or cond.is_floating_point()):
+        raise InvalidArgumentError(
+            f"{model} takes class ids of shape (B,), got a {cond.dtype} tensor of shape {tuple(cond.shape)}")
+    bad = (cond < 0) | (cond > num_classes)
+    if bad.any():
+        raise InvalidArgumentError(
+            f"class id {int(cond[bad][0])} is out of range: this model has classes 0..{num_classes - 1}")
+
+
+class ClassConditional:
+    """Mixin of the generators conditioned on a class id alone: ids (B,) in 0..num_classes-1, the null
+    condition is class ``num_classes``, and no condition prefix takes KV-cache positions."""
+
+    class_ids_of: str | None = None  # the model's name: also require integer ids of shape (B,)
+    num_classes: int
+
+    @property
+    def cond_len(self) -> int:
+        return 0
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(cond, self.num_classes)
+
+    def check_condition(self, cond: torch.Tensor) -> None:
+        check_class_ids(cond, self.num_classes, self.class_ids_of)
+
+
 class Generator(DerivedState, SavableModule):
     """Base class of every generator; see the module docstring for the contract."""
 

@@ -35,7 +35,7 @@ from ..modeling import register_module
 from ..nn import Attention, block_causal_mask
 from ..nn.layers import Linear
 from ..nn.rope import RotaryTable
-from .base import Generator
+from .base import ClassConditional, Generator
 from .flow import GatedMlp, RMSNorm, check_head_dim, gated_hidden, scale_rope_angles
 from .heads import HeadConfig, head_from_config
 
@@ -145,10 +145,11 @@ class FlowARState:
 
 
 @register_module
-class FlowARGenerator(Generator):
+class FlowARGenerator(ClassConditional, Generator):
     """FlowAR: class-conditional next-scale prediction of continuous latents, sampled by a flow head."""
 
     config_class = FlowARConfig
+    class_ids_of = "FlowAR"
     supports_multistep = False
     supports_rollback = False
 
@@ -207,23 +208,7 @@ class FlowARGenerator(Generator):
                 f"resolution {resolution} is not a positive multiple of the tokenizer's downsample factor {down}")
         return {"token_dim": shape[0], "patch_nums": doubling_scales(resolution // down)}
 
-    # -- contract: conditions and cache ----------------------------------------------------------
-    @property
-    def cond_len(self) -> int:
-        return 0
-
-    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(cond, self.num_classes)
-
-    def check_condition(self, cond: torch.Tensor) -> None:
-        if cond.dim() != 1 or cond.is_floating_point():
-            raise InvalidArgumentError(
-                f"FlowAR takes class ids of shape (B,), got a {cond.dtype} tensor of shape {tuple(cond.shape)}")
-        bad = (cond < 0) | (cond > self.num_classes)
-        if bad.any():
-            raise InvalidArgumentError(
-                f"class id {int(cond[bad][0])} is out of range: this model has classes 0..{self.num_classes - 1}")
-
+    # -- contract: cache (conditions: ClassConditional) ------------------------------------------
     def cache_dims(self) -> tuple[int, int, int]:
         c = self.config
         return c.encoder_depth + c.decoder_depth, c.n_head, c.dim // c.n_head

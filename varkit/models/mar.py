@@ -26,7 +26,7 @@ from ..errors import InvalidArgumentError
 from ..layout import Layout, sets
 from ..modeling import register_module
 from ..nn.layers import Linear
-from .base import Generator, token_fields_for_tokenizer
+from .base import ClassConditional, Generator, token_fields_for_tokenizer
 from .heads import HeadConfig, head_from_config
 
 
@@ -128,10 +128,11 @@ class MARState:
 
 
 @register_module
-class MARGenerator(Generator):
+class MARGenerator(ClassConditional, Generator):
     """MAR's masked encoder/decoder on the ``sets`` layout, with any head (diffusion: MAR; categorical: MaskGIT)."""
 
     config_class = MARConfig
+    class_ids_of = "MAR"  # the null class id num_classes is MAR's fake_latent (not a row of class_emb)
     supports_multistep = False
     supports_rollback = False
 
@@ -198,18 +199,6 @@ class MARGenerator(Generator):
     @property
     def cond_len(self) -> int:
         return self.config.buffer_size
-
-    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """Class id ``num_classes``: MAR's ``fake_latent`` (not a row of ``class_emb``)."""
-        return torch.full_like(cond, self.num_classes)
-
-    def check_condition(self, cond: torch.Tensor) -> None:
-        if cond.dim() != 1 or cond.is_floating_point():
-            raise InvalidArgumentError(f"MAR takes class ids of shape (B,), got a {cond.dtype} tensor of shape {tuple(cond.shape)}")
-        bad = (cond < 0) | (cond > self.num_classes)
-        if bad.any():
-            raise InvalidArgumentError(
-                f"class id {int(cond[bad][0])} is out of range: this model has classes 0..{self.num_classes - 1}")
 
     def new_cache(self, batch: int, max_len: int | None = None) -> None:
         """None: MAR re-encodes every known token each step, there is nothing to cache."""

@@ -20,7 +20,7 @@ from ..modeling import register_module
 from ..nn import Attention, RMSNorm, RotaryTable, SwiGLU, block_causal_mask
 from ..nn.layers import swiglu_hidden_dim
 from ..nn.rope import rope_angles_2d
-from .base import Generator, token_fields_for_tokenizer
+from .base import Generator, check_class_ids, token_fields_for_tokenizer
 from .heads import HeadConfig, head_from_config
 
 
@@ -190,12 +190,7 @@ class RasterGenerator(Generator):
                     "pad or truncate the text encoder's output to that many tokens"
                 )
             return
-        bad = (cond < 0) | (cond > self.num_classes)
-        if bad.any():
-            raise InvalidArgumentError(
-                f"class id {int(cond[bad][0])} is out of range: this model has classes "
-                f"0..{self.num_classes - 1}"
-            )
+        check_class_ids(cond, self.num_classes)
 
     def cache_dims(self) -> tuple[int, int, int]:
         c = self.config

@@ -21,7 +21,7 @@ from ..layout import scales
 from ..modeling import register_module
 from ..nn import Attention, block_causal_mask
 from ..nn.layers import Linear
-from .base import Generator
+from .base import ClassConditional, Generator
 from .heads import create_head
 
 
@@ -112,7 +112,7 @@ class ScalesState:
 
 
 @register_module
-class ScalesGenerator(Generator):
+class ScalesGenerator(ClassConditional, Generator):
     """VAR: class-conditional next-scale prediction over a multi-scale VQ tokenizer."""
 
     config_class = ScalesConfig
@@ -190,21 +190,7 @@ class ScalesGenerator(Generator):
             raise InvalidArgumentError("this VAR generator has no tokenizer bound; call bind_tokenizer(tokenizer)")
         return self._tokenizer[0]
 
-    # -- contract: conditions and cache ----------------------------------------------------------
-    @property
-    def cond_len(self) -> int:
-        return 0
-
-    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(cond, self.num_classes)
-
-    def check_condition(self, cond: torch.Tensor) -> None:
-        bad = (cond < 0) | (cond > self.num_classes)
-        if bad.any():
-            raise InvalidArgumentError(
-                f"class id {int(cond[bad][0])} is out of range: this model has classes 0..{self.num_classes - 1}"
-            )
-
+    # -- contract: cache (conditions: ClassConditional) ------------------------------------------
     def cache_dims(self) -> tuple[int, int, int]:
         c = self.config
         return c.depth, c.n_head, c.dim // c.n_head
