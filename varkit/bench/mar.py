@@ -1,0 +1,607 @@
+"""``varkit bench mar``: varkit's MAR side by side with MAR's own ``sample_tokens`` + VAE decode.
+
+One process, the same random-init weights on every side (MAR-B by default: :func:`varkit.checkpoints.synthetic.mar_state_dict`
+in MAR's key names, loaded into MAR's ``MAR`` and converted with :func:`varkit.checkpoints.mar.mar_state_dict_from_official`
+for varkit; one random KL-16 VAE in LDM names, loaded into MAR's ``AutoencoderKL`` and, converted, into varkit's
+:class:`~varkit.tokenizers.kl.KLTokenizer`), the same labels and settings (``num_iter``, diffusion steps, CFG on the
+linear schedule, temperature), on the CPU at ``--threads`` threads (1 by default). Rows:
+
+- ``official``: MAR's ``sample_tokens`` + ``vae.decode`` (fp32; MAR's code calls ``.cuda()``, which is made the
+  identity while it runs, and only then); ``--official-autocast`` adds a row under ``torch.autocast("cpu", bfloat16)``,
+  as MAR's ``engine_mar.py`` samples under autocast on GPUs;
+- ``varkit``: the ancestral sampler + ``KLTokenizer.decode``, at each ``--dtype`` (the generator, its diffusion head
+  included, in that dtype; the VAE stays fp32 as in :class:`~varkit.pipeline.Pipeline`), with ``--prepack`` the
+  oneDNN-prepacked linears.
+
+Every run is split into transformer (encoder + decoder), head (the diffusion sampling loops), decode (VAE) and the
+rest, timed by wrappers around those calls, and each part is set against its floor on this machine, measured at the
+same thread count: weight bytes over the bandwidth of a copy of that many bytes, FLOPs over the rate of a large GEMM
+(transformer, head) or of the VAE's dominant 3x3 convolution (decode). Sides are timed round-robin so that load from
+other processes falls on all of them alike; ``cpu_s`` is the process CPU time of a run (steadier than wall time on a
+shared machine).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InvalidArgumentError
+from .official import import_checkout
+from .report import add_output_args
+
+COLUMNS = ["impl", "dtype", "prepacked", "batch", "s_per_image", "cpu_s_per_image", "vs_official", "cpu_vs_official",
+           "transformer_cpu_s", "head_cpu_s", "decode_cpu_s", "other_cpu_s", "floor_s", "x_floor"]
+PART_COLUMNS = ["impl", "dtype", "prepacked", "batch", "part", "seconds", "cpu_s", "floor_s", "x_floor", "bound", "share"]
+PARTS = ("transformer", "head", "decode")
+LABELS = [207, 360, 388, 113, 355, 980, 323, 979, 88, 22, 437, 562, 1, 130, 94, 33]  # MAR's demo classes first
+
+
+# -- floors: what this machine can do at this thread count ------------------------------------------
+def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s of ``dst.copy_(src)`` on ``nbytes``-byte fp32 tensors, counting the read and the write (STREAM's copy)."""
+    n = max(nbytes // 4, 1024)
+    src, dst = torch.randn(n), torch.empty(n)
+    return 2 * src.nbytes / _best_time(lambda: dst.copy_(src), repeats)
+
+
+def gemm_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a ``size``³ matmul in ``dtype``."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    return 2 * size ** 3 / _best_time(lambda: a @ b, repeats)
+
+
+def conv_rate(dtype: torch.dtype = torch.float32, channels: int = 128, hw: int = 256, repeats: int = 4) -> float:
+    """FLOP/s of a 3x3 ``channels``→``channels`` convolution on a ``hw``² map: the VAE decoder's dominant layer."""
+    conv = nn.Conv2d(channels, channels, 3, padding=1).to(dtype)
+    x = torch.randn(1, channels, hw, hw).to(dtype)
+    with torch.no_grad():
+        t = _best_time(lambda: conv(x), repeats)
+    return 2 * 9 * channels * channels * hw * hw / t
+
+
+def measure_machine(head_bytes: dict[str, int], dtypes: list[torch.dtype], big_bytes: int = 1 << 30,
+                    conv_hw: int = 256, gemm_size: int = 2048) -> dict[str, Any]:
+    """Bandwidths (a 1 GiB copy; a copy the size of the head's weights in each dtype), GEMM rates per dtype,
+    the conv rate: the denominators of every floor."""
+    bw = {"large": copy_bandwidth(big_bytes, repeats=8)}
+    for name, nbytes in head_bytes.items():
+        bw[name] = copy_bandwidth(nbytes, repeats=10)
+    return {
+        "bandwidth_Bps": bw,
+        "gemm_flops": {str(dt).replace("torch.", ""): gemm_rate(dt, gemm_size) for dt in dtypes},
+        "gemm_size": gemm_size,
+        "conv_flops": conv_rate(hw=conv_hw),
+        "big_copy_bytes": big_bytes,
+    }
+
+
+# -- work: FLOPs and bytes of MAR's algorithm -------------------------------------------------------------
+def _block_flops(tokens: int, dim: int, hidden: int, queries: int | None = None) -> float:
+    """FLOPs of one ViT block over ``tokens`` positions; with ``queries`` only that many rows leave it
+    (k/v still for all): qkv + attention + proj + MLP."""
+    q = tokens if queries is None else queries
+    return 2 * tokens * dim * 3 * dim + 4 * q * tokens * dim + 2 * q * dim * dim + 4 * q * dim * hidden
+
+
+def transformer_flops(cfg, known: list[int], rows: int, read: list[int] | None = None) -> float:
+    """GEMM + attention FLOPs of MAR's encoder/decoder over a decode whose step s sees ``known[s]`` tokens, for
+    ``rows`` sequences (the CFG-doubled batch). ``read[s]``: positions whose output is kept at step s (varkit's
+    last decoder block computes only those; None: MAR's full decoder)."""
+    S, N = cfg.buffer_size, cfg.grid * cfg.grid
+    E, Dd = cfg.encoder_dim, cfg.decoder_dim
+    he, hd = int(E * cfg.mlp_ratio), int(Dd * cfg.mlp_ratio)
+    total = 0.0
+    for s, k in enumerate(known):
+        enc = 2 * k * cfg.token_dim * E + cfg.encoder_depth * _block_flops(S + k, E, he)
+        dec = 2 * (S + k) * E * Dd + (cfg.decoder_depth - 1) * _block_flops(S + N, Dd, hd)
+        dec += _block_flops(S + N, Dd, hd, None if read is None else read[s])
+        total += rows * (enc + dec)
+    return total
+
+
+def linear_numel(module: nn.Module) -> int:
+    """Weights of the linear layers of ``module`` (what a GEMM reads; norms and biases are noise)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def transformer_numel(gen) -> int:
+    """Parameters a transformer pass reads: everything but the head's network."""
+    return sum(p.numel() for n, p in gen.named_parameters() if not n.startswith("head."))
+
+
+# -- timing wrappers ---------------------------------------------------------------------------------------
+@dataclass
+class Split:
+    """Wall and process-CPU seconds per part of one run, and the diffusion network calls (rows of each)."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
+    cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
+    net_rows: list[int] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.seconds, self.cpu = dict.fromkeys(PARTS, 0.0), dict.fromkeys(PARTS, 0.0)
+        self.net_rows = []
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+            self.cpu[name] += time.process_time() - c0
+
+
+def _timed(fn: Callable, split: Split, part: str) -> Callable:
+    def wrapper(*a, **kw):
+        with split.part(part):
+            return fn(*a, **kw)
+    return wrapper
+
+
+def _counted(fn: Callable, split: Split) -> Callable:
+    def wrapper(x, *a, **kw):
+        split.net_rows.append(int(x.shape[0]))
+        return fn(x, *a, **kw)
+    return wrapper
+
+
+def instrument(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> None:
+    """Replace ``obj.name`` by ``wrap(obj.name)`` as an instance attribute (the class stays untouched)."""
+    setattr(obj, name, wrap(getattr(obj, name)))
+
+
+# -- the official side ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def cuda_as_identity() -> Iterator[None]:
+    """MAR's code calls ``.cuda()`` on new tensors: make it the identity (CPU run) for the duration only."""
+    orig = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **kw: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = orig  # type: ignore[method-assign]
+
+
+def load_official(root: str | os.PathLike):
+    """MAR's ``models.mar`` and ``models.vae`` modules, imported from the checkout ``root``."""
+    mar, vae = import_checkout(root, "models/mar.py", ["models.mar", "models.vae"], "a LTH14/mar checkout",
+                               "clone https://github.com/LTH14/mar and pass its folder")
+    return mar, vae
+
+
+def official_mar(mar_module, cfg, sd: dict[str, torch.Tensor], head_steps: int) -> nn.Module:
+    """MAR's ``MAR`` for the varkit config ``cfg`` holding the MAR-format weights ``sd`` (strict), eval mode."""
+    if cfg.encoder_heads != cfg.decoder_heads:
+        raise InvalidArgumentError("MAR's code has one head count for encoder and decoder; pick a config where they agree")
+    model = mar_module.MAR(
+        img_size=cfg.grid * 16, vae_stride=16, patch_size=1, encoder_embed_dim=cfg.encoder_dim,
+        encoder_depth=cfg.encoder_depth, encoder_num_heads=cfg.encoder_heads, decoder_embed_dim=cfg.decoder_dim,
+        decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_heads, mlp_ratio=cfg.mlp_ratio,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), vae_embed_dim=cfg.token_dim, class_num=cfg.num_classes,
+        buffer_size=cfg.buffer_size, diffloss_d=cfg.head_depth, diffloss_w=cfg.head_width,
+        num_sampling_steps=str(head_steps))
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+# -- weights ---------------------------------------------------------------------------------------------------
+def random_weights(config: str, seed: int, head_steps: int, official=None, tokenizer: str = "mar-kl16"):
+    """(varkit generator, KL tokenizer, official MAR or None, official VAE or None) on shared random weights.
+
+    The generator's weights are drawn in MAR's format and converted (the converter's key mapping); the VAE's
+    in LDM's format from MAR's ``AutoencoderKL`` (KL-16) when ``official`` is given, else the named tokenizer
+    config's own random init."""
+    from ..checkpoints.mar import generator_from_mar_state_dict, mar_state_dict_from_official, mar_state_dict_to_official
+    from ..checkpoints.synthetic import items_of, mar_state_dict, mar_vae_state_dict
+    from ..modeling import params_on_meta
+    from ..models import create_model
+    from ..models.mar import MARGenerator
+    from ..tokenizers import create_tokenizer
+    from ..tokenizers.kl import KLTokenizer
+
+    with params_on_meta():
+        meta = create_model(config)
+    if not isinstance(meta, MARGenerator) or meta.head.kind != "diffusion":
+        raise InvalidArgumentError(f"--config must name a MAR config with a diffusion head (e.g. mar-base), got {config!r}")
+    sd = mar_state_dict(items_of(mar_state_dict_to_official(meta.state_dict())), seed)
+    gen = generator_from_mar_state_dict(mar_state_dict_from_official(sd, "random MAR weights"), meta.config)
+    off_gen = off_vae = None
+    if official is not None:
+        mar_module, vae_module = official
+        off_gen = official_mar(mar_module, meta.config, sd, head_steps)
+        if meta.config.token_dim != 16:
+            raise InvalidArgumentError("the official side decodes with MAR's KL-16 VAE: its config needs token_dim 16")
+        off_vae = vae_module.AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4)).eval()
+        vae_sd = mar_vae_state_dict(items_of(off_vae.state_dict()), seed + 100)
+        off_vae.load_state_dict(vae_sd, strict=True)
+        from ..checkpoints.common import module_from_state_dict
+        from ..checkpoints.mar_vae import MAR_KL16_CONFIG, kl_state_dict_from_ldm
+
+        tok = module_from_state_dict(KLTokenizer, MAR_KL16_CONFIG, kl_state_dict_from_ldm(vae_sd), "random KL-16")
+    else:
+        torch.manual_seed(seed + 100)
+        tok = create_tokenizer(tokenizer).eval()
+        if not isinstance(tok, KLTokenizer):
+            raise InvalidArgumentError(f"--tokenizer must name a KL tokenizer config (e.g. mar-kl16), got {tokenizer!r}")
+    if tuple(tok.token_shape) != tuple(gen.head.token_shape):
+        raise InvalidArgumentError(f"the VAE's latents {tok.token_shape} do not match the generator's tokens {gen.head.token_shape}")
+    return gen.eval(), tok, off_gen, off_vae
+
+
+# -- runners: one call = one whole batch (sampling + decode) ------------------------------------------------------
+@dataclass
+class Side:
+    """One implementation at one dtype: its run function, its split, what its floors need."""
+
+    impl: str
+    dtype: str
+    run: Callable[[int], Any]
+    split: Split
+    head_numel: int
+    head_bytes_per: int
+    transformer_numel: int
+    transformer_bytes_per: int
+    gemm_dtype: str
+    last_block_rows: bool
+    prepacked: bool = False
+    head_gemm_dtype: str = ""
+    warmup: Callable[[], Any] | None = None  # untimed: packs prepacked weights before the first timed run
+
+
+def bench_labels(batch: int, num_classes: int) -> torch.Tensor:
+    return torch.tensor([LABELS[i % len(LABELS)] % num_classes for i in range(batch)])
+
+
+def official_side(model: nn.Module, vae: nn.Module, settings: dict[str, Any], autocast: bool) -> Side:
+    """MAR's loop: ``sample_tokens`` then ``vae.decode(tokens / 0.2325)`` under ``no_grad`` (as its engine)."""
+    split = Split()
+    instrument(model, "forward_mae_encoder", lambda f: _timed(f, split, "transformer"))
+    instrument(model, "forward_mae_decoder", lambda f: _timed(f, split, "transformer"))
+    instrument(model.diffloss, "sample", lambda f: _timed(f, split, "head"))
+    instrument(model.diffloss.net, "forward", lambda f: _counted(f, split))
+    scale = settings["vae_scale"]
+
+    def run(batch: int):
+        split.reset()
+        torch.manual_seed(settings["seed"])
+        np.random.seed(settings["seed"])
+        labels = bench_labels(batch, model.num_classes)
+        amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with torch.no_grad(), cuda_as_identity():
+            with amp:
+                tokens = model.sample_tokens(batch, num_iter=settings["num_iter"], cfg=settings["cfg"],
+                                             cfg_schedule=settings["cfg_schedule"], labels=labels,
+                                             temperature=settings["temperature"])
+            with split.part("decode"):
+                return vae.decode(tokens / scale)
+
+    dt = "bfloat16" if autocast else "float32"
+    net = model.diffloss.net
+    return Side("official", "float32+autocast-bf16" if autocast else "float32", run, split, linear_numel(net),
+                2 if autocast else 4, sum(p.numel() for n, p in model.named_parameters() if not n.startswith("diffloss.")),
+                2 if autocast else 4, dt, False, head_gemm_dtype=dt)
+
+
+def _cast_inputs(fn: Callable, dtype: torch.dtype) -> Callable:
+    """The diffusion network called with x and its condition in ``dtype`` (the network's own)."""
+    def wrapper(x, t, c):
+        return fn(x.to(dtype), t, c.to(dtype))
+    return wrapper
+
+
+def parse_dtype_spec(spec: str) -> tuple[torch.dtype, torch.dtype]:
+    """``"bfloat16"`` (generator and head) or ``"bfloat16/float32"`` (generator / head) → torch dtypes."""
+    from ..device import resolve_dtype
+
+    gen_name, _, head_name = spec.partition("/")
+    try:
+        g = resolve_dtype(gen_name)
+        h = resolve_dtype(head_name) if head_name else g
+    except InvalidArgumentError:
+        g = h = None
+    if g is None or h is None:
+        raise InvalidArgumentError(f"--dtype takes DTYPE or GENERATOR_DTYPE/HEAD_DTYPE (e.g. bfloat16/float32), got {spec!r}")
+    return g, h
+
+
+def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack: bool,
+                head_dtype: torch.dtype | None = None) -> Side:
+    """varkit's ancestral sampler on ``gen`` in ``dtype`` (its head's network in ``head_dtype``, default the same),
+    then ``tok.decode`` in fp32.
+
+    The generator hands the head fp32 conditions whatever its dtype; the network's inputs are cast to the
+    network's dtype here (a no-op in fp32), which varkit's ``DiffusionHead`` does not do itself."""
+    from ..nn.layers import prepack_linears
+    from ..samplers import SamplingParams, get_sampler
+    from ..samplers.random import image_generators
+
+    head_dtype = head_dtype or dtype
+    gen = copy.deepcopy(gen).to(dtype).eval()
+    gen.head.net.to(head_dtype)
+    if prepack:
+        prepack_linears(gen)
+    split = Split()
+    instrument(gen, "encode", lambda f: _timed(f, split, "transformer"))
+    instrument(gen, "decode", lambda f: _timed(f, split, "transformer"))
+    instrument(gen.head, "sample", lambda f: _timed(f, split, "head"))
+    instrument(gen.head.net, "forward", lambda f: _counted(_cast_inputs(f, head_dtype), split))
+    params = SamplingParams(cfg=settings["cfg"], cfg_schedule=settings["cfg_schedule"], temperature=settings["temperature"],
+                            head_steps=settings["head_steps"], num_iter=settings["num_iter"])
+    sampler = get_sampler("ancestral", params)
+
+    def run(batch: int):
+        split.reset()
+        labels = bench_labels(batch, gen.num_classes)
+        res = sampler.sample(gen, labels, image_generators(settings["seed"], batch))
+        with torch.inference_mode(), split.part("decode"):
+            return tok.decode(gen.layout.to_tokenizer_ids(res.tokens))
+
+    def warmup():
+        """One 1-step, 2-diffusion-step image: every linear sees a no-grad call (prepacked weights get packed)."""
+        small = SamplingParams(cfg=settings["cfg"], cfg_schedule=settings["cfg_schedule"], head_steps=2, num_iter=1)
+        get_sampler("ancestral", small).sample(gen, bench_labels(1, gen.num_classes), image_generators(0, 1))
+        split.reset()
+
+    name, hname = (str(d).replace("torch.", "") for d in (dtype, head_dtype))
+    size = torch.tensor([], dtype=dtype).element_size()
+    hsize = torch.tensor([], dtype=head_dtype).element_size()
+    side = Side("varkit", name if hname == name else f"{name}/head-{hname}", run, split, linear_numel(gen.head.net),
+                hsize, transformer_numel(gen), size, name, True, prepack)
+    side.head_gemm_dtype = hname
+    side.warmup = warmup
+    return side
+
+
+# -- one batch size: round-robin runs, rows with floors ------------------------------------------------------------
+def _known_and_read(gen, num_iter: int) -> tuple[list[int], list[int]]:
+    layout = gen.sampling_layout(num_iter)
+    return list(layout.step_starts[:-1]), list(layout.step_sizes)
+
+
+def decoder_flops(tok, batch: int) -> float:
+    """FLOPs of one VAE decode of ``batch`` latents (torch's FLOP counter on a batch-1 decode, times the batch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = tok.config.latent_dim
+    side = 16  # any grid: FLOPs scale with its area
+    z = torch.zeros(1, side, side, g)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        tok.model.post_quant_conv(z.permute(0, 3, 1, 2))
+        tok.model.decoder(z.permute(0, 3, 1, 2).contiguous())
+    return float(fc.get_total_flops()) * batch
+
+
+def make_rows(sides: list[Side], results: list[tuple[Any, float, float, dict, list[int]]], batch: int, gen, tok,
+              machine: dict[str, Any], settings: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """The table rows (one per side) and the part rows (one per side and part) of one batch size."""
+    cfg = gen.config
+    known, read = _known_and_read(gen, settings["num_iter"])
+    rows_cfg = 2 * batch if settings["cfg"] != 1.0 else batch
+    side_px = cfg.grid * tok.downsample
+    dec_flops = decoder_flops(tok, batch) * (cfg.grid / 16) ** 2
+    bw = machine["bandwidth_Bps"]
+    rows, parts = [], []
+    for side, (_, wall, cpu, seconds, cpu_parts, net_rows) in zip(sides, results):
+        gemm = machine["gemm_flops"][side.gemm_dtype]
+        # transformer: compute vs reading every weight once per pass
+        t_flops = transformer_flops(cfg, known, rows_cfg, read if side.last_block_rows else None)
+        t_bytes = side.transformer_numel * side.transformer_bytes_per * len(known)
+        t_floor = max(t_flops / gemm, t_bytes / bw["large"])
+        # head: every network call re-reads the MLP's weights; FLOPs from the rows actually sent
+        h_bytes_one = side.head_numel * side.head_bytes_per
+        h_bw = bw.get(f"head_{side.head_bytes_per}", bw["large"])
+        h_flops = 2.0 * side.head_numel * sum(net_rows)
+        h_gemm = machine["gemm_flops"][side.head_gemm_dtype or side.gemm_dtype]
+        h_floor = max(h_bytes_one * len(net_rows) / h_bw, h_flops / h_gemm)
+        d_floor = dec_flops / machine["conv_flops"]
+        floors = {"transformer": (t_floor, "compute" if t_flops / gemm >= t_bytes / bw["large"] else "bandwidth"),
+                  "head": (h_floor, "bandwidth" if h_bytes_one * len(net_rows) / h_bw >= h_flops / h_gemm else "compute"),
+                  "decode": (d_floor, "compute")}
+        other = max(wall - sum(seconds.values()), 0.0)
+        floor = sum(f for f, _ in floors.values())
+        row = {"impl": side.impl, "dtype": side.dtype, "prepacked": side.prepacked, "batch": batch,
+               "s_per_image": wall / batch, "cpu_s_per_image": cpu / batch, "wall_s": wall, "cpu_s": cpu,
+               "images_per_s": batch / wall, **{f"{p}_s": seconds[p] for p in PARTS}, "other_s": other,
+               **{f"{p}_cpu_s": cpu_parts[p] for p in PARTS}, "other_cpu_s": max(cpu - sum(cpu_parts.values()), 0.0),
+               **{f"{p}_floor_s": floors[p][0] for p in PARTS}, "floor_s": floor, "x_floor": cpu / floor,
+               "head_calls": len(net_rows), "head_rows_min": min(net_rows, default=0),
+               "head_rows_max": max(net_rows, default=0), "head_rows_mean": sum(net_rows) / max(len(net_rows), 1),
+               "head_weight_bytes": h_bytes_one, "head_flops": h_flops, "transformer_flops": t_flops,
+               "transformer_weight_bytes": side.transformer_numel * side.transformer_bytes_per,
+               "decode_flops": dec_flops, "image_px": side_px}
+        rows.append(row)
+        for p in PARTS:
+            parts.append({"impl": side.impl, "dtype": side.dtype, "prepacked": side.prepacked, "batch": batch, "part": p, "seconds": seconds[p],
+                          "cpu_s": cpu_parts[p], "floor_s": floors[p][0],
+                          "x_floor": cpu_parts[p] / floors[p][0] if floors[p][0] else None,
+                          "bound": floors[p][1], "share": cpu_parts[p] / cpu if cpu else None})
+    off = next((r for r in rows if r["impl"] == "official" and r["dtype"] == "float32"), None)
+    if off is not None:
+        for r in rows:
+            r["vs_official"] = off["wall_s"] / r["wall_s"]
+            r["cpu_vs_official"] = off["cpu_s"] / r["cpu_s"]
+    return rows, parts
+
+
+def run_round_robin(sides: list[Side], batch: int, repeats: int, verbose: bool = True):
+    """(output shape, wall s, CPU s, split wall s, split CPU s, net rows) of the fastest of ``repeats`` runs of each side, A B C A B C."""
+    best: list[Any] = [None] * len(sides)
+    for rep in range(repeats):
+        for i, side in enumerate(sides):
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = side.run(batch)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if verbose:
+                print(f"[mar bench] {side.impl} {side.dtype}{' prepacked' if side.prepacked else ''} batch {batch} "
+                      f"run {rep + 1}: {wall:.1f} s wall, {cpu:.1f} s CPU, split "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in side.split.seconds.items()), flush=True)
+            if best[i] is None or wall < best[i][1]:
+                best[i] = (tuple(out.shape), wall, cpu, dict(side.split.seconds), dict(side.split.cpu),
+                           list(side.split.net_rows))
+    return best
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def run_bench(config: str = "mar-base", batches: tuple[int, ...] = (1, 8), *, official: str | None = None,
+              dtypes: tuple[str, ...] = ("float32", "bfloat16"), prepack: str = "on", official_autocast: bool = False,
+              num_iter: int = 64, head_steps: int = 100, cfg: float = 4.0, cfg_schedule: str = "linear",
+              temperature: float = 1.0, repeats: int = 1, seed: int = 0, tokenizer: str = "mar-kl16",
+              big_copy_bytes: int = 1 << 30, gemm_size: int = 2048, verbose: bool = True) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Run the side-by-side benchmark; (table rows, part rows, settings + machine measurements)."""
+    if any(b < 1 for b in batches) or repeats < 1:
+        raise InvalidArgumentError("--batch sizes and --repeats must be >= 1")
+    if not dtypes and not official:
+        raise InvalidArgumentError("nothing to run: give --dtype for varkit and/or --official")
+    if prepack not in ("off", "on", "both"):
+        raise InvalidArgumentError(f"prepack must be off, on or both, got {prepack!r}")
+    packs = {"off": [False], "on": [True], "both": [False, True]}[prepack]
+    torch_dtypes = [parse_dtype_spec(d) for d in dtypes]
+    if official and tokenizer != "mar-kl16":
+        raise InvalidArgumentError("with --official both sides decode with MAR's KL-16 VAE: drop --tokenizer")
+    off_modules = load_official(official) if official else None
+    t0 = time.perf_counter()
+    gen, tok, off_gen, off_vae = random_weights(config, seed, head_steps, off_modules, tokenizer)
+    settings: dict[str, Any] = {
+        "config": config, "batch": list(batches), "num_iter": num_iter, "head_steps": head_steps, "cfg": cfg,
+        "cfg_schedule": cfg_schedule, "temperature": temperature, "repeats": repeats, "seed": seed,
+        "varkit_dtypes": list(dtypes), "prepack": prepack, "official_autocast": official_autocast,
+        "vae": "MAR KL-16 (random weights)" if off_vae is not None else f"{tokenizer} (random weights)",
+        "vae_scale": tok.config.scaling_factor, "device": "cpu", "threads": torch.get_num_threads(),
+        "cpu_model": cpu_model(), "torch": torch.__version__, "weights_s": time.perf_counter() - t0,
+        "official": str(Path(official).resolve()) if official else None,
+    }
+    if official:
+        try:
+            commit = subprocess.run(["git", "-C", str(official), "rev-parse", "HEAD"], check=False, capture_output=True,
+                                    text=True, timeout=10).stdout.strip()
+        except OSError:
+            commit = ""
+        settings["official_commit"] = commit or None
+    gen.sampling_layout(num_iter)  # a clear error for a bad num_iter before anything runs
+    sides: list[Side] = []
+    if off_gen is not None:
+        sides.append(official_side(off_gen, off_vae, settings, False))
+        if official_autocast:
+            sides.append(official_side(copy.deepcopy(off_gen), copy.deepcopy(off_vae), settings, True))
+    for dt, hdt in torch_dtypes:
+        for pk in packs:
+            sides.append(varkit_side(gen, tok, settings, dt, pk, hdt))
+    for side in sides:
+        if side.warmup is not None:
+            side.warmup()
+    head_sizes = {f"head_{s.head_bytes_per}": s.head_numel * s.head_bytes_per for s in sides}
+    t0 = time.perf_counter()
+    gemm_dtypes = {getattr(torch, n) for s in sides for n in (s.gemm_dtype, s.head_gemm_dtype) if n}
+    settings["machine"] = measure_machine(head_sizes, sorted(gemm_dtypes, key=str), big_copy_bytes,
+                                          conv_hw=min(256, tok.downsample * gen.config.grid), gemm_size=gemm_size)
+    settings["floors_s"] = time.perf_counter() - t0
+    settings["loadavg_start"] = _load()
+    rows, parts, loads = [], [], []
+    for B in batches:
+        loads.append(_load())
+        results = run_round_robin(sides, B, repeats, verbose)
+        r, p = make_rows(sides, results, B, gen, tok, settings["machine"], settings)
+        rows += r
+        parts += p
+    settings["loadavg_runs"] = [x for x in loads if x is not None]
+    settings["loadavg_end"] = _load()
+    return rows, parts, settings
+
+
+def cmd_bench_mar(args) -> None:
+    from .report import print_table, save_results
+
+    torch.set_num_threads(args.threads)
+    rows, parts, settings = run_bench(
+        args.config, tuple(args.batch), official=args.official, dtypes=tuple(args.dtype), prepack=args.prepack,
+        official_autocast=args.official_autocast, num_iter=args.num_iter, head_steps=args.head_steps, cfg=args.cfg,
+        cfg_schedule=args.cfg_schedule, temperature=args.temperature, repeats=args.repeats, seed=args.seed,
+        tokenizer=args.tokenizer, big_copy_bytes=args.copy_mib << 20, gemm_size=args.gemm_size)
+    print_table(rows, COLUMNS)
+    print()
+    print_table(parts, PART_COLUMNS)
+    m = settings["machine"]
+    print(f"\nfloors at {settings['threads']} thread(s) on {settings['cpu_model']}: copy bandwidth "
+          + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in m["bandwidth_Bps"].items())
+          + "; GEMM " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in m["gemm_flops"].items())
+          + f"; 3x3 conv {m['conv_flops'] / 1e9:.0f} GFLOP/s")
+    la = settings.get("loadavg_runs") or []
+    if la:
+        print(f"load average during the runs: {min(la):.2f} .. {max(la):.2f} (machine has {os.cpu_count()} CPUs)")
+    path = save_results(args.name, rows, settings | {"parts": parts}, args.out_dir)
+    print(f"wrote {path}")
+
+
+def add_mar_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
+    """Add ``varkit bench mar`` to the ``bench`` sub-commands."""
+    p = bench_subparsers.add_parser(
+        "mar", help="MAR: varkit vs MAR's own sample_tokens + VAE decode on the same random weights (CPU)",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--official", default=None, help="a checkout of github.com/LTH14/mar (its python files) to time its loop")
+    p.add_argument("--config", default="mar-base", help="MAR config whose random weights every side runs")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"],
+                   help="varkit's generator dtypes, one row each (the VAE stays fp32)")
+    p.add_argument("--prepack", choices=["off", "on", "both"], default="on",
+                   help="varkit's linears (transformer and head) on weights prepacked once for oneDNN (on, as "
+                        "load_pipeline(prepack=True)), plain (off), or a row for each")
+    p.add_argument("--official-autocast", action="store_true",
+                   help="also time MAR's loop under torch.autocast('cpu', bfloat16), as its engine samples on GPUs")
+    p.add_argument("--num-iter", type=int, default=64)
+    p.add_argument("--head-steps", type=int, default=100, help="diffusion steps per token (MAR's num_sampling_steps)")
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--cfg-schedule", default="linear", choices=["linear", "constant"])
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per side and batch size (the fastest is reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (every side and every floor)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default="mar-kl16",
+                   help="KL tokenizer config of the varkit-only run (with --official: MAR's KL-16 always)")
+    p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy that measures memory bandwidth")
+    p.add_argument("--gemm-size", type=int, default=2048, help="n of the n x n x n matmul that measures the GEMM rate")
+    add_output_args(p, "mar")
+    p.set_defaults(func=cmd_bench_mar)
+    return p
