@@ -146,7 +146,32 @@ class DiffusionNoise:
     final: torch.Tensor | None = None  # (B, n, D): noise of the final step, only when it adds noise
 
 
-class DiffusionHead(Head):
+class ContinuousHead(Head):
+    """What MAR's diffusion head and FlowAR's flow head share: tokens of ``token_dim`` channels embedded by a
+    linear, outputs that are the ``cond_dim``-channel condition itself, ``head_steps`` (else ``default_steps``)
+    steps per token, and no top-k/top-p."""
+
+    token_dim: int
+    cond_dim: int
+    default_steps: int
+
+    def input_embedding(self, dim: int) -> nn.Module:
+        return nn.Linear(self.token_dim, dim)
+
+    def output_layer(self, dim: int) -> nn.Module:
+        if dim != self.cond_dim:
+            raise InvalidArgumentError(f"{self.kind} head conditions on {self.cond_dim} channels, the generator gives {dim}")
+        return nn.Identity()
+
+    def steps_for(self, params) -> int:
+        return params.head_steps or self.default_steps
+
+    def check_params(self, params) -> None:
+        if params.top_k or (params.top_p is not None and params.top_p < 1):
+            raise InvalidArgumentError("top_k / top_p apply to categorical heads; this model's tokens are continuous")
+
+
+class DiffusionHead(ContinuousHead):
     """MAR's diffusion loss head: an MLP (``net``, MAR's SimpleMLPAdaLN) denoising one token from z.
 
     Sampling: ancestral DDPM over the cosine schedule respaced to ``head_steps`` (default
@@ -173,21 +198,6 @@ class DiffusionHead(Head):
         self.batch_mul, self.default_steps = batch_mul, default_steps
         self.net = DiffusionMLP(token_dim, width, 2 * token_dim, cond_dim, depth)
         self.diffusion = GaussianDiffusion(train_steps, schedule)
-
-    def input_embedding(self, dim: int) -> nn.Module:
-        return nn.Linear(self.token_dim, dim)
-
-    def output_layer(self, dim: int) -> nn.Module:
-        if dim != self.cond_dim:
-            raise InvalidArgumentError(f"diffusion head conditions on {self.cond_dim} channels, the generator gives {dim}")
-        return nn.Identity()
-
-    def steps_for(self, params) -> int:
-        return params.head_steps or self.default_steps
-
-    def check_params(self, params) -> None:
-        if params.top_k or (params.top_p is not None and params.top_p < 1):
-            raise InvalidArgumentError("top_k / top_p apply to categorical heads; this model's tokens are continuous")
 
     def draw_noise(self, rng, n: int, params, final_noise: bool = False) -> DiffusionNoise:
         S, D = self.steps_for(params), self.token_dim
@@ -256,7 +266,7 @@ class DiffusionHead(Head):
         return _masked_mean(per, m), {}
 
 
-class FlowHead(Head):
+class FlowHead(ContinuousHead):
     """FlowAR's flow-matching head: the tokens of a whole scale are sampled *jointly* by an Euler ODE.
 
     The generator's output is the per-token condition z (B, n, C) of one scale (FlowAR's decoder output
@@ -300,24 +310,12 @@ class FlowHead(Head):
         """fp32 tokens (FlowAR's ``.float()``), fp64 under an fp64 network (reference-grade runs stay fp64)."""
         return torch.promote_types(torch.float32, next(self.net.parameters()).dtype)
 
-    def input_embedding(self, dim: int) -> nn.Module:
-        return nn.Linear(self.token_dim, dim)
-
-    def output_layer(self, dim: int) -> nn.Module:
-        if dim != self.cond_dim:
-            raise InvalidArgumentError(f"flow head conditions on {self.cond_dim} channels, the generator gives {dim}")
-        return nn.Identity()
-
-    def steps_for(self, params) -> int:
-        return params.head_steps or self.default_steps
-
     def interval_for(self, params) -> float:
         g = getattr(params, "guidance_interval", None)
         return self.guidance_interval if g is None else float(g)
 
     def check_params(self, params) -> None:
-        if params.top_k or (params.top_p is not None and params.top_p < 1):
-            raise InvalidArgumentError("top_k / top_p apply to categorical heads; this model's tokens are continuous")
+        super().check_params(params)
         if params.temperature != 1.0:
             raise InvalidArgumentError(
                 f"temperature {params.temperature} does not apply to a flow head (its Euler ODE is deterministic given "
