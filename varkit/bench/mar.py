@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import math
 import os
 import subprocess
 import time
@@ -447,11 +446,13 @@ def make_rows(sides: list[Side], results: list[tuple[Any, float, float, dict, li
     return rows, parts
 
 
-def run_round_robin(sides: list[Side], batch: int, repeats: int, verbose: bool = True):
+def run_round_robin(sides: list[Side], batch: int, repeats: int, verbose: bool = True, loads: list | None = None):
     """(output shape, wall s, CPU s, split wall s, split CPU s, net rows) of the fastest of ``repeats`` runs of each side, A B C A B C."""
     best: list[Any] = [None] * len(sides)
     for rep in range(repeats):
         for i, side in enumerate(sides):
+            if loads is not None:
+                loads.append(_load())
             t0, c0 = time.perf_counter(), time.process_time()
             out = side.run(batch)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -489,8 +490,12 @@ def run_bench(config: str = "mar-base", batches: tuple[int, ...] = (1, 8), *, of
               dtypes: tuple[str, ...] = ("float32", "bfloat16"), prepack: str = "on", official_autocast: bool = False,
               num_iter: int = 64, head_steps: int = 100, cfg: float = 4.0, cfg_schedule: str = "linear",
               temperature: float = 1.0, repeats: int = 1, seed: int = 0, tokenizer: str = "mar-kl16",
-              big_copy_bytes: int = 1 << 30, gemm_size: int = 2048, verbose: bool = True) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Run the side-by-side benchmark; (table rows, part rows, settings + machine measurements)."""
+              big_copy_bytes: int = 1 << 30, gemm_size: int = 2048, verbose: bool = True,
+              on_batch: Callable[[list[dict], list[dict], dict[str, Any]], None] | None = None) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Run the side-by-side benchmark; (table rows, part rows, settings + machine measurements).
+
+    ``on_batch(rows, parts, settings)`` is called after each batch size with everything so far (long runs
+    keep their finished batch sizes)."""
     if any(b < 1 for b in batches) or repeats < 1:
         raise InvalidArgumentError("--batch sizes and --repeats must be >= 1")
     if not dtypes and not official:
@@ -541,13 +546,14 @@ def run_bench(config: str = "mar-base", batches: tuple[int, ...] = (1, 8), *, of
     settings["loadavg_start"] = _load()
     rows, parts, loads = [], [], []
     for B in batches:
-        loads.append(_load())
-        results = run_round_robin(sides, B, repeats, verbose)
+        results = run_round_robin(sides, B, repeats, verbose, loads)
         r, p = make_rows(sides, results, B, gen, tok, settings["machine"], settings)
         rows += r
         parts += p
-    settings["loadavg_runs"] = [x for x in loads if x is not None]
-    settings["loadavg_end"] = _load()
+        settings["loadavg_runs"] = [x for x in loads if x is not None]
+        settings["loadavg_end"] = _load()
+        if on_batch is not None:
+            on_batch(rows, parts, settings)
     return rows, parts, settings
 
 
@@ -555,11 +561,16 @@ def cmd_bench_mar(args) -> None:
     from .report import print_table, save_results
 
     torch.set_num_threads(args.threads)
+
+    def save(rows, parts, settings):
+        path = save_results(args.name, rows, settings | {"parts": parts}, args.out_dir)
+        print(f"wrote {path} (batch sizes {sorted({r['batch'] for r in rows})})", flush=True)
+
     rows, parts, settings = run_bench(
         args.config, tuple(args.batch), official=args.official, dtypes=tuple(args.dtype), prepack=args.prepack,
         official_autocast=args.official_autocast, num_iter=args.num_iter, head_steps=args.head_steps, cfg=args.cfg,
         cfg_schedule=args.cfg_schedule, temperature=args.temperature, repeats=args.repeats, seed=args.seed,
-        tokenizer=args.tokenizer, big_copy_bytes=args.copy_mib << 20, gemm_size=args.gemm_size)
+        tokenizer=args.tokenizer, big_copy_bytes=args.copy_mib << 20, gemm_size=args.gemm_size, on_batch=save)
     print_table(rows, COLUMNS)
     print()
     print_table(parts, PART_COLUMNS)
@@ -571,8 +582,6 @@ def cmd_bench_mar(args) -> None:
     la = settings.get("loadavg_runs") or []
     if la:
         print(f"load average during the runs: {min(la):.2f} .. {max(la):.2f} (machine has {os.cpu_count()} CPUs)")
-    path = save_results(args.name, rows, settings | {"parts": parts}, args.out_dir)
-    print(f"wrote {path}")
 
 
 def add_mar_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
