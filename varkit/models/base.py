@@ -39,6 +39,15 @@ def token_fields_for_tokenizer(tokenizer) -> dict:
     return {"token_dim": shape[0]} if shape else {"vocab_size": tokenizer.codebook_size}
 
 
+def latent_side(tokenizer, resolution: int) -> int:
+    """The latent grid side of ``resolution``-pixel images under ``tokenizer`` (an error unless it divides)."""
+    down = tokenizer.downsample
+    if resolution <= 0 or resolution % down:
+        raise InvalidArgumentError(
+            f"resolution {resolution} is not a positive multiple of the tokenizer's downsample factor {down}")
+    return resolution // down
+
+
 def check_class_ids(cond: torch.Tensor, num_classes: int, model: str | None = None) -> None:
     """Raise ``InvalidArgumentError`` for a class id outside 0..num_classes (num_classes: the null class); with
     ``model`` named, also for anything but integer ids of shape (B,)."""

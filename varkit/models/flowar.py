@@ -35,7 +35,7 @@ from ..modeling import register_module
 from ..nn import Attention, block_causal_mask
 from ..nn.layers import Linear
 from ..nn.rope import RotaryTable
-from .base import ClassConditional, Generator
+from .base import ClassConditional, Generator, latent_side
 from .flow import GatedMlp, RMSNorm, check_head_dim, gated_hidden, scale_rope_angles
 from .heads import HeadConfig, head_from_config
 
@@ -202,11 +202,7 @@ class FlowARGenerator(ClassConditional, Generator):
         if not shape:
             raise InvalidArgumentError(
                 "FlowAR generates continuous latents: it needs a continuous (KL) tokenizer, not a discrete (VQ) one")
-        down = tokenizer.downsample
-        if resolution <= 0 or resolution % down:
-            raise InvalidArgumentError(
-                f"resolution {resolution} is not a positive multiple of the tokenizer's downsample factor {down}")
-        return {"token_dim": shape[0], "patch_nums": doubling_scales(resolution // down)}
+        return {"token_dim": shape[0], "patch_nums": doubling_scales(latent_side(tokenizer, resolution))}
 
     # -- contract: cache (conditions: ClassConditional) ------------------------------------------
     def cache_dims(self) -> tuple[int, int, int]:

@@ -26,7 +26,7 @@ from ..errors import InvalidArgumentError
 from ..layout import Layout, sets
 from ..modeling import register_module
 from ..nn.layers import Linear
-from .base import ClassConditional, Generator, token_fields_for_tokenizer
+from .base import ClassConditional, Generator, latent_side, token_fields_for_tokenizer
 from .heads import HeadConfig, head_from_config
 
 
@@ -187,13 +187,10 @@ class MARGenerator(ClassConditional, Generator):
     def config_for_tokenizer(cls, tokenizer, resolution: int) -> dict:
         """Grid and token fields a trained tokenizer fixes; the other token field is zeroed, so a VQ
         tokenizer under a diffusion-head config (or a KL one under a categorical config) fails clearly."""
-        down = tokenizer.downsample
-        if resolution <= 0 or resolution % down:
-            raise InvalidArgumentError(
-                f"resolution {resolution} is not a positive multiple of the tokenizer's downsample factor {down}")
+        grid = latent_side(tokenizer, resolution)
         fields = token_fields_for_tokenizer(tokenizer)
         fields = {"token_dim": 0, **fields} if "vocab_size" in fields else {"vocab_size": 0, **fields}
-        return {**fields, "grid": resolution // down}
+        return {**fields, "grid": grid}
 
     # -- contract: conditions, cache, layouts ------------------------------------------------------------
     @property
