@@ -1,24 +1,25 @@
 """``varkit bench mar``: varkit's MAR side by side with MAR's own ``sample_tokens`` + VAE decode.
 
-One process, the same random-init weights on every side (MAR-B by default: :func:`varkit.checkpoints.synthetic.mar_state_dict`
-in MAR's key names, loaded into MAR's ``MAR`` and converted with :func:`varkit.checkpoints.mar.mar_state_dict_from_official`
-for varkit; one random KL-16 VAE in LDM names, loaded into MAR's ``AutoencoderKL`` and, converted, into varkit's
-:class:`~varkit.tokenizers.kl.KLTokenizer`), the same labels and settings (``num_iter``, diffusion steps, CFG on the
-linear schedule, temperature), on the CPU at ``--threads`` threads (1 by default). Rows:
+One process, the same random-init weights on every side: MAR-B by default, drawn in MAR's key names
+(:func:`varkit.checkpoints.synthetic.mar_state_dict`), loaded into MAR's ``MAR`` and, converted with
+:func:`varkit.checkpoints.mar.mar_state_dict_from_official`, into varkit's generator; one random KL-16 VAE in
+LDM names, loaded into MAR's ``AutoencoderKL`` and, converted, into :class:`~varkit.tokenizers.kl.KLTokenizer`.
+The same labels and settings (``num_iter``, diffusion steps, CFG on the linear schedule, temperature), on the
+CPU at ``--threads`` threads (1 by default). Rows:
 
 - ``official``: MAR's ``sample_tokens`` + ``vae.decode`` (fp32; MAR's code calls ``.cuda()``, which is made the
-  identity while it runs, and only then); ``--official-autocast`` adds a row under ``torch.autocast("cpu", bfloat16)``,
-  as MAR's ``engine_mar.py`` samples under autocast on GPUs;
-- ``varkit``: the ancestral sampler + ``KLTokenizer.decode``, at each ``--dtype`` (the generator, its diffusion head
-  included, in that dtype; the VAE stays fp32 as in :class:`~varkit.pipeline.Pipeline`), with ``--prepack`` the
-  oneDNN-prepacked linears.
+  identity while it runs, and only then); ``--official-autocast`` adds a row under ``torch.autocast("cpu",
+  bfloat16)``, as MAR's ``engine_mar.py`` samples under autocast on GPUs;
+- ``varkit``: the ancestral sampler + ``KLTokenizer.decode``, at each ``--dtype`` (the generator, its diffusion
+  head included, in that dtype; ``bfloat16/float32`` keeps the head's network in fp32; the VAE stays fp32 as in
+  :class:`~varkit.pipeline.Pipeline`), on oneDNN-prepacked linears (``--prepack``, default on).
 
 Every run is split into transformer (encoder + decoder), head (the diffusion sampling loops), decode (VAE) and the
 rest, timed by wrappers around those calls, and each part is set against its floor on this machine, measured at the
 same thread count: weight bytes over the bandwidth of a copy of that many bytes, FLOPs over the rate of a large GEMM
 (transformer, head) or of the VAE's dominant 3x3 convolution (decode). Sides are timed round-robin so that load from
 other processes falls on all of them alike; ``cpu_s`` is the process CPU time of a run (steadier than wall time on a
-shared machine).
+shared machine), and ``x_floor`` is CPU seconds over the floor.
 """
 from __future__ import annotations
 
@@ -247,7 +248,8 @@ def random_weights(config: str, seed: int, head_steps: int, official=None, token
         if not isinstance(tok, KLTokenizer):
             raise InvalidArgumentError(f"--tokenizer must name a KL tokenizer config (e.g. mar-kl16), got {tokenizer!r}")
     if tuple(tok.token_shape) != tuple(gen.head.token_shape):
-        raise InvalidArgumentError(f"the VAE's latents {tok.token_shape} do not match the generator's tokens {gen.head.token_shape}")
+        raise InvalidArgumentError(
+            f"the VAE's latents {tok.token_shape} do not match the generator's tokens {gen.head.token_shape}")
     return gen.eval(), tok, off_gen, off_vae
 
 
@@ -323,7 +325,8 @@ def parse_dtype_spec(spec: str) -> tuple[torch.dtype, torch.dtype]:
     except InvalidArgumentError:
         g = h = None
     if g is None or h is None:
-        raise InvalidArgumentError(f"--dtype takes DTYPE or GENERATOR_DTYPE/HEAD_DTYPE (e.g. bfloat16/float32), got {spec!r}")
+        raise InvalidArgumentError(
+            f"--dtype takes DTYPE or GENERATOR_DTYPE/HEAD_DTYPE (e.g. bfloat16/float32), got {spec!r}")
     return g, h
 
 
@@ -434,8 +437,8 @@ def make_rows(sides: list[Side], results: list[tuple[Any, float, float, dict, li
                "decode_flops": dec_flops, "image_px": side_px}
         rows.append(row)
         for p in PARTS:
-            parts.append({"impl": side.impl, "dtype": side.dtype, "prepacked": side.prepacked, "batch": batch, "part": p, "seconds": seconds[p],
-                          "cpu_s": cpu_parts[p], "floor_s": floors[p][0],
+            parts.append({"impl": side.impl, "dtype": side.dtype, "prepacked": side.prepacked, "batch": batch,
+                          "part": p, "seconds": seconds[p], "cpu_s": cpu_parts[p], "floor_s": floors[p][0],
                           "x_floor": cpu_parts[p] / floors[p][0] if floors[p][0] else None,
                           "bound": floors[p][1], "share": cpu_parts[p] / cpu if cpu else None})
     off = next((r for r in rows if r["impl"] == "official" and r["dtype"] == "float32"), None)
@@ -447,7 +450,8 @@ def make_rows(sides: list[Side], results: list[tuple[Any, float, float, dict, li
 
 
 def run_round_robin(sides: list[Side], batch: int, repeats: int, verbose: bool = True, loads: list | None = None):
-    """(output shape, wall s, CPU s, split wall s, split CPU s, net rows) of the fastest of ``repeats`` runs of each side, A B C A B C."""
+    """(output shape, wall s, CPU s, split wall s, split CPU s, net rows) of the fastest of ``repeats`` runs of
+    each side, called round-robin (A B C A B C)."""
     best: list[Any] = [None] * len(sides)
     for rep in range(repeats):
         for i, side in enumerate(sides):
@@ -491,7 +495,8 @@ def run_bench(config: str = "mar-base", batches: tuple[int, ...] = (1, 8), *, of
               num_iter: int = 64, head_steps: int = 100, cfg: float = 4.0, cfg_schedule: str = "linear",
               temperature: float = 1.0, repeats: int = 1, seed: int = 0, tokenizer: str = "mar-kl16",
               big_copy_bytes: int = 1 << 30, gemm_size: int = 2048, verbose: bool = True,
-              on_batch: Callable[[list[dict], list[dict], dict[str, Any]], None] | None = None) -> tuple[list[dict], list[dict], dict[str, Any]]:
+              on_batch: Callable[[list[dict], list[dict], dict[str, Any]], None] | None = None,
+              ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Run the side-by-side benchmark; (table rows, part rows, settings + machine measurements).
 
     ``on_batch(rows, parts, settings)`` is called after each batch size with everything so far (long runs
