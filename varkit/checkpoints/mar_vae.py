@@ -18,13 +18,13 @@ from torch import Tensor
 from ..errors import CheckpointError
 from ..tokenizers.kl import KLConfig, KLTokenizer
 from .common import load_checkpoint, module_from_state_dict, select_state_dict, strip_prefixes, tensors_of
+from .var_vae import ldm_prefix_to_diffusers
 
 __all__ = ["MAR_KL16_CONFIG", "is_ldm_kl_vae_state_dict", "kl_state_dict_from_ldm", "load_mar_vae", "load_mar_vae_for"]
 
 MAR_KL16_CONFIG = KLConfig()  # KLConfig's defaults are MAR's KL-16
 _WHAT = "MAR KL-16 VAE checkpoint (kl16.ckpt)"
 _TRAINING_ONLY = ("loss.",)  # LDM training files keep the LPIPS/discriminator under loss.*; not part of the VAE
-_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
@@ -69,36 +69,13 @@ def _shape_summary(sd: Mapping[str, Tensor]) -> str:
 def _rename(key: str, n_levels: int) -> str | None:
     """LDM key -> diffusers ``AutoencoderKL`` key (without the tokenizer's ``model.`` prefix); None if unknown."""
     prefix, _, param = key.rpartition(".")
-    m = re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out|norm_out)", prefix)
-    if m:
-        return f"{m.group(1)}.{'conv_norm_out' if m.group(2) == 'norm_out' else m.group(2)}.{param}"
-    if prefix in ("quant_conv", "post_quant_conv"):
-        return key
-    m = re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(\w+)", prefix)
-    if m and m.group(3) in _RESNET:
-        return f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.{_RESNET[m.group(3)]}.{param}"
-    m = re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(\w+)", prefix)
-    if m and m.group(2) in _ATTN:
-        return f"{m.group(1)}.mid_block.attentions.0.{_ATTN[m.group(2)]}.{param}"
-    m = re.fullmatch(r"encoder\.down\.(\d+)\.(block|attn)\.(\d+)\.(\w+)", prefix)
-    if m:
-        table, kind = (_RESNET, "resnets") if m.group(2) == "block" else (_ATTN, "attentions")
-        if m.group(4) in table:
-            return f"encoder.down_blocks.{m.group(1)}.{kind}.{m.group(3)}.{table[m.group(4)]}.{param}"
-    m = re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv", prefix)
-    if m:
-        return f"encoder.down_blocks.{m.group(1)}.downsamplers.0.conv.{param}"
-    # LDM counts decoder levels from full resolution, diffusers from the latent
-    m = re.fullmatch(r"decoder\.up\.(\d+)\.(block|attn)\.(\d+)\.(\w+)", prefix)
-    if m:
-        table, kind = (_RESNET, "resnets") if m.group(2) == "block" else (_ATTN, "attentions")
-        if m.group(4) in table:
-            i = n_levels - 1 - int(m.group(1))
-            return f"decoder.up_blocks.{i}.{kind}.{m.group(3)}.{table[m.group(4)]}.{param}"
-    m = re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv", prefix)
-    if m:
-        return f"decoder.up_blocks.{n_levels - 1 - int(m.group(1))}.upsamplers.0.conv.{param}"
-    return None
+    base, _, part = prefix.rpartition(".")
+    if part in _ATTN:
+        mapped = ldm_prefix_to_diffusers(base, n_levels)
+        if mapped is not None and mapped[0] == "attn":
+            return f"{mapped[1]}.{_ATTN[part]}.{param}"
+    mapped = ldm_prefix_to_diffusers(prefix, n_levels)
+    return f"{mapped[1]}.{param}" if mapped is not None and mapped[0] == "plain" else None
 
 
 def kl_state_dict_from_ldm(sd: Mapping[str, Tensor], n_levels: int = 5) -> dict[str, Tensor]:

@@ -125,39 +125,47 @@ def msvq_config_from_var_state_dict(sd: Mapping[str, Tensor], patch_nums: Sequen
 _RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 
 
-def _map_prefix(k: str, n_levels: int) -> tuple[str, str] | None:
-    """Map a VAR module prefix (without the final param name) to varkit's; returns (kind, new_prefix)."""
+def ldm_prefix_to_diffusers(k: str, n_levels: int) -> tuple[str, str] | None:
+    """Map an LDM autoencoder module prefix (without the final param name; VAR's VQVAE and MAR's KL-16 both
+    use LDM's names) to diffusers'; (kind, new_prefix) with kind "plain" or "attn" (an attention module, whose
+    parts the caller maps), None for anything else (a quantizer, an unknown resnet part)."""
     m = re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out|norm_out)", k)
     if m:
         name = {"norm_out": "conv_norm_out"}.get(m.group(2), m.group(2))
         return "plain", f"{m.group(1)}.{name}"
     m = re.fullmatch(r"(encoder|decoder)\.mid\.(block_1|block_2)\.(\w+)", k)
     if m:
-        return "plain", f"{m.group(1)}.mid_block.resnets.{int(m.group(2)[-1]) - 1}.{_RESNET[m.group(3)]}"
+        sub = _RESNET.get(m.group(3))
+        return None if sub is None else ("plain", f"{m.group(1)}.mid_block.resnets.{int(m.group(2)[-1]) - 1}.{sub}")
     m = re.fullmatch(r"(encoder|decoder)\.mid\.attn_1", k)
     if m:
         return "attn", f"{m.group(1)}.mid_block.attentions.0"
-    m = re.fullmatch(r"encoder\.down\.(\d+)\.(block|attn)\.(\d+)(?:\.(\w+))?", k)
+    m = re.fullmatch(r"(encoder|decoder)\.(down|up)\.(\d+)\.(block|attn)\.(\d+)(?:\.(\w+))?", k)
     if m:
-        lvl, what, j, sub = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
-        if what == "block":
-            return "plain", f"encoder.down_blocks.{lvl}.resnets.{j}.{_RESNET[sub]}"
-        return "attn", f"encoder.down_blocks.{lvl}.attentions.{j}"
+        side, lvl, what, j, sub = m.group(1), int(m.group(3)), m.group(4), int(m.group(5)), m.group(6)
+        if (side == "encoder") != (m.group(2) == "down"):
+            return None
+        # LDM counts decoder levels from full resolution, diffusers from the latent
+        base = f"encoder.down_blocks.{lvl}" if side == "encoder" else f"decoder.up_blocks.{n_levels - 1 - lvl}"
+        if what == "attn":
+            return "attn", f"{base}.attentions.{j}"
+        return None if sub not in _RESNET else ("plain", f"{base}.resnets.{j}.{_RESNET[sub]}")
     m = re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv", k)
     if m:
         return "plain", f"encoder.down_blocks.{m.group(1)}.downsamplers.0.conv"
-    m = re.fullmatch(r"decoder\.up\.(\d+)\.(block|attn)\.(\d+)(?:\.(\w+))?", k)
-    if m:
-        i = n_levels - 1 - int(m.group(1))
-        what, j, sub = m.group(2), int(m.group(3)), m.group(4)
-        if what == "block":
-            return "plain", f"decoder.up_blocks.{i}.resnets.{j}.{_RESNET[sub]}"
-        return "attn", f"decoder.up_blocks.{i}.attentions.{j}"
     m = re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv", k)
     if m:
         return "plain", f"decoder.up_blocks.{n_levels - 1 - int(m.group(1))}.upsamplers.0.conv"
     if k in ("quant_conv", "post_quant_conv"):
         return "plain", k
+    return None
+
+
+def _map_prefix(k: str, n_levels: int) -> tuple[str, str] | None:
+    """Map a VAR module prefix (without the final param name) to varkit's; returns (kind, new_prefix)."""
+    mapped = ldm_prefix_to_diffusers(k, n_levels)
+    if mapped is not None:
+        return mapped
     if k == "quantize.embedding":
         return "plain", "quantizer.embedding"
     m = re.fullmatch(r"quantize\.quant_resi\.(?:qresi_ls\.|)(\d+)", k)
