@@ -307,13 +307,6 @@ def official_side(model: nn.Module, vae: nn.Module, settings: dict[str, Any], au
                 2 if autocast else 4, dt, False, head_gemm_dtype=dt)
 
 
-def _cast_inputs(fn: Callable, dtype: torch.dtype) -> Callable:
-    """The diffusion network called with x and its condition in ``dtype`` (the network's own)."""
-    def wrapper(x, t, c):
-        return fn(x.to(dtype), t, c.to(dtype))
-    return wrapper
-
-
 def parse_dtype_spec(spec: str) -> tuple[torch.dtype, torch.dtype]:
     """``"bfloat16"`` (generator and head) or ``"bfloat16/float32"`` (generator / head) → torch dtypes."""
     from ..device import resolve_dtype
@@ -333,10 +326,7 @@ def parse_dtype_spec(spec: str) -> tuple[torch.dtype, torch.dtype]:
 def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack: bool,
                 head_dtype: torch.dtype | None = None) -> Side:
     """varkit's ancestral sampler on ``gen`` in ``dtype`` (its head's network in ``head_dtype``, default the same),
-    then ``tok.decode`` in fp32.
-
-    The generator hands the head fp32 conditions whatever its dtype; the network's inputs are cast to the
-    network's dtype here (a no-op in fp32), which varkit's ``DiffusionHead`` does not do itself."""
+    then ``tok.decode`` in fp32."""
     from ..nn.layers import prepack_linears
     from ..samplers import SamplingParams, get_sampler
     from ..samplers.random import image_generators
@@ -350,7 +340,7 @@ def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack:
     instrument(gen, "encode", lambda f: _timed(f, split, "transformer"))
     instrument(gen, "decode", lambda f: _timed(f, split, "transformer"))
     instrument(gen.head, "sample", lambda f: _timed(f, split, "head"))
-    instrument(gen.head.net, "forward", lambda f: _counted(_cast_inputs(f, head_dtype), split))
+    instrument(gen.head.net, "forward", lambda f: _counted(f, split))
     params = SamplingParams(cfg=settings["cfg"], cfg_schedule=settings["cfg_schedule"], temperature=settings["temperature"],
                             head_steps=settings["head_steps"], num_iter=settings["num_iter"])
     sampler = get_sampler("ancestral", params)
