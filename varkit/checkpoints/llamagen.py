@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..io import atomic_directory, write_json
 from ..models.raster import RasterConfig, RasterGenerator
 from ..nn.layers import swiglu_hidden_dim
-from .common import load_checkpoint, module_from_state_dict, select_state_dict, strip_prefixes
+from .common import (file_record, load_checkpoint, module_from_state_dict, refuse_existing, save_converted_pipeline,
+                     select_state_dict, strip_prefixes)
 
 __all__ = [
     "LLAMAGEN_C2I_DEFAULTS",
@@ -373,13 +373,10 @@ def convert_gpt_pair(
     folder is built next to ``out`` and renamed into place, so an error leaves no partial output;
     ``convert.json`` records the source files and the inferred config.
     """
-    from ..pipeline import Pipeline
     from .llamagen_vq import WHAT as VQ_WHAT
     from .llamagen_vq import load_llamagen_vq
 
-    out = Path(out)
-    if out.exists() and not overwrite:  # fail before the (slow) loading
-        raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite")
+    out = refuse_existing(out, overwrite)
     tokenizer = load_llamagen_vq(vq)  # the sampling scripts use the VQ's "model" weights
     sd, cfg, notes = read_gpt(tokenizer.downsample)
     if cfg.vocab_size != tokenizer.codebook_size:
@@ -392,14 +389,12 @@ def convert_gpt_pair(
     kind = "t2i" if cfg.caption_dim else "c2i"
     px = cfg.grid * tokenizer.downsample
     c2i_defaults, t2i_defaults = defaults
-    pipe = Pipeline(tokenizer, generator, dict(t2i_defaults if cfg.caption_dim else c2i_defaults),
-                    name=name or f"{family}-{size}-{kind}-{px}")
-    with atomic_directory(out, overwrite) as tmp:
-        pipe.save_pretrained(tmp)
-        write_json(tmp / "convert.json", {
+    return save_converted_pipeline(
+        out, overwrite, tokenizer, generator, t2i_defaults if cfg.caption_dim else c2i_defaults,
+        name or f"{family}-{size}-{kind}-{px}", {
             "family": family,
-            "vq": {"file": Path(vq).name, "bytes": Path(vq).stat().st_size},
-            "gpt": {"file": Path(gpt).name, "bytes": Path(gpt).stat().st_size, "weights": "ema" if use_ema else "model"},
+            "vq": file_record(vq),
+            "gpt": file_record(gpt, weights="ema" if use_ema else "model"),
             f"{family}_model": size,
             "model_type": kind,
             "image_size": px,
@@ -407,7 +402,6 @@ def convert_gpt_pair(
             "generator_config": dataclasses.asdict(cfg),
             **notes,
         })
-    return out
 
 
 def cmd_convert_llamagen(args) -> None:

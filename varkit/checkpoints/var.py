@@ -34,10 +34,11 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..io import atomic_directory, load_torch_checkpoint, write_json
+from ..io import load_torch_checkpoint
 from ..models.scales import ScalesConfig, ScalesGenerator
 from ..tokenizers.msvq import VAR_PATCH_NUMS
-from .common import module_from_state_dict, strip_prefixes
+from .common import (add_output_arguments, add_pair_arguments, file_record, module_from_state_dict, read_converted,
+                     refuse_existing, save_converted_pipeline, strip_prefixes, tensors_of)
 
 __all__ = [
     "VAR_DEFAULTS",
@@ -84,11 +85,6 @@ def is_var_state_dict(sd: Mapping[str, Any]) -> bool:
     return all(k in sd for k in _REQUIRED)
 
 
-def _tensors(m: Mapping) -> dict[str, Tensor]:
-    """The string-keyed tensors of a mapping, DDP/compile prefixes dropped."""
-    return strip_prefixes({k: v for k, v in m.items() if isinstance(k, str) and isinstance(v, Tensor)})
-
-
 def _foreign(keys: set[str]) -> str | None:
     """What a non-VAR-transformer state dict is, when recognisable, with what to do."""
     if any(k.startswith(("encoder.down.", "decoder.up.", "quantize.quant_resi")) for k in keys) \
@@ -119,15 +115,15 @@ def select_var_state_dict(ckpt: Any, source: str) -> dict[str, Tensor]:
         cands.insert(0, trainer["var_wo_ddp"])
     cands += [ckpt[k] for k in ("model", "state_dict", "module", "ema") if isinstance(ckpt.get(k), Mapping)]
     for cand in cands:
-        sd = _tensors(cand)
+        sd = tensors_of(cand)
         if is_var_state_dict(sd):
             return sd
     for cand in cands:
-        sd = _tensors(cand)
+        sd = tensors_of(cand)
         what = _foreign(set(sd))
         if what is not None:
             raise CheckpointError(f"{source} is not a {WHAT}: it is {what}")
-    sd = _tensors(ckpt)
+    sd = tensors_of(ckpt)
     if not sd:
         raise CheckpointError(f"{source} holds no tensors (top-level keys {sorted(map(str, ckpt))[:6]}); it is not a {WHAT}")
     missing = [k for k in _REQUIRED if k not in sd]
@@ -434,12 +430,9 @@ def convert_var(
     into place, so an error leaves no partial output. The scale schedule comes from the transformer
     file (``lvl_1L``) unless ``resolution`` or ``patch_nums`` is given. Defaults: :data:`VAR_DEFAULTS`.
     """
-    from ..pipeline import Pipeline
     from .var_vae import load_var_vae
 
-    out = Path(out)
-    if out.exists() and not overwrite:  # fail before the (slow) loading
-        raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite")
+    out = refuse_existing(out, overwrite)
     if patch_nums is not None and resolution is not None:
         raise InvalidArgumentError("pass either --resolution or --patch-nums, not both")
     if resolution is not None:
@@ -462,21 +455,17 @@ def convert_var(
     px = cfg.patch_nums[-1] * tokenizer.downsample
     published = VAR_DEPTH_RESOLUTION.get(cfg.depth) == px and cfg.dim == 64 * cfg.depth
     label = f"var-d{cfg.depth}" + ("" if published else f"-{px}")
-    pipe = Pipeline(tokenizer, generator, dict(VAR_DEFAULTS), name=name or label)
-    with atomic_directory(out, overwrite) as tmp:
-        pipe.save_pretrained(tmp)
-        write_json(tmp / "convert.json", {
-            "family": "var",
-            "vae": {"file": Path(vae).name, "bytes": Path(vae).stat().st_size},
-            "var": {"file": Path(var).name, "bytes": Path(var).stat().st_size},
-            "depth": cfg.depth,
-            "shared_aln": cfg.shared_aln,
-            "image_size": px,
-            "patch_nums": list(cfg.patch_nums),
-            "generator_config": dataclasses.asdict(cfg),
-            "defaults": dict(VAR_DEFAULTS),
-        })
-    return out
+    return save_converted_pipeline(out, overwrite, tokenizer, generator, VAR_DEFAULTS, name or label, {
+        "family": "var",
+        "vae": file_record(vae),
+        "var": file_record(var),
+        "depth": cfg.depth,
+        "shared_aln": cfg.shared_aln,
+        "image_size": px,
+        "patch_nums": list(cfg.patch_nums),
+        "generator_config": dataclasses.asdict(cfg),
+        "defaults": dict(VAR_DEFAULTS),
+    })
 
 
 def _parse_patch_nums(text: str | None) -> tuple[int, ...] | None:
@@ -490,15 +479,12 @@ def _parse_patch_nums(text: str | None) -> tuple[int, ...] | None:
 
 def add_convert_var_arguments(p) -> None:
     """Arguments of ``varkit convert var`` (the same lines are in the CLI wiring snippet)."""
-    p.add_argument("--vae", required=True, help="VAR's VQVAE file (vae_ch160v4096z32.pth)")
-    p.add_argument("--var", required=True, help="VAR transformer file (var_d16.pth ... var_d30.pth, var_d36.pth)")
-    p.add_argument("--out", required=True, help="output pipeline folder (must not exist, unless --overwrite)")
+    add_pair_arguments(p, ("--vae", "VAR's VQVAE file (vae_ch160v4096z32.pth)"),
+                       ("--var", "VAR transformer file (var_d16.pth ... var_d30.pth, var_d36.pth)"))
     p.add_argument("--resolution", type=int, default=None,
                    help="image size (256, 512); default: the schedule stored in the file (lvl_1L)")
     p.add_argument("--patch-nums", default=None, help="explicit scale schedule, e.g. 1,2,3,4,5,6,8,10,13,16")
-    p.add_argument("--name", default=None, help="pipeline name stored in config.json")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out folder (once the new one is complete)")
+    add_output_arguments(p)
 
 
 def cmd_convert_var(args) -> None:
@@ -506,12 +492,8 @@ def cmd_convert_var(args) -> None:
     out = convert_var(args.vae, args.var, args.out, resolution=getattr(args, "resolution", None),
                       patch_nums=_parse_patch_nums(getattr(args, "patch_nums", None)),
                       name=getattr(args, "name", None), overwrite=getattr(args, "overwrite", False))
-    import json
-
-    from ..modeling import read_config
-
-    g = read_config(out / "generator")
-    px = json.loads((out / "convert.json").read_text())["image_size"]
+    g, conv = read_converted(out)
+    px = conv["image_size"]
     print(f"wrote {out}/ (VAR-d{g['depth']}, {g['dim']} wide, {g['n_head']} heads, "
           f"{'shared' if g['shared_aln'] else 'per-block'} AdaLN, {len(g['patch_nums'])} scales to "
           f"{g['patch_nums'][-1]}x{g['patch_nums'][-1]} ({px} px), {g['num_classes']} classes); "
