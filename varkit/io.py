@@ -36,6 +36,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def refuse_existing(out: str | os.PathLike, overwrite: bool) -> Path:
+    """``out`` as a Path; an error when it exists and ``overwrite`` is off (converters call it before their
+    slow loading, :func:`atomic_directory` again before writing)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``out``; rename it onto ``out`` on success.
@@ -43,9 +52,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     On any error the temporary folder is removed and ``out`` is untouched. An existing
     ``out`` is replaced only with ``overwrite=True`` (and only once the new one is complete).
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite")
+    out = refuse_existing(out, overwrite)
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"{out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, InvalidArgumentError
+from ..errors import CheckpointError
 from ..io import atomic_directory, load_torch_checkpoint, write_json
 from ..modeling import load_state_dict_strict, params_on_meta, read_config
 
@@ -151,14 +151,6 @@ def published_heads(heads: int | None, row: tuple[str, int] | None, source: str,
         raise CheckpointError(f"{source} is a {family} of unknown size ({found}); the published sizes are {published}"
                               "; pass heads= (attention heads) to convert another size")
     return row[1]
-
-
-def refuse_existing(out: str | os.PathLike, overwrite: bool) -> Path:
-    """``out`` as a Path; fails before any (slow) loading when it exists and ``overwrite`` is off."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InvalidArgumentError(f"{out} already exists; choose a new --out folder or pass --overwrite")
-    return out
 
 
 def file_record(path: str | os.PathLike, **extra: Any) -> dict[str, Any]:

@@ -31,10 +31,11 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
+from ..io import refuse_existing
 from ..models.flowar import FlowARConfig, FlowARGenerator
 from .common import (TOP_LEVEL, add_output_arguments, add_pair_arguments, converted_record, describe_other_generator,
                      file_record, load_checkpoint, module_from_state_dict, published_heads, read_converted,
-                     refuse_existing, require_keys, save_converted_pipeline, select_required_state_dict)
+                     require_keys, save_converted_pipeline, select_required_state_dict)
 from .mar import encoder_decoder_shapes
 
 __all__ = [

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
+from ..io import refuse_existing
 from ..models.raster import RasterConfig, RasterGenerator
 from ..nn.layers import swiglu_hidden_dim
-from .common import (file_record, load_checkpoint, module_from_state_dict, refuse_existing, save_converted_pipeline,
+from .common import (file_record, load_checkpoint, module_from_state_dict, save_converted_pipeline,
                      select_state_dict, strip_prefixes)
 
 __all__ = [

@@ -29,11 +29,11 @@ from typing import Any, NamedTuple
 from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
+from ..io import refuse_existing
 from ..models.mar import MARConfig, MARGenerator
 from .common import (TOP_LEVEL, add_output_arguments, add_pair_arguments, converted_record, count_indexed,
                      describe_other_generator, file_record, load_checkpoint, module_from_state_dict, published_heads,
-                     read_converted, refuse_existing, require_keys, save_converted_pipeline,
-                     select_required_state_dict, shape_of)
+                     read_converted, require_keys, save_converted_pipeline, select_required_state_dict, shape_of)
 
 __all__ = [
     "MAR_DEFAULTS",

@@ -34,11 +34,11 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..io import load_torch_checkpoint
+from ..io import load_torch_checkpoint, refuse_existing
 from ..models.scales import ScalesConfig, ScalesGenerator
 from ..tokenizers.msvq import VAR_PATCH_NUMS
 from .common import (add_output_arguments, add_pair_arguments, file_record, module_from_state_dict, read_converted,
-                     refuse_existing, save_converted_pipeline, strip_prefixes, tensors_of)
+                     save_converted_pipeline, strip_prefixes, tensors_of)
 
 __all__ = [
     "VAR_DEFAULTS",
