@@ -11,8 +11,8 @@ from varkit.cli import main
 
 def test_bench_mar_tiny_writes_rows_and_floors(tmp_path, capsys):
     main(["bench", "mar", "--config", "mar-tiny", "--tokenizer", "digits-kl", "--batch", "1", "2", "--num-iter", "2",
-          "--head-steps", "3", "--dtype", "float32", "bfloat16/float32", "--copy-mib", "4", "--gemm-size", "128",
-          "--out-dir", str(tmp_path), "--name", "mar_tiny"])
+          "--head-steps", "3", "--dtype", "float32", "bfloat16/float32", "--repeats", "2", "1", "--copy-mib", "4",
+          "--gemm-size", "128", "--out-dir", str(tmp_path), "--name", "mar_tiny"])
     data = json.loads((tmp_path / "mar_tiny.json").read_text())
     rows, settings = data["rows"], data["settings"]
     assert [(r["impl"], r["dtype"], r["batch"]) for r in rows] == [
@@ -35,7 +35,8 @@ def test_bench_mar_tiny_writes_rows_and_floors(tmp_path, capsys):
     assert m["bandwidth_Bps"]["large"] > 0 and "head_4" in m["bandwidth_Bps"]
     for key in ("cpu_model", "torch", "threads", "num_iter", "head_steps", "cfg", "cfg_schedule"):
         assert key in settings, key
-    assert settings["threads"] == 1 and settings["official"] is None
+    assert settings["threads"] == 1 and settings["official"] is None and settings["repeats"] == [2, 1]
+    assert len(settings["machine_measurements"]) == 3  # before the runs and after each batch size
     out = capsys.readouterr().out
     assert "transformer" in out and "wrote" in out
 
