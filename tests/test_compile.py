@@ -13,6 +13,22 @@ from varkit.samplers.logits import image_generators
 from conftest import randomize
 
 
+@pytest.fixture(autouse=True, scope="module")
+def inductor_cache_per_isa():
+    """Inductor's on-disk cache keys a graph neither by the vector ISA ATen runs with nor by the thread
+    count (torch 2.14): a graph cached under AVX-512 and served under ``ATEN_CPU_CAPABILITY=avx2``
+    sampled other tokens here. This module compiles into a cache folder of its own per ISA and thread
+    count, so reruns stay cached but a run on other kernels never reads another's graphs."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir, temporary_cache_dir
+
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    isa = torch.backends.cpu.get_cpu_capability()
+    with temporary_cache_dir(os.path.join(base, f"varkit-tests-{isa}-threads{torch.get_num_threads()}")):
+        yield
+
+
 def test_indexed_writes_match_update():
     """IndexedKV writes where KVCache.update would and hands back the whole buffers."""
     a, b = KVCache(2, 1, 2, 6, 4), KVCache(2, 1, 2, 6, 4)
