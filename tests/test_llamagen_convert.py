@@ -29,6 +29,8 @@ from varkit.errors import CheckpointError, InvalidArgumentError, VarkitError
 from varkit.models.raster import RasterConfig, RasterGenerator
 from varkit.pipeline import load_pipeline
 
+from numerics import assert_greedy_tokens_match
+
 FIXTURES = Path(__file__).parent / "fixtures" / "llamagen_gpt"
 FIXTURE = FIXTURES / "tiny_gpt.pt"
 
@@ -85,14 +87,23 @@ def _captions(fx, padded):
 
 
 # -- golden outputs of the official code --------------------------------------------------------
+def _assert_greedy_matches(pipe, cond, cfg, got, want):
+    """Greedy tokens of the official code made on another CPU: equal wherever the logits decide it
+    (the fixture's smallest top-2 gap is 1.4e-3 for c2i, 0.22 for t2i, far above fp32 noise)."""
+    assert_greedy_tokens_match(pipe.generator, cond, pipe.sampling_params(cfg=cfg, top_k=1), got, want)
+
+
 def test_greedy_tokens_match_official_generate(fx, c2i_pipe):
     out = c2i_pipe(fx["labels"].tolist(), cfg=fx["cfg_scale"], top_k=1)
-    assert torch.equal(out.tokens, fx["tokens"])
+    _assert_greedy_matches(c2i_pipe, fx["labels"], fx["cfg_scale"], out.tokens, fx["tokens"])
 
 
 def test_decoded_pixels_match_official_decode_code(fx, c2i_pipe):
     pix = c2i_pipe.tokenizer.decode(fx["tokens"].view(-1, 4, 4))
     assert pix.shape == fx["pixels"].shape
+    # fp32 conv decoder, pixels up to ~2.6, convs summing K <= 64·9 = 576 terms: a few ulp x sqrt(K) of
+    # the terms ~ 1e-6 per layer over ~10 layers; the official code measured 2.7e-5 at full VQ-16 size
+    # (README). 1e-4 covers any CPU's kernels at this size with 10x to spare.
     torch.testing.assert_close(pix, fx["pixels"], atol=1e-4, rtol=0)
 
 
@@ -106,13 +117,15 @@ def test_converted_pipeline_keeps_llamagen_defaults(c2i_pipe, t2i_pipe):
 
 
 def test_t2i_greedy_tokens_match_official(fx, t2i_pipe):
-    out = t2i_pipe(captions=_captions(fx, padded=False), cfg=fx["cfg_scale"], top_k=1)
-    assert torch.equal(out.tokens, fx["t2i_tokens"])
+    caps = _captions(fx, padded=False)
+    out = t2i_pipe(captions=caps, cfg=fx["cfg_scale"], top_k=1)
+    _assert_greedy_matches(t2i_pipe, caps, fx["cfg_scale"], out.tokens, fx["t2i_tokens"])
 
 
 def test_t2i_padded_captions_match_official_emb_masks(fx, t2i_pipe):
-    out = t2i_pipe(captions=_captions(fx, padded=True), cfg=fx["cfg_scale"], top_k=1)
-    assert torch.equal(out.tokens, fx["t2i_tokens_padded"])
+    caps = _captions(fx, padded=True)
+    out = t2i_pipe(captions=caps, cfg=fx["cfg_scale"], top_k=1)
+    _assert_greedy_matches(t2i_pipe, caps, fx["cfg_scale"], out.tokens, fx["t2i_tokens_padded"])
 
 
 def fx_angles_fp64(rows: list[int], head_dim: int, grid: int) -> torch.Tensor:
