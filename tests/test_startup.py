@@ -39,6 +39,7 @@ def test_heavy_commands_still_build_their_full_parsers(argv, capsys):
     assert "positional arguments" in capsys.readouterr().out  # their sub-subcommands are listed
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and diffusers and samples: 5-20 s with the CPU's load
 def test_generate_imports_no_evaluation_or_plotting_code(tmp_path):
     code = (f"from varkit.cli import main\nassert main(['generate', '--model', 'digits', '--classes', '0', "
             f"'--out', {str(tmp_path / 's.png')!r}]) == 0")
