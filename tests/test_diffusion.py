@@ -169,6 +169,8 @@ def test_temperature_scales_only_step_noise(diffusion):
     assert torch.equal(a.x0, b.x0) and torch.equal(a.std, torch.zeros_like(a.std))
     assert not torch.equal(sched.sample(fn, x_T + 1, n1, 0.0).x0, a.x0)
     one, half = sched.sample(fn, x_T, n1, 1.0), sched.sample(fn, x_T, n1 * 2, 0.5)  # same trajectory
+    # fp64, the same trajectory with the noise scaled by exact powers of 2: equal up to a few ulp (2.2e-16)
+    # of elementwise ops and logs (a CPU's vectorised log may differ by an ulp): 1e-15 ~ 4.5 ulp
     torch.testing.assert_close(half.std, 0.5 * one.std, rtol=1e-15, atol=0)
     torch.testing.assert_close(half.log_std_sum, one.log_std_sum, rtol=1e-15, atol=0)
 
@@ -206,6 +208,7 @@ def test_vb_uses_frozen_mean(diffusion):
     out = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0, 3, 100, 600, 999])
     diffusion.training_loss(lambda x, tt, c: out * 1, x0, torch.zeros(5, 1), t, noise).sum().backward()
+    # fp64 elementwise gradient of a mean of squares: a few ulp (2.2e-16) on any CPU; 1e-14 relative
     torch.testing.assert_close(out.grad[:, :4], 2 * (out[:, :4] - noise).detach() / 4, rtol=1e-14, atol=1e-15)
 
 
@@ -288,9 +291,10 @@ def test_exact_1d_chain_variance(diffusion, steps, tau):
     assert torch.equal(res.std, res.std[:1].expand_as(res.std))  # x-independent variance
     a2, b2, std2 = res.x0[0, 0] ** 2, (res.x0[1:] ** 2).sum(), res.std[0, 0] ** 2
     if tau == 1.0:  # S2 up to the prior mismatch: x_T ~ N(0, 1) while q(x_T) has ᾱ_T = 2.4e-9 of data
-        assert abs((a2 + b2 + std2) / S2 - 1) < 1e-7
+        assert abs((a2 + b2 + std2) / S2 - 1) < 1e-7  # fp64: the prior mismatch (2.4e-9) dominates round-off
     else:  # the per-step noise and the reported std carry τ, x_T does not
         one = sched.sample(exact_1d_model(sched), x_T, noises, 1.0)
+        # fp64 recursions of <= 50 steps on the same inputs scaled by tau: ~50 ulp (2.2e-16) at most; 1e-13
         torch.testing.assert_close(res.x0[0], one.x0[0], rtol=1e-13, atol=0)
         torch.testing.assert_close(res.x0[1:], tau * one.x0[1:], rtol=1e-13, atol=1e-300)
         torch.testing.assert_close(res.std, tau * one.std, rtol=1e-13, atol=0)

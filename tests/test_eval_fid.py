@@ -173,7 +173,7 @@ def test_eval_fid_digits_end_to_end(tmp_path, digits, capsys):
     out = capsys.readouterr().out
     assert "FID (digits features)" in out and "precision" in out
     saved = json.loads(Path(rec["json"]).read_text())
-    assert saved["metrics"]["fid"] == pytest.approx(rec["metrics"]["fid"])
+    assert saved["metrics"]["fid"] == pytest.approx(rec["metrics"]["fid"])  # a JSON round trip of a float64
     for key, value in {"cfg": 1.5, "top_k": 900, "top_p": 1.0, "temperature": 1.0, "sampler": "ancestral",
                        "seed": 1, "num_samples": 60, "model": "fake-digits"}.items():
         assert saved[key] == value, key
@@ -207,6 +207,9 @@ def test_fid_same_zero_different_positive(folders, inception, b_vs_a):
     a, _ = folders
     aa = FID.compute_metrics(a, a, extractor=inception, metrics=("fid",), progress=False)
     assert b_vs_a["fid"] > 0
+    # FID(a, a) is 0 up to float64 round-off of the matrix square root of a rank-deficient covariance
+    # (10 samples, 192 dims): square roots of eigenvalues that are 0 up to round-off (-4.7e-7 measured,
+    # 3e-6 of FID(b, a) = 0.15); 1e-4 of a real FID holds whatever the CPU's LAPACK
     assert abs(aa["fid"]) < 1e-4 * b_vs_a["fid"]
     assert aa["num_samples"] == aa["num_ref"] == 10
     assert aa["settings"]["features"]["fid_layer"] == "192"
@@ -229,10 +232,15 @@ def test_cli_numbers_equal_torch_fidelity(tmp_path, folders, inception_weights, 
         kid_subset_size=10, isc_splits=5, cache=False, save_cpu_ram=True)
     assert rec["metric_settings"]["isc_splits"] == 5 and rec["metric_settings"]["kid_subset_size"] == 10
     assert ours["fid"] > 0
+    # the same extractor on the same files on this CPU (bit-identical features here, AMX and AVX2) reduced in
+    # float64; 2048-d features of 10 images: rank-deficient covariances whose sqrtm round-off reaches ~1e-6
+    # of FID, IS std and KID being small differences of larger numbers, hence their abs floors: the
+    # tolerances leave 100x
     assert ours["fid"] == pytest.approx(tf["frechet_inception_distance"], rel=1e-4)
     assert ours["isc_mean"] == pytest.approx(tf["inception_score_mean"], rel=1e-4)
     assert ours["isc_std"] == pytest.approx(tf["inception_score_std"], rel=1e-3, abs=1e-6)
     assert ours["kid_mean"] == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-3, abs=1e-7)
+    # precision / recall: fractions of 10 samples within k-NN radii: exact unless a distance ties a radius
     assert ours["precision"] == pytest.approx(tf["precision"]) and ours["recall"] == pytest.approx(tf["recall"])
     assert ours["isc_mean"] > 1.01  # not degenerate
 
@@ -254,6 +262,8 @@ def test_adm_reference_batch_gives_the_folder_numbers(tmp_path, folders, incepti
     got = FID.compute_metrics(b, tmp_path / "VIRTUAL_small_labeled.npz", extractor=inception, progress=False)
     assert got["settings"]["ref"]["kind"] == "adm-npz"
     assert got["settings"]["ref"]["fid_statistics_from"] == "mu/sigma stored in the file"
+    # the same features; mu/sigma stored in float64 (the ADM batch) or recomputed from them: float64
+    # round-off only (7e-9 relative measured): rel 1e-5 on any CPU
     for k in ("fid", "kid_mean", "precision", "recall", "isc_mean"):
         assert got[k] == pytest.approx(b_vs_a[k], rel=1e-5, abs=1e-9), k
     imgs = FID.compute_metrics(b, tmp_path / "adm_images_only.npz", extractor=inception, progress=False)
@@ -273,7 +283,7 @@ def test_stats_npz_is_reusable_as_ref(tmp_path, folders, inception_weights, ince
                     progress=False)
     got = FID.compute_metrics(b, tmp_path / "ref.npz", extractor=inception, progress=False)
     assert got["settings"]["ref"]["kind"] == "varkit-stats"
-    for k in ("fid", "kid_mean", "precision", "recall"):
+    for k in ("fid", "kid_mean", "precision", "recall"):  # as above: float64 round-off of the same features
         assert got[k] == pytest.approx(b_vs_a[k], rel=1e-5, abs=1e-9), k
     with np.load(tmp_path / "ref.npz") as z:
         assert str(z["varkit_features"]) == "inception" and int(z["num_images"]) == 10

@@ -61,6 +61,7 @@ def test_exact_tokenizer_is_perfect(folder):
     rec = R.eval_recon(GreyTokenizer(), folder, features="digits", device="cpu", batch_size=5, progress=False,
                        print_table=False)
     m = rec["metrics"]
+    # a lossless tokenizer: psnr is capped at 100 exactly, SSIM of identical images is 1 up to float round-off
     assert m["psnr"] == 100.0 and m["ssim"] == pytest.approx(1.0, abs=1e-9)
     assert abs(m["rfid"]) < 1e-3  # eigvals round-off on a rank-deficient covariance
     assert m["codebook_size"] == 256 and 2 < m["used"] <= 256 and m["usage"] == m["used"] / 256
@@ -76,21 +77,21 @@ def test_coarse_multiscale_tokenizer(folder, tmp_path):
     assert m["used"] <= 4 and m["tokens"] == 12 * (4 * 4 + 8 * 8)  # both scales counted
     assert 1 <= m["perplexity"] <= 4
     assert len(list((tmp_path / "rec").glob("*.png"))) == 12
-    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["psnr"] == pytest.approx(m["psnr"])
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["psnr"] == pytest.approx(m["psnr"])  # JSON round trip
 
 
 def test_psnr_and_ssim():
     x = torch.zeros(2, 3, 16, 16)
-    assert R.psnr(x, x + 0.1).tolist() == pytest.approx([20.0, 20.0])
+    assert R.psnr(x, x + 0.1).tolist() == pytest.approx([20.0, 20.0])  # 0.1 in fp32 (1.5e-9 off): rel 1e-6 default
     assert R.psnr(x, x).tolist() == [100.0, 100.0]
     g = torch.Generator().manual_seed(0)
     img = torch.rand(3, 3, 20, 20, generator=g)
     noisy = (img + 0.2 * torch.randn(img.shape, generator=g)).clamp(0, 1)
-    assert R.ssim(img, img).tolist() == pytest.approx([1.0] * 3)
+    assert R.ssim(img, img).tolist() == pytest.approx([1.0] * 3)  # (2ab + c)/(a^2 + b^2 + c) at a = b: fp32 ulps
     s = R.ssim(img, noisy)
-    assert torch.all(s < 0.9) and torch.allclose(s, R.ssim(noisy, img))
+    assert torch.all(s < 0.9) and torch.allclose(s, R.ssim(noisy, img))  # symmetric formula: ulps; rtol 1e-5
     assert R.ssim(img[..., :8, :8], noisy[..., :8, :8]).shape == (3,)  # smaller than the 11x11 window
-    u = R.codebook_usage(torch.tensor([5, 5, 0, 0]))
+    u = R.codebook_usage(torch.tensor([5, 5, 0, 0]))  # perplexity exp(ln 2) in floats: ulps; approx's default rel 1e-6
     assert u == {"codebook_size": 4, "used": 2, "usage": 0.5, "perplexity": pytest.approx(2.0), "tokens": 10}
 
 

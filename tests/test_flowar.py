@@ -185,6 +185,7 @@ def test_synthetic_recipe_buffers_are_flowars():
     m = sd["mask"][0, 0]
     step = torch.tensor([0] + [1] * 4 + [2] * 16)
     assert torch.equal(m == 0, step[None, :] <= step[:, None]) and torch.isinf(m[m != 0]).all()
+    # fp32 pow / reciprocal of the same inputs: <= 2 ulp on any CPU; default rtol 1.3e-6 is 10 ulp
     torch.testing.assert_close(sd["a.rope.freqs"], 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16))
     with pytest.raises(ValueError):
         flowar_state_dict([("mask", (1, 1, 20, 20))], 0)
@@ -194,6 +195,7 @@ def test_synthetic_recipe_buffers_are_flowars():
 def test_time_grids():
     g25 = time_grid(25)
     assert g25.dtype == torch.float64 and len(g25) == 25  # FlowAR's 25 points: 24 Euler steps
+    # the same linspace calls in fp64: identical on any CPU
     torch.testing.assert_close(g25, torch.cat([torch.linspace(1, 0.3, 12, dtype=torch.float64),
                                                torch.linspace(0.25, 0, 13, dtype=torch.float64)]), rtol=0, atol=0)
     torch.testing.assert_close(time_grid(50), torch.linspace(1, 0, 51, dtype=torch.float64), rtol=0, atol=0)
@@ -222,7 +224,7 @@ def test_euler_cfg_applies_only_inside_the_interval():
     want = x1.clone()
     for t0, t1 in zip(grid[:-1], grid[1:]):
         want = want + (t1 - t0) * (b + w * (a - b) if t0 <= g else a)
-    torch.testing.assert_close(x, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x, want, rtol=0, atol=1e-12)  # fp64 sums of 24 Euler steps of O(1): ~1e-15
     assert [c for c, t in calls] == [2 * B if t <= g else B for _, t in calls]
     # weight 1 everywhere (FlowAR's first scale) or interval 0: no unconditional evaluation at all
     calls.clear()
@@ -298,6 +300,7 @@ def test_loss_is_flowars_weighted_sum_and_training_steps_reduce_it():
     loss, metrics = head.loss(out, tokens, mask)
     torch.manual_seed(1)
     t1, n1 = torch.rand(16, 3), torch.randn(tokens.shape)
+    # fp32 losses ~1 summed in another order: ulps; the default rtol 1.3e-6 / atol 1e-5 hold on any CPU
     torch.testing.assert_close(loss, (head.scale_losses(out, tokens, t1, n1) * head.scale_weights()).sum())
     assert set(metrics) == {"loss_s1", "loss_s2", "loss_s4"}
     full = torch.ones(16, 21, dtype=torch.bool)
@@ -323,6 +326,7 @@ def test_same_seed_same_image_at_any_batch_position():
     gens = image_generators(7, 3)
     batch = get_sampler("ancestral", params).sample(gen, labels, gens).tokens
     alone = get_sampler("ancestral", params).sample(gen, labels[2:], image_generators(7, 3)[2:]).tokens
+    # fp64 sampling, batch of 3 vs 1 (other GEMM shapes): ~1e-15 relative per op; 1e-9 on tokens ~1
     torch.testing.assert_close(alone[0], batch[2], rtol=0, atol=1e-9)
     assert batch.dtype == torch.float64 and not torch.allclose(batch[0], batch[1])
 
@@ -375,7 +379,7 @@ def test_latent_pyramid_layout():
     tokens = gen.layout.from_grids(lat)
     assert tokens.shape == (2, 21, 4) and gen.layout.kind == "scales"
     torch.testing.assert_close(tokens[:, 0], lat.mean((1, 2)))  # area-down to 1x1: the mean
-    torch.testing.assert_close(gen.layout.to_tokenizer_ids(tokens), lat, rtol=0, atol=0)
+    torch.testing.assert_close(gen.layout.to_tokenizer_ids(tokens), lat, rtol=0, atol=0)  # the finest scale is a copy
     assert torch.equal(gen.layout.from_grids(gen.layout.to_grids(tokens)), tokens)
     with pytest.raises(InvalidArgumentError, match="finest scale is 4x4"):
         gen.layout.from_grids(torch.randn(2, 8, 8, 4))

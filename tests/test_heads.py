@@ -117,6 +117,7 @@ def test_runner_weights_follow_mar_linear_schedule_on_sets():
     N, masked = 16, 16
     for step, n in enumerate(layout.step_sizes):
         masked = max(masked - n, 1)  # MAR clamps mask_len to >= 1, also at the last step
+        # a float formula of small integers: ulps; approx's default rel 1e-6
         assert params.guidance_at(layout.progress(step)) == pytest.approx(1 + 3.0 * (N - masked) / N)
 
 

@@ -149,7 +149,7 @@ def test_token_conventions_and_shapes():
         mean, _ = tok.encode_moments(x)
         img = tok.decode(z)
     assert z.shape == (2, 4, 6, 3) and img.shape == x.shape
-    torch.testing.assert_close(z, mean.permute(0, 2, 3, 1) * 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(z, mean.permute(0, 2, 3, 1) * 0.5, rtol=0, atol=0)  # the same ops, x 0.5: exact
     # decode divides by the factor before post_quant_conv + decoder
     assert torch.equal(img, tok.decode_latents(mean.contiguous()))  # 0.5 is a power of 2: the same values
     with pytest.raises(InvalidArgumentError, match="channels last"):

@@ -42,7 +42,7 @@ def margin(pi: torch.Tensor, n: int, alpha: float = 1e-4) -> float:
 def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """χ² goodness of fit (cells with expected < 5 pooled; 0 if an impossible cell was hit)."""
     counts, probs = counts.double().flatten(), probs.double().flatten()
-    if counts[probs <= 1e-12].sum() > 0:
+    if counts[probs <= 1e-12].sum() > 0:  # "impossible": fp64 probabilities that are 0 up to round-off
         return 0.0
     exp = probs / probs.sum() * counts.sum()
     keep = exp >= 5
@@ -71,9 +71,11 @@ def test_neighbours_use_the_tokenizers_lookup_metric():
     tok = VQTokenizer(VQConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, codebook_size=16,
                                codebook_dim=4, norm_groups=4))
     cb = tok.codebook()  # unit vectors (l2-normalised codebook): the metric the lookup uses
-    assert torch.allclose(cb.norm(dim=1), torch.ones(16))
+    assert torch.allclose(cb.norm(dim=1), torch.ones(16))  # fp32 norms of normalised rows: ulps; rtol 1e-5
     d = torch.cdist(cb.double(), cb.double()).fill_diagonal_(float("inf"))
     lam = L.Lantern(k=5, codebook=tok)
+    # the same order as fp64 distances: consecutive neighbours are >= 1.2e-3 apart (distances <= 2),
+    # far above fp32 noise (~1e-7) on any CPU
     assert torch.equal(lam.neighbours("cpu"), d.argsort(1)[:, :5])
 
 
@@ -91,7 +93,7 @@ P6 = torch.tensor([0.04, 0.03, 0.05, 0.3, 0.08, 0.5])
 def test_aggregated_mass_by_hand(k, delta, credit):
     nb = L.neighbour_table(LINE, k)
     got = L.relaxed_mass(P6, torch.tensor(1), None, nb, delta)
-    assert float(got) == pytest.approx(0.03 + credit)
+    assert float(got) == pytest.approx(0.03 + credit)  # sums of <= 4 fp32 probabilities: ulps; rel 1e-6 default
 
 
 def _random_pq(n, V=6, seed=0):
@@ -111,6 +113,8 @@ def test_exact_law_and_its_tv_bound(delta):
     nb = L.neighbour_table(LINE, 5)
     ids = torch.arange(6).expand(p.shape)
     tvs = {}
+    # fp32 probabilities <= 1 and sums of V = 6 of them (which a CPU may add in another order): a few ulp
+    # of 1 (eps = 1.2e-7); the 1e-6 below is 8 ulp (2 ulp measured on AMX and AVX2)
     for bound in L.BOUNDS:
         pi = L.relaxed_kernel(p, q, nb, delta, bound)
         assert torch.allclose(pi.sum(-1), torch.ones(len(p)), atol=1e-6) and (pi >= 0).all()
@@ -127,7 +131,7 @@ def test_exact_law_and_its_tv_bound(delta):
     assert (tvs["position"] >= torch.minimum(tvs["draft"], torch.tensor(delta)) - 1e-6).all()  # spends min(δ, paper)
     x = torch.randint(0, 6, (len(p),))
     one = [L.relaxed_kernel(p, x, nb, delta, bound) for bound in L.BOUNDS]
-    assert torch.allclose(one[0], one[1]) and L.tv(one[0], p).max() <= delta + 1e-6
+    assert torch.allclose(one[0], one[1]) and L.tv(one[0], p).max() <= delta + 1e-6  # as above (8 ulp of 1)
 
 
 def test_credit_scale_bound_holds_with_a_partial_exact_set():
@@ -142,6 +146,8 @@ def test_credit_scale_bound_holds_with_a_partial_exact_set():
     for top in (8, 64, V):
         lam = L.credit_scale(p, q, nb, 0.1, exact_top=top)
         exact = torch.minimum((q - p).clamp(min=0), L.aggregated_mass(p, torch.arange(V).expand(p.shape), nb, 0.1))
+        # fp32 sums of V = 300 terms <= 0.1: ~sqrt(V) half-ulps of 0.1 (7.5e-9 each), ~1.3e-7, in another order
+        # than credit_scale's own; 1e-6 leaves 8x on any CPU
         assert (lam * exact.sum(-1)).max() <= 0.1 + 1e-6
 
 
@@ -162,10 +168,11 @@ def test_monte_carlo_one_position(bound):
     pi = L.relaxed_kernel(p, q, lam.neighbours("cpu"), delta, bound).double()
     assert chi2_pvalue(emp * n, pi) > 0.01
     if bound == "position":
-        assert float(L.tv(pi, p.double())) == pytest.approx(delta, abs=1e-6)  # the budget is spent, not exceeded
+        # the budget is spent, not exceeded: a kernel of fp32 probabilities (V = 6; ulps of 1, 2e-8 measured); 1e-6
+        assert float(L.tv(pi, p.double())) == pytest.approx(delta, abs=1e-6)
         assert float(L.tv(emp, p.double())) <= delta + margin(pi, n)
     else:
-        assert float(L.tv(pi, p.double())) == pytest.approx(4 * delta, abs=1e-6)
+        assert float(L.tv(pi, p.double())) == pytest.approx(4 * delta, abs=1e-6)  # as above
         assert float(L.tv(emp, p.double())) > delta + margin(pi, n)
 
 
@@ -214,7 +221,7 @@ def test_speculative_lantern_follows_its_law_within_delta(models, bound):
         pi[:, 0] = p[:, 0]  # the prefill's token is exact
         exact_tv = L.tv(pi[:, 1:], p[:, 1:])
         if bound == "position":
-            assert exact_tv.max() <= delta + 1e-6
+            assert exact_tv.max() <= delta + 1e-6  # an fp64 law (conditionals are fp64): round-off ~1e-16
         worst = max(worst, float(exact_tv.max()))
         joint = pi.gather(-1, seqs[..., None]).squeeze(-1).prod(-1)
         mine = toks[labels == lab]
@@ -275,7 +282,7 @@ def test_sjd_lantern_first_position(models, init):
     p0 = conditionals(target, 0, params, torch.zeros(1, 4, dtype=torch.long))[0, 0]
     nb = L.neighbour_table(LINE, 3)
     law = L.relaxed_kernel(p0.expand(6, 6), torch.arange(6), nb, delta).mean(0)
-    assert float(L.tv(law, p0)) <= delta + 1e-9
+    assert float(L.tv(law, p0)) <= delta + 1e-9  # fp64 (conditionals are fp64): round-off ~1e-16
     emp = torch.bincount(toks[:, 0], minlength=6).double()
     assert chi2_pvalue(emp, law) > 0.005
     assert chi2_pvalue(emp, p0) < 1e-4  # the relaxation is at work (and visible)

@@ -22,6 +22,8 @@ from varkit.errors import CheckpointError
 from varkit.modeling import load_module
 from varkit.tokenizers.vq import VQConfig, VQTokenizer
 
+from numerics import assert_nearest_codes_match, squared_distances
+
 FIXTURE = Path(__file__).parent / "fixtures" / "llamagen_vq" / "tiny_vq.pt"
 
 
@@ -54,14 +56,29 @@ def test_inverse_mapping_gives_official_names_and_shapes(golden):
         assert list(back[k].shape) == shape and torch.equal(back[k], sd[k])
 
 
+def _assert_official_ids(tok, images, got, want):
+    """Made on another CPU: equal wherever the distances decide it (the fixture's smallest
+    nearest-vs-second gap is 5.5e-3 on unit vectors, far above fp32 noise)."""
+    def distances(si):
+        with torch.no_grad():
+            z = tok.encode_latents(images)
+        z = tok.quantize.project(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+        d, scale = squared_distances(z, tok.codebook())
+        return d.view(len(images), -1, d.shape[-1]), scale
+
+    assert_nearest_codes_match([got.flatten(1)], [want.flatten(1)], distances)
+
+
 def test_encode_matches_official(golden):
     fx, _, tok = golden
-    assert torch.equal(tok.encode(fx["images"]), fx["ids"])
+    _assert_official_ids(tok, fx["images"], tok.encode(fx["images"]), fx["ids"])
 
 
 def test_decode_matches_official(golden):
     fx, _, tok = golden
     with torch.no_grad():
+        # fp32 conv decoder (K <= 128·9 = 1152 per conv, pixels ~2): a few ulp x sqrt(K) per layer, ~1e-5
+        # over the net (2.7e-5 measured at full VQ-16 size, README); 1e-4 holds on any CPU's kernels
         torch.testing.assert_close(tok.decode(fx["ids"]), fx["decoded"], rtol=0, atol=1e-4)
         torch.testing.assert_close(tok.decode(fx["random_ids"]), fx["decoded_random"], rtol=0, atol=1e-4)
 
@@ -70,8 +87,10 @@ def test_forward_and_losses_match_official(golden):
     fx, _, tok = golden
     with torch.no_grad():
         out = tok(fx["images"])
-    torch.testing.assert_close(out.recon, fx["recon"], rtol=0, atol=1e-4)
-    assert torch.equal(out.ids, fx["ids"])
+    torch.testing.assert_close(out.recon, fx["recon"], rtol=0, atol=1e-4)  # encoder + decoder: as decode above
+    _assert_official_ids(tok, fx["images"], out.ids, fx["ids"])
+    # losses: means over 2·4·4 latents of squared differences of fp32 latents (relative error ~1e-6 each)
+    # and an entropy of softmaxed distances: ~1e-6 relative; rtol 1e-4 holds on any CPU
     for name in ("codebook_loss", "commit_loss", "entropy_loss"):
         torch.testing.assert_close(getattr(out, name), fx[name], rtol=1e-4, atol=1e-6)
 

@@ -30,6 +30,8 @@ from varkit.samplers import SamplingParams, get_sampler
 from varkit.samplers.logits import image_generators
 from varkit.tokenizers import VQConfig, VQTokenizer
 
+from numerics import assert_greedy_tokens_match
+
 FIXTURE = Path(__file__).parent / "fixtures" / "nar" / "tiny_nar.pt"
 
 
@@ -77,12 +79,16 @@ def test_greedy_tokens_and_pixels_match_official(golden, pipes, name):
     gen, L = pipe.generator, pipe.generator.layout
     labels = torch.tensor(golden["labels"])
     for case in m["cases"]:
-        res = get_sampler("ancestral", SamplingParams(cfg=case["cfg"], top_k=1)).sample(gen, labels, image_generators(0, 2))
+        params = SamplingParams(cfg=case["cfg"], top_k=1)
+        res = get_sampler("ancestral", params).sample(gen, labels, image_generators(0, 2))
         assert res.stats.forward_passes == 2 * m["config"]["grid"] - 1
-        raster = L.to_grids(res.tokens)[0].reshape(2, -1)
-        assert torch.equal(raster, case["tokens"]), case["cfg"]
+        # made on another CPU: equal wherever the logits decide it (fixture's smallest top-2 gap 3.3e-3)
+        want = L.from_grids(case["tokens"].view(2, m["config"]["grid"], m["config"]["grid"]))
+        assert_greedy_tokens_match(gen, labels, params, res.tokens, want)
         with torch.no_grad():
-            img = pipe.tokenizer.decode(L.to_tokenizer_ids(res.tokens))
+            img = pipe.tokenizer.decode(L.to_tokenizer_ids(want))
+        # fp32 conv decoder (K <= 128·9 = 1152 per conv, pixels ~2): few ulp x sqrt(K) per layer, ~1e-5 over
+        # the net; 6e-6 measured against the fixture (README). 1e-4 holds on any CPU's kernels.
         torch.testing.assert_close(img, case["images"], rtol=0, atol=1e-4)
 
 
@@ -97,8 +103,11 @@ def test_teacher_forcing_is_nars_training_forward(golden, pipes, name):
     with torch.no_grad():
         logits = gen.teacher_forcing_logits(torch.tensor(golden["labels"]), tokens)
     ref = m["tf_logits"][:, L.coords[:, 0] * n + L.coords[:, 1]]  # NAR's raster order → layout order
+    # fp32 logits up to ~11 of a 2-layer net (K <= 512): ~1e-6 of them from exact (1.5e-6 measured when the
+    # fixture was made, 1.4e-6 here on AMX and AVX2); 1e-4 holds on any CPU
     torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    # a mean of log-softmaxes of those logits: the logits' error, ~1e-6 on a loss ~3; 1e-5 on any CPU
     assert abs(float(loss) - m["tf_loss"]) < 1e-5
 
 

@@ -97,6 +97,7 @@ def test_head_combination_rule():
             want = B[:, 1 + where[(r - 1, c)]]
         else:
             want = (B[:, 1 + where[(r - 1, c)]] + R[:, 1 + where[(r, c - 1)]]) / 2
+        # the same fp32 head outputs (|logit| ~3), averaged in another order: ulps (2.4e-7 measured); 1e-5
         torch.testing.assert_close(logits[:, i], want, rtol=0, atol=1e-5)
 
 
@@ -137,9 +138,12 @@ def test_teacher_forcing_equals_decoding(medusa):
     with torch.no_grad():
         tf = gen.teacher_forcing_logits(cond, tokens)
         inc = step_logits(gen, cond, tokens)
+    # fp32 logits (|logit| <= 3.5) through other GEMM shapes (whole layout vs one front): ~1e-6 on any CPU
+    # (1.3e-6 measured, AMX and AVX2); 1e-4
     torch.testing.assert_close(tf, inc, rtol=0, atol=1e-4)
+    # greedy path: smallest top-2 gap 5.2e-4 (medusa 2), 2.3e-3 (medusa 1): >> fp32 noise on any CPU
     assert torch.equal(tf.argmax(-1), tokens)
-    # a prefix of the layout gives the prefix of the logits
+    # a prefix of the layout gives the prefix of the logits (another sequence length: ~1e-6 as above; 1e-5)
     with torch.no_grad():
         torch.testing.assert_close(gen.teacher_forcing_logits(cond, tokens[:, :9]), tf[:, :9], rtol=0, atol=1e-5)
 
@@ -154,6 +158,9 @@ def test_prepacked_weights_give_the_same_samples(dtype):
     plain = get_sampler("ancestral", params).sample(gen, torch.tensor([1, 3]), image_generators(0, 2)).tokens
     assert prepack_linears(gen) == 5 * 3 + 2  # wqkv, wo, w1, w2, w3 in 3 layers (2 + medusa), both heads
     packed = get_sampler("ancestral", params).sample(gen, torch.tensor([1, 3]), image_generators(0, 2)).tokens
+    # sampled tokens: logits that differ by fp32 noise (or bf16 rounding) change a draw only if its uniform
+    # falls that close to a CDF boundary, ~1e-6 (bf16: ~1e-2) per draw for these 50 draws; bf16 packs on
+    # CPUs with oneDNN bf16 only (packable_dtypes): elsewhere both runs take the same path
     assert torch.equal(packed, plain)
 
 
@@ -167,11 +174,12 @@ def test_multistep_forward_and_rollback():
         cache = gen.new_cache(2)
         gen.prefill(cond, cache)
         out = gen(tokens[:, L.step_starts[0]:L.step_starts[5]], 1, cache)  # fronts 0..4 -> 1..5
+        # fp32 logits (|logit| ~3) through other GEMM shapes: ~1e-6 (8.9e-7 measured, AMX and AVX2); 1e-5
         torch.testing.assert_close(out, ref[:, L.step_starts[1]:L.step_starts[6]], rtol=0, atol=1e-5)
         gen.rollback(cache, None, 3)  # back to just before feeding front 2
         assert cache.length == 1 + L.step_starts[2]
         out = gen(tokens[:, L.step_starts[2]:L.step_starts[10]], 3, cache)  # fronts 2..9 -> 3..10
-        torch.testing.assert_close(out, ref[:, L.step_starts[3]:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out, ref[:, L.step_starts[3]:], rtol=0, atol=1e-5)  # as above
         with pytest.raises(InvalidArgumentError):
             gen(tokens[:, L.step_starts[10]:], 11, cache)  # front 11 does not exist
 

@@ -13,6 +13,8 @@ def test_rope_2d_rotates_first_half_by_row_second_by_col():
     ang = rope_angles_2d(torch.tensor([2]), torch.tensor([3]), head_dim)
     # head_dim/4 = 2 frequencies per axis: 1 and 10000^(-2/4)
     f = [1.0, 10000 ** (-0.5)]
+    # fp32 pow and products of small integers: within 2 ulp (2.4e-7 relative) on any CPU; allclose's
+    # default rtol 1e-5 is 80x that
     assert torch.allclose(ang[0], torch.tensor([2 * f[0], 2 * f[1], 3 * f[0], 3 * f[1]]))
 
 
@@ -21,6 +23,7 @@ def test_apply_rope_rotates_interleaved_pairs():
     cos = torch.tensor([[math.cos(0.5), math.cos(1.0)]])
     sin = torch.tensor([[math.sin(0.5), math.sin(1.0)]])
     y = apply_rope(x, cos, sin).flatten()
+    # products with 0 and 1 of fp32 cos/sin: exact up to the fp32 rounding of the tables (6e-8); default rtol 1e-5
     assert torch.allclose(y, torch.tensor([math.cos(0.5), math.sin(0.5), -math.sin(1.0), math.cos(1.0)]))
 
 
@@ -37,7 +40,12 @@ def test_apply_rope_on_strided_views_is_the_real_form():
         ref = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], -1).flatten(-2).type_as(x)
         out = apply_rope(x, cos, sin)
         assert out.dtype == x.dtype
-        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        # fp32: a complex multiply (its own vectorised kernel, fused or not) vs two products and a sum:
+        # <= 2 ulp of |x0·c| + |x1·s| <= 2|x| ~ 8, i.e. 4·eps·max|x|. bf16 input: the same fp32 values,
+        # rounded to bf16 at the end, may round to neighbouring bf16 values: 1 ulp, <= 2^-7 of max|x|.
+        scale = float(xf.abs().max())
+        atol = 2**-7 * scale if x.dtype == torch.bfloat16 else 4 * torch.finfo(torch.float32).eps * scale
+        torch.testing.assert_close(out, ref, rtol=0, atol=atol)
 
 
 def test_zero_rows_zero_the_prefix():
@@ -57,6 +65,8 @@ def test_block_causal_mask():
 def test_rmsnorm_and_llama_hidden_sizes():
     x = torch.randn(2, 5, 8)
     y = RMSNorm(8)(x)
+    # mean square of y is 1 up to eps = 1e-5 in the denominator (|x|^2 ~ 1: ~1e-5 relative) and fp32
+    # rounding (~1e-7): 1e-3 tolerates either on any CPU
     assert torch.allclose(y.pow(2).mean(-1), torch.ones(2, 5), atol=1e-3)
     assert [swiglu_hidden_dim(d) for d in (768, 1024, 1280, 1536, 3200)] == [2048, 2816, 3584, 4096, 8704]
 
@@ -74,13 +84,32 @@ def test_bf16_small_row_linear_matches_nn_linear():
         x = torch.randn(rows, 1, 64).bfloat16()
         a, b = ours(x), ref(x)
         assert a.shape == b.shape == (rows, 1, 96) and a.dtype == torch.bfloat16
+        # bf16 outputs (ulp <= 2^-7 of the value) of other GEMMs / accumulation orders and one more rounding
+        # for the bias: a couple of ulp of the largest output; 5% of it (~6 ulp) holds on any CPU
         assert (a.float() - b.float()).abs().max() <= 0.05 * b.float().abs().max()
     x = torch.randn(3, 64)
     assert torch.equal(ours.float()(x), ref.float()(x))  # fp32 is exactly nn.Linear
 
 
+def _assert_bf16_linear(got, want):
+    """bf16 ``Linear`` against ``F.linear``. Where oneDNN has bf16 kernels (AVX-512 BW or AMX) both run
+    the same oneDNN GEMM: bit-exact. On AVX2-only CPUs (no oneDNN bf16) the layer stays unpacked and
+    takes the weight-major path for few rows: product and bias add rounded to bf16 separately, against
+    F.linear's one rounding: <= 3 half-ulps apart, an ulp being <= 2^-7 of the value (8-bit mantissa),
+    so <= 3·2^-8 of max|want| (1 ulp = 2^-7·max measured on AVX2); fp32 accumulation order over K <= 96
+    adds ~1e-6 relative, negligible. 4·2^-8 of max|want| allowed."""
+    from varkit.nn.layers import packable_dtypes
+
+    if torch.bfloat16 in packable_dtypes():
+        assert torch.equal(got, want)
+    else:
+        tol = 4 * 2**-8 * float(want.float().abs().max())
+        torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
 def test_prepacked_linear_matches_nn_linear_and_follows_the_weight():
-    """Prepacked (oneDNN) inference path: F.linear's result (bit-exact in bf16), repacked after any weight change."""
+    """Prepacked (oneDNN) inference path: F.linear's result (bit-exact in bf16 where oneDNN has bf16
+    kernels), repacked after any weight change."""
     import copy
     import io
 
@@ -93,17 +122,21 @@ def test_prepacked_linear_matches_nn_linear_and_follows_the_weight():
         for rows in (1, 5, 40):
             x = torch.randn(2, rows, 128)[..., :64]  # a strided view, as the heads' inputs are
             ref = F.linear(x, model[0].weight, model[0].bias)
+            # fp32, oneDNN's packed GEMM vs MKL's sgemm: K = 64 products (|w| <= 1/8, |x| ~ 1, outputs ~0.5)
+            # in another order: a few ulp x sqrt(K) of the terms, ~5e-7 (3e-7 measured, AMX and AVX2);
+            # 1e-5 holds on any x86-64 kernel
             torch.testing.assert_close(model[0](x), ref, rtol=1e-5, atol=1e-5)
             xb, mb = x.bfloat16(), copy.deepcopy(model[0]).bfloat16()
-            assert torch.equal(mb(xb), F.linear(xb, mb.weight, mb.bias))
+            _assert_bf16_linear(mb(xb), F.linear(xb, mb.weight, mb.bias))
         assert "_packed" in model[0].__dict__
         model[0].weight.mul_(2)  # an in-place edit is seen
+        # fp32 as above (weights doubled: outputs ~1, still ~1e-6)
         torch.testing.assert_close(model[0](x), F.linear(x, model[0].weight, model[0].bias), rtol=1e-5, atol=1e-5)
     half = model.bfloat16()  # .to() drops the packed copy, the next call packs the new weight
     assert "_packed" not in half[0].__dict__
     with torch.no_grad():
         xb = torch.randn(3, 64).bfloat16()
-        assert torch.equal(half[0](xb), F.linear(xb, half[0].weight, half[0].bias))
+        _assert_bf16_linear(half[0](xb), F.linear(xb, half[0].weight, half[0].bias))
     torch.save(copy.deepcopy(half), io.BytesIO())  # the opaque packed tensor is neither copied nor pickled
     model = model.float()
     x = torch.randn(4, 64)

@@ -41,7 +41,7 @@ def test_sjd_reproduces_the_exact_joint(toy, k):
     res, labels = sample_sjd(toy, params, window, init, seed=100 + k)
     pv = gof_pvalue(toy, res.tokens, labels, params)
     assert pv > 0.01
-    assert sum(res.stats.accepted_per_pass) == pytest.approx(toy.layout.num_tokens)
+    assert sum(res.stats.accepted_per_pass) == pytest.approx(toy.layout.num_tokens)  # integer counts: exact
 
 
 @pytest.mark.parametrize("k", range(len(COUPLED)), ids=[f"w{w}-{i}-cfg{p.cfg}" for w, i, p in COUPLED])
@@ -59,7 +59,7 @@ def test_coupled_sjd_reproduces_the_exact_joint(toy, k):
 ], ids=["always", "sqrt"])
 def test_the_same_test_rejects_a_wrong_acceptance_rule(toy, rule):
     res, labels = sample_sjd(toy, NOCFG, 4, "repeat_horizon", seed=3, rule=rule)
-    assert gof_pvalue(toy, res.tokens, labels, NOCFG) < 1e-6
+    assert gof_pvalue(toy, res.tokens, labels, NOCFG) < 1e-6  # statistical (a wrong law is rejected), not a numeric tolerance
 
 
 # -- a multi-token-step layout: verification per step (NAR's neighbors fronts) ------------------------
@@ -130,7 +130,7 @@ def test_per_step_verification_on_fronts(window, params):
 def test_front_table_rejects_a_wrong_rule():
     gen = FrontTable()
     res, labels = sample_sjd(gen, NOCFG, 4, "random", seed=1, rule=lambda p_x, q_x: torch.ones_like(p_x))
-    assert gof_pvalue(gen, res.tokens, labels, NOCFG) < 1e-6
+    assert gof_pvalue(gen, res.tokens, labels, NOCFG) < 1e-6  # statistical (a wrong law is rejected), not a numeric tolerance
 
 
 def test_nar_generator():
@@ -194,8 +194,8 @@ def test_context_free_model_converges_in_three_passes(tiny_gen):
     smp = SJDSampler(params, window=16, init="random")
     res = smp.sample(tiny_gen, torch.tensor([0, 1, 2, 3]), image_generators(0, 4))
     assert res.stats.forward_passes <= 3
-    assert sum(res.stats.accepted_per_pass) == pytest.approx(16)
-    assert res.stats.mean_accepted == pytest.approx(16 / res.stats.forward_passes)
+    assert sum(res.stats.accepted_per_pass) == pytest.approx(16)  # integer counts: exact
+    assert res.stats.mean_accepted == pytest.approx(16 / res.stats.forward_passes)  # the same ratio of integers
     assert (smp.trace["accepted"].sum(0) == 16).all() and (smp.trace["start"][0] == 0).all()
 
 
@@ -242,7 +242,7 @@ def test_pipeline_and_cli(tiny_pipeline, tmp_path, capsys):
 
     out = tiny_pipeline([0, 1, 2], sampler="sjd", window=6, cfg=2.0, seed=1)
     assert len(out.images) == 3 and out.stats.forward_passes <= 16
-    assert sum(out.stats.accepted_per_pass) == pytest.approx(16)
+    assert sum(out.stats.accepted_per_pass) == pytest.approx(16)  # integer counts: exact
     greedy = tiny_pipeline([0, 1, 2], sampler="sjd", window=6, top_k=1, seed=1)
     assert torch.equal(greedy.tokens, tiny_pipeline([0, 1, 2], top_k=1, seed=1).tokens)
     tiny_pipeline.save_pretrained(tmp_path / "m")

@@ -53,7 +53,7 @@ def test_speculative_reproduces_the_exact_joint(toy, drafts, k):
     gamma, params, which = LOSSLESS[k]
     res, labels, smp = sample_spec(toy, drafts[which], params, gamma, seed=100 + k)
     assert gof_pvalue(toy, res.tokens, labels, params) > 0.01
-    assert sum(res.stats.accepted_per_pass) == pytest.approx(toy.layout.num_tokens)
+    assert sum(res.stats.accepted_per_pass) == pytest.approx(toy.layout.num_tokens)  # integer counts: exact
     assert res.stats.forward_passes <= toy.layout.num_tokens
     assert smp.trace["draft_passes"] >= res.stats.forward_passes
 
@@ -64,7 +64,7 @@ def test_speculative_reproduces_the_exact_joint(toy, drafts, k):
 ], ids=["always", "sqrt"])
 def test_the_same_test_rejects_a_wrong_acceptance_rule(toy, drafts, rule):
     res, labels, _ = sample_spec(toy, drafts["bad"], NOCFG, 3, seed=3, rule=rule)
-    assert gof_pvalue(toy, res.tokens, labels, NOCFG) < 1e-6
+    assert gof_pvalue(toy, res.tokens, labels, NOCFG) < 1e-6  # statistical (a wrong law is rejected), not a numeric tolerance
 
 
 # -- deterministic invariants ----------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_the_target_as_its_own_drafter_accepts_everything(tiny_gen, gamma):
     T = tiny_gen.layout.num_tokens
     assert res.stats.forward_passes == 1 + -(-(T - 1) // (gamma + 1))
     assert res.stats.accepted_per_pass[:2] == [1.0, float(min(gamma + 1, T - 1))]
-    assert res.stats.mean_accepted == pytest.approx(T / res.stats.forward_passes)
+    assert res.stats.mean_accepted == pytest.approx(T / res.stats.forward_passes)  # the same ratio of integers
     assert (smp.trace["accepted"].sum(0) == T).all()
 
 
@@ -173,7 +173,7 @@ def test_pipeline_and_cli(tiny_pipeline, tmp_path, capsys):
     draft_gen = randomize(create_model("raster-tiny", dim=16, n_layer=1), seed=5)
     out = tiny_pipeline([0, 1, 2], sampler="speculative", draft=draft_gen, gamma=3, cfg=2.0, seed=1)
     assert len(out.images) == 3 and out.stats.forward_passes <= 16
-    assert sum(out.stats.accepted_per_pass) == pytest.approx(16)
+    assert sum(out.stats.accepted_per_pass) == pytest.approx(16)  # integer counts: exact
     greedy = tiny_pipeline([0, 1, 2], sampler="speculative", draft=draft_gen, top_k=1, seed=1)
     assert torch.equal(greedy.tokens, tiny_pipeline([0, 1, 2], top_k=1, seed=1).tokens)
     tiny_pipeline.save_pretrained(tmp_path / "m")

@@ -30,6 +30,8 @@ from varkit.pipeline import load_pipeline
 from varkit.samplers import SamplingParams, get_sampler
 from varkit.samplers.logits import image_generators
 
+from numerics import assert_greedy_tokens_match
+
 FIXTURE = Path(__file__).parent / "fixtures" / "var_gpt"
 
 
@@ -60,10 +62,18 @@ def pipe(files, tmp_path_factory):
     return load_pipeline(out)
 
 
+def _params(cfg: float) -> SamplingParams:
+    return SamplingParams(cfg=cfg, cfg_schedule="var", top_k=1)
+
+
 def _greedy(pipe, labels, cfg=1.5):
-    res = get_sampler("ancestral", SamplingParams(cfg=cfg, cfg_schedule="var", top_k=1)).sample(
-        pipe.generator, labels, image_generators(0, len(labels)))
+    res = get_sampler("ancestral", _params(cfg)).sample(pipe.generator, labels, image_generators(0, len(labels)))
     return res.tokens
+
+
+def _assert_greedy_matches(pipe, labels, cfg, got, want):
+    """Made on another CPU: equal wherever the logits decide it (fixture's smallest top-2 gap 1.7e-3)."""
+    assert_greedy_tokens_match(pipe.generator, labels, _params(cfg), got, want)
 
 
 # -- identical outputs ----------------------------------------------------------------------------
@@ -71,9 +81,8 @@ def test_greedy_tokens_match_official_autoregressive_infer_cfg(fx, pipe):
     meta, ref = fx
     labels = ref["labels"]
     tokens = _greedy(pipe, labels, meta["sampling"]["cfg"])
-    grids = pipe.generator.layout.to_grids(tokens)
-    for si, g in enumerate(grids):
-        assert torch.equal(g.reshape(len(labels), -1), ref[f"tokens.{si}"]), f"scale {si}"
+    want = torch.cat([ref[f"tokens.{si}"] for si in range(len(pipe.generator.config.patch_nums))], 1)
+    _assert_greedy_matches(pipe, labels, meta["sampling"]["cfg"], tokens, want)
 
 
 def test_decoded_images_match_official_within_1e_4(fx, pipe):
@@ -81,7 +90,9 @@ def test_decoded_images_match_official_within_1e_4(fx, pipe):
     tokens = torch.cat([ref[f"tokens.{si}"] for si in range(len(pipe.generator.config.patch_nums))], 1)
     with torch.no_grad():
         img = pipe.tokenizer.decode(pipe.generator.layout.to_tokenizer_ids(tokens))
-    assert ((img + 1) / 2 - ref["images"]).abs().max().item() < 1e-4  # VAR returns [0, 1], varkit [-1, 1]
+    # VAR returns [0, 1], varkit [-1, 1]. fp32 conv decoder with attention (K <= 64·9 = 576 per conv):
+    # 4.1e-6 measured against the fixture (README); 1e-4 holds on any CPU's kernels.
+    assert ((img + 1) / 2 - ref["images"]).abs().max().item() < 1e-4
 
 
 def test_pipeline_call_uses_var_defaults_and_matches(fx, pipe):
@@ -89,7 +100,7 @@ def test_pipeline_call_uses_var_defaults_and_matches(fx, pipe):
     assert pipe.defaults == {**pipe.defaults, **VAR_DEFAULTS}
     out = pipe(class_labels=ref["labels"].tolist(), top_k=1)  # cfg 1.5 on VAR's ramp from the defaults
     expected = torch.cat([ref[f"tokens.{si}"] for si in range(len(pipe.generator.config.patch_nums))], 1)
-    assert torch.equal(out.tokens, expected)
+    assert_greedy_tokens_match(pipe.generator, ref["labels"], pipe.sampling_params(top_k=1), out.tokens, expected)
     assert len(out.images) == len(ref["labels"]) and out.images[0].size == (32, 32)
 
 
@@ -104,10 +115,10 @@ def test_shared_adaln_d36_architecture_matches_official(fx, files, tmp_path):
     assert pipe.generator.config.shared_aln and pipe.generator.config.depth == 3
     tokens = _greedy(pipe, ref["labels"], s["sampling"]["cfg"])
     expected = torch.cat([ref[f"tokens.{si}"] for si in range(len(s["var"]["patch_nums"]))], 1)
-    assert torch.equal(tokens, expected)
+    _assert_greedy_matches(pipe, ref["labels"], s["sampling"]["cfg"], tokens, expected)
     with torch.no_grad():
-        img = pipe.tokenizer.decode(pipe.generator.layout.to_tokenizer_ids(tokens))
-    assert ((img + 1) / 2 - ref["images"]).abs().max().item() < 1e-4
+        img = pipe.tokenizer.decode(pipe.generator.layout.to_tokenizer_ids(expected))
+    assert ((img + 1) / 2 - ref["images"]).abs().max().item() < 1e-4  # as above
     raw = var_state_dict_to_var(pipe.generator.state_dict(), pipe.generator.config)
     assert list(raw) == list(var) and all(torch.equal(raw[k], var[k]) for k in var)
 

@@ -18,6 +18,8 @@ from varkit.checkpoints.var_vae import (
 from varkit.errors import CheckpointError, InvalidArgumentError
 from varkit.tokenizers.msvq import MSVQConfig, MultiScaleVQTokenizer
 
+from numerics import assert_nearest_codes_match, squared_distances
+
 FIXTURE = Path(__file__).parent / "fixtures" / "var_vae"
 
 
@@ -36,21 +38,46 @@ def _ids(ref, n):
     return [ref[f"ids.{si}"] for si in range(n)]
 
 
+@torch.no_grad()
+def _distances_along(m, images, ids):
+    """distances(si) for assert_nearest_codes_match: VAR's residual at scale si after the golden ids of
+    the earlier scales, (area-)downsampled, against every code."""
+    f = m.encode_latent(images).float()
+    pns = m.patch_nums
+
+    def distances(si):
+        f_hat = torch.zeros_like(f)
+        for sj in range(si):
+            f_hat, _ = m.next_scale_input(sj, ids[sj], None if sj == 0 else f_hat)
+        rest = f - f_hat
+        z = rest if si == len(pns) - 1 else torch.nn.functional.interpolate(rest, size=(pns[si], pns[si]), mode="area")
+        d, scale = squared_distances(z.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), m.codebook())
+        return d.view(f.shape[0], -1, d.shape[-1]), scale
+
+    return distances
+
+
 def test_golden_encode(golden):
     meta, ref, m = golden
     assert m.patch_nums == tuple(meta["config"]["patch_nums"])
     with torch.no_grad():
+        # fp32 conv encoder with attention (K <= 64·9 = 576 per conv), latents ~1: ~1e-6 from exact;
+        # 1e-4 holds on any CPU's kernels
         torch.testing.assert_close(m.encode_latent(ref["images"]), ref["latent"], atol=1e-4, rtol=0)
         ids = m.encode(ref["images"])
-    for si, (a, b) in enumerate(zip(ids, _ids(ref, len(m.patch_nums)))):
+    want = _ids(ref, len(m.patch_nums))
+    for si, a in enumerate(ids):
         assert a.shape == (2, m.patch_nums[si], m.patch_nums[si])
-        assert torch.equal(a.reshape(2, -1), b), f"scale {si}"
+    # made on another CPU: equal wherever the distances decide it (a near-tie may flip, and the later scales)
+    assert_nearest_codes_match([a.reshape(2, -1) for a in ids], want, _distances_along(m, ref["images"], want))
 
 
 def test_golden_decode(golden):
     _, ref, m = golden
     ids = _ids(ref, len(m.patch_nums))
     with torch.no_grad():
+        # fp32 conv decoder with attention (K <= 64·9 = 576 per conv, pixels <= 1): 1.4e-5 measured against
+        # the fixture (AVX2), ~1e-5 on any CPU's kernels; 1e-4
         torch.testing.assert_close(m.decode(ids), ref["decode"], atol=1e-4, rtol=0)
         torch.testing.assert_close(m.decode(ids[:4]), ref["decode_prefix.3"], atol=1e-4, rtol=0)
 
@@ -59,6 +86,8 @@ def test_golden_generator_helpers(golden):
     _, ref, m = golden
     ids = _ids(ref, len(m.patch_nums))
     with torch.no_grad():
+        # code lookups, bicubic / area interpolation and 3x3 Phi convs (K = 8·9 = 72) of latents ~0.2: a few
+        # ulp x sqrt(K) ~ 1e-7 (exact measured against the fixture on AMX and AVX2); 1e-6 on any CPU, here and below
         torch.testing.assert_close(m.teacher_forcing_inputs(ids), ref["teacher_forcing"], atol=1e-6, rtol=0)
         f_hat = None
         for si in range(len(m.patch_nums)):
@@ -74,7 +103,15 @@ def test_golden_training_forward(golden):
     _, ref, m = golden
     with torch.no_grad():
         out = m(ref["images"])
+    if not all(torch.equal(a.reshape(2, -1), b) for a, b in zip(out.ids, _ids(ref, len(m.patch_nums)))):
+        # the last scale has a near-tie (distance gap 6.6e-5 at scale 7.5, about 5x the fp32 noise): a CPU may
+        # pick the other code there (test_golden_encode checks it is that near-tie), and the reconstruction
+        # then differs from the fixture's by design
+        pytest.skip("a near-tie code flipped on this CPU: the official forward is not comparable")
+    # encoder + decoder in fp32 (K <= 576 per conv, pixels ~1): ~1e-5 at most; 1e-4 holds on any CPU
     torch.testing.assert_close(out.recon, ref["forward_recon"], atol=1e-4, rtol=0)
+    # mean of squared latent residuals: each ~1e-6 relative from exact, the mean as well; 1e-5 relative
+    # (+1e-6 absolute on a loss ~0.1-1) holds on any CPU
     torch.testing.assert_close(out.vq_loss.reshape(1), ref["forward_vq_loss"], atol=1e-6, rtol=1e-5)
 
 

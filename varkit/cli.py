@@ -189,7 +189,11 @@ def cmd_models(args) -> None:
     print("tokenizer configs:  " + ", ".join(TOKENIZER_CONFIGS.names()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``varkit`` parser. With ``command`` (the subcommand on the command line, "" for none), the
+    other commands of :data:`_EXTRA_COMMANDS` get a one-line stub instead of their full parser, whose
+    builder imports their code (torch, converters, benches): ``varkit --help`` and ``varkit generate``
+    then start in a fraction of the time. ``None`` builds everything."""
     parser = argparse.ArgumentParser(prog="varkit", description="visual autoregressive image generation")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -244,8 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list bundled models and named configs")
     m.set_defaults(func=cmd_models)
 
-    for extra in _EXTRA_PARSERS:
-        extra(sub)
+    for name, (help_text, add) in _EXTRA_COMMANDS.items():
+        if command is None or command == name:
+            add(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
@@ -267,11 +274,24 @@ def _add_bench(sub) -> None:
     add_bench_parser(sub)
 
 
-_EXTRA_PARSERS = [_add_eval, _add_convert, _add_bench]
+# Commands whose parsers live with their code: name -> (the help line `varkit --help` shows, builder).
+# The help lines repeat the builders' own (tests/test_startup.py checks they agree).
+_EXTRA_COMMANDS = {
+    "eval": ("FID/IS/KID/precision/recall, reference statistics, tokenizer reconstruction", _add_eval),
+    "convert": ("convert published checkpoints into varkit model folders", _add_convert),
+    "bench": ("benchmarks: a table on stdout, JSON under bench/results/", _add_bench),
+}
+
+
+def _command_in(argv: list[str]) -> str:
+    """The subcommand named on the command line ("" for none): the first argument that is not an option
+    (``varkit`` itself takes no option but ``-h``)."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_in(argv)).parse_args(argv)
     try:
         args.func(args)
     except VarkitError as exc:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import torch
-from timm.layers import DropPath
 from torch import nn
 
 from ..cache import KVCache
@@ -20,6 +20,7 @@ from ..errors import InvalidArgumentError
 from ..layout import scales
 from ..modeling import register_module
 from ..nn import Attention, block_causal_mask
+from ..nn.drop_path import DropPath
 from ..nn.layers import Linear
 from .base import ClassConditional, Generator
 from .heads import create_head

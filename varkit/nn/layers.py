@@ -1,6 +1,8 @@
 """Norms and feed-forward blocks shared by the generators."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,16 @@ class RMSNorm(nn.Module):
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return out.type_as(x) * self.weight
+
+
+@functools.cache
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """Weight dtypes oneDNN can prepack on this CPU: fp32 everywhere; bf16 only where oneDNN has bf16
+    kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; not on AVX2-only CPUs such as AMD Zen 2/3, where
+    its reorder raises). Other dtypes take the unpacked path."""
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return (torch.float32, torch.bfloat16)
+    return (torch.float32,)
 
 
 class Linear(DerivedState, nn.Linear):
@@ -59,7 +71,7 @@ class Linear(DerivedState, nn.Linear):
 
     def _can_use_packed(self, x: torch.Tensor) -> bool:
         w = self.weight
-        return (x.device.type == "cpu" and x.dtype == w.dtype and w.dtype in (torch.float32, torch.bfloat16)
+        return (x.device.type == "cpu" and x.dtype == w.dtype and w.dtype in packable_dtypes()
                 and not (torch.is_grad_enabled() and w.requires_grad) and not torch.compiler.is_compiling())
 
     def _packed_weight(self) -> torch.Tensor:
@@ -80,6 +92,7 @@ def prepack_linears(module: nn.Module, enabled: bool = True) -> int:
     Why: decode steps that feed 4-256 rows per GEMM (NAR's fronts, CFG, batches) run 1.2-2x faster
     on a weight packed once for oneDNN (AMX in bf16). Costs one extra copy of those weights in
     memory, made on the first no-grad CPU call; training and grad-enabled calls are unchanged.
+    bf16 weights stay unpacked on CPUs without oneDNN bf16 kernels (:func:`packable_dtypes`).
     """
     if enabled and not torch.backends.mkldnn.is_available():
         raise InvalidArgumentError("prepacked linears need PyTorch built with oneDNN (mkldnn)")
