@@ -5,7 +5,10 @@ import varkit
 from varkit.eval.digits import digits_accuracy
 
 BUNDLED = ["digits", "digits-var", "digits-nar"]
-RECORDED = BUNDLED + ["digits-draft"]
+# any layout x any head (issue 14): (layout kind, head kind) of each bundled model that combines them
+COMBINED = {"digits-maskgit": ("sets", "categorical"), "digits-mar": ("sets", "diffusion"),
+            "digits-ar-diffusion": ("raster", "diffusion")}
+RECORDED = BUNDLED + ["digits-draft", *COMBINED]
 
 
 @pytest.mark.parametrize("name", RECORDED)
@@ -25,6 +28,39 @@ def test_bundled_model_makes_recognisable_digits(name):
     out = pipe(labels, cfg=2.0, seed=0)
     acc = digits_accuracy(out.images, labels)
     assert acc >= 0.8, f"{name}: only {acc:.0%} of cfg=2 samples classified as the requested digit"
+
+
+# The diffusion head's first respaced step (t=999, alpha_bar 2.4e-9) turns an eps error e into an x0 error of
+# ~2e4·e, ~700·e in the next x at 50 head steps; these small, briefly trained heads are off by e ~ 0.02-0.1 there,
+# so their chains leave the latent range. MAR's sampler is kept exact (clip_denoised=False) until that is handled.
+FIRST_STEP = pytest.mark.xfail(strict=True, reason="diffusion head: eps error at t=999 amplified ~700x (no x0 clip)")
+COMBINED_CASES = [pytest.param(n, marks=FIRST_STEP) if n == "digits-ar-diffusion" else n for n in COMBINED]
+
+
+@pytest.mark.parametrize("name", COMBINED_CASES)
+def test_combined_model_makes_recognisable_digits_at_its_defaults(name):
+    """Each layout x head model at the sampling settings stored with it (its CFG, schedule, num_iter,
+    head_steps): 30 images, >= 80 % classified as asked (500 images measure >= 99 %: bench/results/quality.json)."""
+    pipe = varkit.load_pipeline(name)
+    layout, head = COMBINED[name]
+    gen = pipe.generator
+    assert (gen.layout.kind, gen.head.kind) == (layout, head)
+    assert pipe.defaults["cfg"] > 1  # guidance on by default: the accuracy below depends on it
+    labels = [c for c in range(10) for _ in range(3)]
+    out = pipe(labels, seed=0)
+    assert out.tokens.shape == (30, 64, *gen.head.token_shape)
+    if layout == "sets":  # num_iter decoding steps, not one per token
+        assert out.stats.forward_passes == pipe.defaults["num_iter"] < 64
+    acc = digits_accuracy(out.images, labels)
+    assert acc >= 0.8, f"{name}: only {acc:.0%} of samples at its defaults classified as the requested digit"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=FIRST_STEP) for n in ("digits-mar", "digits-ar-diffusion")])
+def test_continuous_model_samples_stay_in_the_latent_range(name):
+    """Sampled latents look like the tokenizer's: the digits KL latents (scaled) all lie within ±2.7."""
+    pipe = varkit.load_pipeline(name)
+    out = pipe([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], seed=0)
+    assert float(out.tokens.abs().max()) < 10.0, f"{name}: latents up to {float(out.tokens.abs().max()):.3g}"
 
 
 def test_default_model_generates_from_the_cli(tmp_path):
