@@ -192,3 +192,20 @@ def test_head_steps_anneal_linearly_over_ar_steps():
     gen.head.draw_noise = spy
     get_sampler("ancestral", SamplingParams(head_steps="16:2")).sample(gen, torch.tensor([0]), image_generators(0, 1))
     assert seen[0] == 16 and seen[-1] == 2 and len(seen) == 16 and seen == sorted(seen, reverse=True)
+
+
+def test_x0_clip_is_off_by_default_and_bounds_the_prediction():
+    """None is MAR exactly; a clip keeps an untrained chain's tokens near the latent range instead of ~1e5."""
+    head = _perturbed_diffusion_head(token_dim=2)
+    params = SamplingParams(head_steps=10)
+    z = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noise = head.draw_noise(Randomness(image_generators(0, 1)), 3, params)
+    with torch.no_grad():
+        free = head.sample(z, None, noise, params)
+        head.x0_clip = 3.0
+        clipped = head.sample(z, None, noise, params)
+    assert float(free.abs().max()) > 100  # the untrained chain explodes (see _perturbed_diffusion_head)
+    # the last step's mean is a convex mix of the clamped x0 and x_1: within the clip plus the last noise scale
+    assert float(clipped.abs().max()) < 3.0 + 1.0
+    with pytest.raises(InvalidArgumentError, match="x0_clip"):
+        DiffusionHead(2, 8, x0_clip=0.0)

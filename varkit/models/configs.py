@@ -118,7 +118,8 @@ register_config(
     MARGenerator,
     partial(MARConfig, token_dim=4, grid=8, num_classes=10, encoder_dim=128, encoder_depth=2, encoder_heads=4,
             decoder_dim=128, decoder_depth=2, decoder_heads=4, buffer_size=8, head_depth=3, head_width=128,
-            head_batch_mul=2, num_iter=16, head_steps=50, label_drop_prob=0.0, attn_dropout=0.0, proj_dropout=0.0),
+            head_batch_mul=2, num_iter=16, head_steps=50, label_drop_prob=0.0, attn_dropout=0.0, proj_dropout=0.0,
+            x0_clip=4.0),
     # class dropout: `train generator --class-dropout`; sized for ~15 min of 1 CPU thread (the head's rows dominate)
     "the bundled digits MAR: 8x8 latents over the digits-kl tokenizer (token_dim from it), diffusion head",
 )
@@ -136,7 +137,7 @@ register_config(
     "digits-ar-diffusion",
     RasterGenerator,
     partial(RasterConfig, head="diffusion", token_dim=4, num_classes=10, dim=128, n_layer=4, n_head=4, grid=8,
-            multiple_of=32, head_depth=3, head_width=128, head_batch_mul=2, head_steps=50, token_dropout=0.0,
+            multiple_of=32, head_depth=3, head_width=128, head_batch_mul=2, head_steps=50, x0_clip=4.0, token_dropout=0.0,
             resid_dropout=0.0, ffn_dropout=0.0),  # sized for ~15 min of 1 CPU thread, as digits-mar
     "raster (next-token) generator with MAR's diffusion head over the digits KL tokenizer's 8x8x4 latents",
 )

@@ -292,18 +292,23 @@ class RespacedSchedule:
         return mean, co.posterior_log_variance_clipped[i].expand_as(mean)
 
     def p_mean_log_var(self, co: _Coefficients, xt: torch.Tensor, i, eps: torch.Tensor,
-                       v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-variance of p(x_{t-1} | x_t) from ε and the range interpolation v (official order)."""
+                       v: torch.Tensor, x0_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of p(x_{t-1} | x_t) from ε and the range interpolation v (official order).
+
+        ``x0_clip``: clamp the predicted x0 to [-x0_clip, x0_clip] (ADM's ``clip_denoised`` with a latent
+        range; MAR passes False, so None, the default, is MAR exactly)."""
         min_log, max_log = co.posterior_log_variance_clipped[i], co.log_betas[i]
         frac = (v + 1) / 2
         log_var = frac * max_log + (1 - frac) * min_log
         x0_pred = co.sqrt_recip_alphas_cumprod[i] * xt - co.sqrt_recipm1_alphas_cumprod[i] * eps
+        if x0_clip is not None:
+            x0_pred = x0_pred.clamp(-x0_clip, x0_clip)
         mean, _ = self.q_posterior(co, x0_pred, xt, i)
         return mean, log_var
 
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, x_T: torch.Tensor, noises: torch.Tensor,
-               temperature: float = 1.0) -> SampleOut:
+               temperature: float = 1.0, x0_clip: float | None = None) -> SampleOut:
         """MAR's ``p_sample_loop`` (``clip_denoised=False``) from x_T (N, D) with injected per-step noise.
 
         ``model_fn(x (N, D), t (N,) original timesteps) -> (N, 2D)`` (apply CFG inside it, e.g. with
@@ -329,7 +334,7 @@ class RespacedSchedule:
             if tuple(out.shape) != (N, 2 * D):
                 raise InvalidArgumentError(
                     f"the diffusion network must return (N, 2D) = {(N, 2 * D)}, got {tuple(out.shape)}")
-            mean, log_var = self.p_mean_log_var(co, x, i, out[:, :D], out[:, D:])
+            mean, log_var = self.p_mean_log_var(co, x, i, out[:, :D], out[:, D:], x0_clip)
             std = torch.exp(0.5 * log_var)
             if i > 0:  # no noise at t = 0: the token is the last step's mean
                 x = mean + std * noises[:, k] * temperature

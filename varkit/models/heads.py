@@ -177,7 +177,10 @@ class DiffusionHead(ContinuousHead):
     Sampling: ancestral DDPM over the cosine schedule respaced to ``head_steps`` (default
     ``default_steps``), learned-range variance, ε-prediction; ``temperature`` scales the per-step
     noise only and x_T is not scaled (as MAR). CFG mixes ε between the conditional and unconditional
-    rows; the variance comes from the conditional rows. ``final_noise``: MAR adds no noise at the last
+    rows; the variance comes from the conditional rows. ``x0_clip`` (None: MAR exactly) clamps the predicted
+    x0 while sampling: with the cosine schedule's ᾱ = 2.4e-9 at t = 999 the first step multiplies an ε error
+    by ~2e4, which a small, briefly trained head cannot afford (the bundled digits models use 4: their
+    latents lie within ±2.7). ``final_noise``: MAR adds no noise at the last
     step (the token is that step's mean); with it the token is a real draw from the last step's
     Gaussian, whose density :meth:`log_prob` gives (what exact speculative acceptance needs).
     Training: ε-MSE + VB on ``batch_mul`` noised copies of every token (MAR's ``diffusion_batch_mul``).
@@ -186,9 +189,14 @@ class DiffusionHead(ContinuousHead):
     kind = "diffusion"
 
     def __init__(self, token_dim: int, cond_dim: int, depth: int = 3, width: int = 1024, batch_mul: int = 4,
-                 train_steps: int = 1000, schedule: str = "cosine", default_steps: int = 100):
+                 train_steps: int = 1000, schedule: str = "cosine", default_steps: int = 100,
+                 x0_clip: float | None = None):
         super().__init__()
         from .diffusion import DiffusionMLP, GaussianDiffusion
+
+        if x0_clip is not None and not x0_clip > 0:
+            raise InvalidArgumentError(f"x0_clip must be > 0 (a latent range) or None, got {x0_clip}")
+        self.x0_clip = x0_clip
 
         if token_dim < 1:
             raise InvalidArgumentError(f"a diffusion head needs token_dim >= 1, got {token_dim}")
@@ -236,7 +244,7 @@ class DiffusionHead(ContinuousHead):
         dtype = torch.promote_types(next(self.net.parameters()).dtype, torch.float32)
         x_T = noise.x_T.reshape(B * n, -1).to(dtype)
         steps = noise.steps.reshape(B * n, noise.steps.shape[2], -1).to(dtype)
-        return sched.sample(self._model_fn(z, weights), x_T, steps, params.temperature)
+        return sched.sample(self._model_fn(z, weights), x_T, steps, params.temperature, self.x0_clip)
 
     def sample(self, out, weights, noise: DiffusionNoise, params) -> torch.Tensor:
         B, n = noise.x_T.shape[:2]
@@ -407,6 +415,7 @@ class HeadConfig:
     head_width: int = 1024
     head_batch_mul: int = 4
     head_steps: int = 100
+    x0_clip: float | None = None  # diffusion: clamp predicted x0 to ±x0_clip while sampling (None = MAR exactly)
 
 
 def head_from_config(config: Any, cond_dim: int) -> Head:
@@ -416,7 +425,8 @@ def head_from_config(config: Any, cond_dim: int) -> Head:
         return create_head(kind, vocab_size=config.vocab_size)
     if kind == "diffusion":
         return create_head(kind, token_dim=config.token_dim, cond_dim=cond_dim, depth=config.head_depth,
-                           width=config.head_width, batch_mul=config.head_batch_mul, default_steps=config.head_steps)
+                           width=config.head_width, batch_mul=config.head_batch_mul, default_steps=config.head_steps,
+                           x0_clip=getattr(config, "x0_clip", None))
     if kind == "flow":
         return create_head(kind, token_dim=config.token_dim, cond_dim=cond_dim, patch_nums=tuple(config.patch_nums),
                            depth=config.head_depth, width=config.head_width, cross=getattr(config, "head_cross", False),
