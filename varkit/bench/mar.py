@@ -19,7 +19,9 @@ rest, timed by wrappers around those calls, and each part is set against its flo
 same thread count: weight bytes over the bandwidth of a copy of that many bytes, FLOPs over the rate of a large GEMM
 (transformer, head) or of the VAE's dominant 3x3 convolution (decode). Sides are timed round-robin so that load from
 other processes falls on all of them alike; ``cpu_s`` is the process CPU time of a run (steadier than wall time on a
-shared machine), and ``x_floor`` is CPU seconds over the floor.
+shared machine), and ``x_floor`` is CPU seconds over the floor. Of ``--repeats`` runs per side, the one with the
+least CPU time is reported (its wall and CPU seconds); the parts' seconds and floors are per run (the whole batch),
+``s_per_image`` and ``cpu_s_per_image`` per image.
 """
 from __future__ import annotations
 
