@@ -107,13 +107,27 @@ def test_decoded_pixels_match_official_decode_code(fx, c2i_pipe):
     torch.testing.assert_close(pix, fx["pixels"], atol=1e-4, rtol=0)
 
 
-def test_converted_pipeline_keeps_llamagen_defaults(c2i_pipe, t2i_pipe):
-    for k, v in LLAMAGEN_C2I_DEFAULTS.items():
-        assert c2i_pipe.defaults[k] == v
-    assert (c2i_pipe.defaults["cfg"], c2i_pipe.defaults["top_k"]) == (4.0, 2000)
-    assert (t2i_pipe.defaults["cfg"], t2i_pipe.defaults["top_k"]) == (LLAMAGEN_T2I_DEFAULTS["cfg"], 1000)
+def test_converted_c2i_defaults_are_the_fid_protocol_and_demo_is_a_preset(c2i_pipe, t2i_pipe):
+    # defaults: sample_c2i_ddp.py's protocol (no top-k, CFG 2.0 for sizes outside the published table);
+    # the demo script's settings (sample_c2i.py: CFG 4, top-k 2000) are the named preset "demo"
     p = c2i_pipe.sampling_params()
+    assert (p.cfg, p.top_k, p.temperature, p.top_p) == (2.0, None, 1.0, None)
+    assert c2i_pipe.defaults["fid_num_samples"] == 50_000
+    for k, v in LLAMAGEN_C2I_DEFAULTS.items():
+        assert c2i_pipe.presets["demo"][k] == v
+    p = c2i_pipe.sampling_params(preset="demo")
     assert (p.cfg, p.top_k, p.temperature, p.top_p) == (4.0, 2000, 1.0, None)
+    assert c2i_pipe.sampling_params(preset="demo", cfg=3.0).cfg == 3.0  # explicit values win over a preset
+    assert (t2i_pipe.defaults["cfg"], t2i_pipe.defaults["top_k"]) == (LLAMAGEN_T2I_DEFAULTS["cfg"], 1000)
+    with pytest.raises(InvalidArgumentError, match="no preset 'fast'"):
+        c2i_pipe.sampling_params(preset="fast")
+
+
+def test_llamagen_fid_cfg_by_published_size():
+    from varkit.checkpoints.llamagen import LLAMAGEN_FID_CFG, c2i_protocol
+
+    assert LLAMAGEN_FID_CFG == {"GPT-B": 2.0, "GPT-L": 2.0, "GPT-XL": 1.75, "GPT-XXL": 1.75, "GPT-3B": 1.65}
+    assert c2i_protocol(2.0, 384)["fid_image_size"] == 256 and "fid_image_size" not in c2i_protocol(2.0, 256)
 
 
 def test_t2i_greedy_tokens_match_official(fx, t2i_pipe):

@@ -160,7 +160,9 @@ def test_roundtrip_through_nar_file(vq_file, tmp_path, wrap, prefix):
     assert isinstance(pipe.generator, NeighborsGenerator) and pipe.generator.config == gen.config
     for k, v in gen.state_dict().items():
         assert torch.equal(pipe.generator.state_dict()[k], v), k
-    assert pipe.defaults["cfg"] == 4.0 and pipe.defaults["top_k"] == 2000
+    # defaults: sample_c2i_ddp.py's FID protocol (CFG 2.0, no top-k); the demo script's are the "demo" preset
+    assert pipe.defaults["cfg"] == 2.0 and pipe.defaults["top_k"] is None
+    assert pipe.presets["demo"]["cfg"] == 4.0 and pipe.presets["demo"]["top_k"] == 2000
     res = pipe(class_labels=[1, 9], top_k=1, cfg=4.0)
     assert res.stats.forward_passes == 7 and len(res.images) == 2
     assert torch.equal(load_nar_gpt(path, image_size=16, downsample=4).state_dict()["medusa_output.weight"],

@@ -44,12 +44,14 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 class Pipeline:
     """A tokenizer, a generator and the model's default sampling settings."""
 
-    def __init__(self, tokenizer, generator, defaults: dict[str, Any] | None = None, name: str = ""):
+    def __init__(self, tokenizer, generator, defaults: dict[str, Any] | None = None, name: str = "",
+                 presets: dict[str, dict[str, Any]] | None = None):
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
         generator.head.check_tokenizer(tokenizer)
         generator.bind_tokenizer(tokenizer)
         self.defaults = {**DEFAULT_SAMPLING, **(defaults or {})}
+        self.presets = _check_presets(presets)
         self.name = name
 
     @property
@@ -90,9 +92,20 @@ class Pipeline:
         prepack_linears(self.generator, enabled)
         return self
 
-    def sampling_params(self, **overrides: Any) -> SamplingParams:
-        """The model's defaults with every non-None override applied."""
-        values = {k: self.defaults.get(k) for k in SAMPLING_KEYS}
+    def settings(self, preset: str | None = None) -> dict[str, Any]:
+        """The defaults (a converted model's: its paper's FID protocol) with the named ``preset`` on top
+        (e.g. ``"demo"``: the official demo script's settings)."""
+        if preset is None:
+            return dict(self.defaults)
+        if preset not in self.presets:
+            have = ", ".join(sorted(self.presets)) or "none"
+            raise InvalidArgumentError(f"{self.name or 'this model'} has no preset {preset!r} (presets: {have})")
+        return {**self.defaults, **self.presets[preset]}
+
+    def sampling_params(self, preset: str | None = None, **overrides: Any) -> SamplingParams:
+        """The model's defaults (then ``preset``) with every non-None override applied."""
+        base = self.settings(preset)
+        values = {k: base.get(k) for k in SAMPLING_KEYS}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(**values)
 
@@ -110,6 +123,8 @@ class Pipeline:
         head_steps: int | None = None,
         num_iter: int | None = None,
         guidance_interval: float | None = None,
+        preset: str | None = None,
+        image_size: int | None = None,
         seed: int = 0,
         image_seeds: Sequence[int] | None = None,
         batch_size: int | None = None,
@@ -124,9 +139,15 @@ class Pipeline:
         ``head_steps`` (denoising steps per token) and ``num_iter`` (decoding steps of a ``sets``
         layout); their ``temperature`` scales the head's per-step noise. Flow heads (FlowAR) take
         ``head_steps`` (Euler steps per scale) and ``guidance_interval`` (CFG only while t <= it).
+        Unset settings come from ``pipe.defaults`` (a converted model's paper FID protocol) or, with
+        ``preset="demo"``, from the official demo's settings. ``image_size`` resizes the decoded images
+        (bicubic, before quantisation to 8 bits, as the papers' evaluation scripts do: LlamaGen's 384 px
+        models are evaluated at 256).
         """
         cond = self._conditions(class_labels, captions)
-        params = self.sampling_params(cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k,
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+            raise InvalidArgumentError(f"image_size must be a positive integer (pixels), got {image_size!r}")
+        params = self.sampling_params(preset=preset, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k,
                                       top_p=top_p, head_steps=head_steps, num_iter=num_iter,
                                       guidance_interval=guidance_interval)
         smp = get_sampler(sampler, params, **sampler_options)
@@ -140,15 +161,19 @@ class Pipeline:
         for i in range(0, cond.shape[0], bs):
             res = smp.sample(self.generator, cond[i:i + bs], gens[i:i + bs], progress=progress)
             tokens.append(res.tokens)
-            images += self.decode(res.tokens)
+            images += self.decode(res.tokens, image_size)
             stats = res.stats if stats is None else stats.merge(res.stats)
         return PipelineOutput(images, torch.cat(tokens), stats)
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
-        """Layout-order tokens (ids (B, N) or latents (B, N, D)) → PIL images through the tokenizer."""
+    def decode(self, tokens: torch.Tensor, image_size: int | None = None) -> list[Image.Image]:
+        """Layout-order tokens (ids (B, N) or latents (B, N, D)) → PIL images through the tokenizer,
+        resized to ``image_size`` (bicubic on the decoder's float output) when given."""
         ids = self.generator.layout.to_tokenizer_ids(tokens)
-        return to_pil(self.tokenizer.decode(ids))
+        images = self.tokenizer.decode(ids)
+        if image_size is not None and tuple(images.shape[-2:]) != (image_size, image_size):
+            images = torch.nn.functional.interpolate(images.float(), size=(image_size, image_size), mode="bicubic")
+        return to_pil(images)
 
     def _conditions(self, class_labels, captions) -> torch.Tensor:
         dev = self.device
@@ -172,7 +197,10 @@ class Pipeline:
         directory = Path(directory)
         self.tokenizer.save_pretrained(directory / "tokenizer")
         self.generator.save_pretrained(directory / "generator")
-        write_json(directory / "config.json", {"_class": "Pipeline", "name": self.name, "defaults": self.defaults})
+        cfg = {"_class": "Pipeline", "name": self.name, "defaults": self.defaults}
+        if self.presets:
+            cfg["presets"] = self.presets
+        write_json(directory / "config.json", cfg)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "Pipeline":
@@ -184,7 +212,16 @@ class Pipeline:
                 "it needs config.json, tokenizer/ and generator/"
             )
         return cls(load_module(directory / "tokenizer"), load_module(directory / "generator"),
-                   cfg.get("defaults"), cfg.get("name") or directory.name)
+                   cfg.get("defaults"), cfg.get("name") or directory.name, cfg.get("presets"))
+
+
+def _check_presets(presets) -> dict[str, dict[str, Any]]:
+    """Named overrides of the defaults (``{"demo": {"cfg": 4.0, "top_k": 2000}}``), checked once at load."""
+    if presets is None:
+        return {}
+    if not isinstance(presets, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in presets.items()):
+        raise InvalidArgumentError(f"presets must map names to settings dicts, got {presets!r}")
+    return {k: dict(v) for k, v in presets.items()}
 
 
 def load_pipeline(name_or_dir: str | Path, device: str | torch.device | None = "cpu",

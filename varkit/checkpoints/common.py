@@ -159,11 +159,15 @@ def file_record(path: str | os.PathLike, **extra: Any) -> dict[str, Any]:
 
 
 def save_converted_pipeline(out: Path, overwrite: bool, tokenizer: nn.Module, generator: nn.Module,
-                            defaults: Mapping[str, Any], name: str, record: Mapping[str, Any]) -> Path:
-    """Write the pipeline folder ``out`` with ``record`` as its ``convert.json``, atomically (no partial output)."""
+                            defaults: Mapping[str, Any], name: str, record: Mapping[str, Any],
+                            presets: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """Write the pipeline folder ``out`` with ``record`` as its ``convert.json``, atomically (no partial output).
+
+    ``defaults`` are the paper's FID-protocol settings; ``presets`` named others (``demo``: the demo script's)."""
     from ..pipeline import Pipeline
 
-    pipe = Pipeline(tokenizer, generator, dict(defaults), name=name)
+    pipe = Pipeline(tokenizer, generator, dict(defaults), name=name,
+                    presets={k: dict(v) for k, v in (presets or {}).items()})
     with atomic_directory(out, overwrite) as tmp:
         pipe.save_pretrained(tmp)
         write_json(tmp / "convert.json", dict(record))

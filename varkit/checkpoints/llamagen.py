@@ -44,9 +44,26 @@ __all__ = [
 
 WHAT = "LlamaGen GPT checkpoint"
 
-# ``sample_c2i.py`` / ``sample_t2i.py`` argparse defaults (top_p 1.0 = off, cfg_interval -1 = always).
+# ``sample_c2i.py`` / ``sample_t2i.py`` argparse defaults (top_p 1.0 = off, cfg_interval -1 = always): the
+# demo settings, kept as the ``demo`` preset of a converted c2i folder and as the defaults of a t2i one.
 LLAMAGEN_C2I_DEFAULTS = {"cfg": 4.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": 2000, "top_p": None}
 LLAMAGEN_T2I_DEFAULTS = {"cfg": 7.5, "cfg_schedule": "constant", "temperature": 1.0, "top_k": 1000, "top_p": None}
+
+# The paper's FID protocol (LlamaGen README / paper Table, scripts/autoregressive/sample_c2i.sh → sample_c2i_ddp.py):
+# no top-k (``--top-k 0``), top-p 1, temperature 1, CFG by size, 384 px models resized (bicubic) to 256 for
+# evaluation (``--image-size-eval 256``); 50 000 samples.
+LLAMAGEN_FID_CFG = {"GPT-B": 2.0, "GPT-L": 2.0, "GPT-XL": 1.75, "GPT-XXL": 1.75, "GPT-3B": 1.65}
+FID_IMAGE_SIZE = 256
+FID_NUM_SAMPLES = 50_000
+
+
+def c2i_protocol(cfg: float, image_size: int) -> dict:
+    """FID-protocol defaults shared by LlamaGen-format c2i models (LlamaGen, NAR): ``sample_c2i_ddp.py``'s."""
+    d = {"cfg": cfg, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None, "top_p": None,
+         "fid_num_samples": FID_NUM_SAMPLES}
+    if image_size != FID_IMAGE_SIZE:
+        d["fid_image_size"] = FID_IMAGE_SIZE
+    return d
 
 # (dim, n_layer) → (LlamaGen name, n_head) for every entry of LlamaGen's ``GPT_models``.
 # head_dim is 64 except GPT-3B (3200/32 = 100) and GPT-7B (4096/32 = 128).
@@ -340,14 +357,16 @@ def convert_llamagen(
 
     Both files are read and checked (families, truncation, codebook size vs vocabulary, grid)
     before anything is written; the folder is built next to ``out`` and renamed into place, so
-    an error leaves no partial output. The pipeline's defaults are LlamaGen's sampling-script
-    defaults (c2i: CFG 4.0, top-k 2000, temperature 1; t2i: CFG 7.5, top-k 1000).
+    an error leaves no partial output. A c2i folder's defaults are the paper's FID protocol (CFG 2.0 for B/L,
+    1.75 XL/XXL, 1.65 3B; no top-k; 384 px evaluated at 256) and its ``demo`` preset ``sample_c2i.py``'s
+    (CFG 4.0, top-k 2000); a t2i folder's defaults are ``sample_t2i.py``'s (CFG 7.5, top-k 1000).
     """
     return convert_gpt_pair(
         "llamagen", vq, gpt, out, what=WHAT,
         read_gpt=lambda downsample: _read_gpt(gpt, image_size, downsample, config, use_ema),
         build=generator_from_llamagen_state_dict, sizes=LLAMAGEN_SIZES,
         defaults=(LLAMAGEN_C2I_DEFAULTS, LLAMAGEN_T2I_DEFAULTS), name=name, use_ema=use_ema, overwrite=overwrite,
+        fid_cfg=LLAMAGEN_FID_CFG,
     )
 
 
@@ -365,12 +384,14 @@ def convert_gpt_pair(
     name: str | None,
     use_ema: bool,
     overwrite: bool,
+    fid_cfg: Mapping[str, float] | float | None = None,
 ) -> Path:
     """Convert a LlamaGen VQ + a LlamaGen-format GPT (LlamaGen's own, NAR's) into a pipeline folder ``out``.
 
     ``read_gpt(downsample)`` reads the GPT file (converted state dict, config, notes; nothing written),
     ``build(sd, config, source)`` makes the generator, ``sizes`` names it by (dim, n_layer), ``defaults`` are
-    the (c2i, t2i) sampling defaults. Both files are read and checked before anything is written and the
+    the (c2i, t2i) demo-script settings. A c2i folder's defaults are the paper's FID protocol (``fid_cfg``: CFG by
+    size name, or one value; :func:`c2i_protocol`) and its ``demo`` preset the demo script's. Both files are read and checked before anything is written and the
     folder is built next to ``out`` and renamed into place, so an error leaves no partial output;
     ``convert.json`` records the source files and the inferred config.
     """
@@ -390,8 +411,16 @@ def convert_gpt_pair(
     kind = "t2i" if cfg.caption_dim else "c2i"
     px = cfg.grid * tokenizer.downsample
     c2i_defaults, t2i_defaults = defaults
+    presets = {}
+    if cfg.caption_dim:
+        pipe_defaults = dict(t2i_defaults)
+    elif fid_cfg is None:
+        pipe_defaults = dict(c2i_defaults)
+    else:
+        scale = fid_cfg if isinstance(fid_cfg, (int, float)) else fid_cfg.get(size, 2.0)
+        pipe_defaults, presets = c2i_protocol(float(scale), px), {"demo": dict(c2i_defaults)}
     return save_converted_pipeline(
-        out, overwrite, tokenizer, generator, t2i_defaults if cfg.caption_dim else c2i_defaults,
+        out, overwrite, tokenizer, generator, pipe_defaults,
         name or f"{family}-{size}-{kind}-{px}", {
             "family": family,
             "vq": file_record(vq),
@@ -401,8 +430,9 @@ def convert_gpt_pair(
             "image_size": px,
             "grid": cfg.grid,
             "generator_config": dataclasses.asdict(cfg),
+            "defaults": pipe_defaults, "presets": presets,
             **notes,
-        })
+        }, presets=presets)
 
 
 def cmd_convert_llamagen(args) -> None:

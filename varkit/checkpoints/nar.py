@@ -44,7 +44,10 @@ __all__ = [
 WHAT = "NAR GPT checkpoint"
 MEDUSA_KEYS = ("medusa_norm.weight", "medusa_output.weight")
 
-# NAR's sample_c2i.py argparse defaults (the same as LlamaGen's): CFG 4, top-k 2000, temperature 1.
+# NAR's sample_c2i.py argparse defaults (the same as LlamaGen's): CFG 4, top-k 2000, temperature 1: the ``demo``
+# preset of a converted c2i folder. Its defaults are the FID protocol of scripts/autoregressive/sample_c2i.sh →
+# sample_c2i_ddp.py: CFG 2.0, top-k 0 (off), top-p 1, temperature 1, evaluated at 256 px (--image-size-eval).
+NAR_FID_CFG = 2.0
 NAR_C2I_DEFAULTS = {"cfg": 4.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": 2000, "top_p": None}
 NAR_T2I_DEFAULTS = {"cfg": 7.5, "cfg_schedule": "constant", "temperature": 1.0, "top_k": 1000, "top_p": None}
 
@@ -262,12 +265,13 @@ def convert_nar(
 
     Both files are read and checked before anything is written; the folder is built next to
     ``out`` and renamed into place, so an error leaves no partial output. Defaults are NAR's
-    ``sample_c2i.py`` ones (CFG 4.0, top-k 2000, temperature 1).
+    the FID protocol of ``sample_c2i_ddp.py`` (CFG 2.0, no top-k, 256 px); the ``demo``
+    preset is ``sample_c2i.py``'s (CFG 4.0, top-k 2000, temperature 1).
     """
     return convert_gpt_pair(
         "nar", vq, gpt, out, what=WHAT,
         read_gpt=lambda downsample: _read_gpt(gpt, image_size, downsample, config, medusa_layers, use_ema),
-        build=generator_from_nar_state_dict, sizes=NAR_SIZES, defaults=(NAR_C2I_DEFAULTS, NAR_T2I_DEFAULTS),
+        build=generator_from_nar_state_dict, sizes=NAR_SIZES, defaults=(NAR_C2I_DEFAULTS, NAR_T2I_DEFAULTS), fid_cfg=NAR_FID_CFG,
         name=name, use_ema=use_ema, overwrite=overwrite,
     )
 
