@@ -109,12 +109,22 @@ class Pipeline:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(**values)
 
+    def sampler_choice(self, sampler: str | None, preset: str | None = None,
+                       options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        """(sampler name, options): ``sampler`` or the folder's default sampler (else ``"ancestral"``); the
+        folder's stored ``sampler_options`` apply, under ``options``, when its default sampler is the one used."""
+        base = self.settings(preset)
+        default = base.get("sampler") or "ancestral"
+        name = sampler or default
+        stored = dict(base.get("sampler_options") or {}) if name == default else {}
+        return name, {**stored, **(options or {})}
+
     def __call__(
         self,
         class_labels: Sequence[int] | torch.Tensor | None = None,
         *,
         captions: torch.Tensor | None = None,
-        sampler: str = "ancestral",
+        sampler: str | None = None,
         cfg: float | None = None,
         cfg_schedule: str | None = None,
         temperature: float | None = None,
@@ -142,7 +152,9 @@ class Pipeline:
         Unset settings come from ``pipe.defaults`` (a converted model's paper FID protocol) or, with
         ``preset="demo"``, from the official demo's settings. ``image_size`` resizes the decoded images
         (bicubic, before quantisation to 8 bits, as the papers' evaluation scripts do: LlamaGen's 384 px
-        models are evaluated at 256).
+        models are evaluated at 256). ``sampler`` None: the folder's default sampler (its ``defaults``
+        entry ``"sampler"``, e.g. ``"distilled"`` for a DD student, with ``"sampler_options"`` under the
+        caller's), else ``"ancestral"``.
         """
         cond = self._conditions(class_labels, captions)
         if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
@@ -150,6 +162,7 @@ class Pipeline:
         params = self.sampling_params(preset=preset, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k,
                                       top_p=top_p, head_steps=head_steps, num_iter=num_iter,
                                       guidance_interval=guidance_interval)
+        sampler, sampler_options = self.sampler_choice(sampler, preset, sampler_options)
         smp = get_sampler(sampler, params, **sampler_options)
         if hasattr(smp, "bind_tokenizer"):  # samplers that need the tokenizer (LANTERN's codebook, drafter checks)
             smp.bind_tokenizer(self.tokenizer)
