@@ -39,7 +39,8 @@ def _sampler_options(pairs: list[str]) -> dict:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Sampler choice and sampling settings; unset values fall back to the model's defaults."""
-    p.add_argument("--sampler", default="ancestral", help="ancestral (default), sjd, ...")
+    p.add_argument("--sampler", default=None,
+                   help="ancestral, sjd, speculative, distilled, ... (default: the model's own, else ancestral)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--cfg-schedule", default=None, choices=["constant", "linear", "var"])
     p.add_argument("--temperature", type=float, default=None)
@@ -52,6 +53,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="sets layouts (MAR): decoding steps over the random order (default: the model's)")
     p.add_argument("--guidance-interval", type=float, default=None,
                    help="flow heads (FlowAR): CFG only while the ODE time t <= this, in [0, 1] (default: the model's)")
+    p.add_argument("--preset", default=None,
+                   help="a named settings preset of the model (converted LlamaGen/NAR: demo); default: its FID protocol")
     p.add_argument("--window", type=int, default=None, help="SJD window length")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sampler option, repeatable")
@@ -63,7 +66,7 @@ def sampling_kwargs(args) -> dict:
         opts["window"] = args.window
     return dict(sampler=args.sampler, cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, head_steps=args.head_steps, num_iter=args.num_iter,
-                guidance_interval=args.guidance_interval, **opts)
+                guidance_interval=args.guidance_interval, preset=args.preset, **opts)
 
 
 # -- generate ------------------------------------------------------------------------------------
