@@ -132,6 +132,17 @@ register_config(
     "the bundled digits MAR: 8x8 latents over the digits-kl tokenizer (token_dim from it), diffusion head",
 )
 register_config(
+    "digits-mar-draft",
+    MARGenerator,
+    partial(MARConfig, token_dim=4, grid=8, num_classes=10, encoder_dim=128, encoder_depth=1, encoder_heads=4,
+            decoder_dim=128, decoder_depth=1, decoder_heads=4, buffer_size=8, head_depth=2, head_width=128,
+            head_batch_mul=2, num_iter=16, head_steps=50, label_drop_prob=0.0, attn_dropout=0.0, proj_dropout=0.0,
+            x0_clip=4.0),
+    # digits-mar's widths with 1 of its 2 encoder/decoder blocks and 2 of its 3 head blocks (trained with
+    # --init-from digits-mar): a drafter for continuous speculative decoding (sampler="cspd")
+    "a small drafter for digits-mar (continuous speculative decoding): same tokenizer, layout and head steps",
+)
+register_config(
     "digits-maskgit",
     MARGenerator,
     partial(MARConfig, head="categorical", vocab_size=128, token_dim=0, grid=8, num_classes=10, encoder_dim=128,
