@@ -81,3 +81,7 @@ def add_bench_parser(sub) -> None:
     from .mar import add_mar_bench_parser
 
     add_mar_bench_parser(bs)
+
+    from .flowar import add_flowar_bench_parser
+
+    add_flowar_bench_parser(bs)
