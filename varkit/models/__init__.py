@@ -1,6 +1,7 @@
 """Generators (raster, scales, neighbors, MAR) and their registry of named configs."""
 from . import configs  # noqa: F401  (registers the named configs)
 from .base import Generator
+from .dd import DDRasterGenerator, DDScalesGenerator  # noqa: F401  (registers the distilled-decoding students)
 from .mar import MARConfig, MARGenerator
 from .neighbors import NeighborsConfig, NeighborsGenerator
 from .raster import RasterConfig, RasterGenerator
