@@ -9,6 +9,20 @@ from varkit.pipeline import Pipeline
 from varkit.tokenizers import VQConfig, VQTokenizer
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Reference-feature caches (varkit eval) go to a per-session folder, never the user's home."""
+    import os
+
+    old = os.environ.get("VARKIT_CACHE")
+    os.environ["VARKIT_CACHE"] = str(tmp_path_factory.mktemp("varkit-cache"))
+    yield
+    if old is None:
+        os.environ.pop("VARKIT_CACHE", None)
+    else:
+        os.environ["VARKIT_CACHE"] = old
+
+
 def randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
     """Random weights large enough that logits are far from uniform."""
     g = torch.Generator().manual_seed(seed)

@@ -7,6 +7,7 @@ the tests run in seconds on a CPU.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -407,3 +408,90 @@ def test_torchrun_rank_generates_its_share_only(tmp_path, digits, monkeypatch):
     rec = FID.eval_fid(pipe, num_samples=6, features="digits", out_dir=tmp_path, progress=False, print_table=False)
     assert rec["world_size"] == 2 and rec["metrics"]["num_samples"] == 6
     assert [s for c in pipe.calls for s in c["seeds"]] == [1, 3, 5, 0, 2, 4]
+
+
+# -- the papers' protocol: presets, evaluation size, ADM export, cached references, torchrun ---------
+def test_preset_and_image_size_reach_the_pipeline(tmp_path, digits):
+    pipe = FakePipe(digits)
+    pipe.defaults["fid_image_size"] = 256
+    pipe.settings = lambda preset: {**pipe.defaults, **{"demo": {"cfg": 4.0, "top_k": 2000}}[preset]}
+    s = FID.resolve_settings(pipe, preset="demo", cfg=None)
+    assert (s["cfg"], s["top_k"], s["image_size"], s["preset"]) == (4.0, 2000, 256, "demo")
+    assert FID.resolve_settings(pipe, image_size=64)["image_size"] == 64  # explicit size wins
+    FID.generate_samples(pipe, tmp_path, 2, settings=s, progress=False)
+    assert pipe.calls[0]["image_size"] == 256 and pipe.calls[0]["cfg"] == 4.0 and "preset" not in pipe.calls[0]
+    with pytest.raises(InvalidArgumentError, match="image-size"):
+        FID.resolve_settings(pipe, image_size=0)
+
+
+def test_real_pipeline_resizes_bicubic_before_quantising(tiny_pipeline):
+    small = tiny_pipeline([0], seed=3)
+    big = tiny_pipeline([0], seed=3, image_size=48)
+    assert big.images[0].size == (48, 48) and torch.equal(small.tokens, big.tokens)
+    with pytest.raises(InvalidArgumentError, match="image_size"):
+        tiny_pipeline([0], image_size=-1)
+
+
+def test_export_npz_is_the_adm_sample_batch(tmp_path, digits):
+    pipe = FakePipe(digits)
+    rec = FID.eval_fid(pipe, num_samples=12, features="digits", out_dir=tmp_path / "s", progress=False,
+                       print_table=False, export_npz_path=tmp_path / "samples.npz")
+    arr = np.load(tmp_path / "samples.npz")["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (12, 32, 32, 3)
+    files = FID.sample_files(tmp_path / "s", 12, 10)
+    from PIL import Image
+
+    assert np.array_equal(arr[5], np.asarray(Image.open(files[5]).convert("RGB")))  # index order
+    assert rec["export_npz"].endswith("samples.npz")
+    assert not list(tmp_path.glob(".samples.npz*"))  # no temporary left
+    # the ADM batch is a valid --ref holding the same uint8 images as the folder: the same features, so
+    # exactly the folder's numbers (not ~0: sqrtm of a rank-deficient 12-sample covariance is ill-conditioned)
+    via_npz = FID.compute_metrics(files, tmp_path / "samples.npz", features="digits", metrics=["fid"], progress=False)
+    via_dir = FID.compute_metrics(files, tmp_path / "s", features="digits", metrics=["fid"], progress=False)
+    assert via_npz["fid"] == via_dir["fid"]
+    with pytest.raises(InvalidArgumentError, match=".npz"):
+        FID.eval_fid(pipe, num_samples=4, features="digits", out_dir=tmp_path / "t", export_npz_path=tmp_path / "x.zip")
+
+
+def test_reference_features_are_computed_once_and_cached(tmp_path, folders, monkeypatch):
+    monkeypatch.setenv("VARKIT_CACHE", str(tmp_path / "cache"))
+    a, b = folders
+    calls = []
+    real = S.extract_features
+
+    def counting(images, *args, **kw):
+        calls.append(len(images))
+        return real(images, *args, **kw)
+
+    monkeypatch.setattr(S, "extract_features", counting)
+    first = FID.compute_metrics(b, a, features="digits", metrics=["fid"], progress=False)
+    assert len(list((tmp_path / "cache" / "fid_refs").glob("*.npy"))) == 1
+    n_first = len(calls)
+    second = FID.compute_metrics(b, a, features="digits", metrics=["fid"], progress=False)
+    assert n_first == 2 and len(calls) == 3  # the second run extracts the samples again, not the reference
+    assert second["fid"] == first["fid"]
+    # a changed reference file invalidates the entry
+    import os
+
+    f = sorted(a.glob("*.png"))[0]
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    FID.compute_metrics(b, a, features="digits", metrics=["fid"], progress=False)
+    assert len(calls) == 5  # samples and reference again
+
+
+@pytest.mark.slow
+def test_nproc_two_gloo_ranks_meet_at_a_barrier(tmp_path, tiny_pipeline):
+    """`eval fid --nproc 2`: torchrun, two gloo ranks, each writes its share, rank 0 scores all (no polling)."""
+    import subprocess
+    import sys
+
+    tiny_pipeline.save_pretrained(tmp_path / "pipe")
+    cmd = [sys.executable, "-m", "varkit.cli", "eval", "fid", "--model", str(tmp_path / "pipe"), "--features",
+           "digits", "--num-samples", "6", "--batch-size", "2", "--out", str(tmp_path / "s"), "--device", "cpu",
+           "--no-progress", "--nproc", "2", "--metrics", "fid"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((tmp_path / "s" / "metrics_digits.json").read_text())
+    assert rec["world_size"] == 2 and rec["metrics"]["num_samples"] == 6
+    assert len(list((tmp_path / "s").glob("*.png"))) == 6

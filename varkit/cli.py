@@ -91,7 +91,8 @@ def cmd_generate(args) -> None:
             save_image(im, dest / f"{i:05d}_class{c}.png")
         written = f"{len(out.images)} images in {dest}/"
     s = out.stats
-    print(f"wrote {written} ({s.forward_passes} forward passes, {s.wall_s:.2f} s)")
+    dtype = str(next(pipe.generator.parameters()).dtype).replace("torch.", "")
+    print(f"wrote {written} ({s.forward_passes} forward passes, {s.wall_s:.2f} s, {dtype})")
 
 
 # -- train -----------------------------------------------------------------------------------------
@@ -207,7 +208,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default=None, help="float32 (default) or bfloat16 for the generator")
+    g.add_argument("--dtype", default="auto",
+                   help="generator dtype: auto (default: bfloat16 where the CPU has AMX/AVX-512-BF16 or the GPU bf16, "
+                        "else float32), float32 or bfloat16")
     g.add_argument("--prepack", action="store_true",
                    help="CPU inference GEMMs on weights packed once for oneDNN (faster; one more copy of the weights)")
     g.add_argument("--compile", action="store_true",

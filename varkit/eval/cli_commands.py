@@ -86,6 +86,17 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--window", type=int, help="SJD window length")
     f.add_argument("--option", "--sampler-arg", dest="option", action="append", metavar="KEY=VALUE",
                    help="extra sampler option, repeatable (as in `varkit generate`)")
+    f.add_argument("--preset", help="a named settings preset of the model (converted LlamaGen/NAR: `demo`, the demo "
+                                    "script's); default: the model's paper FID protocol")
+    f.add_argument("--image-size", type=int, help="evaluate samples at this size, resized bicubic (default: the "
+                                                  "protocol's, e.g. 256 for LlamaGen's 384 px models)")
+    f.add_argument("--dtype", default=None, help="generator dtype: float32 or bfloat16 (default: the model's, fp32)")
+    f.add_argument("--compile", action="store_true", help="decode through a torch.compile'd step (raster models)")
+    f.add_argument("--prepack", action="store_true", help="CPU inference GEMMs on prepacked weights")
+    f.add_argument("--nproc", type=int, default=1,
+                   help="generate with N processes on this machine (torchrun; one GPU each when there are GPUs)")
+    f.add_argument("--export-npz", metavar="SAMPLES.npz",
+                   help="also write the samples as the ADM evaluator's batch (arr_0, uint8 N x H x W x 3)")
     f.add_argument("--seed", type=int, default=0, help="sample i uses seed*1000003+i")
     f.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     f.add_argument("--metric-batch-size", type=int, default=None, help="feature-extraction batch size")
@@ -123,9 +134,35 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return ev
 
 
+def _spawn_ranks(nproc: int) -> None:
+    """``--nproc N`` re-launches this command under torchrun with N processes, then exits with its status."""
+    import os
+    import subprocess
+    import sys
+
+    if nproc < 1:
+        raise InvalidArgumentError(f"--nproc must be >= 1, got {nproc}")
+    if nproc == 1 or "RANK" in os.environ:
+        return
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "varkit.cli", *argv]
+    raise SystemExit(subprocess.call(cmd))
+
+
 def run_fid(args: argparse.Namespace) -> int:
     from .fid import eval_fid, eval_folder
 
+    if args.samples is not None and (args.nproc != 1 or args.export_npz):
+        raise InvalidArgumentError("--nproc and --export-npz apply when generating (--model), not to --samples")
+    _spawn_ranks(args.nproc)
     common = dict(features=args.features, inception_weights=args.inception_weights, metrics=args.metrics,
                   device=args.device, kid_subset_size=args.kid_subset_size, progress=not args.no_progress)
     if args.samples is not None:
@@ -134,7 +171,9 @@ def run_fid(args: argparse.Namespace) -> int:
     eval_fid(args.model, ref=args.ref, num_samples=args.num_samples, sampler=args.sampler, cfg=args.cfg,
              cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
              head_steps=args.head_steps, num_iter=args.num_iter, guidance_interval=args.guidance_interval, sampler_kwargs=_sampler_kwargs(args), seed=args.seed, batch_size=args.batch_size,
-             out_dir=args.out, json_path=args.json, metric_batch_size=args.metric_batch_size, **common)
+             out_dir=args.out, json_path=args.json, metric_batch_size=args.metric_batch_size, preset=args.preset,
+             image_size=args.image_size, dtype=args.dtype, compile=args.compile, prepack=args.prepack,
+             export_npz_path=args.export_npz, **common)
     return 0
 
 

@@ -63,9 +63,15 @@ def dist_info() -> tuple[int, int]:
     return rank, world
 
 
-def resolve_settings(pipe, sampler: str | None = None, **overrides: Any) -> dict:
-    """Sampling settings: explicit values, else the model's published defaults (``pipe.defaults``)."""
-    defaults = dict(getattr(pipe, "defaults", None) or {})
+def resolve_settings(pipe, sampler: str | None = None, preset: str | None = None,
+                     image_size: int | None = None, **overrides: Any) -> dict:
+    """Sampling settings: explicit values, else the named ``preset``'s, else the model's published defaults
+    (``pipe.defaults``: a converted model's paper FID protocol). ``image_size``: the size samples are evaluated
+    at (default: the protocol's ``fid_image_size``, e.g. 256 for LlamaGen's 384 px models; None = as decoded)."""
+    if preset is not None and hasattr(pipe, "settings"):
+        defaults = pipe.settings(preset)
+    else:
+        defaults = dict(getattr(pipe, "defaults", None) or {})
     out = {"sampler": sampler or defaults.get("sampler") or "ancestral"}
     for k in SAMPLING_KEYS:
         v = overrides.get(k)
@@ -73,6 +79,13 @@ def resolve_settings(pipe, sampler: str | None = None, **overrides: Any) -> dict
     for k in CONTINUOUS_KEYS:  # continuous heads only: unset, they leave earlier folders' manifests and hashes as they were
         if out.get(k) is None:
             out.pop(k, None)
+    size = image_size if image_size is not None else defaults.get("fid_image_size")
+    if size is not None:  # only when set: earlier folders' manifests and hashes stay as they were
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise InvalidArgumentError(f"--image-size must be a positive number of pixels, got {size!r}")
+        out["image_size"] = size
+    if preset is not None:
+        out["preset"] = preset
     return out
 
 
@@ -131,7 +144,7 @@ def generate_samples(pipe, out_dir: str | os.PathLike, num_samples: int, *, sett
 
     mine = range(rank, num_samples, world_size)
     todo = [i for i in mine if not (out_dir / sample_name(i, i % num_classes)).is_file()]
-    call = {k: v for k, v in settings.items() if v is not None}
+    call = {k: v for k, v in settings.items() if v is not None and k != "preset"}
     t0 = time.perf_counter()
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"generating (rank {rank})" if world_size > 1
               else "generating", unit="img", disable=not progress or rank != 0, file=sys.stderr) as bar:
@@ -153,20 +166,71 @@ def sample_files(out_dir: str | os.PathLike, num_samples: int, num_classes: int)
     return [str((out_dir / sample_name(i, i % num_classes)).resolve()) for i in range(num_samples)]
 
 
-def wait_for_samples(files: Sequence[str], stall_timeout: float = 3600.0, poll: float = 2.0) -> None:
-    """Rank 0 under torchrun: wait until every rank's samples exist (barrier if a process group is up)."""
+def init_distributed(world_size: int, device: torch.device | str | None = None) -> bool:
+    """Under torchrun (``world_size > 1``): join the process group (NCCL on CUDA, gloo on the CPU) if no one did.
+
+    The timeout is long (12 h): ranks meet at a barrier once their share of the samples is written, and
+    shares differ when a run resumes. Returns whether this call created the group (then it destroys it)."""
+    import datetime
+
+    dist = torch.distributed
+    if world_size <= 1 or not dist.is_available() or dist.is_initialized() or "MASTER_ADDR" not in os.environ:
+        return False  # one process, a group someone else made, or ranks simulated without torchrun (tests)
+    backend = "nccl" if torch.device(device or "cpu").type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
+    return True
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op outside a process group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def check_samples(files: Sequence[str]) -> None:
+    """After the barrier: every rank's samples must exist (a rank that failed leaves gaps)."""
     missing = [f for f in files if not os.path.isfile(f)]
-    last, t_last = len(missing), time.monotonic()
-    while missing:
-        time.sleep(poll)
-        missing = [f for f in missing if not os.path.isfile(f)]
-        if len(missing) < last:
-            last, t_last = len(missing), time.monotonic()
-        elif time.monotonic() - t_last > stall_timeout:
-            raise DataError(f"{len(missing)} samples (e.g. {missing[0]}) did not appear within {stall_timeout:.0f} s; "
-                            "another rank failed: rerun the same command to resume")
+    if missing:
+        raise DataError(f"{len(missing)} samples (e.g. {missing[0]}) are missing after all ranks finished; "
+                        "a rank failed: rerun the same command to resume")
+
+
+def export_npz(files: Sequence[str], path: str | os.PathLike, progress: bool = True) -> Path:
+    """Write the samples as the ADM evaluator's sample batch: ``arr_0``, uint8 (N, H, W, 3), atomically.
+
+    The array is filled image by image in a memory-mapped file and stored uncompressed in the .npz, so
+    50 000 ImageNet samples need no more memory than one image (the file is N·H·W·3 bytes, 9.8 GB at 256 px)."""
+    import zipfile
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    from ..io import atomic_path
+
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise InvalidArgumentError(f"--export-npz must end in .npz (the ADM evaluator's format), got {path}")
+    if not files:
+        raise InvalidArgumentError("no samples to export")
+    with Image.open(files[0]) as im0:
+        w, h = im0.size
+    with atomic_path(path) as tmp:
+        npy = tmp.with_name(tmp.name + ".npy")
+        try:
+            arr = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(files), h, w, 3))
+            for i, f in enumerate(tqdm(files, desc="export npz", unit="img", disable=not progress, file=sys.stderr)):
+                with Image.open(f) as im:
+                    a = np.asarray(im.convert("RGB"))
+                if a.shape != (h, w, 3):
+                    raise DataError(f"{f} is {a.shape[1]}x{a.shape[0]}, the first sample {w}x{h}: samples must share a size")
+                arr[i] = a
+            arr.flush()
+            del arr
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+                z.write(npy, "arr_0.npy")
+        finally:
+            npy.unlink(missing_ok=True)
+    return path
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -318,13 +382,18 @@ def eval_fid(model, *, ref: str | os.PathLike | None = None, num_samples: int | 
              features: str = "inception", inception_weights: str | os.PathLike | None = None,
              metrics: Sequence[str] = ALL_METRICS, device: str | None = None, metric_batch_size: int | None = None,
              kid_subset_size: int = 1000, fid_layer: str | None = None, progress: bool = True,
-             print_table: bool = True) -> dict | None:
+             print_table: bool = True, preset: str | None = None, image_size: int | None = None,
+             dtype: str | torch.dtype | None = None, compile: bool = False, prepack: bool = False,
+             export_npz_path: str | os.PathLike | None = None) -> dict | None:
     """Generate ``num_samples`` samples of ``model`` and score them; write and return the JSON record.
 
     ``model``: a bundled name, a pipeline folder, or a pipeline object. Unset sampling settings
     come from the model's published defaults (``pipe.defaults``); ``num_samples`` defaults to
-    the model's FID count (50 per class). Under torchrun every rank generates its share; rank 0
-    waits for all samples, computes the metrics and returns the record, other ranks return None.
+    the model's FID count (50 per class). Under torchrun every rank generates its share, all meet at a
+    ``torch.distributed`` barrier; rank 0 computes the metrics and returns the record, other ranks None.
+    ``preset``: a named settings preset of the model (``demo``). ``image_size``: evaluate at this size
+    (default: the protocol's). ``dtype``/``compile``/``prepack``: as :func:`varkit.load_pipeline`.
+    ``export_npz_path``: also write the samples as the ADM evaluator's ``arr_0`` batch.
     """
     rank, world = dist_info()
     if features not in S.FEATURES:
@@ -351,10 +420,13 @@ def eval_fid(model, *, ref: str | os.PathLike | None = None, num_samples: int | 
         model_name = str(Path(model).resolve()) if Path(model).exists() else str(model)
         if device is None and world > 1 and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-        pipe = load_pipeline(model, device=device or "auto")
+        pipe = load_pipeline(model, device=device or "auto", dtype=dtype, compile=compile, prepack=prepack)
     else:
         pipe, model_name = model, getattr(model, "name", "") or type(model).__name__
-    settings = resolve_settings(pipe, sampler, cfg=cfg, cfg_schedule=cfg_schedule, top_k=top_k, top_p=top_p,
+    if export_npz_path is not None and Path(export_npz_path).suffix != ".npz":
+        raise InvalidArgumentError(f"--export-npz must end in .npz (the ADM evaluator's format), got {export_npz_path}")
+    owns_group = init_distributed(world, getattr(pipe, "device", None))
+    settings = resolve_settings(pipe, sampler, preset=preset, image_size=image_size, cfg=cfg, cfg_schedule=cfg_schedule, top_k=top_k, top_p=top_p,
                                 temperature=temperature, head_steps=head_steps, num_iter=num_iter,
                                 guidance_interval=guidance_interval)
     n = int(num_samples) if num_samples is not None else default_num_samples(pipe)
@@ -368,10 +440,15 @@ def eval_fid(model, *, ref: str | os.PathLike | None = None, num_samples: int | 
     gen_info = generate_samples(pipe, out_dir, n, settings=settings, seed=seed, batch_size=batch_size,
                                 sampler_kwargs=sampler_kwargs, model=model_name, rank=rank, world_size=world,
                                 progress=progress)
+    barrier()
     if rank != 0:
+        if owns_group:
+            torch.distributed.destroy_process_group()
         return None
     files = sample_files(out_dir, n, int(pipe.num_classes))
-    wait_for_samples(files)
+    check_samples(files)
+    if export_npz_path is not None:
+        export_npz(files, export_npz_path, progress)
     labels = [i % int(pipe.num_classes) for i in range(n)]
     res = compute_metrics(files, reference, features=features, inception_weights=weights, labels=labels,
                           metrics=metrics, device=device, batch_size=metric_batch_size,
@@ -389,6 +466,10 @@ def eval_fid(model, *, ref: str | os.PathLike | None = None, num_samples: int | 
                     **res["seconds"]},
         "versions": versions(),
     }
+    if export_npz_path is not None:
+        record["export_npz"] = str(Path(export_npz_path).resolve())
+    if owns_group:
+        torch.distributed.destroy_process_group()
     json_path = Path(json_path) if json_path is not None else out_dir / f"metrics_{features}.json"
     write_json(json_path, record)
     record["json"] = str(json_path)

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -401,8 +402,16 @@ def reference_stats(ref: Reference, extractor: Extractor, batch_size: int = 64, 
 
         ref.features = real_digits_features()
     if ref.features is None and ref.images is not None:
-        ref.features = extract_features(ref.images, extractor, batch_size, progress, "reference",
-                                        layers=[extractor.fid_layer])[extractor.fid_layer]
+        cached = _cache_path(ref, extractor)
+        if cached is not None and cached.is_file():
+            ref.features = _read_cached_features(cached)
+        if ref.features is None:
+            ref.features = extract_features(ref.images, extractor, batch_size, progress, "reference",
+                                            layers=[extractor.fid_layer])[extractor.fid_layer]
+            if cached is not None:
+                _write_cached_features(cached, ref.features)
+        elif progress:
+            print(f"reference features of {ref.source}: cached in {cached}", file=sys.stderr)
     if ref.mu is None:
         if ref.features is None:
             raise DataError(f"reference {ref.source} has neither statistics nor images")
@@ -413,6 +422,50 @@ def reference_stats(ref: Reference, extractor: Extractor, batch_size: int = 64, 
         ref.fid_from = "mu/sigma stored in the file"
     ref.extractor, ref.layer = extractor.name, extractor.fid_layer
     return ref
+
+
+# -- the reference-feature cache: a reference's features are computed once per (files, extractor) ----------
+def reference_cache_dir() -> Path:
+    """Where reference features are cached: ``$VARKIT_CACHE/fid_refs`` (default ``~/.cache/varkit/fid_refs``)."""
+    root = os.environ.get("VARKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "varkit")
+    return Path(root) / "fid_refs"
+
+
+def _cache_key(ref: Reference, extractor: Extractor) -> str | None:
+    """A key that changes when any reference file or the extractor changes (paths, sizes, mtimes, weights hash)."""
+    if os.environ.get("VARKIT_NO_REF_CACHE"):
+        return None
+    if ref.kind == "folder":
+        files = [(f, *(lambda st: (st.st_size, st.st_mtime_ns))(os.stat(f))) for f in ref.images]
+    elif ref.kind == "adm-npz":
+        st = os.stat(ref.source)
+        files = [(ref.source, st.st_size, st.st_mtime_ns)]
+    else:
+        return None  # digits: shipped features; tensors given in memory: nothing stable to key on
+    blob = json.dumps({"files": files, "extractor": extractor.name, "layer": extractor.fid_layer,
+                       "weights": extractor.info.get("weights_sha256")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _cache_path(ref: Reference, extractor: Extractor) -> Path | None:
+    key = _cache_key(ref, extractor)
+    return None if key is None else reference_cache_dir() / f"{extractor.name}-{extractor.fid_layer}-{key}.npy"
+
+
+def _read_cached_features(path: Path) -> torch.Tensor | None:
+    try:
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    except (OSError, ValueError):
+        return None  # unreadable: recompute (and rewrite)
+
+
+def _write_cached_features(path: Path, features: torch.Tensor) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, features.numpy().astype(np.float32))
+    except OSError as exc:  # a read-only home folder must not fail the evaluation
+        print(f"warning: could not cache reference features in {path}: {exc}", file=sys.stderr)
 
 
 @functools.lru_cache(maxsize=1)
