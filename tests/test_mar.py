@@ -173,7 +173,7 @@ def test_sampling_layout_and_contract_errors():
     g = create_model("mar-tiny").eval()
     N = g.layout.num_tokens
     assert g.sampling_layout(None) is g.layout and g.sampling_layout(N).step_sizes == [1] * N
-    assert g.new_cache(2) is None and not g.supports_multistep and not g.supports_rollback and g.cond_len == 4
+    assert g.new_cache(2) is None and g.supports_multistep and g.supports_rollback and g.cond_len == 4
     for bad in (0, N + 1, 2.5, True):
         with pytest.raises(InvalidArgumentError, match="num_iter"):
             g.sampling_layout(bad)
@@ -192,6 +192,29 @@ def test_sampling_layout_and_contract_errors():
             g(torch.zeros(2, 1, 4), 1, None, state)
     with pytest.raises(InvalidArgumentError, match="training_outputs"):
         g.teacher_forcing_logits(labels, torch.zeros(2, N, 4))
+
+
+def test_multistep_forward_is_each_steps_own_prefix_and_rolls_back():
+    """Several steps in one call (the prefixes batched, padding masked out) give what one call per step gives,
+    and rollback returns to an earlier step. fp64: the two paths differ only by the masked padding's
+    summation order, ~1e-15 (fp64 eps 2.2e-16 x a few dozen terms); 1e-12 leaves room for any CPU."""
+    torch.manual_seed(0)
+    g = create_model("mar-tiny").double().eval()
+    lay, B = g.layout, 3
+    order = torch.stack([torch.randperm(lay.num_tokens) for _ in range(B)])
+    cond, toks = torch.tensor([0, 1, 4]), torch.randn(B, lay.num_tokens, 4, dtype=torch.float64)
+    with torch.no_grad():
+        _, st = g.prefill(cond, None, order=order)
+        seq = [g(lay.read(toks, s - 1, order), s, None, st) for s in range(1, lay.num_steps)]
+        _, st2 = g.prefill(cond, None, order=order)
+        multi = g(torch.cat([lay.read(toks, j, order) for j in range(lay.num_steps - 1)], 1), 1, None, st2)
+        torch.testing.assert_close(multi, torch.cat(seq, 1), rtol=0, atol=1e-12)
+        g.rollback(None, st2, 2)
+        torch.testing.assert_close(g(lay.read(toks, 1, order), 2, None, st2), seq[1], rtol=0, atol=1e-12)
+        with pytest.raises(InvalidArgumentError, match="whole steps"):
+            g(toks[:, :1], 3, None, st2)
+        with pytest.raises(InvalidArgumentError, match="rolls back"):
+            g.rollback(None, st2, lay.num_steps + 1)
 
 
 def test_null_class_is_fake_latent():

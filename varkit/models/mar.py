@@ -60,7 +60,7 @@ class MARConfig(HeadConfig):
 
 # -- timm's ViT block, with timm's parameter names ------------------------------------------------
 class _Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv (bias) and SDPA; no mask (bidirectional)."""
+    """Multi-head self-attention with a fused qkv (bias) and SDPA; bidirectional (a key mask only for padding)."""
 
     def __init__(self, dim: int, heads: int, attn_drop: float, proj_drop: float):
         super().__init__()
@@ -71,13 +71,16 @@ class _Attention(nn.Module):
         self.proj = Linear(dim, dim, bias=True)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention output for every position, or only for query ``rows`` (B, n) (keys: all positions)."""
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output for every position, or only for query ``rows`` (B, n) (keys: all positions, or
+        those where ``key_mask`` (B, L) is True: padded rows of a batch of different lengths)."""
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         if rows is not None:
             q = q.gather(2, rows[:, None, :, None].expand(B, self.heads, rows.shape[1], q.shape[-1]))
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, -1, C)))
 
 
@@ -102,9 +105,11 @@ class ViTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = _Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The block on ``x`` (B, L, C); with ``rows`` (B, n) only those positions come out (B, n, C)."""
-        h = self.attn(self.norm1(x), rows)
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The block on ``x`` (B, L, C); with ``rows`` (B, n) only those positions come out (B, n, C);
+        ``key_mask`` (B, L): the positions attended to (None: all)."""
+        h = self.attn(self.norm1(x), rows, key_mask)
         x = x if rows is None else x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
         x = x + h
         return x + self.mlp(self.norm2(x))
@@ -133,8 +138,9 @@ class MARGenerator(ClassConditional, Generator):
 
     config_class = MARConfig
     class_ids_of = "MAR"  # the null class id num_classes is MAR's fake_latent (not a row of class_emb)
-    supports_multistep = False
-    supports_rollback = False
+    # several steps at once: each step's own prefix, the prefixes run as one padded batch (speculative samplers)
+    supports_multistep = True
+    supports_rollback = True
 
     def __init__(self, config: MARConfig):
         super().__init__(config)
@@ -216,19 +222,21 @@ class MARGenerator(ClassConditional, Generator):
         emb = self.class_emb(cond.clamp(0, self.num_classes - 1))
         return torch.where((cond == self.num_classes)[:, None], self.fake_latent.to(emb.dtype), emb)
 
-    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         for blk in blocks:
             if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, None, key_mask, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x, None, key_mask)
         return x
 
-    def encode(self, cond: torch.Tensor, tokens: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    def encode(self, cond: torch.Tensor, tokens: torch.Tensor, known: torch.Tensor,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder output (B, S + K, E) for the buffer and the tokens (B, K, ...) at grid positions ``known`` (B, K).
 
         As MAR's ``forward_mae_encoder``: buffer slots = class embedding, + position embedding, LayerNorm,
         then only buffer + known tokens through the blocks (``known`` sorted: MAR keeps grid order).
+        ``valid`` (B, K): rows padded to a common K mark their real tokens; the padding is never attended to.
         """
         S = self.config.buffer_size
         pos = self.encoder_pos_embed_learned[0]
@@ -239,18 +247,23 @@ class MARGenerator(ClassConditional, Generator):
                 tokens = tokens.to(self.encoder_pos_embed_learned.dtype)
             x = torch.cat([x, self.z_proj(tokens) + pos[S + known]], 1)
         x = self.z_proj_ln(x)
-        return self.encoder_norm(self._blocks(self.encoder_blocks, x))
+        key_mask = None if valid is None else torch.cat([valid.new_ones(valid.shape[0], S), valid], 1)
+        return self.encoder_norm(self._blocks(self.encoder_blocks, x, key_mask))
 
-    def decode(self, h: torch.Tensor, known: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, h: torch.Tensor, known: torch.Tensor, rows: torch.Tensor | None = None,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
         """Head inputs (B, N, C) at every position, or (B, n, C) at grid positions ``rows`` (B, n), as
-        MAR's ``forward_mae_decoder``: mask tokens re-inserted, decoder blocks, + ``diffusion_pos_embed``."""
+        MAR's ``forward_mae_decoder``: mask tokens re-inserted, decoder blocks, + ``diffusion_pos_embed``.
+        ``valid`` (B, K): as :meth:`encode`; padded slots are dropped before the decoder."""
         S, N = self.config.buffer_size, self.layout.num_tokens
         x = self.decoder_embed(h)
         B, C = x.shape[0], x.shape[-1]
-        full = self.mask_token.to(x.dtype).expand(B, S + N, C).clone()
+        full = self.mask_token.to(x.dtype).expand(B, S + N + (valid is not None), C).clone()
         full[:, :S] = x[:, :S]
         if known.shape[1]:
-            full.scatter_(1, (S + known)[..., None].expand(-1, -1, C), x[:, S:])
+            dest = S + known if valid is None else torch.where(valid, S + known, S + N)  # padding → a spare slot
+            full.scatter_(1, dest[..., None].expand(-1, -1, C), x[:, S:])
+        full = full[:, :S + N]
         x = full + self.decoder_pos_embed_learned
         if rows is None:
             x = self.decoder_norm(self._blocks(self.decoder_blocks, x))[:, S:] + self.diffusion_pos_embed_learned
@@ -285,22 +298,68 @@ class MARGenerator(ClassConditional, Generator):
         return self._outputs(state), state
 
     def forward(self, tokens: torch.Tensor, step: int, cache: Any = None, state: MARState | None = None) -> torch.Tensor:
-        """Store ``tokens`` (B', n_{step-1}, ...) of step ``step-1``, re-encode, return outputs of step ``step``."""
+        """Store ``tokens`` (B', m, ...) of steps ``step-1 … step+k-2`` (each step's tokens in layout order,
+        concatenated), re-encode, return the outputs of steps ``step … step+k-1`` (concatenated).
+
+        Step j's outputs see exactly the tokens of the steps before j, as k one-step calls would: the
+        encoder is bidirectional, so each step gets its own prefix, and the k prefixes run as one batch
+        (padded to the longest, padding masked out of attention). k = 1 is MAR's own step."""
         if not isinstance(state, MARState):
             raise InvalidArgumentError("MAR's forward needs the state prefill returned")
-        if step != state.step + 1 or step >= state.layout.num_steps:
+        lay = state.layout
+        if step != state.step + 1 or step >= lay.num_steps:
             raise InvalidArgumentError(
-                f"MAR decodes one step at a time: after step {state.step} of {state.layout.num_steps} the next call is "
-                f"step {state.step + 1}, got {step}")
-        prev = state.layout.index(step - 1, state.order)
+                f"MAR decodes one step at a time from its state (or several, given all their tokens): after step "
+                f"{state.step} of {lay.num_steps} the next call is step {state.step + 1}, got {step} "
+                "(gen.rollback goes back)")
+        k = _steps_covered(lay, step, tokens.shape[1])
+        prev = torch.cat([lay.index(j, state.order) for j in range(step - 1, step - 1 + max(k, 1))], 1)
         want = (*prev.shape, *self.head.token_shape)
-        if tuple(tokens.shape) != want:
-            raise InvalidArgumentError(f"step {step - 1} tokens must have shape {want}, got {tuple(tokens.shape)}")
+        if k == 0 or step + k - 1 >= lay.num_steps or tuple(tokens.shape) != want:
+            raise InvalidArgumentError(
+                f"the tokens from step {step - 1} must cover whole steps before the last ({lay.step_sizes[step - 1]} "
+                f"for one step: shape {(prev.shape[0], lay.step_sizes[step - 1], *self.head.token_shape)}), "
+                f"got shape {tuple(tokens.shape)}")
         rows = torch.arange(prev.shape[0], device=prev.device)[:, None]
         state.tokens[rows, prev] = tokens.to(state.tokens.device, state.tokens.dtype)
         state.known[rows, prev] = True
-        state.step = step
-        return self._outputs(state)
+        state.step = step + k - 1
+        return self._outputs(state) if k == 1 else self._outputs_of_steps(state, range(step, step + k))
+
+    def rollback(self, cache: Any, state: MARState, step: int) -> None:
+        """Back to just before the call ``gen(..., step, ...)``: the tokens of steps >= step-1 are forgotten."""
+        if not isinstance(state, MARState) or not 1 <= step <= state.step + 1:
+            raise InvalidArgumentError(
+                f"MAR rolls back to a step in 1..{getattr(state, 'step', 0) + 1} (the next call's step), got {step}")
+        state.step = step - 1
+        K = state.layout.step_starts[step - 1]
+        state.known.zero_()
+        state.known.scatter_(1, state.order[:, :K], True)
+
+    def _outputs_of_steps(self, state: MARState, steps: range) -> torch.Tensor:
+        """Outputs (B', Σ n_j, C) of each step j in ``steps`` given the tokens of the steps before j, in one
+        batched pass over the len(steps) prefixes (row i·B' + b: prefix i of image b)."""
+        lay, order = state.layout, state.order
+        B, k = order.shape[0], len(steps)
+        Ks = [lay.step_starts[j] for j in steps]
+        ns = [lay.step_sizes[j] for j in steps]
+        K, n = max(Ks), max(ns)
+        known = order.new_zeros(k, B, K)
+        valid = torch.zeros(k, B, K, dtype=torch.bool, device=order.device)
+        rows = order.new_zeros(k, B, n)
+        for i, j in enumerate(steps):
+            known[i, :, :Ks[i]] = order[:, :Ks[i]].sort(1).values
+            valid[i, :, :Ks[i]] = True
+            idx = lay.index(j, order)
+            rows[i, :, :ns[i]] = idx
+            rows[i, :, ns[i]:] = idx[:, :1]  # padding rows: a real position, its output dropped below
+        known, valid, rows = known.view(k * B, K), valid.view(k * B, K), rows.view(k * B, n)
+        shape = self.head.token_shape
+        toks = state.tokens.repeat(k, *[1] * (state.tokens.dim() - 1))
+        known_tokens = toks.gather(1, known.view(*known.shape, *[1] * len(shape)).expand(*known.shape, *shape))
+        h = self.encode(state.cond.repeat(k, *[1] * (state.cond.dim() - 1)), known_tokens, known, valid)
+        out = self.decode(h, known, rows, valid).view(k, B, n, -1)
+        return torch.cat([out[i, :, :ns[i]] for i in range(k)], 1)
 
     def _outputs(self, state: MARState) -> torch.Tensor:
         K = state.layout.step_starts[state.step]
@@ -359,6 +418,14 @@ class MARGenerator(ClassConditional, Generator):
         raise InvalidArgumentError(
             "MAR-style generators have no teacher-forced pass (every step sees a random subset of tokens); "
             "train them through training_outputs")
+
+
+def _steps_covered(layout: Layout, step: int, m: int) -> int:
+    """How many whole steps from ``step-1`` ``m`` tokens cover (0 if they end inside a step)."""
+    start, k = layout.step_starts[step - 1], 0
+    while step - 1 + k < layout.num_steps and layout.step_starts[step - 1 + k] < start + m:
+        k += 1
+    return k if layout.step_starts[step - 1 + k] == start + m else 0
 
 
 def _check_config(c: MARConfig) -> None:
