@@ -67,7 +67,7 @@ class Pipeline:
         dev = resolve_device(device)
         self.tokenizer.to(dev)
         self.generator.to(dev)
-        dt = resolve_dtype(dtype)
+        dt = resolve_dtype(dtype, dev)  # "auto": the dtype this device runs fastest (varkit.device.auto_dtype)
         if dt is not None:
             self.generator.to(dt)
         return self

@@ -69,8 +69,18 @@ def add_sampler_run_args(parser) -> None:
     parser.add_argument("--skip-large", action="store_true")
 
 
-def save_results(name: str, rows: list[dict[str, Any]], settings: dict[str, Any], out_dir: str | Path) -> Path:
+def save_results(name: str, rows: list[dict[str, Any]], settings: dict[str, Any], out_dir: str | Path,
+                 floor: dict[str, Any] | None = None) -> Path:
+    """Write the bench JSON; ``floor``: this machine's bandwidth/GEMM measurement the rows' floors came from
+    (default: the cached one at this thread count, a quick one measured first if there is none;
+    :mod:`varkit.bench.floor`)."""
+    from .floor import get_floor
+
+    device = str(settings.get("device") or "cpu") if isinstance(settings, dict) else "cpu"
+    if floor is None:
+        floor = get_floor("cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu", quick=True,
+                          verbose=True)
     path = Path(out_dir) / f"{name}.json"
     write_json(path, {"benchmark": name, "machine": machine(), "settings": settings, "rows": rows,
-                      "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+                      "floor": floor, "date": time.strftime("%Y-%m-%d %H:%M:%S")})
     return path

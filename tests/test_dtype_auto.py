@@ -1,0 +1,144 @@
+"""dtype="auto": bf16 where the hardware multiplies bf16 natively, fp32 elsewhere; clear errors on bad input.
+
+The CPU rule is tested on fake /proc/cpuinfo texts (an Intel Xeon with AMX, an AMD EPYC with AVX2 only), so
+the tests hold on either kind of machine; the real machine's choice is only checked to be consistent.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from varkit.device import (auto_dtype, bf16_isa, cpu_dtype_choice, cpu_info, native_bf16, parse_cpuinfo,
+                           resolve_dtype)
+from varkit.errors import DeviceError, InvalidArgumentError
+
+INTEL_AMX = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sse sse2 ssse3 fma cx16 sse4_1 sse4_2 avx f16c avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni avx512_bf16 avx_vnni amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse avx2
+"""
+AMD_AVX2 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 23
+model name\t: AMD EPYC 7B12
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sse sse2 ssse3 fma cx16 sse4_1 sse4_2 avx f16c avx2 bmi2 sha_ni
+"""
+COOPER_LAKE = "model name\t: Intel(R) Xeon(R) Platinum 8380H\nflags\t\t: avx2 avx512f avx512bw avx512vl avx512_bf16\n"
+SKYLAKE = "model name\t: Intel(R) Xeon(R) Gold 6148\nflags\t\t: avx2 fma avx512f avx512bw avx512vl avx512dq\n"
+
+
+def test_parse_cpuinfo_reads_the_first_cpu():
+    info = parse_cpuinfo(INTEL_AMX)
+    assert info["model"] == "Intel(R) Xeon(R) Platinum 8480+" and info["vendor"] == "GenuineIntel"
+    assert "amx_bf16" in info["flags"] and "avx512_bf16" in info["flags"]
+
+
+@pytest.mark.parametrize("text, isa, dtype", [
+    (INTEL_AMX, "amx", torch.bfloat16),
+    (COOPER_LAKE, "avx512_bf16", torch.bfloat16),
+    (SKYLAKE, "avx512", torch.float32),  # AVX-512 without bf16 instructions: conversions, no gain
+    (AMD_AVX2, "none", torch.float32),
+    ("", "none", torch.float32),  # no /proc/cpuinfo (macOS, containers): the safe choice
+])
+def test_cpu_flags_decide(text, isa, dtype):
+    info = cpu_info(text)
+    assert info["bf16_isa"] == isa == bf16_isa(parse_cpuinfo(text)["flags"])
+    assert native_bf16(info) == (dtype == torch.bfloat16)
+    assert cpu_dtype_choice(info) == dtype
+
+
+def test_cpu_info_keeps_the_relevant_flags_only():
+    info = cpu_info(AMD_AVX2)
+    assert info["model"] == "AMD EPYC 7B12" and info["flags"] == ["avx2", "fma", "f16c"]
+
+
+def _floor(f32: float, b16: float) -> dict:
+    return {"gemm": {"float32": {"m1": {"flops_per_s": f32}, "m8": {"flops_per_s": f32}},
+                     "bfloat16": {"m1": {"flops_per_s": b16}, "m8": {"flops_per_s": b16}}}}
+
+
+def test_measured_floor_backs_the_choice():
+    amx = cpu_info(INTEL_AMX)
+    assert cpu_dtype_choice(amx, floor=_floor(1e10, 3e10)) == torch.bfloat16
+    assert cpu_dtype_choice(amx, floor=_floor(3e10, 1e10)) == torch.float32  # measured slower: fp32
+    assert cpu_dtype_choice(amx, floor={"gemm": {}}) == torch.bfloat16  # not measured: the flags decide
+    assert cpu_dtype_choice(amx, onednn_bf16=False) == torch.float32  # this torch has no oneDNN bf16 kernels
+    # on an AVX2-only CPU a (noisy) measurement never switches bf16 on
+    assert cpu_dtype_choice(cpu_info(AMD_AVX2), floor=_floor(1e10, 3e10)) == torch.float32
+
+
+def test_auto_on_this_machine_is_consistent():
+    from varkit.nn.layers import packable_dtypes
+
+    got = resolve_dtype("auto")
+    assert got in (torch.float32, torch.bfloat16)
+    if got == torch.bfloat16:  # only where the CPU has native bf16 and oneDNN can prepack it
+        assert native_bf16(cpu_info()) and torch.bfloat16 in packable_dtypes()
+    assert resolve_dtype("AUTO", "cpu") == got == auto_dtype("cpu")
+
+
+def test_names_and_passthrough():
+    assert resolve_dtype(None) is None
+    assert resolve_dtype("bf16") == resolve_dtype("BFloat16") == torch.bfloat16
+    assert resolve_dtype(torch.float32, "cpu") == torch.float32
+
+
+def test_unknown_dtype_is_one_clear_line():
+    with pytest.raises(InvalidArgumentError, match=r"unknown dtype 'float8'; choose one of auto, float32") as e:
+        resolve_dtype("float8")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_is_one_clear_line():
+    with pytest.raises(DeviceError, match="no usable CUDA GPU.*--device cpu"):
+        resolve_dtype("auto", "cuda")
+    with pytest.raises(DeviceError, match="no usable CUDA GPU"):
+        resolve_dtype("bfloat16", "cuda")
+
+
+def test_cuda_without_bf16_auto_picks_fp32_and_explicit_bf16_fails(monkeypatch):
+    """A GPU without native bf16 (pre-Ampere): auto is fp32 with no error; bfloat16 asked for is a clear error."""
+    import varkit.device as D
+
+    monkeypatch.setattr(D, "resolve_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(D, "_cuda_bf16", lambda dev: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "Tesla V100-SXM2-16GB")
+    assert D.resolve_dtype("auto", "cuda") == torch.float32
+    assert D.resolve_dtype("float32", "cuda") == torch.float32
+    with pytest.raises(DeviceError, match="V100.*no native bf16.*--dtype float32") as e:
+        D.resolve_dtype("bfloat16", "cuda")
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(D, "_cuda_bf16", lambda dev: True)
+    assert D.resolve_dtype("auto", "cuda") == torch.bfloat16
+
+
+def test_generate_defaults_to_auto(tmp_path, capsys):
+    from varkit.cli import build_parser, main
+
+    assert build_parser("generate").parse_args(["generate"]).dtype == "auto"
+    assert main(["generate", "--model", "digits", "--classes", "0", "--out", str(tmp_path / "a.png")]) == 0
+    want = str(resolve_dtype("auto")).replace("torch.", "")
+    assert capsys.readouterr().out.strip().endswith(f"{want})")
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--dtype", "float8"], r"unknown dtype 'float8'"),
+    (["--device", "cuda"], r"no usable CUDA GPU"),
+])
+def test_generate_bad_dtype_or_device_is_one_line(tmp_path, capsys, argv, pattern):
+    import re
+
+    from varkit.cli import main
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert main(["generate", "--model", "digits", "--classes", "0", *argv, "--out", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(pattern, err[0]), err
