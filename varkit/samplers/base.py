@@ -15,7 +15,8 @@ from .random import Randomness
 
 @dataclass
 class SamplerStats:
-    """What a sampling run cost. ``forward_passes`` counts generator calls (CFG counted once)."""
+    """What a sampling run cost. ``forward_passes`` counts generator calls (CFG counted once): the *target*'s
+    under a drafting sampler, whose drafter calls are ``draft_passes`` (0 without a drafter)."""
 
     forward_passes: int = 0
     steps: int = 0
@@ -23,6 +24,7 @@ class SamplerStats:
     accepted_per_pass: list[float] = field(default_factory=list)  # per-image mean tokens committed by each pass
     wall_s: float = 0.0
     cache_bytes: int = 0
+    draft_passes: int = 0
 
     def merge(self, other: "SamplerStats") -> "SamplerStats":
         """Totals over two runs (e.g. two batches)."""
@@ -33,6 +35,7 @@ class SamplerStats:
             self.accepted_per_pass + other.accepted_per_pass,
             self.wall_s + other.wall_s,
             max(self.cache_bytes, other.cache_bytes),
+            self.draft_passes + other.draft_passes,
         )
 
     @property
@@ -63,7 +66,10 @@ class GuidedRunner:
     (``gen.head.sample(out, weights, ...)``; ``gen.head.mix`` for categorical logits).
     """
 
-    def __init__(self, gen: Generator, params: SamplingParams, cond: torch.Tensor, rng: Randomness | None = None):
+    def __init__(self, gen: Generator, params: SamplingParams, cond: torch.Tensor, rng: Randomness | None = None,
+                 cache_policy: Any = None, cache_len: int | None = None):
+        """``cache_policy``: a :class:`~varkit.cache_policies.CachePolicy` (a budgeted cache instead of the plain
+        one); ``cache_len``: positions of the plain cache (default: the generator's whole sequence)."""
         self.gen, self.params = gen, params
         gen.head.check_params(params)
         self.layout = gen.sampling_layout(params.num_iter)
@@ -80,7 +86,12 @@ class GuidedRunner:
         self.cfg = params.uses_cfg(self.num_steps)
         self.token_weights = torch.tensor(step_w, dtype=torch.float32)[self.layout.step_of]
         self.cond = torch.cat([cond, gen.null_condition(cond)]) if self.cfg else cond
-        self.cache: KVCache | None = gen.new_cache(self.cond.shape[0])
+        if cache_policy is not None:
+            from ..cache_policies import budgeted_cache
+
+            self.cache: KVCache | None = budgeted_cache(cache_policy, gen, self.cond.shape[0], params)
+        else:
+            self.cache = gen.new_cache(self.cond.shape[0], cache_len) if cache_len else gen.new_cache(self.cond.shape[0])
         self.state: Any = None
         self.passes = 0
 
