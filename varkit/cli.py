@@ -250,6 +250,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     tg.add_argument("--init-from", default=None, metavar="MODEL",
                     help="copy every same-named, same-shaped weight from this generator (e.g. the target's first layers)")
     tg.set_defaults(func=cmd_train_generator)
+    from .distill.cli_commands import add_train_distill_parser
+
+    add_train_distill_parser(t)
 
     m = sub.add_parser("models", help="list bundled models and named configs")
     m.set_defaults(func=cmd_models)
@@ -274,6 +277,12 @@ def _add_convert(sub) -> None:
     add_convert_parser(sub)
 
 
+def _add_distill(sub) -> None:
+    from .distill.cli_commands import add_distill_parser
+
+    add_distill_parser(sub)
+
+
 def _add_bench(sub) -> None:
     from .bench.cli import add_bench_parser
 
@@ -286,6 +295,7 @@ _EXTRA_COMMANDS = {
     "eval": ("FID/IS/KID/precision/recall, reference statistics, tokenizer reconstruction", _add_eval),
     "convert": ("convert published checkpoints into varkit model folders", _add_convert),
     "bench": ("benchmarks: a table on stdout, JSON under bench/results/", _add_bench),
+    "distill": ("Distilled Decoding (DD1): (noise, tokens) pairs from a teacher's flow map", _add_distill),
 }
 
 
