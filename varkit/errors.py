@@ -30,6 +30,10 @@ class DataError(VarkitError):
     """A dataset folder is empty, unreadable, or inconsistent."""
 
 
+class NumericalError(VarkitError, ArithmeticError):
+    """A model produced NaN or infinite values (corrupt weights, or settings that overflow)."""
+
+
 def check(condition: bool, message: str, kind: type[VarkitError] = InvalidArgumentError) -> None:
     """Raise ``kind(message)`` unless ``condition`` holds."""
     if not condition:
