@@ -112,7 +112,7 @@ def make_distill_data(teacher: str | Path, num: int, out: str | Path, batch_size
         diff = sorted(k for k in manifest if k != "teacher" and not same_setting(old.get(k), manifest[k]))
         if diff:
             raise DataError(
-                f"{out} holds DD data made with other settings ({', '.join(diff)} differ); "
+                f"{out} holds DD data made with other settings ({', '.join(diff)}); "
                 "choose a new --out folder or rerun with the options it was started with")
     else:
         write_json(path, manifest)  # ranks starting together all write the same content, atomically
