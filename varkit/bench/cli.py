@@ -82,6 +82,10 @@ def add_bench_parser(sub) -> None:
 
     add_mar_bench_parser(bs)
 
+    from .dd import add_dd_bench_parser
+
+    add_dd_bench_parser(bs)
+
     from .floor import add_floor_bench_parser
 
     add_floor_bench_parser(bs)
