@@ -88,6 +88,10 @@ class Attention(nn.Module):
             k = F.normalize(k, dim=-1)
             scale = 1.0
         if cache is not None:
+            attend = getattr(cache, "attend", None)
+            if attend is not None:  # a budgeted cache (varkit.cache_policies) keeps other keys per head: it attends
+                y = attend(layer, q, k, v, mask, scale)
+                return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, -1)))
             k, v = cache.update(layer, k, v)
         drop = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
