@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..cache import KVCache
+from ..errors import NumericalError
 from ..models.base import Generator
 from .logits import SamplingParams
 from .random import Randomness
@@ -114,6 +115,9 @@ class GuidedRunner:
             extra["layout"] = self.layout
         out, self.state = self.gen.prefill(self.cond, self.cache, **extra)
         self.passes += 1
+        if not bool(torch.isfinite(out).all()):  # once per call: NaN weights would otherwise sample silently
+            raise NumericalError(f"{type(self.gen).__name__} gives non-finite outputs (NaN or inf) on its first "
+                                 "step: its weights are corrupt or overflow in this dtype; re-save or re-convert it")
         return out, self.weights(0, out.shape[1])
 
     def forward(self, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
