@@ -20,10 +20,24 @@ class AncestralSampler(Sampler):
     name = "ancestral"
     lossless = True
 
+    def __init__(self, params=None, cache_policy=None):
+        """``cache_policy``: ``"scalekv:0.1"``, ``"hack:0.5"`` or a :class:`~varkit.cache_policies.CachePolicy`:
+        decode on a KV cache within that budget (next-scale generators; lossy below 1.0)."""
+        super().__init__(params)
+        if cache_policy is not None:
+            from ..cache_policies import make_cache_policy
+
+            cache_policy = make_cache_policy(cache_policy)
+        self.cache_policy = cache_policy
+
+    def check_generator(self, gen) -> None:
+        if self.cache_policy is not None:
+            self.cache_policy.check_generator(gen)
+
     def _sample(self, gen, cond, gens, progress) -> SampleResult:
         # a list of per-image generators, or a ready Randomness-like object (injected draws, for equality tests)
         rng = Randomness(gens, cond.device) if isinstance(gens, (list, tuple)) else gens
-        run = GuidedRunner(gen, self.params, cond, rng)
+        run = GuidedRunner(gen, self.params, cond, rng, cache_policy=self.cache_policy)
         layout, head, order = run.layout, gen.head, run.order
         B = cond.shape[0]
         tokens = torch.zeros(B, layout.num_tokens, *head.token_shape, dtype=head.token_dtype, device=cond.device)
