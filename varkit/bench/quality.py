@@ -37,7 +37,7 @@ def cmd_bench_quality(args) -> None:
         t1 = time.perf_counter()
         m = digits_fid(out.images, labels)
         batches = math.ceil(len(labels) / (args.batch_size or len(labels)))
-        rows.append({"model": name, **settings_used(pipe, args.sampler, args.cfg), "images": len(labels),
+        rows.append({"model": name, **settings_used(pipe, pipe.sampler_choice(args.sampler)[0], args.cfg), "images": len(labels),
                      "forward_passes": out.stats.forward_passes, "passes_per_image": out.stats.forward_passes / batches,
                      "digits_fid": m["fid"], "accuracy": m["accuracy"], "generate_s": t1 - t0,
                      "s_per_image": (t1 - t0) / len(labels), "eval_s": time.perf_counter() - t1})
@@ -48,7 +48,7 @@ def cmd_bench_quality(args) -> None:
 def add_quality_bench_parser(bs) -> None:
     q = bs.add_parser("quality", help="digits-FID and classifier accuracy of the bundled digits models")
     q.add_argument("--models", nargs="*", default=None, help="default: every bundled digits model")
-    q.add_argument("--sampler", default="ancestral")
+    q.add_argument("--sampler", default=None, help="default: each model's own (ancestral; distilled for a DD student)")
     q.add_argument("--cfg", type=float, default=None, help="CFG scale for every model (default: each model's own)")
     q.add_argument("--per-class", type=int, default=50)
     q.add_argument("--batch-size", type=int, default=100)
