@@ -276,6 +276,29 @@ class FlowARGenerator(ClassConditional, Generator):
         state.step = step
         return self._run(x, self.layout.step_slice(step), state.mods, None, cache)
 
+    def prefill_steps(self, cond: torch.Tensor, cache: KVCache, tokens: torch.Tensor, steps: int) -> tuple[torch.Tensor, FlowARState]:
+        """The class token and the latents ``tokens`` of scales ``0 … steps-1`` in one block-causal pass → conditions of
+        scale ``steps`` (collaborative decoding's refiner prefill; see :meth:`Generator.prefill_steps`)."""
+        self.check_condition(cond)
+        if cache is None or cache.length != 0:
+            raise InvalidArgumentError("prefill needs an empty KVCache (gen.new_cache(batch))")
+        lay = self.layout
+        if not 0 < steps < lay.num_steps or tokens.shape[1] != lay.step_starts[steps]:
+            raise InvalidArgumentError(
+                f"prefill_steps takes the latents of scales 0..{steps - 1} (steps in 1..{lay.num_steps - 1}), "
+                f"got {tokens.shape[1]} tokens for steps={steps}")
+        emb = self.class_emb(cond)
+        state = FlowARState(self.modulations(emb), steps)
+        xs = [emb[:, None]]
+        for s in range(1, steps + 1):
+            p = self.config.patch_nums[s - 1]
+            grid = tokens[:, lay.step_slice(s - 1)].reshape(tokens.shape[0], p, p, -1)
+            xs.append(self._embed_tokens(self.next_scale_input(grid, s)))
+        end = lay.step_starts[steps + 1]
+        mask = block_causal_mask(self.step_of[:end], self.step_of[:end])
+        out = self._run(torch.cat(xs, 1), slice(0, end), state.mods, mask, cache)
+        return out[:, lay.step_starts[steps]:], state
+
     # -- training ------------------------------------------------------------------------------------
     def training_outputs(self, cond: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
         """One block-causal pass over every scale (FlowAR's training forward): conditions (B, N, C) for the

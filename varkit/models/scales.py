@@ -251,6 +251,25 @@ class ScalesGenerator(ClassConditional, Generator):
     # -- training ------------------------------------------------------------------------------------
     def teacher_forcing_logits(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """One block-causal pass over every scale; logits (B, L, V)."""
+    def prefill_steps(self, cond: torch.Tensor, cache: KVCache, tokens: torch.Tensor, steps: int) -> tuple[torch.Tensor, ScalesState]:
+        """The class and the ``tokens`` of scales ``0 … steps-1`` in one block-causal pass → logits of scale ``steps``
+        (CoDe's refiner prefill; see :meth:`Generator.prefill_steps`)."""
+        self.check_condition(cond)
+        if cache.length != 0:
+            raise InvalidArgumentError("prefill needs an empty KVCache")
+        if not 0 < steps < self.layout.num_steps or tokens.shape[1] != self.layout.step_starts[steps]:
+            raise InvalidArgumentError(
+                f"prefill_steps takes the {self.layout.step_starts[steps] if 0 < steps < self.layout.num_steps else '?'} "
+                f"tokens of scales 0..{steps - 1} (steps in 1..{self.layout.num_steps - 1}), got {tokens.shape[1]} for steps={steps}")
+        state = ScalesState(self.class_emb(cond))
+        xs = [self._first_input(state.cond_emb)]
+        for s in range(1, steps + 1):
+            state.f_hat, nxt = self.tokenizer.next_scale_input(s - 1, tokens[:, self.layout.step_slice(s - 1)], state.f_hat)
+            xs.append(self.word_embed(nxt.to(self.word_embed.weight.dtype)) + self._level_pos(self.layout.step_slice(s)))
+        lvl = self.lvl_1L[: self.layout.step_starts[steps + 1]]
+        logits = self._run(torch.cat(xs, 1), state.cond_emb, block_causal_mask(lvl, lvl), cache, state)
+        return logits[:, self.layout.step_starts[steps]:], state
+
         cond_emb = self.class_emb(cond)
         grids = self.layout.to_grids(tokens)
         inputs = self.tokenizer.teacher_forcing_inputs(grids[:-1]).to(self.word_embed.weight.dtype)
