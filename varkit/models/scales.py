@@ -248,9 +248,6 @@ class ScalesGenerator(ClassConditional, Generator):
         x = self.word_embed(nxt.to(self.word_embed.weight.dtype)) + self._level_pos(self.layout.step_slice(step))
         return self._run(x, state.cond_emb, None, cache, state)
 
-    # -- training ------------------------------------------------------------------------------------
-    def teacher_forcing_logits(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """One block-causal pass over every scale; logits (B, L, V)."""
     def prefill_steps(self, cond: torch.Tensor, cache: KVCache, tokens: torch.Tensor, steps: int) -> tuple[torch.Tensor, ScalesState]:
         """The class and the ``tokens`` of scales ``0 … steps-1`` in one block-causal pass → logits of scale ``steps``
         (CoDe's refiner prefill; see :meth:`Generator.prefill_steps`)."""
@@ -273,6 +270,9 @@ class ScalesGenerator(ClassConditional, Generator):
         cond_emb = self.class_emb(cond)
         grids = self.layout.to_grids(tokens)
         inputs = self.tokenizer.teacher_forcing_inputs(grids[:-1]).to(self.word_embed.weight.dtype)
+    # -- training ------------------------------------------------------------------------------------
+    def teacher_forcing_logits(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """One block-causal pass over every scale; logits (B, L, V)."""
         L = self.layout.num_tokens
         x = torch.cat([self._first_input(cond_emb), self.word_embed(inputs) + self._level_pos(slice(self.pos_start.shape[1], L))], 1)
         mask = block_causal_mask(self.lvl_1L, self.lvl_1L)
