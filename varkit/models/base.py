@@ -162,6 +162,14 @@ class Generator(DerivedState, SavableModule):
     def forward(self, tokens: torch.Tensor, step: int, cache: KVCache, state: Any = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def prefill_steps(self, cond: torch.Tensor, cache: KVCache, tokens: torch.Tensor,
+                      steps: int) -> tuple[torch.Tensor, Any] | None:
+        """``prefill`` plus the given ``tokens`` (B, n, ...) of layout steps ``0 … steps-1`` in one block-causal pass:
+        the outputs of step ``steps`` and the state, as after ``gen(tokens of step steps-1, steps, ...)``. Collaborative
+        decoding hands a drafter's first scales to a refiner this way. None where a generator has no such pass (the
+        caller then feeds the steps one call at a time)."""
+        return None
+
     def rollback(self, cache: KVCache, state: Any, step: int) -> None:
         raise InvalidArgumentError(f"{type(self).__name__} cannot roll back its decoding state")
 
@@ -185,14 +193,6 @@ class Generator(DerivedState, SavableModule):
         # a plain attribute, not a submodule: the compiled step wraps this module (no cycle in
         # modules() or state_dict())
         self.__dict__["_compiled_step"] = fn
-    def prefill_steps(self, cond: torch.Tensor, cache: KVCache, tokens: torch.Tensor,
-                      steps: int) -> tuple[torch.Tensor, Any] | None:
-        """``prefill`` plus the given ``tokens`` (B, n, ...) of layout steps ``0 … steps-1`` in one block-causal pass:
-        the outputs of step ``steps`` and the state, as after ``gen(tokens of step steps-1, steps, ...)``. Collaborative
-        decoding hands a drafter's first scales to a refiner this way. None where a generator has no such pass (the
-        caller then feeds the steps one call at a time)."""
-        return None
-
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; drops a compiled decode step (it froze the old weights)."""

@@ -267,12 +267,12 @@ class ScalesGenerator(ClassConditional, Generator):
         logits = self._run(torch.cat(xs, 1), state.cond_emb, block_causal_mask(lvl, lvl), cache, state)
         return logits[:, self.layout.step_starts[steps]:], state
 
-        cond_emb = self.class_emb(cond)
-        grids = self.layout.to_grids(tokens)
-        inputs = self.tokenizer.teacher_forcing_inputs(grids[:-1]).to(self.word_embed.weight.dtype)
     # -- training ------------------------------------------------------------------------------------
     def teacher_forcing_logits(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """One block-causal pass over every scale; logits (B, L, V)."""
+        cond_emb = self.class_emb(cond)
+        grids = self.layout.to_grids(tokens)
+        inputs = self.tokenizer.teacher_forcing_inputs(grids[:-1]).to(self.word_embed.weight.dtype)
         L = self.layout.num_tokens
         x = torch.cat([self._first_input(cond_emb), self.word_embed(inputs) + self._level_pos(slice(self.pos_start.shape[1], L))], 1)
         mask = block_causal_mask(self.lvl_1L, self.lvl_1L)
