@@ -5,13 +5,14 @@ from ..errors import InvalidArgumentError
 from ..registry import Registry
 from .ancestral import AncestralSampler
 from .base import Sampler, SampleResult, SamplerStats
+from .collaborative import CollaborativeSampler
 from .distilled import DistilledSampler
 from .logits import SamplingParams
 from .sjd import SJDSampler
 from .speculative import SpeculativeSampler
 
 SAMPLERS: Registry[type[Sampler]] = Registry("sampler", InvalidArgumentError)
-for _cls in (AncestralSampler, SJDSampler, SpeculativeSampler, DistilledSampler):
+for _cls in (AncestralSampler, SJDSampler, SpeculativeSampler, DistilledSampler, CollaborativeSampler):
     SAMPLERS.register(_cls.name, _cls)
 
 
