@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..device import resolve_device, resolve_dtype
 from .report import add_output_args
 
-COLUMNS = ["model", "mode", "batch", "tokens", "tokens_per_s", "ms_per_step", "forward_passes", "cache_bytes", "peak_rss_mb"]
+COLUMNS = ["model", "mode", "batch", "tokens", "tokens_per_s", "ms_per_step", "forward_passes", "cache_bytes", "peak_rss_mb",
+           "floor_s", "fraction_of_floor"]
 
 
 def cmd_bench_decode(args) -> None:
@@ -14,7 +15,8 @@ def cmd_bench_decode(args) -> None:
     from ..models import create_model
     from ..pipeline import load_pipeline
     from ..samplers import SamplingParams
-    from .decode import bench_decode
+    from .decode import bench_decode, decode_traces
+    from .floor import attach_floor, floor_summary, get_floor
     from .report import print_table, save_results
 
     dev = resolve_device(args.device)
@@ -28,12 +30,20 @@ def cmd_bench_decode(args) -> None:
         gen = create_model(args.large).to(dev, dtype).eval()
         torch.nn.init.normal_(gen.output.weight, std=0.02)  # LlamaGen zero-inits the head; give it logits
         targets.append((args.large + "-random", gen))
+    floor = get_floor(dev, verbose=True)
+    # one thread: CPU seconds, which other processes on a shared machine inflate far less than wall time
+    basis = "cpu_s" if dev.type == "cpu" and torch.get_num_threads() == 1 else "wall_s"
     for name, gen in targets:
         params = SamplingParams(cfg=args.cfg, top_k=args.top_k)
+        traces = decode_traces(gen, params, args.nocache_steps)  # floors' work; warms the model up
         for b in args.batch:
-            rows += bench_decode(gen, name, b, params, args.nocache_steps)
+            rows += attach_floor(bench_decode(gen, name, b, params, args.nocache_steps), traces, floor,
+                                 seconds_key=basis, key=lambda r: r["mode"])
     print_table(rows, COLUMNS)
-    path = save_results(args.name, rows, vars(args) | {"func": None, "dtype": str(dtype)}, args.out_dir)
+    print(floor_summary(floor))
+    print(f"fraction_of_floor = floor_s / {basis}")
+    path = save_results(args.name, rows, vars(args) | {"func": None, "dtype": str(dtype), "fraction_of_floor_basis": basis},
+                        args.out_dir, floor=floor)
     print(f"wrote {path}")
 
 

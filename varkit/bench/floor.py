@@ -308,6 +308,18 @@ class WorkTrace:
     other: PassWork
     batch: int = 1
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able form (benches whose runs live in worker processes send it back)."""
+        def one(p: PassWork) -> dict:
+            return {"weight_bytes": p.weight_bytes, "kv_bytes": p.kv_bytes, "flops": p.flops}
+        return {"batch": self.batch, "passes": [one(p) for p in self.passes], "other": one(self.other)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "WorkTrace":
+        def one(d: dict) -> PassWork:
+            return PassWork(int(d["weight_bytes"]), int(d["kv_bytes"]), dict(d["flops"]))
+        return cls([one(d) for d in data["passes"]], one(data["other"]), int(data.get("batch", 1)))
+
     def totals(self, batch: int) -> dict[str, float]:
         """Bytes and FLOPs of the run at ``batch`` images (weights once per pass; KV and FLOPs per image)."""
         s = batch / self.batch

@@ -45,7 +45,7 @@ from .official import import_checkout
 from .report import add_output_args
 
 COLUMNS = ["impl", "dtype", "prepacked", "batch", "s_per_image", "cpu_s_per_image", "vs_official", "cpu_vs_official",
-           "transformer_cpu_s", "head_cpu_s", "decode_cpu_s", "other_cpu_s", "floor_s", "x_floor"]
+           "transformer_cpu_s", "head_cpu_s", "decode_cpu_s", "other_cpu_s", "floor_s", "x_floor", "fraction_of_floor"]
 PART_COLUMNS = ["impl", "dtype", "prepacked", "batch", "part", "seconds", "cpu_s", "floor_s", "x_floor", "bound", "share"]
 PARTS = ("transformer", "head", "decode")
 LABELS = [207, 360, 388, 113, 355, 980, 323, 979, 88, 22, 437, 562, 1, 130, 94, 33]  # MAR's demo classes first
@@ -435,6 +435,7 @@ def make_rows(sides: list[Side], results: list[tuple[Any, float, float, dict, li
                "images_per_s": batch / wall, **{f"{p}_s": seconds[p] for p in PARTS}, "other_s": other,
                **{f"{p}_cpu_s": cpu_parts[p] for p in PARTS}, "other_cpu_s": max(cpu - sum(cpu_parts.values()), 0.0),
                **{f"{p}_floor_s": floors[p][0] for p in PARTS}, "floor_s": floor, "x_floor": cpu / floor,
+               "fraction_of_floor": floor / cpu,  # as every bench reports it (varkit.bench.floor): 1 / x_floor
                "head_calls": len(net_rows), "head_rows_min": min(net_rows, default=0),
                "head_rows_max": max(net_rows, default=0), "head_rows_mean": sum(net_rows) / max(len(net_rows), 1),
                "head_weight_bytes": h_bytes_one, "head_flops": h_flops, "transformer_flops": t_flops,

@@ -14,7 +14,9 @@ same sampling settings (temperature, top-k), dtype (``--dtype``, as NAR's ``--pr
 number of threads; wall time is the best of ``--repeats`` runs of a whole sampling call (NAR's
 includes its cache setup, as its ``generate`` does it per call), ``cpu_s`` the process CPU time of
 that run (steadier than wall time when other processes share the cores). The implementations are
-timed round-robin, so that load from other processes falls on all of them alike.
+timed round-robin, so that load from other processes falls on all of them alike. ``floor_s``: the least time
+this machine allows for the run's work (:mod:`varkit.bench.floor`; the official loop does NAR's work, so it
+shares varkit's floor), ``fraction_of_floor`` = floor_s / cpu_s at one thread (wall_s at more).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from .official import import_checkout
 from .report import add_output_args
 
 COLUMNS = ["model", "impl", "layout", "prepacked", "batch", "forward_passes", "wall_s", "cpu_s", "images_per_s", "vs_raster",
-           "vs_official", "cpu_vs_official"]
+           "vs_official", "cpu_vs_official", "floor_s", "fraction_of_floor"]
 
 # NAR GPT-B and LlamaGen GPT-B (class-conditional, 16x16 tokens, vocabulary 16384)
 B_FIELDS = {"vocab_size": 16384, "num_classes": 1000, "dim": 768, "n_layer": 12, "n_head": 12, "grid": 16}
@@ -182,12 +184,21 @@ def run_bench(args) -> list[dict[str, Any]]:
         targets.append(("GPT-B random", nar, raster))
     official = load_official(args.official) if args.official else None
     dtype = resolve_dtype(args.dtype) or torch.float32
+    from .floor import attach_floor, get_floor, trace_sampling
+
+    floor = get_floor(verbose=True)
+    # one thread: CPU seconds (other processes on a shared machine inflate them far less than wall time)
+    basis = "cpu_s" if torch.get_num_threads() == 1 else "wall_s"
     for name, nar, raster in targets:
         off_model = official_model(official[0], nar) if official is not None and nar.config.caption_dim == 0 else None
         # as NAR's sample_c2i.py --precision: the whole model (and so its KV cache) in that dtype
         nar, raster = nar.to(dtype), raster.to(dtype)
         off_model = off_model.to(dtype) if off_model is not None else None
         # varkit's NAR with plain linears and/or with prepacked weights (a copy of the model: its own packed cache)
+        # the work of one batch-1 run of each layout (the official loop runs NAR's algorithm: the same work)
+        traces = {"neighbors": trace_sampling(nar, params)}
+        if not args.skip_raster:
+            traces["raster"] = trace_sampling(raster, params)
         nars = []
         if args.prepack in ("off", "both"):
             nars.append((False, nar))
@@ -213,6 +224,7 @@ def run_bench(args) -> list[dict[str, Any]]:
                 if off is not None:
                     r["vs_official"] = r["images_per_s"] / off["images_per_s"]
                     r["cpu_vs_official"] = off["cpu_s"] / r["cpu_s"]
+            attach_floor(group, traces, floor, seconds_key=basis, key=lambda r: r["layout"])
             rows += group
             for r in group:
                 print({k: r.get(k) for k in COLUMNS}, flush=True)
@@ -230,7 +242,8 @@ def cmd_bench_nar(args) -> None:
     rows = run_bench(args)
     print_table(rows, COLUMNS)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    settings = vars(args) | {"func": None, "loadavg_start": load_start, "loadavg_end": load, "threads_used": torch.get_num_threads()}
+    settings = vars(args) | {"func": None, "loadavg_start": load_start, "loadavg_end": load, "threads_used": torch.get_num_threads(),
+                             "fraction_of_floor_basis": "cpu_s" if torch.get_num_threads() == 1 else "wall_s"}
     path = save_results(args.name, rows, settings, args.out_dir)
     print(f"wrote {path}")
 

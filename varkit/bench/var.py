@@ -13,7 +13,10 @@ Images/s = batch / wall seconds of one whole call (sampling + VQVAE decode; vark
 best of the timed runs; ``speedup`` = varkit/official images/s, ``speedup_mean`` the ratio of mean times and
 ``speedup_cpu`` the ratio of process CPU seconds (less sensitive to other processes on a shared machine).
 ``--profile`` adds one ``torch.profiler`` run per side and batch size: seconds per op category (GEMM, conv,
-attention, ...), to show where the two sides differ.
+attention, ...), to show where the two sides differ. ``floor_s``: the least time this machine allows for the
+work of the call (VAR's transformer passes and the VQVAE decode, counted on one batch-1 varkit call; both sides
+do that work), ``fraction_of_floor`` = floor_s / CPU seconds at one thread (wall seconds at more);
+:mod:`varkit.bench.floor`.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from .report import add_output_args
 
 LABELS = [980, 437, 22, 562, 207, 360, 388, 88, 979, 417, 279, 971, 1, 130, 94, 33]
 COLUMNS = ["impl", "batch", "images_per_s", "s_per_image", "best_s", "mean_s", "cpu_s_per_image", "runs",
-           "kv_peak_bytes", "kv_transient_bytes", "speedup", "speedup_mean", "speedup_cpu"]
+           "kv_peak_bytes", "kv_transient_bytes", "speedup", "speedup_mean", "speedup_cpu", "floor_s", "fraction_of_floor"]
 _TAG = "@@VARBENCH "
 #: op-name prefixes of each category of ``--profile`` (the rest is "other")
 PROFILE_CATEGORIES = {
@@ -179,12 +182,25 @@ def _varkit_worker(args) -> None:
 
     def run(req: dict) -> dict:
         labels = bench_labels(req["batch"], pipe.num_classes)
+        if req.get("work"):
+            return {"work": work_of_one_call(pipe, req)}
         out, wall, cpu, cats = _timed(lambda: pipe(class_labels=labels, seed=req["seed"], cfg=req["cfg"], cfg_schedule="var",
                                                    top_k=req["top_k"], top_p=req["top_p"]), req.get("profile", False))
         return {"wall_s": wall, "cpu_s": cpu, "kv_peak_bytes": out.stats.cache_bytes, "kv_transient_bytes": out.stats.cache_bytes,
                 "shape": [len(out.images), *out.images[0].size], "profile": cats}
 
     _serve(t0, run)
+
+
+def work_of_one_call(pipe, req: dict) -> dict:
+    """The work of one batch-1 call of ``pipe`` with ``req``'s settings (VAR's passes + the VQVAE decode), as
+    :meth:`varkit.bench.floor.WorkTrace.to_json`: what the floors of both sides' rows are made of."""
+    from .floor import trace_work
+
+    with torch.inference_mode(), trace_work(pipe.generator, pipe.tokenizer) as tr:
+        pipe(class_labels=bench_labels(1, pipe.num_classes), seed=req["seed"], cfg=req["cfg"], cfg_schedule="var",
+             top_k=req["top_k"], top_p=req["top_p"])
+    return tr.to_json()
 
 
 def _serve(t0: float, run) -> None:
@@ -283,8 +299,15 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         workers.append(vk)
         settings["load_s"] = {"official": off.info["load_s"], "varkit": vk.info["load_s"]}
         settings["worker_threads"] = {"official": off.info["threads"], "varkit": vk.info["threads"]}
-        settings["loadavg_start"] = _load()
         req = {"op": "run", "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
+        from .floor import WorkTrace, attach_floor, get_floor
+
+        floor = get_floor(threads=args.threads, verbose=args.verbose)
+        work = WorkTrace.from_json(vk.ask(**req, batch=1, seed=args.seed, work=True)["work"])
+        # one thread: CPU seconds (other processes on a shared machine inflate them far less than wall time)
+        basis = "cpu_s" if (args.threads or torch.get_num_threads()) == 1 else "wall_s"
+        settings["fraction_of_floor_basis"] = basis
+        settings["loadavg_start"] = _load()
         rows = []
         loads = []
         for B in args.batch:
@@ -306,18 +329,20 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             for kind in ("official", "varkit"):
                 t, cpu = res[kind]["times"], res[kind]["cpu"]
                 rows.append({"impl": kind, "batch": B, "images_per_s": B / min(t), "s_per_image": min(t) / B,
-                             "best_s": min(t), "mean_s": sum(t) / len(t), "runs": len(t),
+                             "best_s": min(t), "wall_s": min(t), "cpu_s": min(cpu), "mean_s": sum(t) / len(t), "runs": len(t),
                              "cpu_s_per_image": min(cpu) / B, "cpu_times_s": cpu,
                              "kv_peak_bytes": res[kind]["kv_peak_bytes"],
                              "kv_transient_bytes": res[kind]["kv_transient_bytes"], "times_s": t})
             if args.profile:  # one more (untimed) run per side under the profiler
                 settings.setdefault("profile_s", {})[str(B)] = {
                     w.kind: w.ask(**req, batch=B, seed=args.seed, profile=True)["profile"] for w in (off, vk)}
+            attach_floor(rows[-2:], work, floor, seconds_key=basis)
             rows[-1]["speedup"] = rows[-1]["images_per_s"] / rows[-2]["images_per_s"]
             rows[-1]["speedup_mean"] = rows[-2]["mean_s"] / rows[-1]["mean_s"]
             rows[-1]["speedup_cpu"] = rows[-2]["cpu_s_per_image"] / rows[-1]["cpu_s_per_image"]
         settings["loadavg_runs"] = [x for x in loads if x is not None]
         settings["loadavg_end"] = _load()
+        settings["floor"] = floor
         return rows, settings
     finally:
         for w in workers:
@@ -340,7 +365,8 @@ def cmd_bench_var(args) -> None:
     la = settings.get("loadavg_runs") or []
     if la:
         print(f"load average during the runs: {min(la):.2f} .. {max(la):.2f} (machine has {os.cpu_count()} CPUs)")
-    path = save_results(args.name, rows, settings, args.out_dir)
+    floor = settings.pop("floor")
+    path = save_results(args.name, rows, settings, args.out_dir, floor=floor)
     print(f"wrote {path}")
 
 

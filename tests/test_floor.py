@@ -1,0 +1,227 @@
+"""varkit bench floor: the measurement, its per-machine cache, the work counted per pass, the floors benches attach."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from varkit.bench import floor as FL
+
+# a made-up machine: 10 GB/s from 1 MiB up, 100 GB/s below; fp32 peaks at 100 GFLOP/s, bf16 at 400
+FAKE = {"key": "cpu-fake-amx-t1", "threads": 1, "cpu": {"model": "fake", "flags": [], "bf16_isa": "amx"},
+        "bandwidth": [{"bytes": 1 << 16, "read_Bps": 100e9, "copy_Bps": 50e9},
+                      {"bytes": 1 << 20, "read_Bps": 8e9, "copy_Bps": 10e9}],
+        "gemm": {"float32": {"m1": {"flops_per_s": 10e9}, "m8": {"flops_per_s": 50e9},
+                             "square": {"flops_per_s": 100e9}},
+                 "bfloat16": {"m1": {"flops_per_s": 20e9}, "m8": {"flops_per_s": 200e9},
+                              "square": {"flops_per_s": 400e9}}},
+        "peak_gemm_flops": {"float32": 100e9, "bfloat16": 400e9}}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VARKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "floor"
+
+
+def test_quick_measurement_is_sane_and_cached(cache):
+    got = FL.get_floor(quick=True)
+    assert got["quick"] and got["threads"] == torch.get_num_threads() and got["device"] == "cpu"
+    assert [r["bytes"] >> 20 for r in got["bandwidth"]] == [4, 64]
+    # any machine moves more than 0.1 GB/s and multiplies faster than 0.1 GFLOP/s (lower bounds only: the
+    # machine may be shared and slow, never faster than physics; no upper bound is asserted)
+    assert all(r["read_Bps"] > 1e8 and r["copy_Bps"] > 1e8 for r in got["bandwidth"])
+    for dt in ("float32", "bfloat16"):
+        assert set(got["gemm"][dt]) == {"m1", "m8", "m64", "square", "square_quarter"}
+        assert got["peak_gemm_flops"][dt] == max(s["flops_per_s"] for s in got["gemm"][dt].values()) > 1e8
+    assert got["auto_dtype"] in ("float32", "bfloat16")
+    path = cache / f"{FL.machine_key()}.json"
+    assert json.loads(path.read_text())["key"] == got["key"] == FL.machine_key()
+    assert FL.cached_floor() == got and FL.get_floor(quick=True) == got  # reused, not measured again
+
+
+def test_cache_key_has_model_isa_threads_and_ignores_a_corrupt_file(cache):
+    from varkit.device import cpu_info
+
+    key = FL.machine_key(threads=3)
+    assert key.endswith(f"-{cpu_info()['bf16_isa']}-t3") and key.startswith("cpu-")
+    cache.mkdir(parents=True)
+    (cache / f"{key}.json").write_text("{not json")
+    assert FL.cached_floor(threads=3) is None
+
+
+def test_a_quick_cache_serves_quick_requests_only(cache, monkeypatch):
+    FL.save_floor({**FAKE, "key": FL.machine_key(), "quick": True})
+    assert FL.get_floor(quick=True)["quick"]
+    calls = []
+    monkeypatch.setattr(FL, "measure_floor", lambda *a, **k: calls.append(k) or {**FAKE, "key": FL.machine_key()})
+    assert FL.get_floor() is not None and calls and not calls[0]["quick"]
+
+
+def test_bandwidth_for_takes_the_largest_size_not_above():
+    assert FL.bandwidth_for(FAKE, 1000) == 100e9  # below every size: the smallest
+    assert FL.bandwidth_for(FAKE, (1 << 20) - 1) == 100e9
+    assert FL.bandwidth_for(FAKE, 1 << 30) == 10e9  # best of read and copy
+
+
+def test_floor_seconds_is_the_larger_bound():
+    # 1 GB at 10 GB/s = 0.1 s against 1 GFLOP at 100 GFLOP/s = 0.01 s: bandwidth-bound
+    assert FL.floor_seconds(0.9e9, 0.1e9, 1e9, "float32", FAKE) == pytest.approx(0.1, rel=1e-12)
+    # compute-bound: 100 GFLOP fp32 = 1 s; in bf16 0.25 s; per-dtype FLOPs add up
+    assert FL.floor_seconds(1e6, 0, 100e9, torch.float32, FAKE) == pytest.approx(1.0, rel=1e-12)
+    assert FL.floor_seconds(1e6, 0, 100e9, torch.bfloat16, FAKE) == pytest.approx(0.25, rel=1e-12)
+    assert FL.floor_seconds(1e6, 0, {"float32": 100e9, "bfloat16": 100e9}, floor=FAKE) == pytest.approx(1.25, rel=1e-12)
+
+
+def test_decode_score_is_the_geometric_mean_of_decode_shapes():
+    assert FL.decode_gemm_score(FAKE, "float32") == pytest.approx((10e9 * 50e9) ** 0.5, rel=1e-12)
+    assert FL.decode_gemm_score(FAKE, "float16") is None
+
+
+def _linear_numel(gen):
+    return sum(m.weight.numel() for m in gen.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_trace_counts_a_raster_decode_exactly(tiny_gen):
+    """raster-tiny, batch 1, no CFG: every pass runs every linear on one row, attention over the filled cache."""
+    from varkit.samplers import SamplingParams
+
+    gen = tiny_gen
+    tr = FL.trace_sampling(gen, SamplingParams(cfg=1.0))
+    N = gen.layout.num_tokens
+    layers, heads, hd = gen.cache_dims()
+    dim = heads * hd
+    assert len(tr.passes) == N and tr.other.flops == {}
+    wbytes = 4 * sum(p.numel() for m in gen.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False))
+    assert all(p.weight_bytes == wbytes for p in tr.passes)  # every linear once per pass, fp32
+    for i, p in enumerate(tr.passes):  # pass 0: the condition; pass i: token i-1, attending to everything before
+        keys = gen.cond_len + i
+        assert p.kv_bytes == layers * 2 * keys * dim * 4
+        want = 2 * _linear_numel(gen) + layers * 4 * keys * dim
+        assert p.flops == {"float32": want}  # integers far below 2^53: exact in float
+    # batch scaling: weights once per pass, KV and FLOPs per image
+    t1, t8 = tr.totals(1), tr.totals(8)
+    assert t8["weight_bytes"] == t1["weight_bytes"] and t8["kv_bytes"] == 8 * t1["kv_bytes"]
+    assert t8["flops"] == 8 * t1["flops"]
+
+
+def test_trace_of_cfg_and_bf16(tiny_gen):
+    from varkit.samplers import SamplingParams
+
+    base = FL.trace_sampling(tiny_gen, SamplingParams(cfg=1.0)).totals(1)
+    cfg = FL.trace_sampling(tiny_gen, SamplingParams(cfg=3.0)).totals(1)
+    assert cfg["flops"] == 2 * base["flops"] and cfg["kv_bytes"] == 2 * base["kv_bytes"]
+    bf = FL.trace_sampling(tiny_gen.to(torch.bfloat16), SamplingParams(cfg=1.0))
+    assert set(bf.passes[1].flops) == {"bfloat16"}
+    assert bf.totals(1)["weight_bytes"] * 2 == base["weight_bytes"]
+
+
+def test_trace_restores_the_model(tiny_gen):
+    from varkit.nn.layers import Linear
+    from varkit.samplers import SamplingParams
+
+    plain = Linear.linear
+    FL.trace_sampling(tiny_gen, SamplingParams(cfg=1.0))
+    assert Linear.linear is plain and "forward" not in vars(tiny_gen) and "prefill" not in vars(tiny_gen)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_gen.modules())
+
+
+def test_trace_counts_var_passes_and_the_tokenizer_decode(tmp_path):
+    """VAR: one pass per scale (the qv-biased qkv GEMM goes through Linear.linear, counted too); the VQVAE
+    decode's convolutions land in ``other``."""
+    from varkit.pipeline import load_pipeline
+
+    pipe = load_pipeline("digits-var")
+    with torch.inference_mode(), FL.trace_work(pipe.generator, pipe.tokenizer) as tr:
+        pipe(class_labels=[3], seed=0)
+    gen = pipe.generator
+    assert len(tr.passes) == gen.layout.num_steps
+    qkv = [b.attn.wqkv for b in gen.blocks]
+    assert all(id(m) in p.seen for p in tr.passes for m in qkv)
+    assert tr.other.flops.get("float32", 0) > 0 and tr.other.weight_bytes > 0  # the decoder's convolutions
+    js = FL.WorkTrace.from_json(json.loads(json.dumps(tr.to_json())))
+    assert js.totals(4) == tr.totals(4) and js.floor(4, FAKE) == tr.floor(4, FAKE)
+
+
+def test_attach_floor_adds_the_columns(tiny_gen):
+    from varkit.samplers import SamplingParams
+
+    tr = FL.trace_sampling(tiny_gen, SamplingParams(cfg=1.0))
+    rows = [{"model": "a", "batch": 1, "wall_s": 1.0}, {"model": "a", "batch": 8, "wall_s": 2.0},
+            {"model": "b", "batch": 1, "wall_s": 1.0}]
+    FL.attach_floor(rows, {"a": tr}, FAKE)
+    assert rows[0]["floor_s"] == tr.floor(1, FAKE)["floor_s"] > 0
+    assert rows[1]["fraction_of_floor"] == rows[1]["floor_s"] / 2.0
+    assert "floor_s" not in rows[2]  # no trace for b
+    assert rows[0]["floor_bound"] in ("bandwidth", "compute") and rows[0]["floor_passes"] == len(tr.passes)
+
+
+def test_save_results_stores_the_floor(cache, tmp_path):
+    from varkit.bench.report import save_results
+
+    FL.save_floor({**FAKE, "key": FL.machine_key()})
+    path = save_results("x", [{"a": 1}], {"device": "cpu"}, tmp_path / "out")
+    assert json.loads(path.read_text())["floor"]["peak_gemm_flops"] == FAKE["peak_gemm_flops"]
+
+
+def _run_cli(argv, capsys):
+    from varkit.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr()
+
+
+def test_bench_floor_command(cache, tmp_path, capsys):
+    code, out = _run_cli(["bench", "floor", "--sizes-mib", "1", "2", "--dim", "128", "--budget", "0.01",
+                          "--out-dir", str(tmp_path)], capsys)
+    assert code == 0, out.err
+    data = json.loads((tmp_path / "floor.json").read_text())
+    assert data["floor"]["gemm_dim"] == 128 and [r["bytes"] for r in data["floor"]["bandwidth"]] == [1 << 20, 2 << 20]
+    assert any(r["what"] == "GEMM" for r in data["rows"]) and "dtype='auto' picks" in out.out
+    assert (cache / f"{FL.machine_key()}.json").is_file()
+    # a second run reuses the cached measurement
+    code, out = _run_cli(["bench", "floor", "--out-dir", str(tmp_path)], capsys)
+    assert code == 0 and "cached measurement" in out.out
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--device", "cuda"], "no usable CUDA GPU"),
+    (["--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--dtype", "auto"], "not auto"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--sizes-mib", "0"], "--sizes-mib must be positive"),
+    (["--dim", "8"], "--dim must be >= 64"),
+])
+def test_bench_floor_bad_input_is_one_line(cache, tmp_path, capsys, argv, pattern):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    code, out = _run_cli(["bench", "floor", *argv, "--force", "--out-dir", str(tmp_path)], capsys)
+    lines = out.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and re.search(pattern, lines[0]), out.err
+
+
+def test_bench_decode_rows_have_floor_columns(cache, tmp_path, capsys):
+    FL.save_floor({**FAKE, "key": FL.machine_key()})
+    code, out = _run_cli(["bench", "decode", "--skip-large", "--batch", "1", "--nocache-steps", "2",
+                          "--out-dir", str(tmp_path)], capsys)
+    assert code == 0, out.err
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["kv-cache", "no-cache"]
+    for r in rows:
+        basis = r["cpu_s"] if torch.get_num_threads() == 1 else r["wall_s"]
+        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / basis, rel=1e-12)
+    assert rows[0]["floor_passes"] == 64 and rows[1]["floor_passes"] == 2
+
+
+def test_var_bench_work_of_one_call():
+    """``varkit bench var``'s varkit worker answers ``work=True`` with the work of a batch-1 call."""
+    from varkit.bench.var import work_of_one_call
+    from varkit.pipeline import load_pipeline
+
+    pipe = load_pipeline("digits-var")
+    tr = FL.WorkTrace.from_json(json.loads(json.dumps(work_of_one_call(pipe, {"cfg": 1.5, "top_k": 10, "top_p": 0.9,
+                                                                               "seed": 0}))))
+    assert len(tr.passes) == pipe.generator.layout.num_steps and tr.other.flops  # one pass a scale, then the decode
+    assert tr.floor(2, FAKE)["floor_s"] > tr.floor(1, FAKE)["floor_s"] > 0
