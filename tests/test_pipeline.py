@@ -88,7 +88,7 @@ def test_cli_generate_grid_and_folder(tiny_pipeline, tmp_path, capsys):
     tiny_pipeline.save_pretrained(tmp_path / "m")
     assert main(["generate", "--model", str(tmp_path / "m"), "--classes", "0", "1", "--per-class", "2",
                  "--out", str(tmp_path / "g.png")]) == 0
-    assert Image.open(tmp_path / "g.png").size == (32, 32)
+    assert Image.open(tmp_path / "g.png").size == (38, 38)  # 2x2 images of 16 px, 2-px gutters between and around
     assert main(["generate", "--model", str(tmp_path / "m"), "--classes", "2", "--out", str(tmp_path / "dir")]) == 0
     assert [p.name for p in (tmp_path / "dir").iterdir()] == ["00000_class2.png"]
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, TypeVar
 
@@ -16,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError, ModelNotFoundError
+from .errors import CheckpointError, ModelNotFoundError, VarkitError
 from .io import atomic_path, write_json
 from .registry import Registry
 
@@ -80,17 +82,34 @@ class SavableModule(nn.Module):
         write_json(directory / CONFIG_NAME, self.config_dict())
 
     @classmethod
-    def from_config_dict(cls: type[T], cfg: dict) -> T:
+    def from_config_dict(cls: type[T], cfg: dict, source: str = "config") -> T:
+        """Build from a saved config: every field present (but the config class's ``optional_fields``, added
+        later) and of its declared type, else a one-line :class:`CheckpointError` naming ``source``."""
         cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-        fields = {f.name for f in dataclasses.fields(cls.config_class)}
-        unknown = set(cfg) - fields
+        fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
+        unknown = set(cfg) - set(fields)
         if unknown:
             raise CheckpointError(
-                f"config for {cls.__name__} has unknown fields {sorted(unknown)}; "
+                f"{source}: {cls.__name__} has no fields {sorted(unknown)}; "
                 "it was written by another varkit version or another model class"
             )
+        optional = set(getattr(cls.config_class, "optional_fields", ()))
+        missing = sorted(n for n, f in fields.items() if n not in cfg and n not in optional)
+        if missing:
+            raise CheckpointError(f"{source} lacks the field(s) {missing} that {cls.__name__} needs; "
+                                  "re-save the folder (save_pretrained) or restore them")
+        hints = _type_hints(cls.config_class)
+        for name, value in cfg.items():
+            if name in hints and not _fits(value, hints[name]):
+                raise CheckpointError(f"{source}: field {name!r} = {value!r} is not of type {_hint_name(hints[name])}")
         cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-        return cls(cls.config_class(**cfg))
+        try:
+            return cls(cls.config_class(**cfg))
+        except VarkitError:
+            raise
+        except (ValueError, TypeError, AssertionError, KeyError, ZeroDivisionError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"{source} does not describe a valid {cls.__name__}: {first[:200]}") from None
 
     @classmethod
     def from_pretrained(cls: type[T], directory: str | Path) -> T:
@@ -121,9 +140,11 @@ def params_on_meta() -> Iterator[None]:
 
 
 def read_config(directory: str | Path) -> dict:
-    """The parsed ``config.json`` of a saved module, with clear errors."""
+    """The parsed ``config.json`` of a saved module (a JSON object), with clear errors."""
     directory = Path(directory)
     path = directory / CONFIG_NAME
+    if directory.exists() and not directory.is_dir():
+        raise ModelNotFoundError(f"{directory} is a file, not a model folder (one with {CONFIG_NAME})")
     if not directory.is_dir():
         raise ModelNotFoundError(f"model directory not found: {directory}")
     if not path.is_file():
@@ -132,9 +153,53 @@ def read_config(directory: str | Path) -> dict:
             f"{WEIGHTS_NAME} (write one with save_pretrained or `varkit convert`)"
         )
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); the folder is corrupt, re-save it") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} must hold a JSON object ({{...}}), not a {type(cfg).__name__}; "
+                              "the folder is corrupt, re-save it")
+    return cfg
+
+
+def _type_hints(config_class: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(config_class)
+    except Exception:  # an annotation this Python cannot evaluate: no type checks for that class
+        return {}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a config field's annotation (bool is no int; int fits float; list fits tuple).
+    Annotations it does not know are not checked."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (tuple, list) or origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return not args or (len(args) == len(value) and all(_fits(v, a) for v, a in zip(value, args)))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")
 
 
 def load_module(directory: str | Path) -> SavableModule:
@@ -143,12 +208,12 @@ def load_module(directory: str | Path) -> SavableModule:
     cfg = read_config(directory)
     name = cfg.get("_class")
     _import_module_packages()
-    if name not in _MODULE_CLASSES:
+    if not isinstance(name, str) or name not in _MODULE_CLASSES:
         raise CheckpointError(
             f"{directory / CONFIG_NAME} names class {name!r}, which this varkit does not know "
             f"(known: {sorted(_MODULE_CLASSES)})"
         )
-    module = _MODULE_CLASSES[name].from_config_dict(cfg)
+    module = _MODULE_CLASSES[name].from_config_dict(cfg, str(directory / CONFIG_NAME))
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise ModelNotFoundError(f"{directory} has no {WEIGHTS_NAME}; the folder is incomplete, re-save it")

@@ -7,18 +7,21 @@ and ``generator/``, each a ``config.json`` + ``model.safetensors``.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .device import resolve_device, resolve_dtype
-from .errors import InvalidArgumentError, ModelNotFoundError
+from .device import DTYPES, resolve_device, resolve_dtype
+from .errors import CheckpointError, InvalidArgumentError, ModelNotFoundError, NumericalError
 from .hub import ASSETS, bundled_models, resolve_model_dir  # noqa: F401  (ASSETS, bundled_models re-exported)
 from .io import write_json
 from .modeling import load_module, read_config
+from .models.base import check_tokenizer_family
 from .samplers import SamplerStats, SamplingParams, get_sampler
 from .samplers.random import image_generators
 
@@ -27,9 +30,16 @@ DEFAULT_SAMPLING = {"cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, 
                     "head_steps": None, "num_iter": None, "guidance_interval": None}
 
 
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
 @dataclass
 class PipelineOutput:
-    images: list[Image.Image]
+    """``images``: by the call's ``output_type`` (diffusers' convention): ``"pil"`` a list of PIL images
+    (8-bit), ``"np"`` a float32 array (B, H, W, C) in [0, 1], ``"pt"`` a float32 tensor (B, C, H, W) in
+    [0, 1] on the pipeline's device (both as decoded, clamped, not quantised to 8 bits)."""
+
+    images: Any
     tokens: torch.Tensor  # (B, N) ids, or (B, N, D) continuous tokens, in the generator's layout order
     stats: SamplerStats
 
@@ -48,6 +58,7 @@ class Pipeline:
                  presets: dict[str, dict[str, Any]] | None = None):
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
+        check_tokenizer_family(generator, tokenizer)  # a VAR generator over a single-map VQ, ...: now, not after sampling
         generator.head.check_tokenizer(tokenizer)
         generator.bind_tokenizer(tokenizer)
         self.defaults = {**DEFAULT_SAMPLING, **(defaults or {})}
@@ -62,9 +73,30 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
 
-    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "Pipeline":
-        """Move to ``device``; ``dtype`` applies to the generator (the tokenizer stays fp32)."""
-        dev = resolve_device(device)
+    def to(self, *args: str | torch.device | torch.dtype | int | None, device: str | torch.device | None = None,
+           dtype: str | torch.dtype | None = None) -> "Pipeline":
+        """Move and/or cast, diffusers-style; returns the pipeline: ``pipe.to("cuda")``, ``pipe.to(torch.bfloat16)``,
+        ``pipe.to("cuda", torch.bfloat16)``, ``pipe.to(device=..., dtype=...)``. A device is "cpu", "cuda",
+        "cuda:N", N or "auto" (CUDA if present); a dtype a ``torch.dtype``, a name ("bfloat16", "fp32"...) or
+        "auto" (given second). ``dtype`` applies to the generator (the tokenizer stays fp32); what is not
+        given stays as it is."""
+        for a in args:
+            is_dtype = isinstance(a, torch.dtype) or (isinstance(a, str) and (
+                a.lower() in DTYPES or (a.lower() == "auto" and device is not None)))
+            if a is None:
+                continue
+            if is_dtype and dtype is None:
+                dtype = a
+            elif not is_dtype and device is None and (isinstance(a, (str, torch.device)) or (
+                    isinstance(a, int) and not isinstance(a, bool))):
+                device = f"cuda:{a}" if isinstance(a, int) else a
+            else:
+                raise InvalidArgumentError(
+                    f"pipe.to() takes one device ('cpu', 'cuda', 'cuda:N', 'auto') and one dtype (torch.bfloat16, "
+                    f"'float32', ...), got {a!r} in {args!r}")
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise InvalidArgumentError(f"device must be a string or torch.device ('cpu', 'cuda', 'auto'), got {device!r}")
+        dev = resolve_device(device) if device is not None else self.device
         self.tokenizer.to(dev)
         self.generator.to(dev)
         dt = resolve_dtype(dtype, dev)  # "auto": the dtype this device runs fastest (varkit.device.auto_dtype)
@@ -138,6 +170,7 @@ class Pipeline:
         seed: int = 0,
         image_seeds: Sequence[int] | None = None,
         batch_size: int | None = None,
+        output_type: str = "pil",
         progress: bool = False,
         **sampler_options: Any,
     ) -> PipelineOutput:
@@ -154,8 +187,15 @@ class Pipeline:
         (bicubic, before quantisation to 8 bits, as the papers' evaluation scripts do: LlamaGen's 384 px
         models are evaluated at 256). ``sampler`` None: the folder's default sampler (its ``defaults``
         entry ``"sampler"``, e.g. ``"distilled"`` for a DD student, with ``"sampler_options"`` under the
-        caller's), else ``"ancestral"``.
+        caller's), else ``"ancestral"``. ``output_type``: "pil" (default), "np" or "pt" (see
+        :class:`PipelineOutput`). Every argument is checked before any sampling; the outputs' finiteness
+        once per batch (:class:`~varkit.errors.NumericalError`: corrupt weights, or settings that overflow).
         """
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidArgumentError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                       or batch_size < 1):
+            raise InvalidArgumentError(f"batch_size must be an integer >= 1 (or None: all at once), got {batch_size!r}")
         cond = self._conditions(class_labels, captions)
         if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
             raise InvalidArgumentError(f"image_size must be a positive integer (pixels), got {image_size!r}")
@@ -168,41 +208,52 @@ class Pipeline:
             smp.bind_tokenizer(self.tokenizer)
         gens = image_generators(seed, cond.shape[0], list(image_seeds) if image_seeds is not None else None)
         bs = batch_size or cond.shape[0]
-        if bs < 1:
-            raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
         images, tokens, stats = [], [], None
         for i in range(0, cond.shape[0], bs):
             res = smp.sample(self.generator, cond[i:i + bs], gens[i:i + bs], progress=progress)
             tokens.append(res.tokens)
-            images += self.decode(res.tokens, image_size)
+            batch = self.decode_images(res.tokens, image_size)
+            if not bool(torch.isfinite(batch).all()):
+                raise NumericalError(
+                    f"{self.name or 'the model'} produced non-finite images (NaN or inf): its weights may be corrupt "
+                    f"(re-save or re-convert it), or a setting overflows (cfg {params.cfg}, temperature {params.temperature})")
+            images.append(batch if output_type == "pt" else batch.cpu())
             stats = res.stats if stats is None else stats.merge(res.stats)
-        return PipelineOutput(images, torch.cat(tokens), stats)
+        return PipelineOutput(_as_output(images, output_type), torch.cat(tokens), stats)
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, image_size: int | None = None) -> list[Image.Image]:
-        """Layout-order tokens (ids (B, N) or latents (B, N, D)) → PIL images through the tokenizer,
-        resized to ``image_size`` (bicubic on the decoder's float output) when given."""
+    def decode_images(self, tokens: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
+        """Layout-order tokens (ids (B, N) or latents (B, N, D)) → the tokenizer's float images (B, C, H, W),
+        about [-1, 1], resized to ``image_size`` (bicubic) when given."""
         ids = self.generator.layout.to_tokenizer_ids(tokens)
         images = self.tokenizer.decode(ids)
         if image_size is not None and tuple(images.shape[-2:]) != (image_size, image_size):
             images = torch.nn.functional.interpolate(images.float(), size=(image_size, image_size), mode="bicubic")
-        return to_pil(images)
+        return images
+
+    def decode(self, tokens: torch.Tensor, image_size: int | None = None) -> list[Image.Image]:
+        """:meth:`decode_images` as PIL images (8-bit)."""
+        return to_pil(self.decode_images(tokens, image_size))
 
     def _conditions(self, class_labels, captions) -> torch.Tensor:
         dev = self.device
         if captions is not None:
-            return torch.as_tensor(captions, device=dev)
+            if class_labels is not None:
+                raise InvalidArgumentError("pass class_labels or captions, not both")
+            if not getattr(self.generator, "is_text_conditional", False):
+                raise InvalidArgumentError(
+                    f"{self.name or 'this model'} is class-conditional ({self.num_classes} classes): pass class_labels "
+                    "(class ids), not captions")
+            caps = captions if isinstance(captions, torch.Tensor) else None
+            dim = getattr(self.generator.config, "caption_dim", None)
+            if caps is None or not caps.is_floating_point() or caps.dim() != 3 or (dim and caps.shape[-1] != dim):
+                got = f"a {tuple(caps.shape)} {caps.dtype} tensor" if caps is not None else type(captions).__name__
+                raise InvalidArgumentError(f"captions must be a float tensor (B, T, {dim or 'D'}) of caption "
+                                           f"embeddings, got {got}")
+            return caps.to(dev)
         if class_labels is None:
             raise InvalidArgumentError("pass class_labels (class ids) or captions (caption embeddings)")
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=dev).reshape(-1)
-        if labels.numel() == 0:
-            raise InvalidArgumentError("class_labels is empty: pass at least one class id")
-        bad = (labels < 0) | (labels >= self.num_classes)
-        if bad.any():
-            raise InvalidArgumentError(
-                f"class id {int(labels[bad][0])} is out of range: this model has classes 0..{self.num_classes - 1}"
-            )
-        return labels
+        return class_ids(class_labels, self.num_classes, dev)
 
     # -- persistence -----------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
@@ -224,8 +275,51 @@ class Pipeline:
                 f"{directory} is not a varkit pipeline folder (its config.json has no pipeline entry); "
                 "it needs config.json, tokenizer/ and generator/"
             )
+        defaults = cfg.get("defaults")
+        if defaults is not None and not isinstance(defaults, dict):
+            raise CheckpointError(f"{directory / 'config.json'}: 'defaults' must be an object of sampling settings, "
+                                  f"not a {type(defaults).__name__}")
+        try:
+            SamplingParams(**{k: defaults[k] for k in SAMPLING_KEYS if (defaults or {}).get(k) is not None})
+        except InvalidArgumentError as exc:
+            raise CheckpointError(f"{directory / 'config.json'}: a stored default is invalid: {exc}") from None
         return cls(load_module(directory / "tokenizer"), load_module(directory / "generator"),
-                   cfg.get("defaults"), cfg.get("name") or directory.name, cfg.get("presets"))
+                   defaults, cfg.get("name") or directory.name, cfg.get("presets"))
+
+
+def class_ids(labels: Any, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Class ids (N,) long from a sequence of integers or an integer tensor; a one-line error for floats (1.7
+    is never truncated to 1), bools, None, strings, and ids outside 0..num_classes-1 (2**63 included)."""
+    if isinstance(labels, torch.Tensor):
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise InvalidArgumentError(f"class ids must be integers, got a {labels.dtype} tensor")
+        ids = labels.reshape(-1).to(torch.long)
+    else:
+        items = [labels] if isinstance(labels, numbers.Number) else labels
+        try:
+            items = list(items)
+        except TypeError:
+            raise InvalidArgumentError(f"class_labels must be class ids (a list of integers), got {labels!r}") from None
+        for x in items:
+            if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+                raise InvalidArgumentError(f"class id {x!r} is not an integer: pass integer class ids")
+            if not 0 <= int(x) < num_classes:
+                raise InvalidArgumentError(f"class id {int(x)} is out of range: this model has classes 0..{num_classes - 1}")
+        ids = torch.tensor([int(x) for x in items], dtype=torch.long)
+    if ids.numel() == 0:
+        raise InvalidArgumentError("class_labels is empty: pass at least one class id")
+    bad = (ids < 0) | (ids >= num_classes)
+    if bool(bad.any()):
+        raise InvalidArgumentError(f"class id {int(ids[bad][0])} is out of range: this model has classes 0..{num_classes - 1}")
+    return ids.to(device)
+
+
+def _as_output(batches: list[torch.Tensor], output_type: str):
+    """Decoded float batches in [-1, 1] → what ``output_type`` asks for (see :class:`PipelineOutput`)."""
+    if output_type == "pil":
+        return [im for b in batches for im in to_pil(b)]
+    x = ((torch.cat(batches).float().clamp(-1, 1) + 1) / 2)
+    return x if output_type == "pt" else x.permute(0, 2, 3, 1).numpy()
 
 
 def _check_presets(presets) -> dict[str, dict[str, Any]]:
@@ -245,17 +339,45 @@ def load_pipeline(name_or_dir: str | Path, device: str | torch.device | None = "
     ``compile``: decode through the generator's compiled step (:meth:`Pipeline.compile`).
     ``prepack``: CPU inference GEMMs on prepacked weights (:meth:`Pipeline.prepack`).
     """
-    pipe = Pipeline.from_pretrained(resolve_model_dir(name_or_dir)).to(device, dtype)
+    pipe = Pipeline.from_pretrained(resolve_model_dir(name_or_dir)).to(device if device is not None else "auto", dtype)
     if prepack:
         pipe.prepack()
     return pipe.compile() if compile else pipe
 
 
-def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
-    """Tile images into one grid image, row-major."""
-    w, h = images[0].size
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new(images[0].mode, (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
+def image_grid(images: Sequence[Image.Image], cols: int, gutter: int = 2, labels: Sequence[str] | None = None,
+               background: int = 255) -> Image.Image:
+    """Tile images row-major into one RGB grid (torchvision's ``make_grid``) with ``gutter`` pixels of
+    ``background`` grey between and around them; ``labels`` (one string per image, e.g. its class) are
+    written in a band under each image."""
+    from torchvision.utils import make_grid
+
+    images = list(images)
+    if not images:
+        raise InvalidArgumentError("image_grid: no images to tile")
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
+        raise InvalidArgumentError(f"image_grid: cols must be an integer >= 1, got {cols!r}")
+    if isinstance(gutter, bool) or not isinstance(gutter, int) or gutter < 0:
+        raise InvalidArgumentError(f"image_grid: gutter must be an integer >= 0 (pixels), got {gutter!r}")
+    if len({im.size for im in images}) > 1:
+        raise InvalidArgumentError(f"image_grid: images of different sizes {sorted({im.size for im in images})[:3]}")
+    if labels is not None and len(labels) != len(images):
+        raise InvalidArgumentError(f"image_grid: {len(labels)} labels for {len(images)} images")
+    tiles = [im.convert("RGB") for im in images]
+    if labels is not None:
+        tiles = [_labelled(im, str(t), background) for im, t in zip(tiles, labels)]
+    x = torch.stack([torch.from_numpy(np.asarray(t)).permute(2, 0, 1) for t in tiles]).float() / 255
+    grid = make_grid(x, nrow=min(cols, len(tiles)), padding=gutter, pad_value=background / 255)
+    return Image.fromarray((grid * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def _labelled(image: Image.Image, text: str, background: int) -> Image.Image:
+    """``image`` with a band below it holding ``text`` (PIL's default font), left-aligned."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    left, top, right, bottom = ImageDraw.Draw(image).textbbox((0, 0), text, font=font)
+    out = Image.new("RGB", (image.width, image.height + bottom - top + 4), (background,) * 3)
+    out.paste(image, (0, 0))
+    ImageDraw.Draw(out).text((2 - left, image.height + 2 - top), text, fill=(255 - background,) * 3, font=font)
+    return out

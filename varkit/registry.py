@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Generic, TypeVar
 
-from .errors import VarkitError
+from .errors import InvalidArgumentError, VarkitError
 
 V = TypeVar("V")
 
@@ -29,6 +29,9 @@ class Registry(dict, Generic[V]):
 
     def names(self, pattern: str | None = None) -> list[str]:
         """Sorted names, optionally only those matching the shell pattern ``pattern``."""
+        if pattern is not None and not isinstance(pattern, str):
+            raise InvalidArgumentError(f"a {self.kind} name pattern is a string with shell wildcards ('mar-*'), "
+                                       f"got {pattern!r}")
         names = sorted(self)
         return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 

@@ -78,6 +78,28 @@ class ClassConditional:
         check_class_ids(cond, self.num_classes, self.class_ids_of)
 
 
+def is_multi_scale_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` (a module, or its saved config dict) gives one id map per scale (VAR's VQVAE)."""
+    if isinstance(tokenizer, dict):
+        return "patch_nums" in tokenizer
+    return getattr(tokenizer, "patch_nums", None) is not None
+
+
+def check_tokenizer_family(generator, tokenizer) -> None:
+    """One line when ``tokenizer`` is of another family than ``generator`` (a generator or its class):
+    next-scale generators over VQ maps (VAR) need a multi-scale VQ tokenizer, every other one a single map.
+    Checked where a pipeline is assembled and before training, not after sampling."""
+    want = bool(getattr(generator, "multi_scale_tokens", False))
+    have = is_multi_scale_tokenizer(tokenizer)
+    if want != have:
+        name = generator.__name__ if isinstance(generator, type) else type(generator).__name__
+        tok = tokenizer.get("_class", "?") if isinstance(tokenizer, dict) else type(tokenizer).__name__
+        need = "a multi-scale VQ tokenizer (one id map per scale, e.g. digits-msvq)" if want else \
+            "a single-map tokenizer (VQ or KL), not a multi-scale one"
+        raise InvalidArgumentError(f"tokenizer family mismatch: {name} needs {need}, got a {tok}; "
+                                   "use the tokenizer the generator was made for")
+
+
 class Generator(DerivedState, SavableModule):
     """Base class of every generator; see the module docstring for the contract."""
 
@@ -86,6 +108,7 @@ class Generator(DerivedState, SavableModule):
     num_classes: int
     supports_multistep: bool = True
     supports_rollback: bool = True
+    multi_scale_tokens: bool = False  # decodes through a multi-scale VQ tokenizer (VAR); see check_tokenizer_family
 
     @classmethod
     def config_for_tokenizer(cls, tokenizer, resolution: int) -> dict:

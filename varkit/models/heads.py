@@ -409,6 +409,11 @@ class HeadConfig:
     training, ``head_steps`` denoising steps by default).
     """
 
+    # fields added after the first model folders were saved: a config.json without them means their defaults
+    # (any other missing field is an error, see varkit.modeling.SavableModule.from_config_dict)
+    optional_fields: ClassVar[tuple[str, ...]] = ("head", "token_dim", "head_depth", "head_width", "head_batch_mul",
+                                                  "head_steps", "x0_clip")
+
     head: str = "categorical"
     token_dim: int = 0
     head_depth: int = 3

@@ -22,7 +22,7 @@ from ..modeling import register_module
 from ..nn import Attention, block_causal_mask
 from ..nn.drop_path import DropPath
 from ..nn.layers import Linear
-from .base import ClassConditional, Generator
+from .base import ClassConditional, Generator, check_tokenizer_family
 from .heads import create_head
 
 
@@ -120,6 +120,7 @@ class ScalesGenerator(ClassConditional, Generator):
     legacy_keys = {"head.weight": "output.weight", "head.bias": "output.bias"}  # VAR's name for the output Linear
     supports_multistep = False
     supports_rollback = False
+    multi_scale_tokens = True
 
     def __init__(self, config: ScalesConfig):
         super().__init__(config)
@@ -169,12 +170,14 @@ class ScalesGenerator(ClassConditional, Generator):
     @classmethod
     def config_for_tokenizer(cls, tokenizer, resolution: int) -> dict:
         """Config fields a trained tokenizer fixes."""
+        check_tokenizer_family(cls, tokenizer)
         return {"vocab_size": tokenizer.codebook_size, "vae_dim": tokenizer.codebook_dim,
                 "patch_nums": tuple(tokenizer.patch_nums)}
 
     # -- tokenizer binding -------------------------------------------------------------------------
     def bind_tokenizer(self, tokenizer) -> None:
         """Use ``tokenizer`` (a :class:`MultiScaleVQTokenizer`) to build each scale's input."""
+        check_tokenizer_family(self, tokenizer)
         tc = tokenizer.config
         if tuple(tc.patch_nums) != tuple(self.config.patch_nums) or tc.codebook_size != self.vocab_size \
                 or tc.z_channels != self.config.vae_dim:

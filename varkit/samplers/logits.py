@@ -5,6 +5,8 @@ ancestral sampling and for the speculative samplers that must reproduce it.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, replace
 
 import torch
@@ -43,6 +45,12 @@ class SamplingParams:
     guidance_interval: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("cfg", "temperature", "top_p"):  # numbers, finite: a string, NaN or inf never reaches a step
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
+                raise InvalidArgumentError(f"{name} must be a finite number, got {v!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral)):
+            raise InvalidArgumentError(f"top_k must be an integer (0 = off), got {self.top_k!r}")
         if self.cfg is None or self.cfg < 0:
             raise InvalidArgumentError(f"cfg must be >= 0 (1 = no guidance), got {self.cfg}")
         if self.cfg_schedule not in CFG_SCHEDULES:

@@ -13,14 +13,26 @@ import torch
 from ..errors import InvalidArgumentError
 
 
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes (and numpy's SeedSequence words)
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an int in [0, 2**64 - 1]; a one-line error for None, floats, bools, strings and out-of-range
+    values (never silently truncated or wrapped)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= MAX_SEED:
+        raise InvalidArgumentError(f"{name} must be an integer in [0, 2**64 - 1], got {seed!r}")
+    return int(seed)
+
+
 def image_generators(seed: int, count: int, image_seeds: list[int] | None = None) -> list[torch.Generator]:
     """One CPU ``torch.Generator`` per image, seeded from (seed, index) or from ``image_seeds``."""
     if image_seeds is not None:
         if len(image_seeds) != count:
             raise InvalidArgumentError(f"got {len(image_seeds)} image_seeds for {count} images")
-        seeds = [int(s) for s in image_seeds]
+        seeds = [check_seed(s, "image_seeds entry") for s in image_seeds]
     else:
-        seeds = [int(np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint64)[0] >> 1) for i in range(count)]
+        seed = check_seed(seed)
+        seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0] >> 1) for i in range(count)]
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
