@@ -103,3 +103,7 @@ def add_bench_parser(sub) -> None:
     from .flowar import add_flowar_bench_parser
 
     add_flowar_bench_parser(bs)
+
+    from .var_accel import add_var_accel_bench_parser
+
+    add_var_accel_bench_parser(bs)
