@@ -130,6 +130,7 @@ class CachePolicy:
         if not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
             raise InvalidArgumentError(f"pool must be an odd kernel size >= 1 (1 = no pooling), got {pool!r}")
         self.budget, self.window, self.pool = float(budget), window, pool
+        self.last_cache: "weakref.ref[BudgetedKVCache] | None" = None  # the most recent cache made under this policy
 
     def __repr__(self) -> str:
         return f"{self.name}:{self.budget:g}"
@@ -513,4 +514,6 @@ def budgeted_cache(policy: CachePolicy, gen, batch: int, params) -> BudgetedKVCa
     if recorder is None and policy.first_full_step(layout, layers, heads, capacity) is not None:
         calib = calibrate(gen, params)
     plan = policy.plan(layout, layers, heads, capacity, calib)
-    return BudgetedKVCache(plan, policy, layout, layers, batch, heads, head_dim, p.device, p.dtype, recorder)
+    cache = BudgetedKVCache(plan, policy, layout, layers, batch, heads, head_dim, p.device, p.dtype, recorder)
+    policy.last_cache = weakref.ref(cache)  # for inspection after sampling (benchmarks: transient_bytes)
+    return cache
