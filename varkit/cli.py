@@ -6,6 +6,7 @@ and the process exits with status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -35,6 +36,52 @@ def _sampler_options(pairs: list[str]) -> dict:
             v = {"true": True, "false": False}.get(v.lower(), v)
         out[k.replace("-", "_")] = v
     return out
+
+
+# -- argument types: a bad value is an argparse error (usage + one line, exit 2) before anything runs -------
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: auto, CUDA if available, else CPU)"
+MAX_SEED = 2**64 - 1
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """The one ``--device`` of every command (default ``auto``)."""
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def int_at_least(low: int, high: int | None = None):
+    """argparse ``type``: an integer >= ``low`` (and <= ``high``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {'2**64 - 1' if high == MAX_SEED else high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text!r}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def number_in(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+    """argparse ``type``: a finite float in [low, high] (``*_open``: that end excluded)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low) \
+                or (high_open and value == high):
+            lo, hi = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {lo}{low:g}, {high:g}{hi}, got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+SEED = int_at_least(0, MAX_SEED)
+POSITIVE = int_at_least(1)
+NON_NEGATIVE = int_at_least(0)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -70,25 +117,56 @@ def sampling_kwargs(args) -> dict:
 
 
 # -- generate ------------------------------------------------------------------------------------
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _generate_destination(args) -> tuple[Path, bool, int]:
+    """(``--out``, whether it is a grid file, the index of the first image file), all checked before the model
+    loads: a suffix varkit cannot write (``x.gif``, ``x.txt``), a file or folder in the way, no permission,
+    or a non-empty folder without ``--add``/``--overwrite`` (two runs into one folder would lose images)."""
+    from .io import check_output_path
+
+    dest = Path(args.out)
+    grid = dest.suffix.lower() in GRID_SUFFIXES
+    if dest.suffix and not grid and not dest.is_dir():
+        raise InvalidArgumentError(f"--out {dest}: varkit writes {', '.join(GRID_SUFFIXES)} grids; give one of those, "
+                                   "or a folder (no suffix) for one PNG per image")
+    if args.add and args.overwrite:
+        raise InvalidArgumentError("--add and --overwrite exclude each other: add after the folder's images, or replace them")
+    if grid and (args.add or args.overwrite):
+        raise InvalidArgumentError("--add/--overwrite apply to an output folder; a grid file is replaced anyway")
+    if args.labels and not grid:
+        raise InvalidArgumentError("--labels writes each image's class under it in a grid: give --out a "
+                                   f"{'/'.join(GRID_SUFFIXES)} file")
+    check_output_path(dest, "file" if grid else "folder")
+    first = 0
+    if not grid and dest.is_dir() and any(dest.iterdir()):
+        if not (args.add or args.overwrite):
+            raise InvalidArgumentError(f"--out {dest}/ is not empty: pass --add to write the new images after its own, "
+                                       "or --overwrite to replace same-named ones")
+        if args.add:
+            first = 1 + max((int(p.name.split("_", 1)[0]) for p in dest.glob("[0-9]*_class*.png")
+                             if p.name.split("_", 1)[0].isdigit()), default=-1)
+    return dest, grid, first
+
+
 def cmd_generate(args) -> None:
     from .io import save_image
     from .pipeline import image_grid, load_pipeline
 
+    dest, grid, first = _generate_destination(args)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
                          prepack=args.prepack)
     classes = args.classes if args.classes is not None else list(range(min(pipe.num_classes, 10)))
-    if args.per_class < 1:
-        raise InvalidArgumentError(f"--per-class must be >= 1, got {args.per_class}")
     labels = [c for c in classes for _ in range(args.per_class)]
     out = pipe(labels, seed=args.seed, batch_size=args.batch_size, progress=True, **sampling_kwargs(args))
-    dest = Path(args.out)
-    if dest.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
-        save_image(image_grid(out.images, cols=args.per_class if args.per_class > 1 else len(out.images)), dest)
+    if grid:
+        save_image(image_grid(out.images, cols=args.per_class if args.per_class > 1 else len(out.images),
+                              labels=[str(c) for c in labels] if args.labels else None), dest)
         written = str(dest)
     else:
-        dest.mkdir(parents=True, exist_ok=True)
         for i, (im, c) in enumerate(zip(out.images, labels)):
-            save_image(im, dest / f"{i:05d}_class{c}.png")
+            save_image(im, dest / f"{first + i:05d}_class{c}.png")
         written = f"{len(out.images)} images in {dest}/"
     s = out.stats
     dtype = str(next(pipe.generator.parameters()).dtype).replace("torch.", "")
@@ -132,9 +210,83 @@ def _maybe_spawn(args) -> None:
     raise SystemExit(subprocess.call(cmd))
 
 
+def _check_train_inputs(args, kind: str) -> None:
+    """What a training run reads and writes, checked before any process starts or anything loads: ``--out``
+    (a folder that can be written), ``--config``, ``--tokenizer`` (a tokenizer folder of the config's family)
+    and ``--resume`` (a varkit training checkpoint of this kind of run). Temporary files that killed runs left
+    in the output folders are removed."""
+    from .io import check_output_path, clean_stale_temporaries
+
+    out = check_output_path(args.out, "folder")
+    if kind == "tokenizer":
+        from .tokenizers import TOKENIZER_CONFIGS
+
+        TOKENIZER_CONFIGS.lookup(args.config)
+    else:
+        from .models.base import check_tokenizer_family
+        from .models.registry import model_class
+
+        gen_cls = model_class(args.config)
+        args.tokenizer, tok_cfg = _tokenizer_folder(args.tokenizer)
+        check_tokenizer_family(gen_cls, tok_cfg)
+    if args.resume is not None:
+        _check_resume(args.resume, kind)
+    removed = [p for d in (out, out / f"train-{kind}", out / kind) for p in clean_stale_temporaries(d)]
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left by killed runs in {out}", file=sys.stderr)
+
+
+def _tokenizer_folder(spec: str) -> tuple[str, dict]:
+    """``--tokenizer``: a tokenizer folder, or a bundled model name (its ``tokenizer/``); its config. A pipeline
+    folder or a generator folder is refused with the folder to pass instead."""
+    from .hub import ASSETS, bundled_models
+    from .modeling import _MODULE_CLASSES, _import_module_packages, read_config
+    from .models.base import Generator
+
+    path = Path(spec)
+    if not path.exists() and spec in bundled_models():
+        path = ASSETS / spec / "tokenizer"
+    cfg = read_config(path)
+    if cfg.get("_class") == "Pipeline":
+        raise InvalidArgumentError(f"--tokenizer {spec} is a pipeline folder; pass its tokenizer subfolder: "
+                                   f"{path / 'tokenizer'}")
+    _import_module_packages()
+    cls = _MODULE_CLASSES.get(cfg.get("_class"))
+    if cls is not None and issubclass(cls, Generator):
+        raise InvalidArgumentError(f"--tokenizer {spec} holds a {cls.__name__} (a generator), not a tokenizer; pass "
+                                   f"the tokenizer/ folder next to it ({path.parent / 'tokenizer'})")
+    return str(path), cfg
+
+
+def _check_resume(path: str, kind: str) -> None:
+    """``--resume``: a checkpoint ``varkit train {kind}`` wrote, else one line saying what the file is."""
+    from collections.abc import Mapping
+
+    from .checkpoints.common import WRAPPERS, describe_other_generator, tensors_of
+    from .errors import CheckpointError
+    from .io import load_torch_checkpoint
+
+    ck = load_torch_checkpoint(path, "varkit training checkpoint")
+    run = ck.get("kind") if isinstance(ck, Mapping) else None
+    if isinstance(run, str):
+        if run.split(":", 1)[0] != kind:
+            raise CheckpointError(f"--resume {path} is a checkpoint of a {run} run, not of a {kind} run; pass "
+                                  f"OUT/train-{kind}/checkpoint.pt of the run to continue")
+        return
+    what = None
+    if isinstance(ck, Mapping):
+        for cand in [ck, *(ck[w] for w in WRAPPERS if isinstance(ck.get(w), Mapping))]:
+            what = what or describe_other_generator(set(tensors_of(cand)), "varkit")
+    found = f"it is {what}" if what else (f"it holds a {type(ck).__name__}" + (
+        f" with keys {sorted(map(str, ck))[:4]}" if isinstance(ck, Mapping) else ""))
+    raise CheckpointError(f"--resume {path} is not a varkit training checkpoint: {found}; pass the "
+                          f"checkpoint.pt that `varkit train {kind}` wrote in OUT/train-{kind}/")
+
+
 def cmd_train_tokenizer(args) -> None:
     from .train.tokenizer import train_tokenizer
 
+    _check_train_inputs(args, "tokenizer")
     _maybe_spawn(args)
     train_tokenizer(args.data, args.config, args.out, _train_config(args), resolution=args.resolution,
                     device=args.device, resume=args.resume, flip=args.flip, adversarial=args.adversarial,
@@ -145,6 +297,7 @@ def cmd_train_tokenizer(args) -> None:
 def cmd_train_generator(args) -> None:
     from .train.generator import train_generator
 
+    _check_train_inputs(args, "generator")
     _maybe_spawn(args)
     defaults = _sampler_options(args.default)
     unknown = set(defaults) - set(SAMPLING_DEFAULT_KEYS)
@@ -164,22 +317,22 @@ def _add_train_common(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--data", required=True, help="'digits' or an image folder (one subfolder per class)")
     p.add_argument("--config", required=True, help="named config (see `varkit models`)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64, help="global batch over all processes")
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay (0 = off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--resolution", type=POSITIVE, default=32)
+    p.add_argument("--steps", type=POSITIVE, default=1000)
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="global batch over all processes")
+    p.add_argument("--lr", type=number_in(0, low_open=True), default=lr)
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=50)
+    p.add_argument("--weight-decay", type=number_in(0), default=0.05)
+    p.add_argument("--grad-clip", type=number_in(0), default=1.0)
+    p.add_argument("--ema", type=number_in(0, 1, high_open=True), default=0.0, help="EMA decay (0 = off)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--log-every", type=POSITIVE, default=10)
+    p.add_argument("--ckpt-every", type=POSITIVE, default=200)
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--flip", action="store_true", help="random horizontal flips")
-    p.add_argument("--device", default=None)
+    add_device_argument(p)
     p.add_argument("--resume", default=None, help="checkpoint.pt of an interrupted run")
-    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun DDP) on this machine")
+    p.add_argument("--nproc", type=POSITIVE, default=1, help="processes (torchrun DDP) on this machine")
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -204,10 +357,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images with a bundled or saved model")
     g.add_argument("--model", default="digits", help="bundled model name or model folder")
     g.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: the first 10)")
-    g.add_argument("--per-class", type=int, default=1, help="images per class")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--per-class", type=POSITIVE, default=1, help="images per class")
+    g.add_argument("--seed", type=SEED, default=0)
+    g.add_argument("--batch-size", type=POSITIVE, default=None)
+    add_device_argument(g)
     g.add_argument("--dtype", default="auto",
                    help="generator dtype: auto (default: bfloat16 where the CPU has AMX/AVX-512-BF16 or the GPU bf16, "
                         "else float32), float32 or bfloat16")
@@ -215,23 +368,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="CPU inference GEMMs on weights packed once for oneDNN (faster; one more copy of the weights)")
     g.add_argument("--compile", action="store_true",
                    help="decode through a torch.compile'd step (raster models; the first image compiles, tens of seconds)")
-    g.add_argument("--out", default="samples.png", help="a .png grid, or a folder for one PNG per image")
+    g.add_argument("--out", default="samples.png",
+                   help="a .png/.jpg/.webp grid (replaced if it exists), or a folder for one PNG per image")
+    g.add_argument("--labels", action="store_true", help="write each image's class id under it in the grid")
+    g.add_argument("--add", action="store_true",
+                   help="into a non-empty --out folder: number the new images after the folder's own")
+    g.add_argument("--overwrite", action="store_true",
+                   help="into a non-empty --out folder: replace its images of the same names")
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train a tokenizer or a generator").add_subparsers(dest="what", required=True)
     tt = t.add_parser("tokenizer", help="train a tokenizer (VQ, multi-scale VQ or KL-VAE, by --config)")
     _add_train_common(tt, lr=2e-3)
-    tt.add_argument("--adversarial", type=float, default=0.0,
+    tt.add_argument("--adversarial", type=number_in(0), default=0.0,
                     help="weight of the hinge GAN loss from a small PatchGAN discriminator (0 = off)")
-    tt.add_argument("--disc-start", type=int, default=0, help="step at which the adversarial term switches on")
+    tt.add_argument("--disc-start", type=NON_NEGATIVE, default=0, help="step at which the adversarial term switches on")
     tt.set_defaults(func=cmd_train_tokenizer)
     tg = t.add_parser("generator", help="train a generator over a frozen tokenizer")
     _add_train_common(tg, lr=1e-3)
     tg.add_argument("--tokenizer", required=True, help="tokenizer folder (from `varkit train tokenizer`)")
-    tg.add_argument("--class-dropout", type=float, default=0.1)
-    tg.add_argument("--default-cfg", type=float, default=None, help="CFG scale stored as the model's default")
-    tg.add_argument("--default-top-k", type=int, default=None)
+    tg.add_argument("--class-dropout", type=number_in(0, 1), default=0.1)
+    tg.add_argument("--default-cfg", type=number_in(0), default=None, help="CFG scale stored as the model's default")
+    tg.add_argument("--default-top-k", type=NON_NEGATIVE, default=None)
     tg.add_argument("--default", action="append", default=[], metavar="KEY=VALUE",
                     help="another default sampling setting stored with the model (cfg_schedule=linear, num_iter=16, "
                          "head_steps=50, temperature=0.9 ...), repeatable")
@@ -240,11 +399,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     tg.add_argument("--teacher", default=None, metavar="MODEL",
                     help="distil from this pipeline (bundled name or folder, same tokenizer): loss = KL(teacher || student) "
                          "per position (e.g. a drafter for speculative decoding)")
-    tg.add_argument("--ce-weight", type=float, default=0.0,
+    tg.add_argument("--ce-weight", type=number_in(0), default=0.0,
                     help="with --teacher: weight of the cross-entropy on the training tokens added to the KL")
-    tg.add_argument("--teacher-samples", type=int, default=0, metavar="N",
+    tg.add_argument("--teacher-samples", type=NON_NEGATIVE, default=0, metavar="N",
                     help="with --teacher: add N sequences sampled from the teacher (its default CFG) to the data")
-    tg.add_argument("--distill-cfg", type=float, default=None, metavar="W",
+    tg.add_argument("--distill-cfg", type=number_in(0), default=None, metavar="W",
                     help="with --teacher: run every row under the null condition too and add the KL of the "
                          "CFG-mixed (scale W) distributions, what speculative decoding compares")
     tg.add_argument("--init-from", default=None, metavar="MODEL",
@@ -305,9 +464,22 @@ def _command_in(argv: list[str]) -> str:
     return next((a for a in argv if not a.startswith("-")), "")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so every ``finally`` (atomic writes' temporaries) runs."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command_in(argv)).parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         args.func(args)
     except VarkitError as exc:
@@ -316,6 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("varkit: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("varkit: terminated (SIGTERM); files being written were removed, finished ones kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
