@@ -129,7 +129,7 @@ def test_generate_defaults_to_auto(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, pattern", [
-    (["--dtype", "float8"], r"unknown dtype 'float8'"),
+    (["--dtype", "float8"], r"dtype.*'float8'"),
     (["--device", "cuda"], r"no usable CUDA GPU"),
 ])
 def test_generate_bad_dtype_or_device_is_one_line(tmp_path, capsys, argv, pattern):
@@ -142,3 +142,31 @@ def test_generate_bad_dtype_or_device_is_one_line(tmp_path, capsys, argv, patter
     assert main(["generate", "--model", "digits", "--classes", "0", *argv, "--out", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(pattern, err[0]), err
+
+
+def test_eval_fid_defaults_to_auto():
+    import argparse
+
+    from varkit.eval.cli_commands import add_eval_parser
+
+    p = argparse.ArgumentParser()
+    add_eval_parser(p.add_subparsers(dest="command"))
+    assert p.parse_args(["eval", "fid", "--model", "digits"]).dtype == "auto"
+    assert p.parse_args(["eval", "fid", "--model", "digits", "--dtype", "float32"]).dtype == "float32"
+
+
+def test_samples_folder_records_a_non_fp32_dtype(tmp_path, tiny_pipeline):
+    """A bf16 run is another run: its folder's manifest says so, and fp32 samples are not resumed in bf16."""
+    import json
+
+    from varkit.eval.fid import generate_samples, generator_dtype
+
+    assert generator_dtype(tiny_pipeline) == "float32"
+    generate_samples(tiny_pipeline, tmp_path / "a", 2, batch_size=2, progress=False)
+    manifest = json.loads(next((tmp_path / "a").glob("*.json")).read_text())
+    assert "dtype" not in manifest  # fp32 manifests (and folder hashes) as before
+    tiny_pipeline.generator.to(torch.bfloat16)
+    with pytest.raises(InvalidArgumentError, match="other settings.*dtype"):
+        generate_samples(tiny_pipeline, tmp_path / "a", 2, batch_size=2, progress=False)
+    generate_samples(tiny_pipeline, tmp_path / "b", 2, batch_size=2, progress=False)
+    assert json.loads(next((tmp_path / "b").glob("*.json")).read_text())["dtype"] == "bfloat16"

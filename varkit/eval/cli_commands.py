@@ -90,7 +90,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                                     "script's); default: the model's paper FID protocol")
     f.add_argument("--image-size", type=int, help="evaluate samples at this size, resized bicubic (default: the "
                                                   "protocol's, e.g. 256 for LlamaGen's 384 px models)")
-    f.add_argument("--dtype", default=None, help="generator dtype: float32 or bfloat16 (default: the model's, fp32)")
+    f.add_argument("--dtype", default="auto",
+                   help="generator dtype: auto (default: bfloat16 where the CPU has AMX/AVX-512-BF16 or the GPU bf16, "
+                        "else float32), float32 or bfloat16; part of the samples folder's settings")
     f.add_argument("--compile", action="store_true", help="decode through a torch.compile'd step (raster models)")
     f.add_argument("--prepack", action="store_true", help="CPU inference GEMMs on prepacked weights")
     f.add_argument("--nproc", type=int, default=1,

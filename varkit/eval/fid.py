@@ -140,6 +140,8 @@ def generate_samples(pipe, out_dir: str | os.PathLike, num_samples: int, *, sett
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"model": model, "num_classes": num_classes, "seed": seed, "seed_rule": f"seed * {SEED_STRIDE} + index",
                 "label_rule": "index % num_classes", **settings, "sampler_kwargs": sampler_kwargs}
+    if generator_dtype(pipe) != "float32":  # only then: fp32 folders keep their manifests (a bf16 run is another run)
+        manifest["dtype"] = generator_dtype(pipe)
     _check_manifest(out_dir, manifest, rank)
 
     mine = range(rank, num_samples, world_size)
@@ -369,6 +371,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def generator_dtype(pipe) -> str:
+    """The dtype name of ``pipe``'s generator weights (float32 for pipelines without a generator module)."""
+    try:
+        return str(next(pipe.generator.parameters()).dtype).replace("torch.", "")
+    except (AttributeError, StopIteration, TypeError):
+        return "float32"
+
+
 def _settings_hash(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -434,7 +444,8 @@ def eval_fid(model, *, ref: str | os.PathLike | None = None, num_samples: int | 
         raise InvalidArgumentError(f"--num-samples must be at least 2 (FID needs a covariance), got {n}")
     sampler_kwargs = dict(sampler_kwargs or {})
     if out_dir is None:
-        tag = _settings_hash({"model": model_name, "seed": seed, **settings, **sampler_kwargs})
+        dt = {} if generator_dtype(pipe) == "float32" else {"dtype": generator_dtype(pipe)}  # fp32 tags unchanged
+        tag = _settings_hash({"model": model_name, "seed": seed, **settings, **sampler_kwargs, **dt})
         out_dir = Path("eval") / f"{Path(model_name).name}-{settings['sampler']}-{tag}"
     out_dir = Path(out_dir)
     gen_info = generate_samples(pipe, out_dir, n, settings=settings, seed=seed, batch_size=batch_size,
@@ -455,7 +466,7 @@ def eval_fid(model, *, ref: str | os.PathLike | None = None, num_samples: int | 
                           kid_subset_size=kid_subset_size, fid_layer=fid_layer, progress=progress)
     record = {
         "model": model_name, "model_defaults": dict(getattr(pipe, "defaults", None) or {}),
-        **settings, "sampler_kwargs": sampler_kwargs,
+        **settings, "sampler_kwargs": sampler_kwargs, "dtype": generator_dtype(pipe),
         "seed": seed, "image_seeds": f"seed * {SEED_STRIDE} + index (index 0..{n - 1})",
         "labels": "index % num_classes (balanced)", "num_classes": int(pipe.num_classes),
         "num_samples": n, "batch_size": batch_size, "world_size": world, "samples_dir": str(out_dir.resolve()),
