@@ -130,7 +130,7 @@ class CachePolicy:
         if not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
             raise InvalidArgumentError(f"pool must be an odd kernel size >= 1 (1 = no pooling), got {pool!r}")
         self.budget, self.window, self.pool = float(budget), window, pool
-        self.last_cache: "weakref.ref[BudgetedKVCache] | None" = None  # the most recent cache made under this policy
+        self.last_trace: dict[str, int] = {}  # what the most recent cache made under this policy held (see BudgetedKVCache)
 
     def __repr__(self) -> str:
         return f"{self.name}:{self.budget:g}"
@@ -323,6 +323,7 @@ class BudgetedKVCache(KVCache):
         self.length = self.peak_length = 0
         self._device, self._dtype = torch.device(device), dtype
         self.held = self.held_peak = self.transient_bytes = 0
+        self.trace = {"held_peak_bytes": 0, "transient_bytes": 0}  # updated as it goes; outlives the cache
         self.evicted = False
         self.groups: list[list[_Group]] = []
         for l in range(num_layers):
@@ -420,6 +421,7 @@ class BudgetedKVCache(KVCache):
             total = keys.shape[2]
             self.transient_bytes = max(self.transient_bytes,
                                        self.held + (keys.numel() + vals.numel()) * keys.element_size())
+            self.trace["transient_bytes"] = self.transient_bytes
             if self.recorder is not None or total > budget:
                 wq = self._window(step) + (n - own)  # the window's rows within this block
                 logits = qg[:, :, wq] @ keys.transpose(-1, -2) * (scale if scale is not None else keys.shape[-1] ** -0.5)
@@ -457,6 +459,7 @@ class BudgetedKVCache(KVCache):
     def _account(self) -> None:
         self.held = sum(g.nbytes for gs in self.groups for g in gs)
         self.held_peak = max(self.held_peak, self.held)
+        self.trace["held_peak_bytes"] = self.held_peak
 
 
 # -- building one ---------------------------------------------------------------------------------------
@@ -515,5 +518,5 @@ def budgeted_cache(policy: CachePolicy, gen, batch: int, params) -> BudgetedKVCa
         calib = calibrate(gen, params)
     plan = policy.plan(layout, layers, heads, capacity, calib)
     cache = BudgetedKVCache(plan, policy, layout, layers, batch, heads, head_dim, p.device, p.dtype, recorder)
-    policy.last_cache = weakref.ref(cache)  # for inspection after sampling (benchmarks: transient_bytes)
+    policy.last_trace = cache.trace  # for inspection after sampling (benchmarks: transient_bytes)
     return cache

@@ -101,9 +101,8 @@ class Method:
             tokens.append(res.tokens)
             stats = res.stats if stats is None else stats.merge(res.stats)
             policy = getattr(smp, "cache_policy", None)
-            cache = policy.last_cache() if policy is not None and policy.last_cache is not None else None
-            if cache is not None:
-                self.transient = max(self.transient, cache.transient_bytes)
+            if policy is not None:
+                self.transient = max(self.transient, policy.last_trace.get("transient_bytes", 0))
         self.wall, self.cpu = min(self.wall, wall), min(self.cpu, cpu)
         self.tokens, self.stats = torch.cat(tokens), stats
 
