@@ -107,3 +107,7 @@ def add_bench_parser(sub) -> None:
     from .var_accel import add_var_accel_bench_parser
 
     add_var_accel_bench_parser(bs)
+
+    from .annealing import add_annealing_bench_parser
+
+    add_annealing_bench_parser(bs)

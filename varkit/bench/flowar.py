@@ -405,6 +405,70 @@ def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack:
                 warmup)
 
 
+# -- floors: what this machine can do at this thread count -------------------------------------------------------------
+def best_cpu_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Least process CPU time of ``repeats`` calls (after one untimed call): unlike wall time it does not count the
+    time other processes on a shared machine hold the core."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        c0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - c0)
+    return best
+
+
+def cpu_time_rates(dtypes: list[torch.dtype], sizes: dict[str, int], big_bytes: int, conv_hw: int,
+                   gemm_size: int) -> dict[str, Any]:
+    """Copy bandwidths (a ``big_bytes`` copy and one per ``sizes`` entry, read + write counted), GEMM rates per dtype
+    (best of an n³ and an (n/2)³ matmul) and the rate of the VAE's dominant layer (a 3x3 128→128 convolution on a
+    ``conv_hw``² map), each timed in process CPU time."""
+    def copy_bw(nbytes: int, repeats: int) -> float:
+        src = torch.randn(max(nbytes // 4, 1024))
+        dst = torch.empty_like(src)
+        return 2 * src.nbytes / best_cpu_seconds(lambda: dst.copy_(src), repeats)
+
+    def gemm(dt: torch.dtype, n: int) -> float:
+        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+        return 2 * n ** 3 / best_cpu_seconds(lambda: a @ b, 4)
+
+    conv = nn.Conv2d(128, 128, 3, padding=1)
+    x = torch.randn(1, 128, conv_hw, conv_hw)
+    with torch.inference_mode():
+        conv_s = best_cpu_seconds(lambda: conv(x), 3)
+    return {"bandwidth_Bps": {"large": copy_bw(big_bytes, 4), **{k: copy_bw(v, 10) for k, v in sizes.items()}},
+            "gemm_flops": {str(dt).replace("torch.", ""): max(gemm(dt, gemm_size), gemm(dt, max(gemm_size // 2, 64)))
+                           for dt in dtypes},
+            "conv_flops": 2 * 9 * 128 * 128 * conv_hw * conv_hw / conv_s, "gemm_size": gemm_size,
+            "big_copy_bytes": big_bytes}
+
+
+def machine_rates(own: dict[str, Any], floor: dict[str, Any] | None, sizes: dict[str, int]) -> dict[str, Any]:
+    """The best of this bench's CPU-time rates and ``varkit bench floor``'s measurement (each a lower bound of what
+    the machine can do): the denominators of every floor."""
+    from .floor import bandwidth_for, peak_rate
+
+    if floor is None:
+        return own
+    bw = dict(own["bandwidth_Bps"])
+    bw["large"] = max(bw["large"], bandwidth_for(floor, own["big_copy_bytes"]))
+    for k, v in sizes.items():
+        bw[k] = max(bw[k], bandwidth_for(floor, v))
+    gemm = {k: max(v, peak_rate(floor, k)) for k, v in own["gemm_flops"].items()}
+    return {**own, "bandwidth_Bps": bw, "gemm_flops": gemm}
+
+
+def best_rates(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    """The faster of two measurements of every rate."""
+    if a is None:
+        return b
+    out = dict(b)
+    for key in ("bandwidth_Bps", "gemm_flops"):
+        out[key] = {k: max(a[key].get(k, 0.0), v) for k, v in b[key].items()}
+    out["conv_flops"] = max(a["conv_flops"], b["conv_flops"])
+    return out
+
+
 # -- one batch size: round-robin runs, rows with floors ------------------------------------------------------------------
 @dataclass
 class Result:
@@ -480,6 +544,7 @@ def make_rows(sides: list[Side], results: list[Result], batch: int, gen, tok, ma
                "head_prepares": len(prepares), "head_flops": h_flops, "head_weight_bytes_per_call": side.head_numel * side.bytes_per,
                "ar_flops": a_flops, "ar_weight_bytes": side.ar_numel * side.bytes_per, "decode_flops": dec_flops,
                "image_px": cfg.patch_nums[-1] * tok.downsample,
+               "images_max_abs": res.images.abs().max().item(),
                "images_max_abs_diff": (res.images - ref.images).abs().max().item() if ref is not None else None}
         rows.append(row)
         for p in PARTS:
@@ -498,15 +563,18 @@ def run_bench(config: str = "flowar-small", batches: tuple[int, ...] = (1, 8), *
               dtypes: tuple[str, ...] = ("float32", "bfloat16"), prepack: bool = True, official_autocast: bool = False,
               head_steps: int = 25, anneal: tuple[str, ...] = ("25:5",), cfg: float = 4.3, guidance_interval: float = 0.9,
               repeats: int | tuple[int, ...] = 1, seed: int = 0, tokenizer: str = "mar-kl16",
-              overrides: dict[str, Any] | None = None, big_copy_bytes: int = 1 << 30, gemm_size: int = 2048,
-              verbose: bool = True, on_batch: Callable[[list[dict], list[dict], dict[str, Any]], None] | None = None,
+              overrides: dict[str, Any] | None = None, big_copy_bytes: int = 256 << 20, gemm_size: int = 2048,
+              use_floor_cache: bool = True, verbose: bool = True, on_batch: Callable[[list[dict], list[dict], dict[str, Any]], None] | None = None,
               ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Run the side-by-side benchmark; (table rows, part rows, settings + machine measurements).
 
     ``official``: a FlowAR checkout (None: varkit's rows only). ``anneal``: extra varkit fp32 rows at these head-step
-    schedules. ``on_batch(rows, parts, settings)`` is called after each batch size with everything so far."""
+    schedules. ``use_floor_cache``: also take the rates of ``varkit bench floor``'s per-machine cache (a quick
+    measurement first if none). ``on_batch(rows, parts, settings)`` is called after each batch size with everything
+    so far."""
     from ..samplers import SamplingParams
-    from .mar import _load, best_machine, cpu_model, measure_machine
+    from .floor import get_floor
+    from .mar import _load, cpu_model
 
     reps = (repeats,) * len(batches) if isinstance(repeats, int) else tuple(repeats)
     if len(reps) == 1:
@@ -532,8 +600,8 @@ def run_bench(config: str = "flowar-small", batches: tuple[int, ...] = (1, 8), *
         "vae_scale": VAE_SCALE, "device": "cpu", "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu_model": cpu_model(), "torch": torch.__version__,
         "weights_s": time.perf_counter() - t0, "official": str(off.root) if off else None,
-        "floors_from": "varkit.bench.mar.measure_machine (copy bandwidth, fp32/bf16 GEMM and 3x3 conv rates, measured "
-                       "in this run)",
+        "floors_from": "the best of this run's rates timed in process CPU time (copy bandwidth, fp32/bf16 GEMM, the "
+                       "VAE's 3x3 conv) and varkit bench floor's cached measurement (bandwidth, peak GEMM)",
     }
     if off is not None:
         try:
@@ -557,12 +625,18 @@ def run_bench(config: str = "flowar-small", batches: tuple[int, ...] = (1, 8), *
     head_sizes = {f"head_{s.bytes_per}": s.head_numel * s.bytes_per for s in sides}
     gemm_dtypes = {getattr(torch, s.gemm_dtype) for s in sides}
 
+    floor = get_floor(quick=True, verbose=verbose) if use_floor_cache else None
+    settings["floor_cache"] = None if floor is None else {
+        "key": floor.get("key"), "date": floor.get("date"), "quick": floor.get("quick"),
+        "peak_gemm_flops": floor.get("peak_gemm_flops")}
+
     def measure() -> None:
+        """(Re)measure the rates; each batch size's rows use the best measurement so far."""
         t0 = time.perf_counter()
-        m = measure_machine(head_sizes, sorted(gemm_dtypes, key=str), big_copy_bytes,
-                            conv_hw=min(256, tok.downsample * gen.config.patch_nums[-1]), gemm_size=gemm_size)
+        m = cpu_time_rates(sorted(gemm_dtypes, key=str), head_sizes, big_copy_bytes,
+                           min(256, tok.downsample * gen.config.patch_nums[-1]), gemm_size)
         settings.setdefault("machine_measurements", []).append(m)
-        settings["machine"] = best_machine(settings.get("machine"), m)
+        settings["machine"] = best_rates(settings.get("machine"), machine_rates(m, floor, head_sizes))
         settings["floors_s"] = settings.get("floors_s", 0.0) + time.perf_counter() - t0
 
     measure()
@@ -643,7 +717,7 @@ def add_flowar_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default="mar-kl16",
                    help="KL tokenizer config of a varkit-only run (with --official: MAR's KL-16 always)")
-    p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy that measures memory bandwidth")
+    p.add_argument("--copy-mib", type=int, default=256, help="size of the copy that measures memory bandwidth")
     p.add_argument("--gemm-size", type=int, default=2048, help="n of the n x n x n matmul that measures the GEMM rate")
     add_output_args(p, "flowar")
     p.set_defaults(func=cmd_bench_flowar)
