@@ -179,15 +179,37 @@ def _train_config(args):
 
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema=args.ema, seed=args.seed,
-                       log_every=args.log_every, ckpt_every=args.ckpt_every, bf16=not args.no_bf16)
+                       log_every=args.log_every, ckpt_every=args.ckpt_every, bf16=not args.no_bf16,
+                       grad_accum=getattr(args, "grad_accum", 1), workers=getattr(args, "workers", 0),
+                       fsdp=getattr(args, "fsdp", False), sample_every=getattr(args, "sample_every", 0))
 
 
-def _record_command(out: str, name: str) -> None:
-    from .io import atomic_path
+def _command_line() -> str:
+    """This command as typed (a ``--nproc`` run's workers get it from their launcher)."""
+    import os
 
-    path = Path(out) / name
-    with atomic_path(path) as tmp:
-        tmp.write_text("varkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
+    argv = sys.argv[1:]
+    if Path(sys.argv[0]).parent.name == "train":  # python -m varkit.train … (torchrun)
+        argv = ["train", *argv]
+    return os.environ.get("VARKIT_COMMAND") or "varkit " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _record_command(out: str, name: str, history: str | None = None) -> None:
+    """Write ``out/name``: the record kept in ``out/history`` (the original command and each resume), if any,
+    else this command."""
+    from .io import write_text
+
+    src = Path(out) / history if history else None
+    write_text(Path(out) / name, src.read_text() if src is not None and src.is_file() else _command_line() + "\n")
+
+
+def _start_record(args, train_dir: str) -> str:
+    """The training loop starts (or, resuming, extends) ``out/train_dir/COMMAND.txt`` with this command once
+    everything loaded; returns that record's name."""
+    from .train import loop
+
+    loop.RUN_COMMAND = _command_line()
+    return f"{train_dir}/COMMAND.txt"
 
 
 def _maybe_spawn(args) -> None:
@@ -207,7 +229,7 @@ def _maybe_spawn(args) -> None:
             argv.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "varkit.train", *argv]
-    raise SystemExit(subprocess.call(cmd))
+    raise SystemExit(subprocess.call(cmd, env={**os.environ, "VARKIT_COMMAND": _command_line()}))
 
 
 def _check_train_inputs(args, kind: str) -> None:
@@ -288,10 +310,12 @@ def cmd_train_tokenizer(args) -> None:
 
     _check_train_inputs(args, "tokenizer")
     _maybe_spawn(args)
-    train_tokenizer(args.data, args.config, args.out, _train_config(args), resolution=args.resolution,
+    cfg = _train_config(args)
+    record = _start_record(args, "train-tokenizer")
+    train_tokenizer(args.data, args.config, args.out, cfg, resolution=args.resolution,
                     device=args.device, resume=args.resume, flip=args.flip, adversarial=args.adversarial,
                     disc_start=args.disc_start)
-    _record_command(args.out, "tokenizer/COMMAND.txt")
+    _record_command(args.out, "tokenizer/COMMAND.txt", record)
 
 
 def cmd_train_generator(args) -> None:
@@ -305,12 +329,14 @@ def cmd_train_generator(args) -> None:
         raise InvalidArgumentError(f"--default {', '.join(sorted(unknown))}: not a sampling setting; "
                                    f"choose from {', '.join(SAMPLING_DEFAULT_KEYS)}")
     defaults.update({k: v for k, v in dict(cfg=args.default_cfg, top_k=args.default_top_k).items() if v is not None})
-    train_generator(args.data, args.tokenizer, args.config, args.out, _train_config(args),
+    cfg = _train_config(args)
+    record = _start_record(args, "train-generator")
+    train_generator(args.data, args.tokenizer, args.config, args.out, cfg,
                     resolution=args.resolution, device=args.device, resume=args.resume,
                     class_dropout=args.class_dropout, defaults=defaults, flip=args.flip, teacher=args.teacher,
                     ce_weight=args.ce_weight, teacher_samples_count=args.teacher_samples, init_from=args.init_from,
-                    distill_cfg=args.distill_cfg, **_sampler_options(args.model_option))
-    _record_command(args.out, "generator/COMMAND.txt")
+                    distill_cfg=args.distill_cfg, codes_dir=args.extract_codes, **_sampler_options(args.model_option))
+    _record_command(args.out, "generator/COMMAND.txt", record)
 
 
 def _add_train_common(p: argparse.ArgumentParser, lr: float) -> None:
@@ -333,6 +359,10 @@ def _add_train_common(p: argparse.ArgumentParser, lr: float) -> None:
     add_device_argument(p)
     p.add_argument("--resume", default=None, help="checkpoint.pt of an interrupted run")
     p.add_argument("--nproc", type=POSITIVE, default=1, help="processes (torchrun DDP) on this machine")
+    p.add_argument("--grad-accum", type=POSITIVE, default=1, metavar="N",
+                   help="micro-batches per optimizer step (the global batch stays --batch-size)")
+    p.add_argument("--workers", type=NON_NEGATIVE, default=0, metavar="N",
+                   help="DataLoader worker processes per rank (e.g. 4-8 for image folders; 0 = in process)")
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -408,6 +438,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                          "CFG-mixed (scale W) distributions, what speculative decoding compares")
     tg.add_argument("--init-from", default=None, metavar="MODEL",
                     help="copy every same-named, same-shaped weight from this generator (e.g. the target's first layers)")
+    tg.add_argument("--extract-codes", default=None, metavar="DIR",
+                    help="tokenize the dataset once into DIR (sharded over the processes; both orientations with "
+                         "--flip) and train from those codes; a later run with the same DIR reuses them")
+    tg.add_argument("--fsdp", action="store_true",
+                    help="shard the generator over the processes (torch FSDP) instead of replicating it (DDP): "
+                         "for generators over 1 B parameters")
+    tg.add_argument("--sample-every", type=NON_NEGATIVE, default=0, metavar="N",
+                    help="write a sample grid (up to 10 classes x 4 seeds) to train-generator/samples/ every N steps")
     tg.set_defaults(func=cmd_train_generator)
     from .distill.cli_commands import add_train_distill_parser
 
