@@ -1,6 +1,14 @@
-"""Datasets: scikit-learn's handwritten digits (offline) and class-per-subfolder image folders."""
+"""Datasets: scikit-learn's handwritten digits (offline) and class-per-subfolder image folders.
+
+**Flips** are part of the index: with ``--flip`` the training loop draws *virtual* indices in
+``[0, 2n)``, where ``i + n`` is image ``i`` mirrored (a fresh coin per image and epoch, decided
+by the data order's seed: see :func:`varkit.train.loop.batch_indices`). A batch is then a pure
+function of its indices, so worker processes, a resumed run and the extracted codes
+(:mod:`varkit.train.codes`, which store both orientations) all agree.
+"""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -41,12 +49,20 @@ class ImageDataset:
     def labels(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def fingerprint(self) -> dict:
+        """What identifies these images (for the manifest of extracted codes)."""
+        return {"data": self.name, "num_items": len(self), "num_classes": self.num_classes,
+                "resolution": self.resolution}
+
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*(self.item(int(i)) for i in indices))
+        """Images (B, 3, H, W) in [-1, 1] and labels of ``indices``; index ``i + len(self)`` is image ``i``
+        mirrored (the loop draws those only with ``--flip``)."""
+        indices = torch.as_tensor(indices).long()
+        base, flipped = indices % len(self), indices >= len(self)
+        xs, ys = zip(*(self.item(int(i)) for i in base))
         x = torch.stack(xs)
-        if self.flip:  # flip decided by the index, so a resumed run sees the same batch
-            mask = (indices * 2654435761 % 2 == 1).view(-1, 1, 1, 1)
-            x = torch.where(mask, x.flip(-1), x)
+        if bool(flipped.any()):
+            x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(-1), x)
         return x, torch.tensor(ys)
 
 
@@ -87,6 +103,12 @@ class FolderDataset(ImageDataset):
 
     def labels(self) -> torch.Tensor:
         return torch.tensor([c for _, c in self.files])
+
+    def fingerprint(self) -> dict:
+        h = hashlib.sha256()
+        for f, c in self.files:
+            h.update(f"{f.relative_to(self.name)}\t{c}\n".encode())
+        return {**super().fingerprint(), "data": "image folder", "files_sha256": h.hexdigest()}
 
     def item(self, i: int):
         from PIL import Image, UnidentifiedImageError

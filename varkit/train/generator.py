@@ -1,6 +1,8 @@
 """``varkit train generator``: teacher forcing through the generator, class dropout for CFG.
 
-The tokenizer is frozen; the ids of the whole dataset are computed once at start-up.
+The tokenizer is frozen; the tokens of the whole dataset are computed once: in memory at start-up, or
+with ``codes_dir`` (``--extract-codes DIR``) written to disk once, sharded over the ranks, and read
+back by batch (:mod:`varkit.train.codes`). With ``--flip`` both orientations are tokenized.
 
 **Distillation** (``teacher=``, e.g. a drafter for speculative decoding): the loss is
 ``KL(teacher ‖ student)`` of the next-token distributions at every position, both models
@@ -28,18 +30,49 @@ from ..modeling import load_module
 from ..models import create_model
 from ..models.registry import model_class
 from ..pipeline import Pipeline
+from .codes import CodesStore, MemoryCodes, TokenBatches, encode_codes, extract_codes
 from .data import load_dataset
 from .loop import Trainer, TrainConfig, dist_info, init_distributed
 
+SAMPLE_ROWS = 4  # sample grids: this many images (seeds) per class column
+
 
 def encode_dataset(tokenizer, dataset, layout, device, batch: int = 256) -> torch.Tensor:
-    """Layout-order token ids (N, L) of every image, computed once with the frozen tokenizer."""
+    """Layout-order token ids (N, L) of every image (unflipped), computed once with the frozen tokenizer."""
     out = []
     with torch.no_grad():
         for i in range(0, len(dataset), batch):
             x, _ = dataset.batch(torch.arange(i, min(i + batch, len(dataset))))
             out.append(layout.from_grids(tokenizer.encode(x.to(device))).cpu())
     return torch.cat(out)
+
+
+def dataset_tokens(tokenizer, dataset, layout, device, flip: bool = False, codes_dir: str | Path | None = None,
+                   workers: int = 0) -> TokenBatches:
+    """The dataset's tokens by batch: from ``codes_dir`` (extracted there first if it holds none yet) or
+    tokenized in memory now (each rank the whole dataset)."""
+    if codes_dir is not None:
+        extract_codes(tokenizer, dataset, codes_dir, device, flip=flip, workers=workers)
+        return TokenBatches(CodesStore(codes_dir), layout)
+    codes, scales = encode_codes(tokenizer, dataset, torch.arange(len(dataset)), device, flip, batch=256,
+                                 workers=workers)
+    return TokenBatches(MemoryCodes(codes, dataset.labels(), scales), layout)
+
+
+def sample_grid_fn(tokenizer, defaults: dict[str, Any] | None, num_classes: int, rows: int = SAMPLE_ROWS):
+    """``fn(model) -> PIL grid`` for the loop's ``sample_every``: up to 10 classes (spread over all of them) as
+    columns, ``rows`` seeds down, at the model's default sampling settings, seed 0 (the same images each time)."""
+    from ..pipeline import image_grid
+
+    classes = torch.linspace(0, num_classes - 1, min(num_classes, 10)).round().long().tolist()
+    labels = [c for _ in range(rows) for c in classes]
+
+    def sample(model) -> Any:
+        gen = model.gen if isinstance(model, TeacherForcing) else model
+        out = Pipeline(tokenizer, gen, defaults)(labels, seed=0)
+        return image_grid(out.images, cols=len(classes))
+
+    return sample
 
 
 class TeacherForcing(nn.Module):
@@ -164,12 +197,13 @@ def train_generator(data: str, tokenizer_dir: str | Path, config: str, out: str 
                     resolution: int = 32, device: str | None = None, resume: str | None = None,
                     class_dropout: float = 0.1, defaults: dict[str, Any] | None = None, flip: bool = False,
                     teacher: str | Path | None = None, ce_weight: float = 0.0, teacher_samples_count: int = 0,
-                    init_from: str | Path | None = None, distill_cfg: float | None = None, **overrides) -> Pipeline:
+                    init_from: str | Path | None = None, distill_cfg: float | None = None,
+                    codes_dir: str | Path | None = None, **overrides) -> Pipeline:
     """Train generator ``config`` on ``data`` tokenized by ``tokenizer_dir``; save a pipeline to ``out``.
 
     ``teacher``: distil from that pipeline (see the module docstring) with ``ce_weight``,
     ``teacher_samples_count`` and ``distill_cfg``; ``init_from``: start from another generator's
-    matching weights.
+    matching weights; ``codes_dir``: the dataset's tokens on disk (extracted there once).
     """
     if teacher is None and (ce_weight or teacher_samples_count or distill_cfg is not None):
         raise InvalidArgumentError("--ce-weight, --teacher-samples and --distill-cfg only apply with --teacher (distillation)")
@@ -177,8 +211,7 @@ def train_generator(data: str, tokenizer_dir: str | Path, config: str, out: str 
         raise InvalidArgumentError(f"--distill-cfg must be >= 0 (a CFG scale), got {distill_cfg}")
     if ce_weight < 0 or teacher_samples_count < 0:
         raise InvalidArgumentError("--ce-weight and --teacher-samples must be >= 0")
-    dev = resolve_device(device)
-    init_distributed(dev)
+    dev = init_distributed(resolve_device(device))
     torch.manual_seed(cfg.seed)
     tok = load_module(tokenizer_dir).to(dev).eval().requires_grad_(False)
     if resolution % tok.downsample:
@@ -199,8 +232,7 @@ def train_generator(data: str, tokenizer_dir: str | Path, config: str, out: str 
         copied = init_from_generator(gen, init_from)
         if dist_info()[0] == 0:
             print(f"initialised {len(copied)} of {len(gen.state_dict())} tensors from {init_from}")
-    tokens = encode_dataset(tok, ds, gen.layout, dev)
-    labels = ds.labels()
+    batches = dataset_tokens(tok, ds, gen.layout, dev, flip, codes_dir, cfg.workers)
     meta: dict[str, Any] = {}
     tpipe = None
     if teacher is not None:
@@ -208,11 +240,11 @@ def train_generator(data: str, tokenizer_dir: str | Path, config: str, out: str 
         meta = {"teacher_fingerprint": _fingerprint(tpipe.generator), "ce_weight": float(ce_weight),
                 "teacher_samples": int(teacher_samples_count), "distill_cfg": distill_cfg}
         if teacher_samples_count:
-            extra, extra_labels = teacher_samples(tpipe, teacher_samples_count, cfg.seed, dev)
-            tokens, labels = torch.cat([tokens, extra]), torch.cat([labels, extra_labels])
+            batches.extra, batches.extra_labels = teacher_samples(tpipe, teacher_samples_count, cfg.seed, dev)
     loss = make_generator_loss(gen, class_dropout, tpipe.generator if tpipe else None, ce_weight, distill_cfg)
-    trainer = Trainer(TeacherForcing(gen), loss, lambda idx: (tokens[idx].to(dev), labels[idx].to(dev)),
-                      len(tokens), cfg, Path(out) / "train-generator", dev, kind=f"generator:{config}", meta=meta)
+    trainer = Trainer(TeacherForcing(gen), loss, batches, len(batches), cfg, Path(out) / "train-generator", dev,
+                      kind=f"generator:{config}", meta=meta, flip=flip,
+                      sample_fn=sample_grid_fn(tok, defaults, ds.num_classes))
     if resume:
         trainer.resume(resume)
     gen = trainer.fit().gen

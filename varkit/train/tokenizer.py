@@ -121,8 +121,7 @@ def train_tokenizer(data: str, config: str, out: str | Path, cfg: TrainConfig, r
                     device: str | None = None, resume: str | None = None, flip: bool = False,
                     adversarial: float = 0.0, disc_start: int = 0, **overrides):
     """Train tokenizer ``config`` on ``data`` (``digits`` or an image folder); save it to ``out/tokenizer``."""
-    dev = resolve_device(device)
-    init_distributed(dev)
+    dev = init_distributed(resolve_device(device))
     torch.manual_seed(cfg.seed)
     tok = create_tokenizer(config, **overrides)
     if resolution % tok.downsample:
@@ -131,8 +130,10 @@ def train_tokenizer(data: str, config: str, out: str | Path, cfg: TrainConfig, r
         )
     ds = load_dataset(data, resolution, flip)
     model = AdversarialTokenizer(tok, adversarial, disc_start) if adversarial > 0 else tok
-    trainer = Trainer(model, tokenizer_loss, lambda idx: tuple(t.to(dev) for t in ds.batch(idx)),
-                      len(ds), cfg, Path(out) / "train-tokenizer", dev, kind=f"tokenizer:{config}")
+    if cfg.fsdp:
+        raise InvalidArgumentError("--fsdp is for generators over 1 B parameters; train tokenizers without it")
+    trainer = Trainer(model, tokenizer_loss, ds.batch, len(ds), cfg, Path(out) / "train-tokenizer", dev,
+                      kind=f"tokenizer:{config}", flip=flip)
     if resume:
         trainer.resume(resume)
     tok = trainer.fit()
