@@ -366,7 +366,7 @@ def image_grid(images: Sequence[Image.Image], cols: int, gutter: int = 2, labels
     tiles = [im.convert("RGB") for im in images]
     if labels is not None:
         tiles = [_labelled(im, str(t), background) for im, t in zip(tiles, labels)]
-    x = torch.stack([torch.from_numpy(np.asarray(t)).permute(2, 0, 1) for t in tiles]).float() / 255
+    x = torch.stack([torch.from_numpy(np.array(t)).permute(2, 0, 1) for t in tiles]).float() / 255
     grid = make_grid(x, nrow=min(cols, len(tiles)), padding=gutter, pad_value=background / 255)
     return Image.fromarray((grid * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
 
