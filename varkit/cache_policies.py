@@ -8,10 +8,12 @@ statistic a policy evicts by is computed here, and only where it is needed).
 
 **Budget.** ``b`` in (0, 1]: the bytes the cache holds (keys and values) never exceed ``b`` × the
 bytes of the plain cache's full prefix: a capacity of ``C = floor(b·L·H·N)`` head-positions per batch
-row (L layers, H heads, N tokens). Kept keys stay in layout order, so no positions are stored. Nothing is evicted while every key fits; after a step whose
-keys do not, each (layer, head) keeps its budget for that step and drops the rest. The keys of the
-step being computed are attention inputs for one layer at a time and are compressed as soon as that
-layer has attended (``BudgetedKVCache.transient_bytes`` is the largest such working set).
+row (L layers, H heads, N tokens). Kept keys stay in layout order, so no positions are stored.
+Nothing is evicted while every key fits; once they do not, each (layer, head) keeps its budget for
+the step and drops the rest, layer by layer right after the layer has attended, with budgets
+lowered where needed so that the half-compressed cache of a step in progress fits too
+(:func:`fit_in_order`). The new keys of the step are attention inputs of one layer at a time
+(``BudgetedKVCache.transient_bytes`` is the largest such working set: kept plus new keys of a layer).
 
 **Which keys.** ScaleKV's observation window: up to ``window`` (16) queries evenly spread over the
 current scale (a √window × √window grid of patch centres, as the official ScaleKV code); a key's
@@ -24,7 +26,7 @@ papers do offline; images therefore never depend on the batch they are in.
 
 - ``scalekv`` (Li et al., arXiv 2505.19602): at every scale each layer is a *drafter* (attention
   dispersed over earlier scales: the lowest share of its window's attention on the current scale)
-  or a *refiner* (attention on the current map). ``max(1, L/8)`` drafters per scale get
+  or a *refiner* (attention on the current map). ``max(1, round(L/8))`` drafters per scale get
   ``drafter_weight`` (4) times a refiner's budget (capped at what exists); all heads of a layer
   share its budget.
 - ``hack`` (Qin et al., arXiv 2504.09261): heads are *contextual* (vertical attention: every query
