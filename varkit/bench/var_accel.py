@@ -218,8 +218,17 @@ def cmd_bench_var_accel(args) -> None:
     print_table(rows, COLUMNS)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     path = Path(args.out_dir) / f"{args.name}.json"
-    write_json(path, {"benchmark": args.name, "machine": machine(), "settings": settings, "notes": notes, "rows": rows,
-                      "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+    runs = [{"models": sorted({r["model"] for r in rows}), "settings": settings, "machine": machine(),
+             "date": time.strftime("%Y-%m-%d %H:%M:%S")}]
+    if args.update and path.is_file():  # keep the rows (and their run's record) of the models not run this time
+        import json
+
+        old = json.loads(path.read_text())
+        ran = set(runs[0]["models"])
+        rows = [r for r in old.get("rows", []) if r["model"] not in ran] + rows
+        runs = [r for r in old.get("runs", []) if not ran & set(r["models"])] + runs
+        notes = old.get("notes", {}) | notes
+    write_json(path, {"benchmark": args.name, "notes": notes, "rows": rows, "runs": runs})
     print(f"wrote {path}")
 
 
@@ -260,6 +269,8 @@ def add_var_accel_bench_parser(bench_subparsers) -> None:
     s.add_argument("--work-dir", default=None, help="where the random VAR pipeline is written (default: the temp dir)")
     s.add_argument("--skip-bundled", action="store_true")
     s.add_argument("--skip-large", action="store_true")
+    s.add_argument("--update", action="store_true",
+                   help="keep the rows of the models not run this time from an existing result file (one model a run)")
     s.set_defaults(large_drafter_note=D30_NOTE)
     add_output_args(s, "var_accel")
     s.set_defaults(func=cmd_bench_var_accel)
