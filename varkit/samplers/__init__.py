@@ -6,13 +6,14 @@ from ..registry import Registry
 from .ancestral import AncestralSampler
 from .base import Sampler, SampleResult, SamplerStats
 from .collaborative import CollaborativeSampler
+from .cspd import CSpDSampler
 from .distilled import DistilledSampler
 from .logits import SamplingParams
 from .sjd import SJDSampler
 from .speculative import SpeculativeSampler
 
 SAMPLERS: Registry[type[Sampler]] = Registry("sampler", InvalidArgumentError)
-for _cls in (AncestralSampler, SJDSampler, SpeculativeSampler, DistilledSampler, CollaborativeSampler):
+for _cls in (AncestralSampler, SJDSampler, SpeculativeSampler, DistilledSampler, CollaborativeSampler, CSpDSampler):
     SAMPLERS.register(_cls.name, _cls)
 
 
