@@ -111,3 +111,7 @@ def add_bench_parser(sub) -> None:
     from .annealing import add_annealing_bench_parser
 
     add_annealing_bench_parser(bs)
+
+    from .cspd import add_cspd_bench_parser
+
+    add_cspd_bench_parser(bs)

@@ -54,7 +54,9 @@ earlier steps, never on that token's own draws, so they are still fresh when it 
 ``stats.forward_passes`` counts target calls (prefill included, CFG pair once; a merged-window pass of
 a ragged batch counts once), ``stats.draft_passes`` drafter calls; ``accepted_per_pass`` the tokens
 committed per target pass (batch mean). ``trace`` keeps, for the last call, the per-window-position
-counts of verified and accepted tokens and steps, and the fallback rounds used.
+counts of verified and accepted tokens and steps, ``target_prefixes`` (step outputs the target computed:
+a MAR window pass costs one encoder/decoder prefix per step it verifies, so on a compute-bound device
+exact CSpD saves target *passes* but not target compute), and the fallback rounds used.
 """
 from __future__ import annotations
 
@@ -237,6 +239,7 @@ class _Run:
                                                                     "steps_verified", "steps_accepted")}
         self.fallback_rounds = 0
         self.merged_passes = 0
+        self.target_prefixes = 0  # step outputs the target computed (MAR: one encoder/decoder prefix each)
 
     # -- helpers --------------------------------------------------------------------------------------------
     def positions(self, step: int) -> torch.Tensor:
@@ -278,6 +281,7 @@ class _Run:
         n_pre = min(S, int(math.floor(smp.prefill * S)) + 1)
         committed: list[torch.Tensor] = []  # tokens committed per target pass, per image
         out, w = self.tgt.prefill()
+        self.target_prefixes += n_pre
         self.target_draw(out, w, 0, everyone)
         committed.append(torch.full((B,), lay.step_sizes[0]))
         for s in range(1, n_pre):
@@ -299,7 +303,7 @@ class _Run:
                              cache_bytes=self.tgt.cache_bytes + self.drf.cache_bytes, draft_passes=self.drf.passes)
         smp.trace = {k: v.tolist() for k, v in self.stat.items()} | {
             "draft_passes": self.drf.passes, "target_passes": passes, "prefill_steps": n_pre,
-            "fallback_rounds": self.fallback_rounds}
+            "target_prefixes": self.target_prefixes, "fallback_rounds": self.fallback_rounds}
         return SampleResult(self.tokens.to(torch.promote_types(self.gen.head.token_dtype, self.tokens.dtype)), stats)
 
     def draft_outputs(self, step: int):
@@ -338,6 +342,7 @@ class _Run:
             self.tgt.rollback(m)
         out, _ = self.tgt.forward(self.steps_tokens(m - 1, end - 1), m)
         self.t_next = end + 1
+        self.target_prefixes += end - m + 1
         alive = active.clone()  # no rejected step yet in the window
         new_c = c.clone()
         offset = 0
@@ -447,6 +452,7 @@ class _Run:
             known2, valid2, rows2 = known, valid, rows
         out = gen.decode(gen.encode(cond, kt.to(next(gen.parameters()).dtype), known2, valid2), known2, rows2, valid2)
         self.merged_passes += 1
+        self.target_prefixes += 1
         full = out  # (b or 2b, n, C): rows of ``sel`` in order (then their unconditional rows)
         new_c = c.clone()
         for j in sorted({j for a, k in zip(cs, gs) for j in range(a, a + k)}):
