@@ -452,9 +452,9 @@ class Trainer:
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
                         loss, metrics = self.loss_fn(self.ddp, batch)
                     (loss / A if A > 1 else loss).backward()
-                loss_sum = loss_sum + loss.detach()
+                loss_sum = loss_sum + loss.detach().double()  # fp64: the mean of the micro-batches as the ranks'
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
+                    sums[k] = sums.get(k, 0.0) + (v.detach().double() if isinstance(v, torch.Tensor) else v)
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
             self.opt.step()
             self._update_ema()
