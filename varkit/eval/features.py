@@ -31,8 +31,9 @@ from ..modeling import SavableModule, load_module, register_module
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits_features"
 TRAIN_COMMAND = "python -m varkit.eval.features --train --out varkit/assets/digits_features"
-FEATURE_LAYER = "64"        # penultimate features, used for FID, KID, precision/recall
+FEATURE_LAYER = "64"        # penultimate features, used for FID, precision/recall (and KID, scaled)
 LOGITS_LAYER = "logits"     # used for the Inception-Score analogue and accuracy
+KID_LAYER = "64-kid"        # the penultimate features / kid_feature_scale(): what torch-fidelity's KID gets
 INPUT_SIZE = 32
 TORCH_FIDELITY_NAME = "varkit-digits"
 
@@ -161,6 +162,13 @@ def _real_reference() -> dict:
     return _stats(real_digits_features())
 
 
+@functools.lru_cache(maxsize=1)
+def kid_feature_scale() -> float:
+    """The RMS of the real digits' features (~7.7): KID divides the digits features by it, so that its cubic
+    kernel sees values of the size it was made for (Inception's); FID keeps the raw features."""
+    return float(real_digits_features().double().pow(2).mean().sqrt())
+
+
 def _stats(features: torch.Tensor) -> dict:
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
@@ -222,15 +230,17 @@ def _fidelity_extractor_class():
         def forward(self, x):
             f, logits = self.net(prepare(x, self.net.config.input_size).to(next(self.net.parameters()).device))
             out = {FEATURE_LAYER: f, LOGITS_LAYER: logits}
+            if KID_LAYER in self.features_list:
+                out[KID_LAYER] = f / kid_feature_scale()
             return tuple(out[a] for a in self.features_list)
 
         @staticmethod
         def get_provided_features_list():
-            return FEATURE_LAYER, LOGITS_LAYER
+            return FEATURE_LAYER, LOGITS_LAYER, KID_LAYER
 
         @staticmethod
         def get_default_feature_layer_for_metric(metric):
-            return {"isc": LOGITS_LAYER, "fid": FEATURE_LAYER, "kid": FEATURE_LAYER, "prc": FEATURE_LAYER}[metric]
+            return {"isc": LOGITS_LAYER, "fid": FEATURE_LAYER, "kid": KID_LAYER, "prc": FEATURE_LAYER}[metric]
 
         @staticmethod
         def can_be_compiled():

@@ -307,9 +307,19 @@ def compute_metrics(samples, ref: str | os.PathLike | S.Reference, *, features: 
     for m in ("kid", "prc"):
         if m in metrics and fref is None:
             skipped[m] = "the reference has no images or features (only mu/sigma)"
+    kid_scale = None
     if "kid" in metrics and fref is not None:
         kw["kid_subset_size"] = min(kid_subset_size, n, len(fref))
-        r = kid_features_to_metric(fgen, fref, **kw)
+        fg, fr = fgen, fref
+        if ext.name == "digits":
+            # KID's kernel (x.y/d + 1)^3 assumes Inception-sized features (x.y/d ~ 0.3); the digits CNN's are ~8x
+            # larger per dimension (x.y/d ~ 32), so the kernel reached ~4e4 and KID printed -146 to -3780 (noise).
+            # Both sets are divided by the real digits' RMS feature (one fixed number): real vs real ~0, noise ~2.4.
+            from .features import kid_feature_scale
+
+            kid_scale = kid_feature_scale()
+            fg, fr = fgen / kid_scale, fref / kid_scale
+        r = kid_features_to_metric(fg, fr, **kw)
         out["kid_mean"], out["kid_std"] = r["kernel_inception_distance_mean"], r["kernel_inception_distance_std"]
     if "prc" in metrics and fref is not None:
         if n <= prc_neighborhood:
@@ -326,6 +336,7 @@ def compute_metrics(samples, ref: str | os.PathLike | S.Reference, *, features: 
     out["settings"] = {
         "features": ext.info, "fid_layer": ext.fid_layer, "isc_layer": ext.isc_layer,
         "isc_splits": kw["isc_splits"], "kid_subsets": kid_subsets, "kid_subset_size": kw.get("kid_subset_size"),
+        "kid_feature_scale": kid_scale,
         "prc_neighborhood": prc_neighborhood, "rng_seed": rng_seed, "ref": reference.describe(),
         "skipped": skipped,
     }
