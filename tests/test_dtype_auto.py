@@ -170,3 +170,25 @@ def test_samples_folder_records_a_non_fp32_dtype(tmp_path, tiny_pipeline):
         generate_samples(tiny_pipeline, tmp_path / "a", 2, batch_size=2, progress=False)
     generate_samples(tiny_pipeline, tmp_path / "b", 2, batch_size=2, progress=False)
     assert json.loads(next((tmp_path / "b").glob("*.json")).read_text())["dtype"] == "bfloat16"
+
+
+def _bundled():
+    from varkit.pipeline import bundled_models
+
+    return bundled_models()
+
+
+@pytest.mark.parametrize("name", _bundled())
+def test_every_bundled_model_generates_in_bf16(name):
+    """What `varkit generate --model NAME` does by default on an AMX / AVX-512-BF16 CPU (bf16 runs on any CPU,
+    slower on AVX2-only ones): tokens come out for every bundled model (VAR's AdaLN head and the continuous
+    heads' latent embedding take bf16 weights)."""
+    from varkit.pipeline import load_pipeline
+
+    pipe = load_pipeline(name, dtype="bfloat16")
+    assert next(pipe.generator.parameters()).dtype == torch.bfloat16
+    fast = {"head_steps": 2} if hasattr(pipe.generator.head, "steps_for") else {}  # continuous heads: 2 steps
+    out = pipe([1], seed=0, **fast)
+    assert len(out.images) == 1 and out.tokens.shape[0] == 1
+    if out.tokens.is_floating_point():
+        assert torch.isfinite(out.tokens).all()

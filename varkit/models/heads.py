@@ -146,6 +146,14 @@ class DiffusionNoise:
     final: torch.Tensor | None = None  # (B, n, D): noise of the final step, only when it adds noise
 
 
+class LatentEmbedding(nn.Linear):
+    """``nn.Linear`` (same parameters) over token latents, cast to its weights' dtype first: sampled latents are
+    fp32, a bf16 generator's embedding is not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
 class ContinuousHead(Head):
     """What MAR's diffusion head and FlowAR's flow head share: tokens of ``token_dim`` channels embedded by a
     linear, outputs that are the ``cond_dim``-channel condition itself, ``head_steps`` (else ``default_steps``)
@@ -156,7 +164,7 @@ class ContinuousHead(Head):
     default_steps: int
 
     def input_embedding(self, dim: int) -> nn.Module:
-        return nn.Linear(self.token_dim, dim)
+        return LatentEmbedding(self.token_dim, dim)
 
     def output_layer(self, dim: int) -> nn.Module:
         if dim != self.cond_dim:

@@ -216,13 +216,16 @@ class ScalesGenerator(ClassConditional, Generator):
             if state.block_mods is None:
                 shared = self._modulation(cond_emb)
                 state.block_mods = [b.modulation(shared) for b in self.blocks]
-                state.head_mods = self.head_nm.modulation(cond_emb.float())
+                state.head_mods = self.head_nm.modulation(cond_emb.to(self.output.weight.dtype))
             mods, block_mods, head_mods = None, state.block_mods, state.head_mods
         for i, block in enumerate(self.blocks):
             x = block(x, mods, mask, cache, i, block_mods[i])
         if cache is not None:
             cache.advance(x.shape[1])
-        return self.output(self.head_nm(x.float(), cond_emb.float(), head_mods).float()).float()
+        # the head in its weights' dtype: fp32 as VAR (x.float()), bf16 for a bf16 model (fp32 inputs would not
+        # multiply bf16 weights); logits always fp32
+        hd = self.output.weight.dtype
+        return self.output(self.head_nm(x.to(hd), cond_emb.to(hd), head_mods)).float()
 
     def _level_pos(self, sl: slice) -> torch.Tensor:
         return self.lvl_embed(self.lvl_1L[sl])[None] + self.pos_1LC[:, sl]
