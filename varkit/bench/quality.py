@@ -14,7 +14,7 @@ from ..eval.digits import digits_fid
 from ..pipeline import bundled_models, load_pipeline
 from .report import add_output_args, print_table, save_results
 
-COLUMNS = ["model", "sampler", "cfg", "cfg_schedule", "num_iter", "head_steps", "temperature", "images", "passes_per_image",
+COLUMNS = ["model", "dtype", "sampler", "cfg", "cfg_schedule", "num_iter", "head_steps", "temperature", "images", "passes_per_image",
            "digits_fid", "accuracy", "s_per_image"]
 
 
@@ -29,15 +29,18 @@ def settings_used(pipe, sampler: str, cfg: float | None) -> dict:
 
 def cmd_bench_quality(args) -> None:
     rows = []
-    for name in args.models or [m for m in bundled_models() if m.startswith("digits")]:
-        pipe = load_pipeline(name, device=args.device)
+    runs = [(name, dt) for name in args.models or [m for m in bundled_models() if m.startswith("digits")]
+            for dt in args.dtype or [None]]
+    for name, dtype in runs:
+        pipe = load_pipeline(name, device=args.device, dtype=dtype)
         labels = [c for c in range(pipe.num_classes) for _ in range(args.per_class)]
         t0 = time.perf_counter()
         out = pipe(labels, sampler=args.sampler, cfg=args.cfg, seed=args.seed, batch_size=args.batch_size)
         t1 = time.perf_counter()
         m = digits_fid(out.images, labels)
         batches = math.ceil(len(labels) / (args.batch_size or len(labels)))
-        rows.append({"model": name, **settings_used(pipe, pipe.sampler_choice(args.sampler)[0], args.cfg), "images": len(labels),
+        rows.append({"model": name, "dtype": str(next(pipe.generator.parameters()).dtype).replace("torch.", ""),
+                     **settings_used(pipe, pipe.sampler_choice(args.sampler)[0], args.cfg), "images": len(labels),
                      "forward_passes": out.stats.forward_passes, "passes_per_image": out.stats.forward_passes / batches,
                      "digits_fid": m["fid"], "accuracy": m["accuracy"], "generate_s": t1 - t0,
                      "s_per_image": (t1 - t0) / len(labels), "eval_s": time.perf_counter() - t1})
@@ -54,5 +57,7 @@ def add_quality_bench_parser(bs) -> None:
     q.add_argument("--batch-size", type=int, default=100)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu")
+    q.add_argument("--dtype", nargs="+", default=None,
+                   help="generator dtypes, a row each (float32, bfloat16, auto); default: each model's stored dtype")
     add_output_args(q, "quality")
     q.set_defaults(func=cmd_bench_quality)
