@@ -168,16 +168,17 @@ def test_extracted_codes_equal_tokenizing_on_the_fly(tmp_path):
     from varkit.train.data import load_dataset
 
     tok, ds = _tiny_tokenizer(), load_dataset("digits", 16)
+    ds.x, ds.y = ds.x[:150], ds.y[:150]  # a few shards' worth is enough
     layout = create_model("raster-tiny").layout
-    extract_codes(tok, ds, tmp_path / "codes", torch.device("cpu"), flip=True, batch=64, shard_size=1000)
+    extract_codes(tok, ds, tmp_path / "codes", torch.device("cpu"), flip=True, batch=64, shard_size=100)
     batches = TokenBatches(CodesStore(tmp_path / "codes"), layout)
-    assert len(batches) == len(ds) == 1797
+    assert len(batches) == len(ds) == 150 and len(batches.codes.manifest["shards"]) == 2
     n = len(ds)
     chunk = torch.arange(64)  # the first encode batch of the extraction: the same computation here
     with torch.no_grad():
         plain = layout.from_grids(tok.encode(ds.batch(chunk)[0]))
         mirrored = layout.from_grids(tok.encode(ds.batch(chunk + n)[0]))  # virtual index i + n = image i flipped
-    v = torch.tensor([5, 63 + n, 0, 17 + n, 17])
+    v = torch.tensor([5, 63 + n, 0, 17 + n, 17])  # all in shard 0's first encode batch
     tokens, labels = batches(v)
     want = torch.stack([plain[5], mirrored[63], plain[0], mirrored[17], plain[17]])
     assert torch.equal(tokens, want) and tokens.dtype == torch.long
@@ -211,6 +212,7 @@ def test_extract_codes_folder_errors(tmp_path):
         CodesStore(tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_extract_codes_accumulation_samples_and_command_record(tmp_path, monkeypatch):
     import sys
 
