@@ -37,6 +37,10 @@ def _sampler_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def _device(args: argparse.Namespace) -> str | None:
+    return None if args.device == "auto" else args.device
+
+
 def _metrics(text: str) -> list[str]:
     from .fid import ALL_METRICS
 
@@ -52,11 +56,14 @@ def _add_feature_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception-weights", metavar="PATH",
                    help="local InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth, or pytorch-fid's "
                         "identical pt_inception-2015-12-05-6726825d.pth); default: torch-fidelity's cache folder")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    from ..cli import add_device_argument
+
+    add_device_argument(p)  # "auto" reaches the eval functions as None (their auto: per-rank GPUs under torchrun)
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``eval`` with the subcommands ``fid``, ``stats`` and ``recon`` to ``subparsers``."""
+    from ..cli import POSITIVE, SEED
     ev = subparsers.add_parser("eval", help="FID/IS/KID/precision/recall, reference statistics, tokenizer reconstruction",
                                description="Evaluate generators and tokenizers (torch-fidelity, offline).")
     sub = ev.add_subparsers(dest="eval_command", metavar="{fid,stats,recon}")
@@ -99,14 +106,14 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="generate with N processes on this machine (torchrun; one GPU each when there are GPUs)")
     f.add_argument("--export-npz", metavar="SAMPLES.npz",
                    help="also write the samples as the ADM evaluator's batch (arr_0, uint8 N x H x W x 3)")
-    f.add_argument("--seed", type=int, default=0, help="sample i uses seed*1000003+i")
+    f.add_argument("--seed", type=SEED, default=0, help="sample i uses seed*1000003+i")
     f.add_argument("--batch-size", type=int, default=32, help="generation batch size")
-    f.add_argument("--metric-batch-size", type=int, default=None, help="feature-extraction batch size")
+    f.add_argument("--metric-batch-size", type=POSITIVE, default=None, help="feature-extraction batch size")
     f.add_argument("--out", metavar="FOLDER", help="samples folder (default: eval/<model>-<sampler>-<settings hash>)")
     f.add_argument("--json", metavar="PATH", help="result JSON (default: <out>/metrics_<features>.json)")
     f.add_argument("--metrics", type=_metrics, default=["fid", "isc", "kid", "prc"],
                    help="comma-separated subset of fid,isc,kid,prc")
-    f.add_argument("--kid-subset-size", type=int, default=1000)
+    f.add_argument("--kid-subset-size", type=POSITIVE, default=1000)
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=run_fid)
 
@@ -115,7 +122,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("folder", metavar="FOLDER")
     s.add_argument("--out", required=True, metavar="STATS.npz")
     _add_feature_args(s)
-    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--batch-size", type=POSITIVE, default=None)
     s.add_argument("--no-features", action="store_true",
                    help="store only mu/sigma (smaller; then --ref gives FID and IS only, no KID/precision/recall)")
     s.add_argument("--no-progress", action="store_true")
@@ -128,7 +135,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     _add_feature_args(r)
     r.add_argument("--resolution", type=int, help="resize (shorter side) and centre-crop images to this size first")
     r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--max-images", type=int)
+    r.add_argument("--max-images", type=POSITIVE)
     r.add_argument("--save-recon", metavar="FOLDER", help="also write the reconstructions as PNGs")
     r.add_argument("--json", metavar="PATH")
     r.add_argument("--no-progress", action="store_true")
@@ -166,7 +173,7 @@ def run_fid(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--nproc and --export-npz apply when generating (--model), not to --samples")
     _spawn_ranks(args.nproc)
     common = dict(features=args.features, inception_weights=args.inception_weights, metrics=args.metrics,
-                  device=args.device, kid_subset_size=args.kid_subset_size, progress=not args.no_progress)
+                  device=_device(args), kid_subset_size=args.kid_subset_size, progress=not args.no_progress)
     if args.samples is not None:
         eval_folder(args.samples, args.ref, json_path=args.json, batch_size=args.metric_batch_size, **common)
         return 0
@@ -183,7 +190,7 @@ def run_stats(args: argparse.Namespace) -> int:
     from .stats import compute_stats
 
     res = compute_stats(args.folder, args.out, features=args.features, inception_weights=args.inception_weights,
-                        device=args.device, batch_size=args.batch_size, progress=not args.no_progress,
+                        device=_device(args), batch_size=args.batch_size, progress=not args.no_progress,
                         save_features=not args.no_features)
     print(f"wrote {res['out']}: {res['features']} statistics ({res['dim']}-d) of {res['num_images']} images")
     return 0
@@ -193,7 +200,7 @@ def run_recon(args: argparse.Namespace) -> int:
     from .recon import eval_recon
 
     eval_recon(args.tokenizer, args.images, features=args.features, inception_weights=args.inception_weights,
-               device=args.device, batch_size=args.batch_size, resolution=args.resolution,
+               device=_device(args), batch_size=args.batch_size, resolution=args.resolution,
                max_images=args.max_images, save_dir=args.save_recon, json_path=args.json,
                progress=not args.no_progress)
     return 0
