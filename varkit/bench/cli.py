@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+from ..cli import add_device_argument
 from ..device import resolve_device, resolve_dtype
 from .report import add_output_args
 
@@ -57,7 +58,7 @@ def add_bench_parser(sub) -> None:
     d.add_argument("--cfg", type=float, default=4.0)
     d.add_argument("--top-k", type=int, default=None)
     d.add_argument("--nocache-steps", type=int, default=32, help="tokens decoded by the no-cache baseline")
-    d.add_argument("--device", default="cpu")
+    add_device_argument(d)  # default auto, as every command
     d.add_argument("--dtype", default=None)
     d.add_argument("--skip-bundled", action="store_true")
     d.add_argument("--skip-large", action="store_true")

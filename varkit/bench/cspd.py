@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import add_device_argument
 from ..io import write_json
 from ..samplers import SamplingParams
 from ..samplers.ancestral import AncestralSampler
@@ -211,7 +212,7 @@ def add_cspd_bench_parser(bench_subparsers) -> None:
     s.add_argument("--large-images", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    s.add_argument("--device", default="cpu")
+    add_device_argument(s)  # default auto, as every command
     s.add_argument("--dtype", default=None)
     s.add_argument("--skip-bundled", action="store_true")
     s.add_argument("--skip-large", action="store_true")

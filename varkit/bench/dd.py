@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..cli import add_device_argument
 from .report import add_output_args, print_table, save_results
 
 SPEED_COLUMNS = ["model", "mode", "batch", "images", "forward_passes", "images_per_cpu_s", "cpu_ms_per_image",
@@ -115,6 +116,6 @@ def add_dd_bench_parser(bs) -> None:
     p.add_argument("--quality-batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)  # default auto, as every command
     add_output_args(p, "dd")
     p.set_defaults(func=cmd_bench_dd)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cli import add_device_argument
 from ..errors import InvalidArgumentError
 
 #: GEMM shapes: rows m against a d x d weight; ``square``: a d x d x d product
@@ -537,7 +538,7 @@ def add_floor_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     """Add ``varkit bench floor`` to the ``bench`` sub-commands."""
     p = bench_subparsers.add_parser("floor", help="this machine's memory bandwidth and GEMM rates: every bench's floor",
                                     description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_device_argument(p)  # default auto, as every command
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's); part of the cache key")
     p.add_argument("--dtype", nargs="+", default=None,
                    help="GEMM dtypes to measure (default: float32 and, where the device has it, bfloat16)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 
+from ..cli import add_device_argument
 from ..eval.digits import digits_fid
 from ..pipeline import bundled_models, load_pipeline
 from .report import add_output_args, print_table, save_results
@@ -56,7 +57,7 @@ def add_quality_bench_parser(bs) -> None:
     q.add_argument("--per-class", type=int, default=50)
     q.add_argument("--batch-size", type=int, default=100)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default="cpu")
+    add_device_argument(q)  # default auto, as every command
     q.add_argument("--dtype", nargs="+", default=None,
                    help="generator dtypes, a row each (float32, bfloat16, auto); default: each model's stored dtype")
     add_output_args(q, "quality")

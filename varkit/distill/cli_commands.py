@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from ..cli import add_device_argument
+
 DISTILL_HELP = "Distilled Decoding (DD1): (noise, tokens) pairs from a teacher's flow map"
 
 
@@ -49,7 +51,7 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard file")
     p.add_argument("--flow-steps", type=int, default=32, help="Euler steps of the per-token flow (>= 32: ~1%% TV)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    add_device_argument(p)  # default auto, as every command
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun) on this machine, each makes its shards")
     p.set_defaults(func=cmd_distill_data)
 
@@ -86,7 +88,7 @@ def add_train_distill_parser(t) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--device", default=None)
+    add_device_argument(p)  # default auto, as every command
     p.add_argument("--resume", default=None, help="checkpoint.pt of an interrupted run")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun DDP) on this machine")
     p.set_defaults(func=cmd_train_distill)
