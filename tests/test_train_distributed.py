@@ -192,7 +192,7 @@ def test_extracted_codes_equal_tokenizing_on_the_fly(tmp_path):
         extract_codes(tok, ds, tmp_path / "codes", torch.device("cpu"), flip=False)
     with pytest.raises(DataError, match="tokenizer"):
         extract_codes(VQTokenizer(tok.config), ds, tmp_path / "codes", torch.device("cpu"), flip=True)
-    with pytest.raises(DataError, match="layout needs"):
+    with pytest.raises(DataError, match="layout does not take"):
         TokenBatches(CodesStore(tmp_path / "codes"), create_model("raster-tiny", grid=2).layout)
 
 

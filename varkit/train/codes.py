@@ -223,14 +223,16 @@ class TokenBatches:
 
     def __init__(self, codes: MemoryCodes | CodesStore, layout, extra: torch.Tensor | None = None,
                  extra_labels: torch.Tensor | None = None):
-        if [tuple(s) for s in layout.scale_sizes] != list(codes.scales):
-            raise DataError(
-                f"the codes are token maps of sizes {list(codes.scales)}, this generator's layout needs "
-                f"{[tuple(s) for s in layout.scale_sizes]}; extract codes for this tokenizer and resolution"
-            )
         self.codes, self.layout = codes, layout
         self.extra, self.extra_labels = extra, extra_labels
         self.n_images = len(codes)
+        try:  # the layout takes the tokenizer's maps its own way (FlowAR: a pyramid of one latent map)
+            self.to_layout(codes.rows(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)))
+        except InvalidArgumentError as exc:
+            raise DataError(
+                f"the codes are token maps of sizes {list(codes.scales)}, which this generator's layout does not "
+                f"take ({exc}); extract codes with this generator's tokenizer and resolution"
+            ) from None
 
     def __len__(self) -> int:
         return self.n_images + (0 if self.extra is None else len(self.extra))
@@ -238,7 +240,7 @@ class TokenBatches:
     def to_layout(self, flat: torch.Tensor) -> torch.Tensor:
         """Tokenizer-order codes (B, T, ...) → layout-order tokens (B, N, ...), ids as int64."""
         grids, o = [], 0
-        for h, w in self.layout.scale_sizes:
+        for h, w in self.codes.scales:
             grids.append(flat[:, o:o + h * w].reshape(flat.shape[0], h, w, *flat.shape[2:]))
             o += h * w
         tokens = self.layout.from_grids(grids)
