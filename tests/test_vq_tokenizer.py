@@ -1,4 +1,4 @@
-"""VQTokenizer (LlamaGen-style VQ on diffusers' VQModel): shapes, lookup, persistence, gradients."""
+"""VQTokenizer (LlamaGen-style VQ on the LDM autoencoder in diffusers' VQModel layout): shapes, lookup, persistence, gradients."""
 from __future__ import annotations
 
 import copy
@@ -31,9 +31,9 @@ def test_attributes(tok):
     assert tok.kind == "discrete"
     assert tok.downsample == 4
     assert tok.codebook_size == 64 and tok.codebook_dim == 4
-    from diffusers import VQModel
+    from varkit.nn.ldm import VQAutoencoder
 
-    assert isinstance(tok.model, VQModel)
+    assert isinstance(tok.model, VQAutoencoder)  # diffusers' VQModel layout (tests/test_ldm.py)
     assert "model.quantize.embedding.weight" in tok.state_dict()
 
 

@@ -1,9 +1,10 @@
-"""Continuous tokenizer: a KL-regularised autoencoder (LDM's KL-VAE) hosted on diffusers' ``AutoencoderKL``.
+"""Continuous tokenizer: a KL-regularised autoencoder (LDM's KL-VAE) in diffusers' ``AutoencoderKL`` layout.
 
 MAR and FlowAR generate the latents of MAR's KL-16 VAE (16 channels, 16x downsampling), scaled by
-0.2325 so that they have roughly unit standard deviation. ``self.model`` is a stock
-:class:`diffusers.AutoencoderKL` (so any diffusers KL-VAE folder loads with :meth:`KLTokenizer.from_diffusers`,
-and MAR's ``kl16.ckpt`` converts with :func:`varkit.checkpoints.mar_vae.load_mar_vae`); varkit adds the
+0.2325 so that they have roughly unit standard deviation. ``self.model`` is a
+:class:`varkit.nn.ldm.KLAutoencoder`, with diffusers' ``AutoencoderKL`` module tree and parameter names
+(so any diffusers KL-VAE folder loads with :meth:`KLTokenizer.from_diffusers`, without diffusers, and
+MAR's ``kl16.ckpt`` converts with :func:`varkit.checkpoints.mar_vae.load_mar_vae`); varkit adds the
 token convention and the training loss.
 
 Token maps are channels-last: ``encode`` turns images ``[B, C, H, W]`` in ``[-1, 1]`` into latents
@@ -21,18 +22,16 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 from torch import Tensor
 
 from ..errors import CheckpointError, ModelNotFoundError, check
 from ..modeling import SavableModule, load_state_dict_strict, register_module
+from ..nn.ldm import ACTIVATIONS, DOWN_BLOCK_TYPES, LOGVAR_RANGE, UP_BLOCK_TYPES, KLAutoencoder
 
 __all__ = ["KLConfig", "KLOutput", "KLTokenizer", "LOGVAR_RANGE"]
 
-#: LDM clamps the posterior log-variance to this range (diffusers' ``DiagonalGaussianDistribution`` too).
-LOGVAR_RANGE = (-30.0, 20.0)
-_DOWN_TYPES = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
-_UP_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
+_DOWN_TYPES = tuple(DOWN_BLOCK_TYPES)
+_UP_TYPES = tuple(UP_BLOCK_TYPES)
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -86,7 +85,7 @@ class KLTokenizer(SavableModule):
         config = config if config is not None else KLConfig()
         _validate(config)
         super().__init__(config)
-        self.model = AutoencoderKL(
+        self.model = KLAutoencoder(
             in_channels=config.in_channels,
             out_channels=config.in_channels,
             down_block_types=tuple(config.down_block_types),
@@ -96,8 +95,6 @@ class KLTokenizer(SavableModule):
             act_fn=config.act_fn,
             latent_channels=config.latent_dim,
             norm_num_groups=config.norm_groups,
-            scaling_factor=config.scaling_factor,
-            shift_factor=config.shift_factor or None,
             use_quant_conv=config.use_quant_conv,
             use_post_quant_conv=config.use_post_quant_conv,
             mid_block_add_attention=config.mid_attention,
@@ -129,17 +126,11 @@ class KLTokenizer(SavableModule):
     def encode_moments(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior ``(mean, logvar)``, each ``[B, D, h, w]`` and unscaled; logvar clamped as LDM does."""
         self._check_images(images)
-        h = self.model.encoder(images)
-        if self.model.quant_conv is not None:
-            h = self.model.quant_conv(h)
-        mean, logvar = h.chunk(2, dim=1)
-        return mean, logvar.clamp(*LOGVAR_RANGE)
+        return self.model.encode_moments(images)
 
     def decode_latents(self, z: Tensor) -> Tensor:
         """Unscaled latents ``[B, D, h, w]`` -> pixels ``[B, C, H, W]`` (``post_quant_conv`` + decoder)."""
-        if self.model.post_quant_conv is not None:
-            z = self.model.post_quant_conv(z)
-        return self.model.decoder(z)
+        return self.model.decode(z)
 
     @staticmethod
     def sample_posterior(mean: Tensor, logvar: Tensor,
@@ -345,6 +336,8 @@ def _validate(cfg: KLConfig) -> None:
           f"down_block_types must list {n} of {_DOWN_TYPES}; got {list(cfg.down_block_types)}")
     check(len(cfg.up_block_types) == n and all(t in _UP_TYPES for t in cfg.up_block_types),
           f"up_block_types must list {n} of {_UP_TYPES}; got {list(cfg.up_block_types)}")
+    check(isinstance(cfg.act_fn, str) and cfg.act_fn.lower() in ACTIVATIONS,
+          f"act_fn must be one of {sorted(ACTIVATIONS)}; got {cfg.act_fn!r}")
     check(isinstance(cfg.scaling_factor, (int, float)) and cfg.scaling_factor > 0,
           f"scaling_factor must be > 0; got {cfg.scaling_factor!r}")
     check(cfg.kl_weight >= 0, f"kl_weight must be >= 0; got {cfg.kl_weight}")

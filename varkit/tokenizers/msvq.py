@@ -7,8 +7,9 @@ the code map is bicubic-upsampled back to ``h x w`` (not at the last scale), pas
 residual conv ``Phi`` (``(1 - r) * x + r * conv(x)``, a few convs shared across scales) and added to
 ``f_hat``. The tokens of an image are the list of per-scale index maps.
 
-Encoder and decoder are diffusers' ``Encoder``/``Decoder`` (LDM layout), which host VAR's VQVAE
-weights exactly (see :mod:`varkit.checkpoints.var_vae`); the quantiser is varkit's own.
+Encoder and decoder are :mod:`varkit.nn.ldm`'s ``Encoder``/``Decoder`` (the LDM layout with diffusers'
+parameter names), which host VAR's VQVAE weights exactly (see :mod:`varkit.checkpoints.var_vae`); the
+quantiser is varkit's own.
 
 Every operation of the quantiser follows VAR's order and memory layout (``f_hat`` is kept contiguous,
 as VAR's in-place buffer is), so ids, ``f_hat`` and the transformer inputs are bit-identical to VAR's.
@@ -22,12 +23,11 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.vae import Decoder, Encoder
-from diffusers.models.resnet import ResnetBlock2D
 from torch import Tensor, nn
 
 from ..errors import check
 from ..modeling import SavableModule, register_module
+from ..nn.ldm import Decoder, Encoder, Upsample2D
 
 __all__ = ["MSVQConfig", "MSVQOutput", "MultiScaleVQTokenizer", "phi_schedule", "VAR_PATCH_NUMS"]
 
@@ -121,7 +121,7 @@ def upsample2x_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
 
 
 class _UpsampleConv(nn.Module):
-    """The decoder's nearest 2x upsampling + 3x3 conv (diffusers' ``Upsample2D``, same ``conv`` parameter).
+    """The decoder's nearest 2x upsampling + 3x3 conv (``ldm.Upsample2D``, same ``conv`` parameter).
 
     Without autograd and on grids of at least ``min_side``, it runs :func:`upsample2x_conv3x3` (~1.7x faster
     at the 64 and 128 px levels of VAR's decoder); below that the stacked 2x2 conv is not faster. Training
@@ -142,31 +142,12 @@ class _UpsampleConv(nn.Module):
         return self.conv(F.interpolate(x, size=output_size, mode="nearest"))
 
 
-class _ResnetBlock(ResnetBlock2D):
-    """diffusers' ``ResnetBlock2D`` with an inference path for VAR's blocks (no time embedding, no resampling,
-    output scale 1, SiLU): SiLU and the residual add in place and no division by 1, so the decoder makes three
-    fewer full-resolution passes per block. The same values bit for bit; training takes diffusers' forward.
-    """
-
-    def forward(self, input_tensor: Tensor, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
-        if (torch.is_grad_enabled() or temb is not None or args or kwargs or self.upsample is not None
-                or self.downsample is not None or self.output_scale_factor != 1 or not isinstance(self.nonlinearity, nn.SiLU)):
-            return super().forward(input_tensor, temb, *args, **kwargs)
-        h = self.conv1(F.silu(self.norm1(input_tensor), inplace=True))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
-        skip = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        return h.add_(skip)
-
-
 def _fast_upsamplers(decoder: Decoder) -> None:
-    """Swap diffusers' ``Upsample2D`` (nearest + 3x3 conv, no norm) for :class:`_UpsampleConv`; keys unchanged."""
+    """Swap the decoder's :class:`Upsample2D` (nearest + 3x3 conv) for :class:`_UpsampleConv`; keys unchanged."""
     for block in decoder.up_blocks:
         for i, up in enumerate(block.upsamplers or []):
-            conv = getattr(up, "conv", None)
-            if (up.use_conv and up.interpolate and not up.use_conv_transpose and up.norm is None
-                    and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
-                    and conv.stride == (1, 1) and conv.groups == 1):
-                block.upsamplers[i] = _UpsampleConv(conv)
+            if isinstance(up, Upsample2D):
+                block.upsamplers[i] = _UpsampleConv(up.conv)
 
 
 class _ResidualQuantizer(nn.Module):
@@ -236,9 +217,6 @@ class MultiScaleVQTokenizer(SavableModule):
             norm_num_groups=config.norm_num_groups, act_fn="silu", mid_block_add_attention=config.using_mid_sa,
         )
         _fast_upsamplers(self.decoder)
-        for m in self.modules():  # same module and keys, with the inference path above
-            if type(m) is ResnetBlock2D:
-                m.__class__ = _ResnetBlock
         ks = config.quant_conv_ks
         self.quant_conv = nn.Conv2d(config.z_channels, config.z_channels, ks, stride=1, padding=ks // 2)
         self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, ks, stride=1, padding=ks // 2)

@@ -1,10 +1,12 @@
-"""LlamaGen-style VQ tokenizer: diffusers' ``VQModel`` plus an l2-normalised codebook lookup.
+"""LlamaGen-style VQ tokenizer: the LDM autoencoder in diffusers' ``VQModel`` layout plus an l2-normalised
+codebook lookup.
 
 The convolutional encoder/decoder (with attention at the lowest resolution and in the middle
-block), ``quant_conv`` and ``post_quant_conv`` are a stock :class:`diffusers.VQModel`. The only
-varkit code is the quantizer: LlamaGen looks codes up in an l2-normalised codebook (cosine
-similarity), which diffusers' ``VectorQuantizer`` does not do, so ``VQModel.quantize`` is
-replaced by :class:`L2VectorQuantizer` (same parameter name: ``quantize.embedding.weight``).
+block), ``quant_conv`` and ``post_quant_conv`` are :class:`varkit.nn.ldm.VQAutoencoder`, which has
+diffusers' ``VQModel`` module tree and parameter names (so folders saved when it was a ``VQModel``
+load unchanged) without importing diffusers. The quantizer is :class:`L2VectorQuantizer`: LlamaGen
+looks codes up in an l2-normalised codebook (cosine similarity), which diffusers' ``VectorQuantizer``
+does not do (same parameter name: ``quantize.embedding.weight``).
 
 Images are ``[-1, 1]``, ``[B, C, H, W]``; tokens are ``LongTensor[B, h, w]`` with
 ``h = H / downsample``. ``decode`` returns unclamped pixels, as LlamaGen's ``decode_code``.
@@ -17,11 +19,11 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from diffusers import VQModel
 from torch import Tensor, nn
 
 from ..errors import check
 from ..modeling import SavableModule, register_module
+from ..nn.ldm import VQAutoencoder
 
 __all__ = ["VQConfig", "VQOutput", "VQTokenizer", "L2VectorQuantizer", "entropy_loss"]
 
@@ -114,10 +116,10 @@ class L2VectorQuantizer(nn.Module):
 
 @register_module
 class VQTokenizer(SavableModule):
-    """Discrete image tokenizer with LlamaGen's VQ-GAN architecture, built on diffusers.
+    """Discrete image tokenizer with LlamaGen's VQ-GAN architecture.
 
-    ``self.model`` is a :class:`diffusers.VQModel` whose ``quantize`` is an
-    :class:`L2VectorQuantizer`.
+    ``self.model`` is a :class:`varkit.nn.ldm.VQAutoencoder` (diffusers' ``VQModel`` layout) whose
+    ``quantize`` is an :class:`L2VectorQuantizer`.
     """
 
     config_class: ClassVar[type] = VQConfig
@@ -130,7 +132,7 @@ class VQTokenizer(SavableModule):
         super().__init__(config)
         n = len(config.ch_mult)
         channels = tuple(config.ch * m for m in config.ch_mult)
-        self.model = VQModel(
+        self.model = VQAutoencoder(
             in_channels=config.in_channels,
             out_channels=config.in_channels,
             down_block_types=("DownEncoderBlock2D",) * (n - 1) + ("AttnDownEncoderBlock2D",),
@@ -142,11 +144,9 @@ class VQTokenizer(SavableModule):
             num_vq_embeddings=config.codebook_size,
             norm_num_groups=config.norm_groups,
             vq_embed_dim=config.codebook_dim,
-            scaling_factor=1.0,
-            norm_type="group",
             mid_block_add_attention=True,
         )
-        self.model.quantize = L2VectorQuantizer(
+        self.model.quantize = L2VectorQuantizer(  # built after the decoder, as always (seeded inits unchanged)
             config.codebook_size, config.codebook_dim, config.codebook_l2_norm
         )
 
@@ -175,7 +175,7 @@ class VQTokenizer(SavableModule):
     def encode_latents(self, images: Tensor) -> Tensor:
         """Pre-quantization latents ``[B, D, h, w]`` (encoder + ``quant_conv``)."""
         self._check_images(images)
-        return self.model.encode(images).latents
+        return self.model.encode(images)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
@@ -188,7 +188,7 @@ class VQTokenizer(SavableModule):
 
     def decode_latents(self, z_q: Tensor) -> Tensor:
         """Quantized latents ``[B, D, h, w]`` -> pixels (``post_quant_conv`` + decoder)."""
-        return self.model.decode(z_q, force_not_quantize=True).sample
+        return self.model.decode(z_q)
 
     def decode(self, ids: Tensor) -> Tensor:
         """Token ids ``[B, h, w]`` -> images ``[B, C, H, W]``, unclamped (nominally [-1, 1])."""
