@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from .arguments import add_output_arguments, add_pair_arguments  # noqa: F401 (re-exported)
 from ..io import atomic_directory, load_torch_checkpoint, write_json
 from ..modeling import load_state_dict_strict, params_on_meta, read_config
 
@@ -177,19 +178,6 @@ def save_converted_pipeline(out: Path, overwrite: bool, tokenizer: nn.Module, ge
 def read_converted(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(generator config, ``convert.json``) of a converted folder, for the converters' one-line summaries."""
     return read_config(out / "generator"), json.loads((out / "convert.json").read_text())
-
-
-def add_pair_arguments(p, tokenizer: tuple[str, str], generator: tuple[str, str]) -> None:
-    """The first arguments of a ``varkit convert`` command: its two source files as (flag, help) and ``--out``."""
-    for flag, text in (tokenizer, generator):
-        p.add_argument(flag, required=True, help=text)
-    p.add_argument("--out", required=True, help="output pipeline folder (must not exist, unless --overwrite)")
-
-
-def add_output_arguments(p) -> None:
-    """``--name`` and ``--overwrite``, the last arguments of every ``varkit convert`` command."""
-    p.add_argument("--name", default=None, help="pipeline name stored in config.json")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (once the new one is complete)")
 
 
 def module_from_state_dict(cls: type[M], config: Any, sd: Mapping[str, Tensor], source: str) -> M:

@@ -33,7 +33,8 @@ from torch import Tensor
 from ..errors import CheckpointError, InvalidArgumentError
 from ..io import refuse_existing
 from ..models.flowar import FlowARConfig, FlowARGenerator
-from .common import (TOP_LEVEL, add_output_arguments, add_pair_arguments, converted_record, describe_other_generator,
+from .arguments import add_convert_flowar_arguments  # noqa: F401 (public: defined without torch for the CLI)
+from .common import (TOP_LEVEL, converted_record, describe_other_generator,
                      file_record, load_checkpoint, module_from_state_dict, published_heads, read_converted,
                      require_keys, save_converted_pipeline, select_required_state_dict)
 from .mar import encoder_decoder_shapes
@@ -228,16 +229,6 @@ def convert_flowar(
                                    converted_record("flowar", {"vae": file_record(vae),
                                                                "flowar": file_record(flowar, weights=entry)},
                                                     size_name, px, cfg, defaults, patch_nums=list(cfg.patch_nums)))
-
-
-def add_convert_flowar_arguments(p) -> None:
-    """The arguments of ``varkit convert flowar``."""
-    add_pair_arguments(p, ("--vae", "MAR's KL-16 VAE file (kl16.ckpt), which FlowAR uses"),
-                       ("--flowar", "FlowAR file (FlowAR-S.pth, FlowAR-L.pth or FlowAR-H.pth)"))
-    p.add_argument("--no-ema", dest="ema", action="store_false",
-                   help="for a training checkpoint: its 'model' weights instead of 'model_ema' (published files are raw)")
-    p.add_argument("--heads", type=int, default=None, help="attention heads, for a FlowAR of a non-published size")
-    add_output_arguments(p)
 
 
 def cmd_convert_flowar(args) -> None:

@@ -31,7 +31,8 @@ from torch import Tensor
 from ..errors import CheckpointError, InvalidArgumentError
 from ..io import refuse_existing
 from ..models.mar import MARConfig, MARGenerator
-from .common import (TOP_LEVEL, add_output_arguments, add_pair_arguments, converted_record, count_indexed,
+from .arguments import add_convert_mar_arguments  # noqa: F401 (public: defined without torch for the CLI)
+from .common import (TOP_LEVEL, converted_record, count_indexed,
                      describe_other_generator, file_record, load_checkpoint, module_from_state_dict, published_heads,
                      read_converted, require_keys, save_converted_pipeline, select_required_state_dict, shape_of)
 
@@ -233,17 +234,6 @@ def convert_mar(
                                    name or f"{size_name.replace('_', '-')}-{px}",
                                    converted_record("mar", {"vae": file_record(vae), "mar": file_record(mar, weights=entry)},
                                                     size_name, px, cfg, defaults, grid=cfg.grid))
-
-
-def add_convert_mar_arguments(p) -> None:
-    """The arguments of ``varkit convert mar``."""
-    add_pair_arguments(p, ("--vae", "MAR's KL-16 VAE file (kl16.ckpt)"),
-                       ("--mar", "MAR file (checkpoint-last.pth of mar_base, mar_large or mar_huge)"))
-    p.add_argument("--size", default=None, help="base|large|huge; default: inferred from the weights")
-    p.add_argument("--no-ema", dest="ema", action="store_false",
-                   help="use the file's 'model' weights instead of its EMA weights ('model_ema', MAR's sampling default)")
-    p.add_argument("--heads", type=int, default=None, help="attention heads, for a MAR of a non-published size")
-    add_output_arguments(p)
 
 
 def cmd_convert_mar(args) -> None:

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ..errors import CheckpointError, InvalidArgumentError
 from ..models.neighbors import NeighborsConfig, NeighborsGenerator
-from .common import (add_output_arguments, add_pair_arguments, load_checkpoint, module_from_state_dict,
+from .arguments import add_nar_arguments  # noqa: F401 (public: defined without torch for the CLI)
+from .common import (load_checkpoint, module_from_state_dict,
                      select_state_dict, strip_prefixes)
 from .llamagen import condition_fields, convert_gpt_pair, ffn_multiple_of, gpt_state_dict_from_llamagen
 
@@ -290,19 +291,6 @@ def parse_image_size(text: str | None) -> int | tuple[int, int] | None:
     if len(vals) == 2:
         return (vals[0], vals[1])
     raise InvalidArgumentError(f"--image-size must be a number (256) or HxW (256x256), got {text!r}")
-
-
-def add_nar_arguments(p) -> None:
-    """The arguments of ``varkit convert nar``."""
-    add_pair_arguments(p, ("--vq", "LlamaGen VQ tokenizer file (vq_ds16_c2i.pt)"),
-                       ("--gpt", "NAR GPT file (e.g. last_version.pt from NAR-imagenet-256-B)"))
-    p.add_argument("--config", default=None, help="named config (nar-b|m|l|xl or GPT-B ...); default: inferred")
-    p.add_argument("--image-size", default=None,
-                   help="image size the GPT was trained at (default 256 for class-conditional NAR models)")
-    p.add_argument("--medusa-layers", type=int, default=1,
-                   help="extra layers under the vertical head (NAR's medusa_attention_num; 1 in every published model)")
-    p.add_argument("--ema", action="store_true", help="use the file's 'ema' weights when it has them")
-    add_output_arguments(p)
 
 
 def cmd_convert_nar(args) -> None:

@@ -37,7 +37,8 @@ from ..errors import CheckpointError, InvalidArgumentError
 from ..io import load_torch_checkpoint, refuse_existing
 from ..models.scales import ScalesConfig, ScalesGenerator
 from ..tokenizers.msvq import VAR_PATCH_NUMS
-from .common import (add_output_arguments, add_pair_arguments, file_record, module_from_state_dict, read_converted,
+from .arguments import add_convert_var_arguments  # noqa: F401 (public: defined without torch for the CLI)
+from .common import (file_record, module_from_state_dict, read_converted,
                      save_converted_pipeline, strip_prefixes, tensors_of)
 
 __all__ = [
@@ -475,16 +476,6 @@ def _parse_patch_nums(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
     except ValueError:
         raise InvalidArgumentError(f"--patch-nums must be comma-separated integers (1,2,3,...), got {text!r}") from None
-
-
-def add_convert_var_arguments(p) -> None:
-    """Arguments of ``varkit convert var`` (the same lines are in the CLI wiring snippet)."""
-    add_pair_arguments(p, ("--vae", "VAR's VQVAE file (vae_ch160v4096z32.pth)"),
-                       ("--var", "VAR transformer file (var_d16.pth ... var_d30.pth, var_d36.pth)"))
-    p.add_argument("--resolution", type=int, default=None,
-                   help="image size (256, 512); default: the schedule stored in the file (lvl_1L)")
-    p.add_argument("--patch-nums", default=None, help="explicit scale schedule, e.g. 1,2,3,4,5,6,8,10,13,16")
-    add_output_arguments(p)
 
 
 def cmd_convert_var(args) -> None:
