@@ -86,6 +86,13 @@ def assets(tmp_path_factory) -> dict[str, str]:
 
     variant("nan_weights", nan_weights)
 
+    def nan_tokenizer(d: Path) -> None:
+        sd = load_file(str(d / "tokenizer" / "model.safetensors"))
+        sd = {k: v.fill_(float("nan")) if ".decoder." in k and v.is_floating_point() else v for k, v in sd.items()}
+        save_file(sd, str(d / "tokenizer" / "model.safetensors"))
+
+    variant("nan_tokenizer", nan_tokenizer)
+
     from varkit.tokenizers import MSVQConfig, MultiScaleVQTokenizer
 
     msvq = MultiScaleVQTokenizer(MSVQConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, codebook_size=16,
@@ -209,6 +216,9 @@ CLI_CASES = [
     Case("generate-unknown-dtype", "dtype", [*GEN, "--dtype", "float8", "--out", "{out}"]),
     Case("generate-unknown-device", "device", [*GEN, "--device", "tpu", "--out", "{out}"]),
     Case("generate-cfg-schedule", "invalid choice", [*GEN, "--cfg-schedule", "cosine", "--out", "{out}"]),
+    Case("generate-classes-empty", "expected at least one", [*GEN, "--classes", "--out", "{out}"]),
+    Case("generate-empty-model-name", "bundled model name", ["generate", "--model", "", "--out", "{out}"]),
+    Case("generate-unknown-preset", "preset", [*GEN, "--preset", "nope", "--out", "{out}"]),
     # -- generate: output paths (checked before any sampling) -------------------------------------
     Case("generate-out-gif", r"\.gif", [*GEN, "--out", "{tmp}/x.gif"]),
     Case("generate-out-txt", r"\.txt", [*GEN, "--out", "{tmp}/x.txt"]),
@@ -237,6 +247,8 @@ CLI_CASES = [
     Case("train-nproc-0", "--nproc", _train_g("--nproc", "0")),
     Case("train-class-dropout-2", "--class-dropout", _train_g("--class-dropout", "2")),
     Case("train-seed-negative", "seed", _train_g("--seed", "-1")),
+    Case("train-resolution-not-a-multiple", "downsampl", _train_t("--resolution", "18")),
+    Case("train-grad-accum-0", "--grad-accum", _train_g("--grad-accum", "0")),
     # -- train: inputs and outputs ----------------------------------------------------------------
     Case("train-unknown-tokenizer-config", "unknown tokenizer config",
          ["train", "tokenizer", "--data", "digits", "--config", "nope", "--out", "{tmp}/run", "--steps", "1"]),
@@ -273,6 +285,11 @@ CLI_CASES = [
          ["convert", "var", "--vae", "{llamagen.pt}", "--var", "{llamagen.pt}", "--out", "{tmp}/conv"]),
     Case("convert-llamagen-missing-file", "not found",
          ["convert", "llamagen", "--vq", "{tmp}/none.pt", "--gpt", "{tmp}/none.pt", "--out", "{tmp}/conv"]),
+    Case("convert-var-bad-patch-nums", "--patch-nums", ["convert", "var", "--vae", "{garbage.pt}", "--var",
+                                                       "{garbage.pt}", "--patch-nums", "1,a", "--out", "{tmp}/conv"]),
+    Case("convert-unknown-family", "invalid choice", ["convert", "dalle", "--out", "{tmp}/conv"]),
+    Case("bench-quality-unknown-device", "device", ["bench", "quality", "--models", "digits", "--device", "tpu",
+                                                    "--out-dir", "{tmp}/b"]),
     Case("convert-out-exists", "already exists", ["convert", "var", "--vae", "{garbage.pt}", "--var", "{garbage.pt}",
                                                  "--out", "{tmp}/conv"], setup=_dir("conv", "keep")),
     # -- eval -------------------------------------------------------------------------------------
@@ -352,6 +369,12 @@ API_CASES = [
     Case("call-unknown-option-named-alone", r"option\(s\) \['bogus'\];", api=lambda a, t, p: p([0], sampler="sjd", window=4, bogus=1)),
     Case("call-output-type", "output_type", api=lambda a, t, p: p([0], output_type="jpeg")),
     Case("call-nan-weights", "non-finite", api=lambda a, t, p: varkit.load_pipeline(a["nan_weights"])([0])),
+    Case("call-nan-tokenizer", "non-finite images", api=lambda a, t, p: varkit.load_pipeline(a["nan_tokenizer"])([0])),
+    Case("call-unknown-preset", "preset", api=lambda a, t, p: p([0], preset="nope")),
+    Case("call-image-size-0", "image_size", api=lambda a, t, p: p([0], image_size=0)),
+    Case("load-bad-dtype", "dtype", api=lambda a, t, p: varkit.load_pipeline(a["pipe"], dtype="float8")),
+    Case("create-field-wrong-type", "dim='wide'", api=lambda a, t, p: varkit.create_model("raster-tiny", dim="wide")),
+    Case("image-grid-cols-0", "cols", api=lambda a, t, p: varkit.pipeline.image_grid(p([0]).images, cols=0)),
     Case("image-grid-empty", "no images", api=lambda a, t, p: varkit.pipeline.image_grid([], cols=2)),
     Case("image-grid-labels-length", "labels", api=lambda a, t, p: varkit.pipeline.image_grid(p([0, 1]).images, cols=2,
                                                                                              labels=["0"])),

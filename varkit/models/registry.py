@@ -55,6 +55,12 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> Gener
     if unknown:
         raise InvalidArgumentError(f"model config {name!r} has no field {', '.join(unknown)}; "
                                    f"its fields: {', '.join(sorted(fields))}")
+    from ..modeling import _fits, _type_hints
+
+    hints = _type_hints(cls.config_class)
+    for key, value in overrides.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise InvalidArgumentError(f"model config {name!r}: {key}={value!r} is not of type {hints[key]}")
     return cls(replace(config(), **overrides))
 
 
