@@ -18,7 +18,8 @@ Reported per method (speed at batch 1, every method on the same images, interlea
   ``draft_passes`` per image; ``target_prefixes`` per image: step outputs the target computed (an exact MAR
   window pass runs one encoder/decoder prefix per verified step: one pass in latency, several in compute);
 - ``token_accept`` / ``step_accept``: drafted tokens / drafted steps accepted (all positions); the same by
-  window position in the JSON (``acceptance_by_position``);
+  window position in the JSON (``acceptance_by_position``); ``shift_sigmas``: how far apart the two last-step
+  Gaussians are, |μ_p − μ_q| / σ_p per channel averaged over verified tokens (what exact acceptance hinges on);
 - ``s_per_image`` (wall) and ``cpu_s_per_image`` (this process's CPU time: the machine may be shared);
 - ``accuracy`` and ``digits_fid`` (digits only): from ``--quality-per-class`` images per class sampled in
   batches (an image is the same at any batch size), decoded by the pipeline, scored by the digits CNN;
@@ -40,7 +41,7 @@ from ..samplers.random import image_generators
 from .report import add_output_args, machine, print_table
 
 COLUMNS = ["model", "method", "images", "target_passes", "pass_reduction", "draft_passes", "target_prefixes",
-           "token_accept", "step_accept", "s_per_image", "cpu_s_per_image", "accuracy", "digits_fid", "met"]
+           "token_accept", "step_accept", "shift_sigmas", "s_per_image", "cpu_s_per_image", "accuracy", "digits_fid", "met"]
 TARGET_REDUCTION = 2.0  # issue 16: exact mode, batch 1
 
 RELAXED = {"cspd T=42": {"inner_temperature": 42.0}, "cspd merged": {"merged_window": True},
@@ -68,7 +69,8 @@ def run_batch1(gen, methods: dict, n: int, seed: int) -> dict[str, dict]:
     gens = image_generators(seed, n)
     seeds = [g.initial_seed() for g in gens]
     keys = ("tokens_verified", "tokens_accepted", "steps_verified", "steps_accepted")
-    acc = {k: {"wall": 0.0, "cpu": 0.0, "passes": 0, "draft": 0, "prefixes": 0, **{c: None for c in keys}} for k in methods}
+    acc = {k: {"wall": 0.0, "cpu": 0.0, "passes": 0, "draft": 0, "prefixes": 0, "shift": 0.0,
+               **{c: None for c in keys}} for k in methods}
     for i in range(n):
         for k, smp in methods.items():
             g = [torch.Generator().manual_seed(seeds[i])]
@@ -83,6 +85,7 @@ def run_batch1(gen, methods: dict, n: int, seed: int) -> dict[str, dict]:
             a["draft"] += res.stats.draft_passes
             tr = getattr(smp, "trace", {}) if isinstance(smp, CSpDSampler) else {}
             a["prefixes"] += tr.get("target_prefixes", res.stats.forward_passes)
+            a["shift"] += tr.get("mean_shift_sigmas", 0.0)
             for c in keys:
                 if c in tr:
                     v = torch.tensor(tr[c])
@@ -92,11 +95,12 @@ def run_batch1(gen, methods: dict, n: int, seed: int) -> dict[str, dict]:
     for k, a in acc.items():
         r = {"images": n, "target_passes": a["passes"] / n, "draft_passes": a["draft"] / n,
              "target_prefixes": a["prefixes"] / n, "s_per_image": a["wall"] / n, "cpu_s_per_image": a["cpu"] / n,
-             "token_accept": "", "step_accept": "", "by_position": None}
+             "token_accept": "", "step_accept": "", "shift_sigmas": "", "by_position": None}
         if a["tokens_verified"] is not None:
             tv, ta, sv, sa = (a[c].double() for c in keys)
             r["token_accept"] = float(ta.sum() / tv.sum().clamp(min=1))
             r["step_accept"] = float(sa.sum() / sv.sum().clamp(min=1))
+            r["shift_sigmas"] = a["shift"] / n
             r["by_position"] = {"token_accept": (ta / tv.clamp(min=1)).tolist(), "step_accept": (sa / sv.clamp(min=1)).tolist(),
                                 "tokens_verified": tv.tolist(), "steps_verified": sv.tolist()}
         out[k] = r

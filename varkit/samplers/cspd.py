@@ -56,7 +56,9 @@ a ragged batch counts once), ``stats.draft_passes`` drafter calls; ``accepted_pe
 committed per target pass (batch mean). ``trace`` keeps, for the last call, the per-window-position
 counts of verified and accepted tokens and steps, ``target_prefixes`` (step outputs the target computed:
 a MAR window pass costs one encoder/decoder prefix per step it verifies, so on a compute-bound device
-exact CSpD saves target *passes* but not target compute), and the fallback rounds used.
+exact CSpD saves target *passes* but not target compute), the fallback rounds used, and
+``mean_shift_sigmas``: |μ_p − μ_q| / σ_p per channel, averaged over verified tokens (a shift of δ σ in each of D
+channels is accepted with probability 1 − TV ≈ 2Φ(−δ√D/2)).
 """
 from __future__ import annotations
 
@@ -240,6 +242,7 @@ class _Run:
         self.fallback_rounds = 0
         self.merged_passes = 0
         self.target_prefixes = 0  # step outputs the target computed (MAR: one encoder/decoder prefix each)
+        self.shift = [0.0, 0]  # Σ over verified tokens of mean_d |μ_p − μ_q| / σ_p, and their count
 
     # -- helpers --------------------------------------------------------------------------------------------
     def positions(self, step: int) -> torch.Tensor:
@@ -303,7 +306,8 @@ class _Run:
                              cache_bytes=self.tgt.cache_bytes + self.drf.cache_bytes, draft_passes=self.drf.passes)
         smp.trace = {k: v.tolist() for k, v in self.stat.items()} | {
             "draft_passes": self.drf.passes, "target_passes": passes, "prefill_steps": n_pre,
-            "target_prefixes": self.target_prefixes, "fallback_rounds": self.fallback_rounds}
+            "target_prefixes": self.target_prefixes, "fallback_rounds": self.fallback_rounds,
+            "mean_shift_sigmas": self.shift[0] / max(self.shift[1], 1)}
         return SampleResult(self.tokens.to(torch.promote_types(self.gen.head.token_dtype, self.tokens.dtype)), stats)
 
     def draft_outputs(self, step: int):
@@ -381,6 +385,8 @@ class _Run:
         r = sel[:, None]
         dt = p_mean.dtype
         x, q_mean, q_std = self.tokens[r, pos].to(dt), self.q_mean[r, pos].to(dt), self.q_std[r, pos].to(dt)
+        self.shift[0] += float(((p_mean - q_mean).abs() / p_std).mean(-1).sum())
+        self.shift[1] += p_mean.shape[0] * p_mean.shape[1]
         T = self.smp.inner_temperature
         log_p_x = gaussian_log_density(x, p_mean, p_std, T)
         log_q_x = gaussian_log_density(x, q_mean, q_std, T)
