@@ -263,6 +263,7 @@ def test_step_sampler_splits_global_batches_over_ranks_and_micro_steps():
         got = torch.cat([per_rank[0][2 * i], per_rank[0][2 * i + 1], per_rank[1][2 * i], per_rank[1][2 * i + 1]])
         assert torch.equal(got, batch_indices(step, 20, 8, 1))
     assert len(StepSampler(20, cfg, 0, 2, start=1)) == 4
+    assert sorted(batch_indices(0, 10, 10, seed=2 ** 64 - 1).tolist()) == list(range(10))  # the CLI's largest seed
 
 
 # -- bad settings -----------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int, flip: bool) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = torch.Generator().manual_seed((seed * 100_003 + epoch) % 2 ** 64)  # seeds up to 2**64 - 1 are accepted
     perm = torch.randperm(n, generator=g)
     if flip:  # a coin per image and epoch, drawn after the permutation (which stays that of a run without flips)
         perm = perm + n * torch.randint(0, 2, (n,), generator=g)[perm]
