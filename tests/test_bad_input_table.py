@@ -380,6 +380,11 @@ API_CASES = [
                                                                                              labels=["0"])),
     Case("get-sampler-unknown-options", r"\['bogus'\]", api=lambda a, t, p: __import__("varkit.samplers", fromlist=["x"])
          .get_sampler("sjd", None, window=4, bogus=1)),
+    Case("call-cspd-gamma-0", "gamma", api=lambda a, t, p: p([0], sampler="cspd", draft=varkit.create_model("mar-tiny"), gamma=0)),
+    Case("call-cspd-prefill-1", r"prefill .*\[0, 1\)", api=lambda a, t, p: p([0], sampler="cspd",
+                                                                           draft=varkit.create_model("mar-tiny"), prefill=1.0)),
+    Case("call-cspd-discrete-target", "categorical head", api=lambda a, t, p: p([0], sampler="cspd",
+                                                                               draft=varkit.create_model("mar-tiny"))),
 ]
 
 

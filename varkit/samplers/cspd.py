@@ -292,7 +292,7 @@ class _Run:
             self.target_draw(out, w, s, everyone)
             committed.append(torch.full((B,), lay.step_sizes[s]))
         self.t_next = n_pre  # the step of each runner's next call (its state holds the steps before that - 1)
-        self.d_out = self.drf.prefill()
+        self.drf.prefill()  # the drafter's state (its step-0 outputs are not needed: step 0 is the target's)
         self.d_next = 1
         c = torch.full((B,), n_pre, dtype=torch.long, device=self.tokens.device)  # committed steps per image
         starts = torch.tensor(lay.step_starts, device=c.device)
