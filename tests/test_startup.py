@@ -39,13 +39,75 @@ def test_heavy_commands_still_build_their_full_parsers(argv, capsys):
     assert "positional arguments" in capsys.readouterr().out  # their sub-subcommands are listed
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch and diffusers and samples: 5-20 s with the CPU's load
+# what `varkit generate` and loading a bundled pipeline need none of: the LDM autoencoder is varkit.nn.ldm (diffusers
+# pulled its UNet blocks, torch._dynamo and scipy.stats: ~3 s), image grids are numpy (torchvision.utils pulled
+# torchvision.models and torch._dynamo: ~2 s)
+NEVER_TO_GENERATE = NEVER_AT_STARTUP + ("diffusers", "torchvision", "scipy", "transformers", "sympy")
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and samples: 3-20 s with the CPU's load
 def test_generate_imports_no_evaluation_or_plotting_code(tmp_path):
-    code = (f"from varkit.cli import main\nassert main(['generate', '--model', 'digits', '--classes', '0', "
-            f"'--out', {str(tmp_path / 's.png')!r}]) == 0")
+    code = (f"from varkit.cli import main\nassert main(['generate', '--model', 'digits', '--classes', '0', '1', "
+            f"'--out', {str(tmp_path / 's.png')!r}]) == 0\n"
+            "import sys\nassert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported (~1 s)'")
     loaded = _modules_after(code)
     assert "torch" in loaded and (tmp_path / "s.png").is_file()
-    assert not loaded & set(NEVER_AT_STARTUP), sorted(loaded & set(NEVER_AT_STARTUP))
+    assert not loaded & set(NEVER_TO_GENERATE), sorted(loaded & set(NEVER_TO_GENERATE))
+
+
+def test_importing_the_pipeline_imports_no_diffusers():
+    loaded = _modules_after("import varkit.pipeline, varkit.tokenizers")
+    assert not loaded & set(NEVER_TO_GENERATE), sorted(loaded & set(NEVER_TO_GENERATE))
+
+
+@pytest.mark.slow  # three bundled pipelines in a fresh interpreter: 5-30 s with the CPU's load
+def test_bundled_pipelines_of_every_tokenizer_family_run_without_diffusers():
+    """digits (VQ), digits-var (multi-scale VQ) and digits-mar (KL-VAE): load and sample one image each."""
+    code = ("import torch\ntorch.set_num_threads(1)\nfrom varkit.pipeline import load_pipeline\n"
+            "for name, kw in (('digits', {}), ('digits-var', {}), ('digits-mar', {'num_iter': 2, 'head_steps': 2})):\n"
+            "    out = load_pipeline(name, device='cpu')([0], seed=0, **kw)\n"
+            "    assert len(out.images) == 1, name")
+    loaded = _modules_after(code)
+    assert not loaded & set(NEVER_TO_GENERATE), sorted(loaded & set(NEVER_TO_GENERATE))
+
+
+@pytest.mark.parametrize("argv", [["convert", "--help"], ["convert", "var", "--help"], ["convert", "mar", "--help"],
+                                  ["convert", "llamagen", "--help"]])
+def test_convert_help_imports_nothing_heavy(argv):
+    """The converters' arguments live in varkit.checkpoints.arguments: no torch, converters or models to parse."""
+    loaded = _modules_after(f"import varkit.cli\ntry:\n    varkit.cli.main({argv!r})\nexcept SystemExit:\n    pass")
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_generate_timing_report(tmp_path, tiny_pipeline, capsys, monkeypatch):
+    """VARKIT_TIMING=1: one stderr line with start-up (from the process start), sampling and writing."""
+    from varkit.cli import main
+
+    tiny_pipeline.save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("VARKIT_TIMING", "1")
+    assert main(["generate", "--model", str(tmp_path / "m"), "--classes", "0", "--out", str(tmp_path / "g.png")]) == 0
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("varkit timing:")]
+    assert len(line) == 1 and all(k in line[0] for k in ("start-up", "sampling", "writing", "s CPU"))
+    monkeypatch.setenv("VARKIT_TIMING", "0")
+    assert main(["generate", "--model", str(tmp_path / "m"), "--classes", "0", "--out", str(tmp_path / "g.png")]) == 0
+    assert "varkit timing" not in capsys.readouterr().err
+
+
+def test_image_grid_is_torchvisions_make_grid():
+    """image_grid tiles in numpy what torchvision's make_grid gave, pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+
+    from varkit.pipeline import image_grid
+
+    make_grid = pytest.importorskip("torchvision.utils").make_grid
+    rng = np.random.default_rng(0)
+    for n, cols, gutter, background in ((1, 3, 2, 255), (2, 1, 0, 0), (5, 2, 2, 255), (7, 3, 3, 128), (4, 10, 1, 9)):
+        ims = [Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)) for _ in range(n)]
+        x = torch.stack([torch.from_numpy(np.array(t)).permute(2, 0, 1) for t in ims]).float() / 255
+        want = make_grid(x, nrow=min(cols, n), padding=gutter, pad_value=background / 255)
+        want = (want * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        assert np.array_equal(np.asarray(image_grid(ims, cols=cols, gutter=gutter, background=background)), want)
 
 
 def test_stub_help_lines_are_the_full_parsers():

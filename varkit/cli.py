@@ -150,16 +150,54 @@ def _generate_destination(args) -> tuple[Path, bool, int]:
     return dest, grid, first
 
 
+class _Timing:
+    """``VARKIT_TIMING=1``: wall and CPU seconds of a command's phases on stderr, the first one counted from the
+    process start (so it includes the interpreter and every import)."""
+
+    def __init__(self) -> None:
+        import os
+        import time
+
+        self.on = os.environ.get("VARKIT_TIMING", "") not in ("", "0")
+        self.wall, self.cpu, self.parts = time.perf_counter() - _process_age(), 0.0, []
+
+    def mark(self, name: str) -> None:
+        import time
+
+        if self.on:
+            wall, cpu = time.perf_counter(), time.process_time()
+            self.parts.append(f"{name} {wall - self.wall:.2f} s wall / {cpu - self.cpu:.2f} s CPU")
+            self.wall, self.cpu = wall, cpu
+
+    def report(self) -> None:
+        if self.on:
+            print("varkit timing: " + ", ".join(self.parts), file=sys.stderr)
+
+
+def _process_age() -> float:
+    """Wall seconds since this process started (Linux: /proc/self/stat), 0.0 where unknown."""
+    import os
+
+    try:
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, clock ticks
+        return max(float(Path("/proc/uptime").read_text().split()[0]) - start / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def cmd_generate(args) -> None:
+    timing = _Timing()
     from .io import save_image
     from .pipeline import image_grid, load_pipeline
 
     dest, grid, first = _generate_destination(args)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
                          prepack=args.prepack)
+    timing.mark("start-up (process start to pipeline loaded)")
     classes = args.classes if args.classes is not None else list(range(min(pipe.num_classes, 10)))
     labels = [c for c in classes for _ in range(args.per_class)]
     out = pipe(labels, seed=args.seed, batch_size=args.batch_size, progress=True, **sampling_kwargs(args))
+    timing.mark("sampling")
     if grid:
         save_image(image_grid(out.images, cols=args.per_class if args.per_class > 1 else len(out.images),
                               labels=[str(c) for c in labels] if args.labels else None), dest)
@@ -168,9 +206,11 @@ def cmd_generate(args) -> None:
         for i, (im, c) in enumerate(zip(out.images, labels)):
             save_image(im, dest / f"{first + i:05d}_class{c}.png")
         written = f"{len(out.images)} images in {dest}/"
+    timing.mark("writing")
     s = out.stats
     dtype = str(next(pipe.generator.parameters()).dtype).replace("torch.", "")
     print(f"wrote {written} ({s.forward_passes} forward passes, {s.wall_s:.2f} s, {dtype})")
+    timing.report()
 
 
 # -- train -----------------------------------------------------------------------------------------
