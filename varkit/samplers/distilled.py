@@ -136,9 +136,11 @@ class DistilledSampler(Sampler):
 
         book = gen.codebook.float()
         arg = logits.argmax(-1)
-        near = nearest_codeword(conti, book)
-        new_ids = torch.where(pos[None] < n_split, arg, near)
-        new_x = torch.where((pos < n_split)[None, :, None], book[arg], conti)
+        if n_split >= N:  # the default: every new token is the argmax codeword
+            new_ids, new_x = arg, book[arg]
+        else:
+            new_ids = torch.where(pos[None] < n_split, arg, nearest_codeword(conti, book))
+            new_x = torch.where((pos < n_split)[None, :, None], book[arg], conti)
         keep = (pos < n_t)[None]
         return torch.where(keep[..., None], x, new_x), torch.where(keep, ids, new_ids)
 
