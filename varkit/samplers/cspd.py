@@ -144,6 +144,7 @@ class CSpDSampler(Sampler):
         self.residual_tries = residual_tries
         self.lossless = self.inner_temperature == 1.0 and not merged_window
         self.draft, self.draft_tokenizer = resolve_draft(draft)
+        self._check_head(self.draft, "draft")
         self.draft.eval()
         self.tokenizer = None
         self.trace: dict[str, Any] = {}
@@ -157,16 +158,20 @@ class CSpDSampler(Sampler):
                 "on the target's tokenizer")
 
     # -- checks ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_head(g, role: str) -> None:
+        kind = getattr(getattr(g, "head", None), "kind", "missing")
+        if kind != "diffusion":
+            why = ("its tokens are ids: use sampler='speculative'" if kind == "categorical" else
+                   "a flow head's tokens have no density" if kind == "flow" else "it has no diffusion head")
+            raise InvalidArgumentError(
+                f"cspd needs continuous-token generators with a diffusion head; the {role} "
+                f"({type(g).__name__}) has a {kind} head ({why})")
+
     def check_generator(self, gen: Generator) -> None:
         d, p = self.draft, self.params
         for role, g in (("target", gen), ("draft", d)):
-            kind = getattr(getattr(g, "head", None), "kind", "missing")
-            if kind != "diffusion":
-                why = ("its tokens are ids: use sampler='speculative'" if kind == "categorical" else
-                       "a flow head's tokens have no density" if kind == "flow" else "it has no diffusion head")
-                raise InvalidArgumentError(
-                    f"cspd needs continuous-token generators with a diffusion head; the {role} "
-                    f"({type(g).__name__}) has a {kind} head ({why})")
+            self._check_head(g, role)
             if not getattr(g, "supports_multistep", False) or not getattr(g, "supports_rollback", False):
                 raise InvalidArgumentError(
                     f"cspd needs {role} generators that feed several steps at once and roll back; {type(g).__name__} does not")
