@@ -398,10 +398,10 @@ def test_class_id_out_of_range_at_generation(c2i_pipe):
 
 # -- the side-by-side bench's wiring (the timing itself needs LlamaGen's code) ---------------------
 def test_side_by_side_bench_parser_and_bad_official_path(tmp_path):
-    from varkit.bench.llamagen_side_by_side import (
-        add_side_by_side_parser,
-        import_official,
-    )
+    from varkit.bench.llamagen_side_by_side import add_side_by_side_parser
+    from varkit.bench.scripts import load_script
+
+    import_official = load_script("llamagen").import_official  # bench/side_by_side/llamagen.py
 
     parser = argparse.ArgumentParser(prog="varkit bench")
     add_side_by_side_parser(parser.add_subparsers(dest="bench", required=True))

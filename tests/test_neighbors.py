@@ -272,7 +272,10 @@ def test_train_generator_command_builds_nar(tmp_path):
 
 
 def test_bench_rows_and_official_path(tmp_path):
-    from varkit.bench.nar import add_nar_bench_parser, bench_varkit, load_official
+    from varkit.bench.nar import add_nar_bench_parser, bench_varkit
+    from varkit.bench.scripts import load_script
+
+    load_official = load_script("nar").load_official  # bench/side_by_side/nar.py of the source checkout
 
     row = bench_varkit(tiny(grid=4), "tiny", "neighbors", 2, SamplingParams(cfg=4.0, top_k=5), 1)
     assert row["forward_passes"] == 7 and row["images_per_s"] > 0 and row["cpu_s"] > 0
@@ -305,7 +308,10 @@ OFFICIAL = "/work/ref/NAR/NAR-images"
 @pytest.mark.skipif(not __import__("os").path.isdir(OFFICIAL), reason="NAR's source tree is not checked out")
 def test_bench_official_loop_on_same_weights():
     """Development check: NAR's own generate, driven by the bench, gives varkit's greedy tokens."""
-    from varkit.bench.nar import bench_official, load_official, official_model
+    from varkit.bench.scripts import load_script
+
+    script = load_script("nar")
+    bench_official, load_official, official_model = script.bench_official, script.load_official, script.official_model
 
     gen = tiny(grid=4)
     gpt, loop = load_official(OFFICIAL)

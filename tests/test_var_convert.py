@@ -358,16 +358,38 @@ def test_bench_random_pair_converts(tmp_path):
 
 
 def test_bench_parser_and_bad_official_path(tmp_path):
-    from varkit.bench.var import add_var_bench_parser, run_side_by_side
+    """``varkit bench var --official`` runs bench/side_by_side/var.py of the source checkout; a wrong path is one
+    clear error before anything is written."""
+    from varkit.bench.scripts import load_script
+    from varkit.bench.var import add_var_bench_parser
 
     p = argparse.ArgumentParser()
     add_var_bench_parser(p.add_subparsers())
     args = p.parse_args(["var", "--official", str(tmp_path), "--work-dir", str(tmp_path / "w")])
     assert (args.batch, args.cfg, args.top_k, args.top_p, args.config) == ([1, 8], 1.5, 900, 0.96, "var-d16")
     assert not args.profile and p.parse_args(["var", "--official", "x", "--profile"]).profile
+    assert p.parse_args(["var"]).official is None  # varkit's own rows need no checkout
     with pytest.raises(InvalidArgumentError, match="not a checkout of FoundationVision/VAR"):
-        run_side_by_side(args)
+        load_script("var").run_side_by_side(args)
+    with pytest.raises(InvalidArgumentError, match="not a checkout of FoundationVision/VAR"):
+        args.func(args)
     assert not (tmp_path / "w").exists()
+
+
+def test_bench_varkit_rows_without_a_checkout(tmp_path):
+    """``varkit bench var`` alone: varkit's rows on random weights of a tiny config, with floors."""
+    from varkit.bench import var as bench_var
+
+    bench_var.write_random_pair("var-tiny", tmp_path / "w", seed=0, ch=32, ch_mult=(1, 2, 2))  # a small VQVAE, reused
+    p = argparse.ArgumentParser()
+    bench_var.add_var_bench_parser(p.add_subparsers())
+    args = p.parse_args(["var", "--config", "var-tiny", "--batch", "1", "--repeats", "1", "--threads", "1",
+                         "--work-dir", str(tmp_path / "w"), "--out-dir", str(tmp_path)])
+    rows, settings = bench_var.run_varkit(args)
+    assert [(r["impl"], r["batch"]) for r in rows] == [("varkit", 1)]
+    assert rows[0]["images_per_s"] > 0 and rows[0]["kv_peak_bytes"] > 0 and rows[0]["floor_s"] > 0
+    assert "official" not in settings and settings["fraction_of_floor_basis"] == "cpu_s"
+    assert (tmp_path / "w" / "pipeline" / "config.json").is_file()
 
 
 def test_bench_profile_sums_op_time_by_category():

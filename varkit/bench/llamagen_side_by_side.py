@@ -1,177 +1,19 @@
-"""``varkit bench llamagen``: LlamaGen's own ``generate`` vs varkit on the same GPT-B weights.
+"""``varkit bench llamagen --official PATH``: LlamaGen's own ``generate`` vs varkit on the same GPT-B weights.
 
-Given a checkout of the official source (FoundationVision/LlamaGen), one run builds its GPT-B
-(LlamaGen's init, with a random ``output`` head and norms, since LlamaGen zero-inits the head),
-hands the very same tensors to a varkit :class:`RasterGenerator` (and a bf16 copy), and times a
-full 16x16 image (256 tokens, CFG 4) at each batch size: LlamaGen's ``generate`` (fp32, no
-compile), varkit's ancestral sampler in fp32, and in bf16; with ``--compile`` also varkit with its
-compiled decode step (``Generator.compile_decoding``; the compile is timed apart, in a warm-up run).
-Both sample with LlamaGen's demo settings (top-k 2000, temperature 1). It also decodes greedily
-(top-k 1) with varkit fp32 and bf16 and reports the share of identical tokens, and checks varkit
-fp32 greedy tokens against the official greedy tokens.
+The comparison imports LlamaGen's code from the user's checkout, so it is not part of the package: it is the script
+``bench/side_by_side/llamagen.py`` of varkit's repository, which this command runs from a source checkout
+(:mod:`varkit.bench.scripts`). varkit's own decode rows (KV cache vs re-encoding, bundled and GPT-B random) are
+``varkit bench decode``.
 """
 from __future__ import annotations
 
-import copy
-import os
-import time
-import warnings
+import argparse
 
-import torch
-
-from .official import import_checkout
 from .report import add_output_args
 
-DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # sample_c2i.py
-COLUMNS = ["impl", "dtype", "compiled", "batch", "tokens", "wall_s", "ms_per_step", "image_tokens_per_s", "vs_official", "target",
-           "met"]
-TARGETS = {("varkit", "float32", 1): 1.2, ("varkit", "float32", 8): 1.5, ("varkit", "bfloat16", 1): 2.0}
 
-
-def import_official(path: str | os.PathLike):
-    """LlamaGen's ``GPT_models`` and ``generate`` from a checkout at ``path``."""
-    gpt, gen = import_checkout(path, "autoregressive/models/gpt.py",
-                               ["autoregressive.models.gpt", "autoregressive.models.generate"], "a LlamaGen checkout",
-                               "pass the folder of git clone https://github.com/FoundationVision/LlamaGen")
-    return gpt.GPT_models, gen.generate
-
-
-def build_models(gpt_models, seed: int = 0):
-    """(official GPT-B fp32, varkit fp32 on the same tensors, varkit bf16 copy)."""
-    from ..checkpoints.llamagen import (
-        generator_from_llamagen_state_dict,
-        gpt_config_from_llamagen_state_dict,
-        gpt_state_dict_from_llamagen,
-    )
-
-    torch.manual_seed(seed)
-    official = gpt_models["GPT-B"](vocab_size=16384, block_size=256, num_classes=1000, cls_token_num=1,
-                                   model_type="c2i").eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        official.output.weight.normal_(0, 0.02, generator=g)  # LlamaGen zero-inits the head
-        for name, p in official.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    sd = gpt_state_dict_from_llamagen(official.state_dict())
-    fp32 = generator_from_llamagen_state_dict(sd, gpt_config_from_llamagen_state_dict(sd, grid=16))
-    bf16 = copy.deepcopy(fp32).to(torch.bfloat16).eval()
-    return official, fp32, bf16
-
-
-def _official_run(generate, model, labels, cfg, top_k, greedy=False):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
-        out = generate(model, labels, 256, cfg_scale=cfg, cfg_interval=-1, temperature=1.0,
-                       top_k=1 if greedy else top_k, top_p=1.0, sample_logits=not greedy)
-        return out.long(), time.perf_counter() - t0
-
-
-def _varkit_run(gen, labels, cfg, top_k, seed=0, greedy=False):
-    from ..samplers import SamplingParams, get_sampler
-    from ..samplers.logits import image_generators
-
-    sampler = get_sampler("ancestral", SamplingParams(cfg=cfg, top_k=1 if greedy else top_k))
-    gens = image_generators(seed, labels.shape[0])
-    t0 = time.perf_counter()
-    res = sampler.sample(gen, labels, gens)
-    return res.tokens, time.perf_counter() - t0
-
-
-def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
-    same = a == b
-    first = [int(r.logical_not().float().argmax()) if not r.all() else a.shape[1] for r in same]
-    return {"identical_token_share": float(same.float().mean()), "identical_images": int(same.all(1).sum()),
-            "images": a.shape[0], "mean_identical_prefix": sum(first) / len(first)}
-
-
-@torch.inference_mode()
-def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int = 2000, bf16: bool = True,
-                     greedy_batch: int = 8, seed: int = 0, repeats: int = 1, compile: bool = False,
-                     log=None) -> tuple[list[dict], dict]:
-    """Rows of the timing table and the greedy-agreement summary (with ``compile``: compile times too)."""
-    log = log or (lambda msg: print(msg, flush=True))
-    gpt_models, generate = import_official(official_path)
-    torch.manual_seed(seed)
-    official, fp32, bf = build_models(gpt_models, seed)
-    models = {("float32", False): fp32}
-    if bf16:
-        models[("bfloat16", False)] = bf
-    if compile:  # copies, so the eager rows stay eager
-        for dt, m in list(models.items()):
-            models[(dt[0], True)] = copy.deepcopy(m).compile_decoding()
-    rows, compile_s = [], {}
-    for b in batches:
-        labels = torch.tensor([DEMO_LABELS[i % len(DEMO_LABELS)] for i in range(b)])
-        for (dt, compiled), m in models.items():
-            if compiled:  # the first run compiles (one graph per batch size); it is not timed
-                _, compile_s[f"{dt}_batch{b}"] = _varkit_run(m, labels, cfg, top_k, seed)
-        impls = [("llamagen", "float32", False)] + [("varkit", dt, c) for dt, c in models]
-        best = {k: float("inf") for k in impls}
-        for r in range(repeats):  # interleaved and rotated, best of each: fair under a varying machine load
-            for k in impls[r % len(impls):] + impls[: r % len(impls)]:
-                if k[0] == "llamagen":
-                    torch.manual_seed(seed)
-                    _, t = _official_run(generate, official, labels, cfg, top_k)
-                else:
-                    _, t = _varkit_run(models[k[1:]], labels, cfg, top_k, seed)
-                best[k] = min(best[k], t)
-        t_off = best[("llamagen", "float32", False)]
-        for (impl, dt, compiled), t in best.items():
-            target = TARGETS.get((impl, dt, b))
-            ratio = t_off / t
-            rows.append({"impl": impl, "dtype": dt, "compiled": "yes" if compiled else "", "batch": b, "tokens": 256,
-                         "wall_s": t, "ms_per_step": 1000 * t / 256,
-                         "image_tokens_per_s": b * 256 / t, "vs_official": ratio, "repeats": repeats,
-                         "target": f">={target}x" if target else "", "met": ("yes" if ratio >= target else "NO") if target else ""})
-            log(f"  batch {b} {impl:8s} {dt:8s}{' compiled' if compiled else '         '} {1000 * t / 256:7.1f} ms/step"
-                f"  {b * 256 / t:7.1f} tok/s  x{ratio:.2f}")
-    greedy = {}
-    if greedy_batch:
-        labels = torch.tensor([DEMO_LABELS[i % len(DEMO_LABELS)] for i in range(greedy_batch)])
-        ref, _ = _official_run(generate, official, labels, cfg, top_k, greedy=True)
-        tok32, _ = _varkit_run(fp32, labels, cfg, top_k, greedy=True)
-        greedy["varkit_fp32_vs_official_fp32"] = _agreement(tok32, ref)
-        for (dt, compiled), m in models.items():
-            if dt == "float32" and not compiled:
-                continue
-            tok, _ = _varkit_run(m, labels, cfg, top_k, greedy=True)
-            name = "bf16" if dt == "bfloat16" else "fp32"
-            greedy[f"varkit_{name}{'_compiled' if compiled else ''}_vs_varkit_fp32"] = _agreement(tok, tok32)
-        log(f"  greedy agreement (batch {greedy_batch}): {greedy}")
-    return rows, greedy, compile_s
-
-
-def cmd_bench_llamagen(args) -> None:
-    from .report import print_table, save_results
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
-    t0 = time.time()
-    rows, greedy, compile_s = run_side_by_side(args.official, args.batch, args.cfg, args.top_k, not args.no_bf16,
-                                               args.greedy_batch, args.seed, args.repeats, args.compile)
-    load_after = os.getloadavg()
-    print_table(rows, COLUMNS)
-    for k, v in greedy.items():
-        print(f"greedy {k}: {100 * v['identical_token_share']:.1f}% identical tokens, "
-              f"{v['identical_images']}/{v['images']} identical images, mean identical prefix "
-              f"{v['mean_identical_prefix']:.1f}/256")
-    settings = {"official": str(args.official), "batches": args.batch, "cfg": args.cfg, "top_k": args.top_k,
-                "temperature": 1.0, "model": "GPT-B c2i 16x16 (LlamaGen init, random output head and norms)",
-                "device": "cpu", "compile": args.compile, "compile_run_s": compile_s, "seed": args.seed, "repeats": args.repeats,
-                "threads": torch.get_num_threads(), "greedy": greedy,
-                "loadavg_before": load_before, "loadavg_after": load_after, "total_s": time.time() - t0}
-    for k, v in compile_s.items():
-        print(f"compile run (compile + one image, not timed above) {k}: {v:.1f} s")
-    path = save_results(args.name, rows, settings, args.out_dir)
-    print(f"wrote {path} (load average before {load_before[0]:.2f}, after {load_after[0]:.2f})")
-
-
-def add_side_by_side_parser(bench_subparsers) -> None:
-    """Add ``varkit bench llamagen`` to the ``bench`` sub-parsers."""
-    p = bench_subparsers.add_parser("llamagen", help="LlamaGen's generate vs varkit on the same GPT-B weights (CPU)")
+def add_llamagen_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``varkit bench llamagen`` and of ``bench/side_by_side/llamagen.py``."""
     p.add_argument("--official", required=True, help="path of a LlamaGen checkout (FoundationVision/LlamaGen)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--cfg", type=float, default=4.0)
@@ -184,4 +26,17 @@ def add_side_by_side_parser(bench_subparsers) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs of each, interleaved; the best counts")
     p.add_argument("--seed", type=int, default=0)
     add_output_args(p, "llamagen_side_by_side")
+
+
+def cmd_bench_llamagen(args) -> None:
+    from .scripts import load_script
+
+    load_script("llamagen").cmd_side_by_side(args)
+
+
+def add_side_by_side_parser(bench_subparsers) -> None:
+    """Add ``varkit bench llamagen`` to the ``bench`` sub-parsers."""
+    p = bench_subparsers.add_parser("llamagen", help="LlamaGen's generate vs varkit on the same GPT-B weights (CPU; "
+                                    "runs bench/side_by_side/llamagen.py of a source checkout)")
+    add_llamagen_arguments(p)
     p.set_defaults(func=cmd_bench_llamagen)

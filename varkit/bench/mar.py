@@ -1,18 +1,17 @@
-"""``varkit bench mar``: varkit's MAR side by side with MAR's own ``sample_tokens`` + VAE decode.
+"""``varkit bench mar``: varkit's MAR (sampling + VAE decode) on random MAR weights, split into parts with floors.
 
-One process, the same random-init weights on every side: MAR-B by default, drawn in MAR's key names
-(:func:`varkit.checkpoints.synthetic.mar_state_dict`), loaded into MAR's ``MAR`` and, converted with
-:func:`varkit.checkpoints.mar.mar_state_dict_from_official`, into varkit's generator; one random KL-16 VAE in
-LDM names, loaded into MAR's ``AutoencoderKL`` and, converted, into :class:`~varkit.tokenizers.kl.KLTokenizer`.
-The same labels and settings (``num_iter``, diffusion steps, CFG on the linear schedule, temperature), on the
-CPU at ``--threads`` threads (1 by default). Rows:
+Random-init weights: MAR-B by default, drawn in MAR's key names (:func:`varkit.checkpoints.synthetic.mar_state_dict`)
+and converted with :func:`varkit.checkpoints.mar.mar_state_dict_from_official` into varkit's generator; a random
+KL tokenizer (``--tokenizer``, MAR's KL-16 by default). The same labels and settings (``num_iter``, diffusion
+steps, CFG on the linear schedule, temperature) for every row, on the CPU at ``--threads`` threads (1 by default).
+Rows: ``varkit``, the ancestral sampler + ``KLTokenizer.decode``, at each ``--dtype`` (the generator, its diffusion
+head included, in that dtype; ``bfloat16/float32`` keeps the head's network in fp32; the VAE stays fp32 as in
+:class:`~varkit.pipeline.Pipeline`), on oneDNN-prepacked linears (``--prepack``, default on).
 
-- ``official``: MAR's ``sample_tokens`` + ``vae.decode`` (fp32; MAR's code calls ``.cuda()``, which is made the
-  identity while it runs, and only then); ``--official-autocast`` adds a row under ``torch.autocast("cpu",
-  bfloat16)``, as MAR's ``engine_mar.py`` samples under autocast on GPUs;
-- ``varkit``: the ancestral sampler + ``KLTokenizer.decode``, at each ``--dtype`` (the generator, its diffusion
-  head included, in that dtype; ``bfloat16/float32`` keeps the head's network in fp32; the VAE stays fp32 as in
-  :class:`~varkit.pipeline.Pipeline`), on oneDNN-prepacked linears (``--prepack``, default on).
+``--official PATH`` (an LTH14/mar checkout) adds MAR's own ``sample_tokens`` + VAE decode on the same weights
+(``official`` rows; both sides then decode with one random KL-16 VAE drawn in LDM's names): that comparison is the
+script ``bench/side_by_side/mar.py`` of varkit's repository (:mod:`varkit.bench.scripts`), which runs this bench
+with its sides added (:class:`Side`, :func:`run_bench`'s ``official``).
 
 Every run is split into transformer (encoder + decoder), head (the diffusion sampling loops), decode (VAE) and the
 rest, timed by wrappers around those calls, and each part is set against its floor on this machine, measured at the
@@ -29,19 +28,15 @@ import argparse
 import contextlib
 import copy
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
-from .official import import_checkout
 from .report import add_output_args
 
 COLUMNS = ["impl", "dtype", "prepacked", "batch", "s_per_image", "cpu_s_per_image", "vs_official", "cpu_vs_official",
@@ -189,49 +184,14 @@ def instrument(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> Non
     setattr(obj, name, wrap(getattr(obj, name)))
 
 
-# -- the official side ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def cuda_as_identity() -> Iterator[None]:
-    """MAR's code calls ``.cuda()`` on new tensors: make it the identity (CPU run) for the duration only."""
-    orig = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **kw: self  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = orig  # type: ignore[method-assign]
-
-
-def load_official(root: str | os.PathLike):
-    """MAR's ``models.mar`` and ``models.vae`` modules, imported from the checkout ``root``."""
-    mar, vae = import_checkout(root, "models/mar.py", ["models.mar", "models.vae"], "a LTH14/mar checkout",
-                               "clone https://github.com/LTH14/mar and pass its folder")
-    return mar, vae
-
-
-def official_mar(mar_module, cfg, sd: dict[str, torch.Tensor], head_steps: int) -> nn.Module:
-    """MAR's ``MAR`` for the varkit config ``cfg`` holding the MAR-format weights ``sd`` (strict), eval mode."""
-    if cfg.encoder_heads != cfg.decoder_heads:
-        raise InvalidArgumentError("MAR's code has one head count for encoder and decoder; pick a config where they agree")
-    model = mar_module.MAR(
-        img_size=cfg.grid * 16, vae_stride=16, patch_size=1, encoder_embed_dim=cfg.encoder_dim,
-        encoder_depth=cfg.encoder_depth, encoder_num_heads=cfg.encoder_heads, decoder_embed_dim=cfg.decoder_dim,
-        decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_heads, mlp_ratio=cfg.mlp_ratio,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), vae_embed_dim=cfg.token_dim, class_num=cfg.num_classes,
-        buffer_size=cfg.buffer_size, diffloss_d=cfg.head_depth, diffloss_w=cfg.head_width,
-        num_sampling_steps=str(head_steps))
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
-
-
 # -- weights ---------------------------------------------------------------------------------------------------
-def random_weights(config: str, seed: int, head_steps: int, official=None, tokenizer: str = "mar-kl16"):
-    """(varkit generator, KL tokenizer, official MAR or None, official VAE or None) on shared random weights.
+def random_weights(config: str, seed: int, tokenizer: str | None = "mar-kl16"):
+    """(varkit generator, KL tokenizer or None, the generator's weights in MAR's names) on random weights.
 
-    The generator's weights are drawn in MAR's format and converted (the converter's key mapping); the VAE's
-    in LDM's format from MAR's ``AutoencoderKL`` (KL-16) when ``official`` is given, else the named tokenizer
-    config's own random init."""
+    The generator's weights are drawn in MAR's format and converted (the converter's key mapping); the tokenizer
+    is the named KL config's own random init (None: ``tokenizer`` None, for a caller that brings its own)."""
     from ..checkpoints.mar import generator_from_mar_state_dict, mar_state_dict_from_official, mar_state_dict_to_official
-    from ..checkpoints.synthetic import items_of, mar_state_dict, mar_vae_state_dict
+    from ..checkpoints.synthetic import items_of, mar_state_dict
     from ..modeling import params_on_meta
     from ..models import create_model
     from ..models.mar import MARGenerator
@@ -244,28 +204,20 @@ def random_weights(config: str, seed: int, head_steps: int, official=None, token
         raise InvalidArgumentError(f"--config must name a MAR config with a diffusion head (e.g. mar-base), got {config!r}")
     sd = mar_state_dict(items_of(mar_state_dict_to_official(meta.state_dict())), seed)
     gen = generator_from_mar_state_dict(mar_state_dict_from_official(sd, "random MAR weights"), meta.config)
-    off_gen = off_vae = None
-    if official is not None:
-        mar_module, vae_module = official
-        off_gen = official_mar(mar_module, meta.config, sd, head_steps)
-        if meta.config.token_dim != 16:
-            raise InvalidArgumentError("the official side decodes with MAR's KL-16 VAE: its config needs token_dim 16")
-        off_vae = vae_module.AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4)).eval()
-        vae_sd = mar_vae_state_dict(items_of(off_vae.state_dict()), seed + 100)
-        off_vae.load_state_dict(vae_sd, strict=True)
-        from ..checkpoints.common import module_from_state_dict
-        from ..checkpoints.mar_vae import MAR_KL16_CONFIG, kl_state_dict_from_ldm
-
-        tok = module_from_state_dict(KLTokenizer, MAR_KL16_CONFIG, kl_state_dict_from_ldm(vae_sd), "random KL-16")
-    else:
+    tok = None
+    if tokenizer is not None:
         torch.manual_seed(seed + 100)
         tok = create_tokenizer(tokenizer).eval()
         if not isinstance(tok, KLTokenizer):
             raise InvalidArgumentError(f"--tokenizer must name a KL tokenizer config (e.g. mar-kl16), got {tokenizer!r}")
+        check_tokens(tok, gen)
+    return gen.eval(), tok, sd
+
+
+def check_tokens(tok, gen) -> None:
     if tuple(tok.token_shape) != tuple(gen.head.token_shape):
         raise InvalidArgumentError(
             f"the VAE's latents {tok.token_shape} do not match the generator's tokens {gen.head.token_shape}")
-    return gen.eval(), tok, off_gen, off_vae
 
 
 # -- runners: one call = one whole batch (sampling + decode) ------------------------------------------------------
@@ -290,36 +242,6 @@ class Side:
 
 def bench_labels(batch: int, num_classes: int) -> torch.Tensor:
     return torch.tensor([LABELS[i % len(LABELS)] % num_classes for i in range(batch)])
-
-
-def official_side(model: nn.Module, vae: nn.Module, settings: dict[str, Any], autocast: bool) -> Side:
-    """MAR's loop: ``sample_tokens`` then ``vae.decode(tokens / 0.2325)`` under ``no_grad`` (as its engine)."""
-    split = Split()
-    instrument(model, "forward_mae_encoder", lambda f: _timed(f, split, "transformer"))
-    instrument(model, "forward_mae_decoder", lambda f: _timed(f, split, "transformer"))
-    instrument(model.diffloss, "sample", lambda f: _timed(f, split, "head"))
-    instrument(model.diffloss.net, "forward", lambda f: _counted(f, split))
-    scale = settings["vae_scale"]
-
-    def run(batch: int):
-        split.reset()
-        torch.manual_seed(settings["seed"])
-        np.random.seed(settings["seed"])
-        labels = bench_labels(batch, model.num_classes)
-        amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with torch.no_grad(), cuda_as_identity():
-            with amp:
-                tokens = model.sample_tokens(batch, num_iter=settings["num_iter"], cfg=settings["cfg"],
-                                             cfg_schedule=settings["cfg_schedule"], labels=labels,
-                                             temperature=settings["temperature"])
-            with split.part("decode"):
-                return vae.decode(tokens / scale)
-
-    dt = "bfloat16" if autocast else "float32"
-    net = model.diffloss.net
-    return Side("official", "float32+autocast-bf16" if autocast else "float32", run, split, linear_numel(net),
-                2 if autocast else 4, sum(p.numel() for n, p in model.named_parameters() if not n.startswith("diffloss.")),
-                2 if autocast else 4, dt, False, head_gemm_dtype=dt)
 
 
 def parse_dtype_spec(spec: str) -> tuple[torch.dtype, torch.dtype]:
@@ -498,14 +420,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_bench(config: str = "mar-base", batches: tuple[int, ...] = (1, 8), *, official: str | None = None,
+#: ``official(generator, mar_state_dict, seed, settings)`` -> ``(tokenizer, sides)``: how a side-by-side script adds
+#: the official loop's :class:`Side` objects on the same weights (``mar_state_dict``: the generator's, in MAR's names),
+#: with the KL tokenizer holding the VAE weights both sides decode with; it records what it runs in ``settings``.
+OfficialSides = Callable[[Any, dict, int, dict], tuple[Any, list[Side]]]
+
+
+def run_bench(config: str = "mar-base", batches: tuple[int, ...] = (1, 8), *, official: OfficialSides | None = None,
               dtypes: tuple[str, ...] = ("float32", "bfloat16"), prepack: str = "on", official_autocast: bool = False,
               num_iter: int = 64, head_steps: int = 100, cfg: float = 4.0, cfg_schedule: str = "linear",
               temperature: float = 1.0, repeats: int | tuple[int, ...] = 1, seed: int = 0, tokenizer: str = "mar-kl16",
               big_copy_bytes: int = 1 << 30, gemm_size: int = 2048, verbose: bool = True,
               on_batch: Callable[[list[dict], list[dict], dict[str, Any]], None] | None = None,
               ) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Run the side-by-side benchmark; (table rows, part rows, settings + machine measurements).
+    """Run the benchmark; (table rows, part rows, settings + machine measurements). ``official``: see
+    :data:`OfficialSides` (the side-by-side script).
 
     ``on_batch(rows, parts, settings)`` is called after each batch size with everything so far (long runs
     keep their finished batch sizes)."""
@@ -522,31 +451,22 @@ def run_bench(config: str = "mar-base", batches: tuple[int, ...] = (1, 8), *, of
     torch_dtypes = [parse_dtype_spec(d) for d in dtypes]
     if official and tokenizer != "mar-kl16":
         raise InvalidArgumentError("with --official both sides decode with MAR's KL-16 VAE: drop --tokenizer")
-    off_modules = load_official(official) if official else None
     t0 = time.perf_counter()
-    gen, tok, off_gen, off_vae = random_weights(config, seed, head_steps, off_modules, tokenizer)
+    gen, tok, mar_sd = random_weights(config, seed, None if official else tokenizer)
     settings: dict[str, Any] = {
         "config": config, "batch": list(batches), "num_iter": num_iter, "head_steps": head_steps, "cfg": cfg,
         "cfg_schedule": cfg_schedule, "temperature": temperature, "repeats": repeats, "seed": seed,
         "varkit_dtypes": list(dtypes), "prepack": prepack, "official_autocast": official_autocast,
-        "vae": "MAR KL-16 (random weights)" if off_vae is not None else f"{tokenizer} (random weights)",
-        "vae_scale": tok.config.scaling_factor, "device": "cpu", "threads": torch.get_num_threads(),
-        "cpu_model": cpu_model(), "torch": torch.__version__, "weights_s": time.perf_counter() - t0,
-        "official": str(Path(official).resolve()) if official else None,
+        "vae": f"{tokenizer} (random weights)", "device": "cpu", "threads": torch.get_num_threads(),
+        "cpu_model": cpu_model(), "torch": torch.__version__, "official": None,
     }
-    if official:
-        try:
-            commit = subprocess.run(["git", "-C", str(official), "rev-parse", "HEAD"], check=False, capture_output=True,
-                                    text=True, timeout=10).stdout.strip()
-        except OSError:
-            commit = ""
-        settings["official_commit"] = commit or None
     gen.sampling_layout(num_iter)  # a clear error for a bad num_iter before anything runs
     sides: list[Side] = []
-    if off_gen is not None:
-        sides.append(official_side(off_gen, off_vae, settings, False))
-        if official_autocast:
-            sides.append(official_side(copy.deepcopy(off_gen), copy.deepcopy(off_vae), settings, True))
+    if official is not None:
+        tok, sides = official(gen, mar_sd, seed, settings)
+        check_tokens(tok, gen)
+    settings["vae_scale"] = tok.config.scaling_factor
+    settings["weights_s"] = time.perf_counter() - t0
     for dt, hdt in torch_dtypes:
         for pk in packs:
             sides.append(varkit_side(gen, tok, settings, dt, pk, hdt))
@@ -584,9 +504,15 @@ def run_bench(config: str = "mar-base", batches: tuple[int, ...] = (1, 8), *, of
     return rows, parts, settings
 
 
-def cmd_bench_mar(args) -> None:
+def cmd_bench_mar(args, official: OfficialSides | None = None) -> None:
+    """Run, print the tables, write the JSON. ``--official``: the side-by-side script does it, with ``official``."""
     from .report import print_table, save_results
 
+    if args.official and official is None:
+        from .scripts import load_script
+
+        load_script("mar").cmd_side_by_side(args)
+        return
     torch.set_num_threads(args.threads)
 
     def save(rows, parts, settings):
@@ -594,7 +520,7 @@ def cmd_bench_mar(args) -> None:
         print(f"wrote {path} (batch sizes {sorted({r['batch'] for r in rows})})", flush=True)
 
     rows, parts, settings = run_bench(
-        args.config, tuple(args.batch), official=args.official, dtypes=tuple(args.dtype), prepack=args.prepack,
+        args.config, tuple(args.batch), official=official, dtypes=tuple(args.dtype), prepack=args.prepack,
         official_autocast=args.official_autocast, num_iter=args.num_iter, head_steps=args.head_steps, cfg=args.cfg,
         cfg_schedule=args.cfg_schedule, temperature=args.temperature, repeats=tuple(args.repeats), seed=args.seed,
         tokenizer=args.tokenizer, big_copy_bytes=args.copy_mib << 20, gemm_size=args.gemm_size, on_batch=save)
@@ -614,9 +540,18 @@ def cmd_bench_mar(args) -> None:
 def add_mar_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     """Add ``varkit bench mar`` to the ``bench`` sub-commands."""
     p = bench_subparsers.add_parser(
-        "mar", help="MAR: varkit vs MAR's own sample_tokens + VAE decode on the same random weights (CPU)",
+        "mar", help="MAR: varkit's sampling + VAE decode on random weights, with floors (CPU); --official: vs MAR's loop",
         description=__doc__.split("\n\n")[0])
-    p.add_argument("--official", default=None, help="a checkout of github.com/LTH14/mar (its python files) to time its loop")
+    add_mar_arguments(p)
+    p.set_defaults(func=cmd_bench_mar)
+    return p
+
+
+def add_mar_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``varkit bench mar`` (and of ``bench/side_by_side/mar.py``)."""
+    p.add_argument("--official", default=None,
+                   help="a checkout of github.com/LTH14/mar (its python files) to time its loop side by side (the "
+                        "script bench/side_by_side/mar.py of varkit's repository)")
     p.add_argument("--config", default="mar-base", help="MAR config whose random weights every side runs")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"],
@@ -641,5 +576,4 @@ def add_mar_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy that measures memory bandwidth")
     p.add_argument("--gemm-size", type=int, default=2048, help="n of the n x n x n matmul that measures the GEMM rate")
     add_output_args(p, "mar")
-    p.set_defaults(func=cmd_bench_mar)
     return p

@@ -1,12 +1,13 @@
-"""``varkit bench nar``: NAR (2n-1 fronts) vs raster (n² tokens), and varkit vs NAR's own loop.
+"""``varkit bench nar``: NAR (2n-1 fronts) vs raster (n² tokens) in varkit; ``--official``: also NAR's own loop.
 
 Rows, at every batch size (CFG 4 by default, so the generator sees twice the batch):
 
 - ``varkit``/``nar``: varkit's ancestral sampler on a :class:`NeighborsGenerator`, with plain
   linears and/or (``--prepack``) with weights prepacked for oneDNN (:func:`varkit.nn.layers.prepack_linears`);
-- ``official``/``nar``: NAR's own ``generate`` (``autoregressive/models/generate.py`` of the
-  source tree given by ``--official``) on the *same weights*, loaded into NAR's ``Transformer``;
-- ``varkit``/``raster``: the ancestral sampler on a LlamaGen raster generator of the same size.
+- ``varkit``/``raster``: the ancestral sampler on a LlamaGen raster generator of the same size;
+- with ``--official PATH``: ``official``/``nar``, NAR's own ``generate`` on the *same weights*. That comparison
+  is the script ``bench/side_by_side/nar.py`` of varkit's repository (:mod:`varkit.bench.scripts`), which runs
+  this bench with its official rows added.
 
 Models: B-sized random ones (NAR GPT-B and LlamaGen GPT-B, NAR's init with perturbed norms and
 non-zero heads) and, when bundled, ``digits-nar`` vs ``digits``. Both NAR implementations use the
@@ -23,13 +24,11 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..nn.layers import prepack_linears
-from .official import import_checkout
 from .report import add_output_args
 
 COLUMNS = ["model", "impl", "layout", "prepacked", "batch", "forward_passes", "wall_s", "cpu_s", "images_per_s", "vs_raster",
@@ -60,32 +59,6 @@ def b_models(seed: int = 0):
     nar = randomize_like_nar(NeighborsGenerator(NeighborsConfig(**B_FIELDS)), seed)
     raster = randomize_like_nar(RasterGenerator(RasterConfig(**B_FIELDS)), seed + 1)
     return nar, raster
-
-
-def load_official(path: str | Path):
-    """NAR's ``gpt`` and ``generate`` modules, imported from the source tree ``path`` (NAR-images, or the checkout)."""
-    root = Path(path)
-    if (root / "NAR-images").is_dir() and not (root / "autoregressive").is_dir():
-        root = root / "NAR-images"  # the checkout's root: its image code is in NAR-images
-    gpt, gen = import_checkout(root, "autoregressive/models/generate.py",
-                               ["autoregressive.models.gpt", "autoregressive.models.generate"], "NAR's source tree",
-                               "pass the NAR-images folder of a ThisisBillhe/NAR checkout")
-    gen.tqdm = lambda it, **kw: it  # its progress bar only
-    return gpt, gen
-
-
-def official_model(gpt_module, nar_gen) -> torch.nn.Module:
-    """NAR's ``Transformer`` holding ``nar_gen``'s weights (the names are the same)."""
-    from ..checkpoints.nar import nar_state_dict_to_official
-
-    c = nar_gen.config
-    args = gpt_module.ModelArgs(dim=c.dim, n_layer=c.n_layer, n_head=c.n_head, multiple_of=c.multiple_of,
-                                ffn_dim_multiplier=c.ffn_dim_multiplier, norm_eps=c.norm_eps, vocab_size=c.vocab_size,
-                                num_classes=c.num_classes, block_size=c.grid ** 2, cls_token_num=c.cls_token_num,
-                                model_type="c2i", medusa_attention_num=c.medusa_layers)
-    model = gpt_module.Transformer(args)
-    model.load_state_dict(nar_state_dict_to_official(nar_gen.state_dict()), strict=True)
-    return model.eval()
 
 
 def _best(fn, repeats: int):
@@ -123,32 +96,6 @@ def varkit_runner(gen, batch: int, params):
     return lambda: sampler.sample(gen, cond, image_generators(0, batch)).stats.forward_passes
 
 
-def official_runner(gen_module, model, batch: int, params):
-    """A call that samples ``batch`` images with NAR's own ``generate``; it returns the forward passes."""
-    grid = model.grid_size
-    cond = torch.arange(batch) % model.num_classes
-    calls = {"n": 0}
-    forward = type(model).forward
-
-    def counting(*a, **kw):
-        calls["n"] += 1
-        return forward(model, *a, **kw)
-
-    def run():
-        calls["n"] = 0
-        torch.manual_seed(0)
-        model.forward = counting
-        try:
-            gen_module.generate(model, cond, grid * grid, cfg_scale=params.cfg, cfg_interval=-1,
-                                temperature=params.temperature, top_k=params.top_k or 0,
-                                top_p=params.top_p if params.top_p is not None else 1.0, sample_logits=True)
-        finally:
-            del model.forward
-        return calls["n"]
-
-    return run
-
-
 def _row(name: str, impl: str, layout: str, batch: int, timed: tuple[Any, float, float]) -> dict[str, Any]:
     passes, t, cpu = timed
     return {"model": name, "impl": impl, "layout": layout, "batch": batch, "forward_passes": passes,
@@ -159,11 +106,12 @@ def bench_varkit(gen, name: str, layout: str, batch: int, params, repeats: int) 
     return _row(name, "varkit", layout, batch, _best(varkit_runner(gen, batch, params), repeats))
 
 
-def bench_official(gen_module, model, name: str, batch: int, params, repeats: int) -> dict[str, Any]:
-    return _row(name, "official", "neighbors", batch, _best(official_runner(gen_module, model, batch, params), repeats))
+#: ``official(nar_generator, dtype)`` -> ``runner(batch, params)`` (a call like :func:`varkit_runner`'s) or None:
+#: how a side-by-side script adds the official loop's rows on the same weights
+OfficialLoop = Callable[[torch.nn.Module, torch.dtype], Callable[[int, Any], Callable[[], int]] | None]
 
 
-def run_bench(args) -> list[dict[str, Any]]:
+def run_bench(args, official: OfficialLoop | None = None) -> list[dict[str, Any]]:
     from ..device import resolve_dtype
     from ..pipeline import bundled_models, load_pipeline
     from ..samplers import SamplingParams
@@ -182,7 +130,6 @@ def run_bench(args) -> list[dict[str, Any]]:
     if not args.skip_large:
         nar, raster = b_models(args.seed)
         targets.append(("GPT-B random", nar, raster))
-    official = load_official(args.official) if args.official else None
     dtype = resolve_dtype(args.dtype) or torch.float32
     from .floor import attach_floor, get_floor, trace_sampling
 
@@ -190,10 +137,9 @@ def run_bench(args) -> list[dict[str, Any]]:
     # one thread: CPU seconds (other processes on a shared machine inflate them far less than wall time)
     basis = "cpu_s" if torch.get_num_threads() == 1 else "wall_s"
     for name, nar, raster in targets:
-        off_model = official_model(official[0], nar) if official is not None and nar.config.caption_dim == 0 else None
+        off_runner = official(nar, dtype) if official is not None else None
         # as NAR's sample_c2i.py --precision: the whole model (and so its KV cache) in that dtype
         nar, raster = nar.to(dtype), raster.to(dtype)
-        off_model = off_model.to(dtype) if off_model is not None else None
         # varkit's NAR with plain linears and/or with prepacked weights (a copy of the model: its own packed cache)
         # the work of one batch-1 run of each layout (the official loop runs NAR's algorithm: the same work)
         traces = {"neighbors": trace_sampling(nar, params)}
@@ -209,9 +155,8 @@ def run_bench(args) -> list[dict[str, Any]]:
         for b in args.batch:
             # (row label, call, repeats), timed round-robin
             runs = [(("varkit", "neighbors", p), varkit_runner(g, b, params), args.repeats) for p, g in nars]
-            if off_model is not None:
-                runs.append((("official", "neighbors", False), official_runner(official[1], off_model, b, params),
-                             args.official_repeats))
+            if off_runner is not None:
+                runs.append((("official", "neighbors", False), off_runner(b, params), args.official_repeats))
             if not args.skip_raster:
                 runs.append((("varkit", "raster", False), varkit_runner(raster, b, params), 1))
             timed = _interleaved([fn for _, fn, _ in runs], [n for _, _, n in runs])
@@ -231,15 +176,21 @@ def run_bench(args) -> list[dict[str, Any]]:
     return rows
 
 
-def cmd_bench_nar(args) -> None:
+def cmd_bench_nar(args, official: OfficialLoop | None = None) -> None:
+    """Run, print the table, write the JSON. ``--official``: the side-by-side script does it, with ``official``."""
     import os
 
     from .report import print_table, save_results
 
+    if args.official and official is None:
+        from .scripts import load_script
+
+        load_script("nar").cmd_side_by_side(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    rows = run_bench(args)
+    rows = run_bench(args, official)
     print_table(rows, COLUMNS)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     settings = vars(args) | {"func": None, "loadavg_start": load_start, "loadavg_end": load, "threads_used": torch.get_num_threads(),
@@ -250,9 +201,17 @@ def cmd_bench_nar(args) -> None:
 
 def add_nar_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     """Add ``varkit bench nar`` to the ``bench`` sub-commands."""
-    p = bench_subparsers.add_parser("nar", help="NAR vs raster, and varkit's NAR vs NAR's own sampling loop")
+    p = bench_subparsers.add_parser("nar", help="NAR vs raster in varkit; --official: also NAR's own sampling loop")
+    add_nar_arguments(p)
+    p.set_defaults(func=cmd_bench_nar)
+    return p
+
+
+def add_nar_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``varkit bench nar`` (and of ``bench/side_by_side/nar.py``)."""
     p.add_argument("--official", default=None,
-                   help="NAR's source tree (a ThisisBillhe/NAR checkout or its NAR-images folder) to time its own loop")
+                   help="NAR's source tree (a ThisisBillhe/NAR checkout or its NAR-images folder) to time its own loop "
+                        "(the script bench/side_by_side/nar.py of varkit's repository)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -270,5 +229,3 @@ def add_nar_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--skip-large", action="store_true")
     p.add_argument("--skip-raster", action="store_true")
     add_output_args(p, "nar")
-    p.set_defaults(func=cmd_bench_nar)
-    return p
