@@ -1,4 +1,4 @@
-"""KLTokenizer (continuous tokens on diffusers' AutoencoderKL) and the MAR KL-16 converter.
+"""KLTokenizer (continuous tokens on the LDM KL-VAE, in diffusers' AutoencoderKL layout) and the MAR KL-16 converter.
 
 The golden fixture (tests/fixtures/mar_vae/, see its README) holds MAR's official ``models/vae.py`` outputs,
 computed in fp64 on synthetic weights that the test regenerates from the stored key list.
