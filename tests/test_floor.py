@@ -225,3 +225,13 @@ def test_var_bench_work_of_one_call():
                                                                                "seed": 0}))))
     assert len(tr.passes) == pipe.generator.layout.num_steps and tr.other.flops  # one pass a scale, then the decode
     assert tr.floor(2, FAKE)["floor_s"] > tr.floor(1, FAKE)["floor_s"] > 0
+
+
+def test_measuring_again_keeps_the_best_of_each_rate():
+    slow = json.loads(json.dumps(FAKE))
+    slow["bandwidth"][1]["read_Bps"] = 1e9
+    slow["gemm"]["float32"]["square"]["flops_per_s"] = 200e9
+    got = FL.merge_floors(FAKE, slow)
+    assert got["bandwidth"][1]["read_Bps"] == 8e9 and got["gemm"]["float32"]["square"]["flops_per_s"] == 200e9
+    assert got["peak_gemm_flops"]["float32"] == 200e9 and got["measurements"] == 2
+    assert FL.merge_floors(None, slow) is slow and FL.merge_floors({**FAKE, "key": "other"}, slow) is slow
