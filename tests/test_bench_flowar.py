@@ -185,3 +185,16 @@ def test_bench_annealing_bad_input(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_fp32_prepacked_linear_hands_large_row_counts_to_mkl():
+    """Past ``packed_max_rows_fp32`` rows an fp32 prepacked Linear takes F.linear (MKL's sgemm was as fast or faster
+    there, e.g. FlowAR-S's flow head at batch 8): the very same numbers as F.linear, and no packed copy made."""
+    from varkit.nn.layers import Linear, prepack_linears
+
+    lin = Linear(16, 8)
+    prepack_linears(lin)
+    x = torch.randn(Linear.packed_max_rows_fp32 + 1, 16)
+    with torch.no_grad():
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert "_packed" not in lin.__dict__

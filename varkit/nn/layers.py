@@ -46,11 +46,15 @@ class Linear(DerivedState, nn.Linear):
     kept next to it (one more copy of the weight in memory). Plain ``F.linear`` re-lays the weight
     out on every bf16 call and uses MKL's unpacked sgemm in fp32, both far from the memory / AMX
     roofline at 4-256 rows (NAR's fronts: 2-32 rows at batch 1 with CFG); the packed product is
-    1.2-2x faster there, for any row count, and in bf16 gives the same numbers as ``F.linear``.
+    1.2-2x faster there, and in bf16 gives the same numbers as ``F.linear``. In fp32 past
+    ``packed_max_rows_fp32`` rows MKL's sgemm is as fast or faster, and ``F.linear`` is used.
     """
 
     derived_attrs = ("_packed",)  # an opaque oneDNN tensor: stale after .to(), never pickled or copied
     small_rows = 32  # NAR's fronts at batch 1 with CFG reach 32 rows; bit-identical to F.linear up to here
+    # fp32 beyond this many rows: MKL's sgemm (F.linear) catches up with the packed GEMM and passes it (FlowAR-S's
+    # flow head at batch 8 with CFG, 4096 rows: packed 5-11 % slower per GEMM, 8 % per network call; AMX Xeon, 1 thread)
+    packed_max_rows_fp32 = 2048
     prepacked = False  # set per module by prepack_linears
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +75,8 @@ class Linear(DerivedState, nn.Linear):
 
     def _can_use_packed(self, x: torch.Tensor) -> bool:
         w = self.weight
+        if w.dtype == torch.float32 and x.numel() > self.packed_max_rows_fp32 * x.shape[-1]:
+            return False
         return (x.device.type == "cpu" and x.dtype == w.dtype and w.dtype in packable_dtypes()
                 and not (torch.is_grad_enabled() and w.requires_grad) and not torch.compiler.is_compiling())
 
