@@ -3,13 +3,17 @@
 A decode step has to read every weight it uses and the keys/values it attends to, and to do its FLOPs; the
 machine's memory bandwidth and GEMM rate bound how fast. Measured here, at the thread count the benches use:
 
-- bandwidth: best-of reads (``sum``) and copies (STREAM's copy, read + write counted) of fp32 tensors from a
-  few MiB (caches) to hundreds of MiB (DRAM), GB/s;
+- bandwidth: best-of reads (``sum``, or a matrix-vector product over the bytes: a decode step's pattern) and
+  copies (STREAM's copy, read + write counted) of fp32 tensors from a few MiB (caches) to hundreds of MiB
+  (DRAM), GB/s;
 - GEMM rates in fp32 and bf16 at decode shapes, ``m`` rows times a ``d``x``d`` weight (``m`` = 1: the
   GEMV of a batch-1 step, 8 and 64: small batches and CFG), each the best of ``F.linear``, varkit's prepacked
   oneDNN path and (bf16) the weight-major product, as :class:`varkit.nn.layers.Linear` picks among them; and
   square ``d``³ and ``(d/4)``³ products (the peak, from DRAM and from the caches);
 - the CPU's model and flags (AMX, AVX-512-BF16, AVX2...; :func:`varkit.device.cpu_info`), or the GPU's name.
+
+At one CPU thread every time is process CPU time (time slices lost to other processes on a shared machine do not
+count), as the benches' ``fraction_of_floor`` uses their CPU seconds there; at more threads, or on a GPU, wall time.
 
 The result is written to ``bench/results/floor.json`` and to a per-machine cache
 (``$VARKIT_CACHE/floor/<key>.json``, keyed by CPU model, bf16 ISA and thread count) that other benches and
@@ -51,24 +55,25 @@ CUDA_SIZES_MIB = (64, 1024, 4096)
 
 # -- timing ---------------------------------------------------------------------------------------------------
 def best_seconds(fn: Callable[[], Any], *, budget_s: float = 0.5, min_runs: int = 2, max_runs: int = 30,
-                 sync: Callable[[], None] | None = None, sample_s: float = 0.002) -> float:
-    """Fastest time of one call of ``fn``: calls repeated so that each timed sample lasts ``sample_s`` (short
-    calls are timed in loops), samples taken until ``min_runs`` and ``budget_s`` are reached (best of them:
-    other processes on a shared machine only ever slow a sample down)."""
+                 sync: Callable[[], None] | None = None, sample_s: float = 0.002,
+                 clock: Callable[[], float] = time.perf_counter) -> float:
+    """Fastest time of one call of ``fn`` on ``clock``: calls repeated so that each timed sample lasts ``sample_s``
+    (short calls are timed in loops), samples taken until ``min_runs`` and ``budget_s`` (wall) are reached (best of
+    them: other processes on a shared machine only ever slow a sample down)."""
     sync = sync or (lambda: None)
     fn()  # warm-up (allocations, oneDNN primitive creation)
     sync()
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
     sync()
-    inner = max(1, min(1000, int(sample_s / max(time.perf_counter() - t0, 1e-7))))
+    inner = max(1, min(1000, int(sample_s / max(clock() - t0, 1e-7))))
     best, runs, start = float("inf"), 0, time.perf_counter()
     while runs < min_runs or (runs < max_runs and time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(inner):
             fn()
         sync()
-        best = min(best, (time.perf_counter() - t0) / inner)
+        best = min(best, (clock() - t0) / inner)
         runs += 1
     return best
 
@@ -77,16 +82,28 @@ def _sync_for(dev: torch.device) -> Callable[[], None] | None:
     return torch.cuda.synchronize if dev.type == "cuda" else None
 
 
+def clock_for(dev: torch.device) -> Callable[[], float]:
+    """One CPU thread: process CPU time, which time slices lost to other processes on a shared machine do not
+    inflate (the benches compare their CPU seconds with these floors); else wall time."""
+    return time.process_time if dev.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
 # -- measurements ------------------------------------------------------------------------------------------------
 def measure_bandwidth(nbytes: int, device: torch.device, budget_s: float = 0.5) -> dict[str, float]:
-    """Bytes/s of a read (``sum``) of ``nbytes`` and of a copy of ``nbytes`` into as many (2 x ``nbytes`` moved)."""
-    n = max(nbytes // 4, 1024)
-    sync = _sync_for(device)
+    """Bytes/s of reading ``nbytes`` (the better of a ``sum`` and of a matrix-vector product over them, the
+    decode step's own access pattern, which BLAS prefetches better) and of a copy of ``nbytes`` into as many
+    (2 x ``nbytes`` moved)."""
+    n = max(nbytes // 4 // 1024, 1) * 1024
+    kw = {"budget_s": budget_s, "sync": _sync_for(device), "clock": clock_for(device)}
     src = torch.ones(n, device=device)
-    read = n * 4 / best_seconds(lambda: src.sum(), budget_s=budget_s, sync=sync)
+    x = torch.ones(1024, device=device)
+    mat = src.view(-1, 1024)
+    read_sum = n * 4 / best_seconds(lambda: src.sum(), **kw)
+    read_gemv = n * 4 / best_seconds(lambda: torch.mv(mat, x), **kw)
     dst = torch.empty_like(src)
-    copy = 2 * n * 4 / best_seconds(lambda: dst.copy_(src), budget_s=budget_s, sync=sync)
-    return {"bytes": n * 4, "read_Bps": read, "copy_Bps": copy}
+    copy = 2 * n * 4 / best_seconds(lambda: dst.copy_(src), **kw)
+    return {"bytes": n * 4, "read_Bps": max(read_sum, read_gemv), "read_sum_Bps": read_sum,
+            "read_gemv_Bps": read_gemv, "copy_Bps": copy}
 
 
 def _gemm_paths(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], Any]]:
@@ -108,18 +125,18 @@ def measure_gemm(dtype: torch.dtype, dim: int, device: torch.device, budget_s: f
     varkit's Linear can take, and a ``dim``³ square product."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(dim, dim, generator=g).to(device, dtype)
-    sync = _sync_for(device)
+    sync, clock = _sync_for(device), clock_for(device)
     out: dict[str, dict] = {}
     with torch.inference_mode():
         for name, m in GEMM_ROWS.items():
             x = torch.randn(m, dim, generator=g).to(device, dtype)
-            rates = {p: 2 * m * dim * dim / best_seconds(fn, budget_s=budget_s, sync=sync)
+            rates = {p: 2 * m * dim * dim / best_seconds(fn, budget_s=budget_s, sync=sync, clock=clock)
                      for p, fn in _gemm_paths(x, w).items()}
             best = max(rates, key=rates.get)
             out[name] = {"m": m, "k": dim, "n": dim, "flops_per_s": rates[best], "path": best, "paths": rates}
         for name, d in (("square", dim), ("square_quarter", max(dim // 4, 64))):  # the peak: in DRAM, in cache
             a, b = torch.randn(d, d, generator=g).to(device, dtype), w[:d, :d].contiguous()
-            t = best_seconds(lambda: a @ b, budget_s=budget_s, sync=sync)
+            t = best_seconds(lambda: a @ b, budget_s=budget_s, sync=sync, clock=clock)
             out[name] = {"m": d, "k": d, "n": d, "flops_per_s": 2 * d ** 3 / t, "path": "matmul"}
     return out
 
@@ -167,7 +184,8 @@ def measure_floor(device: str | torch.device = "cpu", threads: int | None = None
     t0 = time.perf_counter()
     result: dict[str, Any] = {"key": machine_key(dev, threads), "device": dev.type, "threads": torch.get_num_threads(),
                               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                              "cpu": cpu_info(), "gemm_dim": dim, "quick": quick}
+                              "cpu": cpu_info(), "gemm_dim": dim, "quick": quick,
+                              "clock": "process_time" if clock_for(dev) is time.process_time else "perf_counter"}
     if cuda:
         result["gpu"] = torch.cuda.get_device_name(dev)
     try:
