@@ -161,6 +161,18 @@ def test_bundled_refiner_makes_digits():
     assert digits_accuracy(out.images, labels) >= 0.8
 
 
+def test_bench_maps_codes_k_and_measures_psnr():
+    from PIL import Image
+
+    from varkit.bench.var_accel import VAR_SCALES, code_scales, psnr
+
+    assert code_scales(VAR_SCALES, [6, 8, 9]) == [6, 8, 9]
+    assert code_scales((1, 2, 3, 4, 6, 8), [6, 8, 9]) == [3, 4, 5]  # by drafted token share, distinct, in order
+    a = Image.new("L", (4, 4), 100)
+    b = Image.new("L", (4, 4), 110)  # MSE 100: 10·log10(255²/100) = 28.13 dB
+    assert psnr([a], [a]) == 100.0 and abs(psnr([a], [b]) - 28.13) < 0.01
+
+
 # -- bad input ---------------------------------------------------------------------------------------------------
 def test_bad_k_refused(pair):
     _, drafter, refiner = pair

@@ -238,10 +238,10 @@ def argparse_copy(args, **changes):
     return argparse.Namespace(**(vars(args) | changes))
 
 
-D30_NOTE = ("CoDe's own pair, a d30 drafter over a d16 refiner, is not run: VAR-d30 holds 2.0 B parameters (8.2 GB in "
-            "fp32) and costs ~4x VAR-d16's time per image, on a 2-core machine with ~15 GB free shared by several "
-            "processes; VAR-d16 drafts here over a random depth-8 width-512 refiner instead (speed only: random "
-            "weights make the two models' images unrelated, so its PSNR is no quality measure)")
+D30_NOTE = ("CoDe's own pair, a d30 drafter over a d16 refiner, is not run: VAR-d30 holds 2.0 B parameters (about 8 GB "
+            "in fp32) and needs ~6x VAR-d16's compute per token, on a 2-core machine with ~9-15 GB free shared by several "
+            "processes; VAR-d16 drafts here over a random depth-8 width-512 refiner instead (speed only: random weights "
+            "make the two models' images unrelated, so its PSNR is no quality measure)")
 
 
 def add_var_accel_bench_parser(bench_subparsers) -> None:
