@@ -315,6 +315,12 @@ CLI_CASES = [
                                                    "--batch-size", "0", "--features", "digits"]),
     Case("eval-recon-no-images", "has 0 images|no images", ["eval", "recon", "--tokenizer", "{pipe}", "--images",
                                                         "{images}", "--features", "digits"]),
+    # collaborative decoding and KV budgets (issue 19)
+    Case("generate-collaborative-k-0", r"k \(scales the drafter makes\) must be in 1\.\.5",
+         ["generate", "--model", "digits-var", "--sampler", "collaborative", "--option", "refiner=digits-var-refiner",
+          "--option", "k=0", "--out", "{out}"]),
+    Case("generate-cache-policy-budget-2", r"in \(0, 1\]",
+         ["generate", "--model", "digits-var", "--option", "cache_policy=scalekv:2", "--out", "{out}"]),
 ]
 
 
@@ -385,6 +391,18 @@ API_CASES = [
                                                                            draft=varkit.create_model("mar-tiny"), prefill=1.0)),
     Case("call-cspd-discrete-target", "categorical head", api=lambda a, t, p: p([0], sampler="cspd",
                                                                                draft=varkit.create_model("mar-tiny"))),
+    # collaborative decoding (CoDe) and KV budgets (issue 19)
+    Case("call-collaborative-no-refiner", "needs a refiner", api=lambda a, t, p: p([0], sampler="collaborative")),
+    Case("call-collaborative-k-all-scales", r"k \(scales the drafter makes\) must be in 1\.\.5",
+         api=lambda a, t, p: varkit.load_pipeline("digits-var")([0], sampler="collaborative",
+                                                                refiner="digits-var-refiner", k=6)),
+    Case("call-collaborative-raster-drafter", "drafter RasterGenerator decodes a raster layout",
+         api=lambda a, t, p: p([0], sampler="collaborative", refiner="digits-var-refiner")),
+    Case("call-cache-policy-budget-0", r"in \(0, 1\]", api=lambda a, t, p: p([0], cache_policy="scalekv:0")),
+    Case("call-cache-policy-unknown", "unknown cache policy 'lru'", api=lambda a, t, p: p([0], cache_policy="lru:0.5")),
+    Case("call-cache-policy-raster", "needs a next-scale generator", api=lambda a, t, p: p([0], cache_policy="hack:0.5")),
+    Case("call-cache-policy-sjd", r"does not take option\(s\) \['cache_policy'\]",
+         api=lambda a, t, p: p([0], sampler="sjd", cache_policy="hack:0.5")),
 ]
 
 
