@@ -8,7 +8,7 @@ BUNDLED = ["digits", "digits-var", "digits-nar"]
 # any layout x any head (issue 14): (layout kind, head kind) of each bundled model that combines them
 COMBINED = {"digits-maskgit": ("sets", "categorical"), "digits-mar": ("sets", "diffusion"),
             "digits-ar-diffusion": ("raster", "diffusion")}
-RECORDED = BUNDLED + ["digits-draft", *COMBINED]
+RECORDED = BUNDLED + ["digits-draft", "digits-mar-draft", *COMBINED]
 
 
 @pytest.mark.parametrize("name", RECORDED)
