@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 from varkit.bench.llamagen_side_by_side import add_llamagen_arguments
-from varkit.bench.official import import_checkout
-from varkit.errors import VarkitError
+from varkit.bench.official import import_checkout, script_main
 
 DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # sample_c2i.py
 COLUMNS = ["impl", "dtype", "compiled", "batch", "tokens", "wall_s", "ms_per_step", "image_tokens_per_s", "vs_official", "target",
@@ -186,13 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cmd_side_by_side(args)
-    except VarkitError as exc:
-        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return script_main(Path(__file__).name, build_parser(), cmd_side_by_side, argv)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from torch import nn
 
 from varkit.bench.mar import Side, Split, _counted, _timed, add_mar_arguments, bench_labels, cmd_bench_mar, instrument, \
     linear_numel
-from varkit.bench.official import import_checkout
-from varkit.errors import InvalidArgumentError, VarkitError
+from varkit.bench.official import import_checkout, script_main
+from varkit.errors import InvalidArgumentError
 
 
 @contextlib.contextmanager
@@ -149,13 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cmd_side_by_side(args)
-    except VarkitError as exc:
-        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return script_main(Path(__file__).name, build_parser(), cmd_side_by_side, argv)
 
 
 if __name__ == "__main__":

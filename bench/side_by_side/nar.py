@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from varkit.bench.nar import add_nar_arguments, cmd_bench_nar
-from varkit.bench.official import import_checkout
-from varkit.errors import InvalidArgumentError, VarkitError
+from varkit.bench.official import import_checkout, script_main
+from varkit.errors import InvalidArgumentError
 
 
 def load_official(path: str | Path):
@@ -107,13 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cmd_side_by_side(args)
-    except VarkitError as exc:
-        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return script_main(Path(__file__).name, build_parser(), cmd_side_by_side, argv)
 
 
 if __name__ == "__main__":

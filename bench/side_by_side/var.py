@@ -34,7 +34,8 @@ import torch
 
 from varkit.bench.var import (_load, _timed, add_var_arguments, bench_labels, check_args, make_row, prepare_pipeline,
                               report, run_call, work_of_one_call)
-from varkit.errors import InvalidArgumentError, VarkitError
+from varkit.bench.official import script_main
+from varkit.errors import InvalidArgumentError
 
 _TAG = "@@VARBENCH "
 
@@ -269,13 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         _worker_main(argv)
         return 0
-    args = build_parser().parse_args(argv)
-    try:
-        cmd_side_by_side(args)
-    except VarkitError as exc:
-        print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return script_main(Path(__file__).name, build_parser(), cmd_side_by_side, argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, VarkitError
 
 
 def import_checkout(root: str | os.PathLike, marker: str, modules: list[str], what: str, hint: str) -> list[ModuleType]:
@@ -32,3 +32,14 @@ def import_checkout(root: str | os.PathLike, marker: str, modules: list[str], wh
         raise InvalidArgumentError(f"cannot import {what}'s code from {root}: {exc}") from None
     finally:
         sys.path.remove(str(root))
+
+
+def script_main(script: str, parser, run, argv: list[str] | None = None) -> int:
+    """A side-by-side script's entry point: parse ``argv``, call ``run(args)``; a varkit error is one line, exit 2."""
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except VarkitError as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
