@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import time
 import warnings
 from pathlib import Path

@@ -23,7 +23,6 @@ import contextlib
 import copy
 import os
 import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator

@@ -12,7 +12,6 @@ settings, timed round-robin with varkit's rows; ``vs_official`` and ``cpu_vs_off
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
