@@ -485,27 +485,14 @@ class Result:
 
 def run_round_robin(sides: list[Side], batch: int, repeats: int, verbose: bool = True,
                     loads: list | None = None) -> list[Result]:
-    """The least-CPU run of ``repeats`` runs of each side, called round-robin in alternating order (A B C, C B A, ...)."""
-    from .mar import _load
+    """Each side's least-CPU run of ``repeats`` (:func:`varkit.bench.mar.least_cpu_round_robin`)."""
+    from .mar import least_cpu_round_robin
 
-    best: list[Result | None] = [None] * len(sides)
-    for rep in range(repeats):
-        order = list(range(len(sides)))
-        for i in (order if rep % 2 == 0 else order[::-1]):
-            side = sides[i]
-            if loads is not None:
-                loads.append(_load())
-            t0, c0 = time.perf_counter(), time.process_time()
-            images = side.run(batch)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            if verbose:
-                print(f"[flowar bench] {side.impl} {side.dtype} head_steps {side.head_steps} batch {batch} run {rep + 1}: "
-                      f"{wall:.1f} s wall, {cpu:.1f} s CPU, split "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in side.split.seconds.items()), flush=True)
-            if best[i] is None or cpu < best[i].cpu:
-                best[i] = Result(images.detach().float(), wall, cpu, dict(side.split.seconds), dict(side.split.cpu),
-                                 list(side.split.calls), list(side.split.prepares))
-    return best  # type: ignore[return-value]
+    return least_cpu_round_robin(
+        sides, batch, repeats, lambda s: f"[flowar bench] {s.impl} {s.dtype} head_steps {s.head_steps}",
+        lambda s, images, wall, cpu: Result(images.detach().float(), wall, cpu, dict(s.split.seconds),
+                                            dict(s.split.cpu), list(s.split.calls), list(s.split.prepares)),
+        verbose, loads)
 
 
 def make_rows(sides: list[Side], results: list[Result], batch: int, gen, tok, machine: dict[str, Any],

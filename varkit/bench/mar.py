@@ -377,10 +377,14 @@ def make_rows(sides: list[Side], results: list[tuple[Any, float, float, dict, li
     return rows, parts
 
 
-def run_round_robin(sides: list[Side], batch: int, repeats: int, verbose: bool = True, loads: list | None = None):
-    """(output shape, wall s, CPU s, split wall s, split CPU s, net rows) of the run with the least CPU time of
-    ``repeats`` runs of each side, called round-robin in alternating order (A B C, C B A, ...)."""
+def least_cpu_round_robin(sides: list, batch: int, repeats: int, describe: Callable[[Any], str],
+                          keep: Callable[[Any, Any, float, float], Any], verbose: bool = True,
+                          loads: list | None = None) -> list:
+    """For each side, ``keep(side, output, wall s, CPU s)`` of its run with the least CPU time of ``repeats`` runs,
+    the sides called round-robin in alternating order (A B C, C B A, ...) so drifting load hits them alike.
+    ``describe(side)`` names a side in the progress lines; ``loads`` collects the load average before each run."""
     best: list[Any] = [None] * len(sides)
+    best_cpu = [float("inf")] * len(sides)
     for rep in range(repeats):
         order = list(range(len(sides)))
         for i in (order if rep % 2 == 0 else order[::-1]):
@@ -391,13 +395,20 @@ def run_round_robin(sides: list[Side], batch: int, repeats: int, verbose: bool =
             out = side.run(batch)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             if verbose:
-                print(f"[mar bench] {side.impl} {side.dtype}{' prepacked' if side.prepacked else ''} batch {batch} "
-                      f"run {rep + 1}: {wall:.1f} s wall, {cpu:.1f} s CPU, split "
+                print(f"{describe(side)} batch {batch} run {rep + 1}: {wall:.1f} s wall, {cpu:.1f} s CPU, split "
                       + ", ".join(f"{k} {v:.1f}" for k, v in side.split.seconds.items()), flush=True)
-            if best[i] is None or cpu < best[i][2]:
-                best[i] = (tuple(out.shape), wall, cpu, dict(side.split.seconds), dict(side.split.cpu),
-                           list(side.split.net_rows))
+            if cpu < best_cpu[i]:
+                best[i], best_cpu[i] = keep(side, out, wall, cpu), cpu
     return best
+
+
+def run_round_robin(sides: list[Side], batch: int, repeats: int, verbose: bool = True, loads: list | None = None):
+    """(output shape, wall s, CPU s, split wall s, split CPU s, net rows) of each side's least-CPU run
+    (:func:`least_cpu_round_robin`)."""
+    return least_cpu_round_robin(
+        sides, batch, repeats, lambda s: f"[mar bench] {s.impl} {s.dtype}{' prepacked' if s.prepacked else ''}",
+        lambda s, out, wall, cpu: (tuple(out.shape), wall, cpu, dict(s.split.seconds), dict(s.split.cpu),
+                                   list(s.split.net_rows)), verbose, loads)
 
 
 def _load() -> float | None:
