@@ -252,24 +252,34 @@ def _start_record(args, train_dir: str) -> str:
     return f"{train_dir}/COMMAND.txt"
 
 
-def _maybe_spawn(args) -> None:
-    """``--nproc N`` re-launches this command under torchrun with N processes, then exits."""
+def relaunch_under_torchrun(nproc: int, module: str, skip_first: int, env: dict | None = None) -> None:
+    """``--nproc N``: re-launch this command as ``python -m torch.distributed.run --nproc_per_node=N -m module …``
+    (the arguments after the first ``skip_first`` words, without ``--nproc``), then exit with its status. A no-op
+    for one process or inside torchrun already (``RANK`` set)."""
     import os
     import subprocess
 
-    if args.nproc <= 1 or "RANK" in os.environ:
+    if nproc <= 1 or "RANK" in os.environ:
         return
     argv, skip = [], False
-    for a in sys.argv[2:]:  # drop "train": the module below is varkit.train
+    for a in sys.argv[1 + skip_first:]:
         if skip:
             skip = False
         elif a == "--nproc":
             skip = True
         elif not a.startswith("--nproc="):
             argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "varkit.train", *argv]
-    raise SystemExit(subprocess.call(cmd, env={**os.environ, "VARKIT_COMMAND": _command_line()}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", module, *argv]
+    raise SystemExit(subprocess.call(cmd, env=env))
+
+
+def _maybe_spawn(args) -> None:
+    """``--nproc N`` re-launches this training command under torchrun with N processes, then exits."""
+    import os
+
+    # drop "train": the module below is varkit.train
+    relaunch_under_torchrun(args.nproc, "varkit.train", 1, {**os.environ, "VARKIT_COMMAND": _command_line()})
 
 
 def _check_train_inputs(args, kind: str) -> None:

@@ -3,29 +3,16 @@ stays light); the handlers are thin calls into :mod:`varkit.distill.data` and :m
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
-from ..cli import add_device_argument
+from ..cli import add_device_argument, relaunch_under_torchrun
 
 DISTILL_HELP = "Distilled Decoding (DD1): (noise, tokens) pairs from a teacher's flow map"
 
 
 def _spawn(args, module: str, skip_first: int) -> None:
     """``--nproc N`` re-launches this command under torchrun with N processes (``python -m module …``), then exits."""
-    if args.nproc <= 1 or "RANK" in os.environ:
-        return
-    argv, skip = [], False
-    for a in sys.argv[1 + skip_first:]:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", module, *argv]
-    raise SystemExit(subprocess.call(cmd))
+    relaunch_under_torchrun(args.nproc, module, skip_first)
 
 
 def cmd_distill_data(args) -> None:

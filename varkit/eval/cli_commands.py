@@ -145,25 +145,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 def _spawn_ranks(nproc: int) -> None:
     """``--nproc N`` re-launches this command under torchrun with N processes, then exits with its status."""
-    import os
-    import subprocess
-    import sys
+    from ..cli import relaunch_under_torchrun
 
     if nproc < 1:
         raise InvalidArgumentError(f"--nproc must be >= 1, got {nproc}")
-    if nproc == 1 or "RANK" in os.environ:
-        return
-    argv, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "varkit.cli", *argv]
-    raise SystemExit(subprocess.call(cmd))
+    relaunch_under_torchrun(nproc, "varkit.cli", 0)
 
 
 def run_fid(args: argparse.Namespace) -> int:
