@@ -21,6 +21,16 @@ def test_digits_dd_samples_in_one_pass_by_default():
     assert two.stats.forward_passes == 2
 
 
+def test_digits_var_dd_samples_in_one_pass_by_default():
+    pipe = varkit.load_pipeline("digits-var-dd")
+    assert pipe.generator.layout.kind == "scales"
+    labels = [c for c in range(10) for _ in range(5)]
+    out = pipe(class_labels=labels)
+    assert out.stats.forward_passes == 1 and out.tokens.shape == (50, 130)
+    # bench/results/dd-var.json: 100 % of 500 one-step samples; 0.9 on 50 as for digits-dd
+    assert digits_accuracy(out.images, labels) >= 0.9
+
+
 def test_digits_dd_records_how_it_was_made():
     from varkit.pipeline import ASSETS
 
