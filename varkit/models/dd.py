@@ -296,8 +296,10 @@ class DDScalesGenerator(DDStudent, ScalesGenerator):
         for i, block in enumerate(self.blocks):
             h = self._block(block, h, mods, self.dd_mask, lw[i](n_d) if lw is not None else n_d)
         h = h.float() + (lw[-1](n_d) if lw is not None else n_d).float()
-        logits = self.output(self.head_nm(h, cond_emb.float())).float()[:, 1:]
-        conti = self.final_layer_conti(h, cond_emb.float()).float()[:, 1:]
+        hd = self.output.weight.dtype  # the heads compute in their weights' dtype (fp32 as VAR's; bf16 under auto)
+        h, cond_h = h.to(hd), cond_emb.to(hd)
+        logits = self.output(self.head_nm(h, cond_h)).float()[:, 1:]
+        conti = self.final_layer_conti(h, cond_h).float()[:, 1:]
         return conti, logits
 
 
