@@ -25,7 +25,7 @@ import os
 import subprocess
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,19 +33,8 @@ from torch import nn
 
 from varkit.bench.mar import Side, Split, _counted, _timed, add_mar_arguments, bench_labels, cmd_bench_mar, instrument, \
     linear_numel
-from varkit.bench.official import import_checkout, script_main
+from varkit.bench.official import cuda_as_identity, import_checkout, script_main
 from varkit.errors import InvalidArgumentError
-
-
-@contextlib.contextmanager
-def cuda_as_identity() -> Iterator[None]:
-    """MAR's code calls ``.cuda()`` on new tensors: make it the identity (CPU run) for the duration only."""
-    orig = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **kw: self  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = orig  # type: ignore[method-assign]
 
 
 def load_official(root: str | os.PathLike):

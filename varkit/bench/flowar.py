@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
-from .official import import_checkout
+from .official import cuda_as_identity, import_checkout
 from .report import add_output_args
 
 COLUMNS = ["impl", "dtype", "head_steps", "batch", "s_per_image", "cpu_s_per_image", "vs_official", "cpu_vs_official",
@@ -167,17 +167,6 @@ def ar_numel(gen) -> int:
 
 
 # -- the official side -----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def cuda_as_identity() -> Iterator[None]:
-    """FlowAR's code calls ``.cuda()`` on new tensors: make it the identity (CPU run) for the duration only."""
-    orig = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **kw: self  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = orig  # type: ignore[method-assign]
-
-
 @dataclass
 class Official:
     """FlowAR's modules imported from a checkout."""

@@ -5,14 +5,31 @@ modules are imported from there for the duration of the import only.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
 import warnings
 from pathlib import Path
+from collections.abc import Iterator
 from types import ModuleType
 
 from ..errors import InvalidArgumentError, VarkitError
+
+
+@contextlib.contextmanager
+def cuda_as_identity() -> Iterator[None]:
+    """Official code (MAR, FlowAR) calls ``.cuda()`` on new tensors: make it the identity (CPU run) while it runs.
+
+    torch is imported here only when the context is entered, so importing this module stays light."""
+    import torch
+
+    orig = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **kw: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = orig  # type: ignore[method-assign]
 
 
 def import_checkout(root: str | os.PathLike, marker: str, modules: list[str], what: str, hint: str) -> list[ModuleType]:
