@@ -550,7 +550,7 @@ def run_bench(config: str = "flowar-small", batches: tuple[int, ...] = (1, 8), *
     so far."""
     from ..samplers import SamplingParams
     from .floor import get_floor
-    from .mar import _load, cpu_model
+    from .mar import cpu_model
 
     reps = (repeats,) * len(batches) if isinstance(repeats, int) else tuple(repeats)
     if len(reps) == 1:
@@ -615,27 +615,12 @@ def run_bench(config: str = "flowar-small", batches: tuple[int, ...] = (1, 8), *
         settings["machine"] = best_rates(settings.get("machine"), machine_rates(m, floor, head_sizes))
         settings["floors_s"] = settings.get("floors_s", 0.0) + time.perf_counter() - t0
 
-    measure()
-    settings["loadavg_start"] = _load()
-    settings["repeats"] = list(reps)
-    loads: list = []
-    done = []
-    rows: list[dict] = []
-    parts: list[dict] = []
-    for B, R in zip(batches, reps):
-        done.append((B, run_round_robin(sides, B, R, verbose, loads)))
-        measure()
-        rows, parts = [], []
-        for b, results in done:
-            r, p = make_rows(sides, results, b, gen, tok, settings["machine"], settings)
-            rows += r
-            parts += p
-        settings["loadavg_runs"] = [x for x in loads if x is not None]
-        settings["loadavg_end"] = _load()
-        settings["bench_s"] = time.perf_counter() - t0
-        if on_batch is not None:
-            on_batch(rows, parts, settings)
-    return rows, parts, settings
+    from .mar import run_batch_sizes
+
+    return run_batch_sizes(batches, reps, settings, measure,
+                           lambda B, R, loads: run_round_robin(sides, B, R, verbose, loads),
+                           lambda results, b: make_rows(sides, results, b, gen, tok, settings["machine"], settings),
+                           on_batch, t0)
 
 
 def cmd_bench_flowar(args) -> None:

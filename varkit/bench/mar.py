@@ -496,20 +496,37 @@ def run_bench(config: str = "mar-base", batches: tuple[int, ...] = (1, 8), *, of
         settings["machine"] = best_machine(settings.get("machine"), m)
         settings["floors_s"] = settings.get("floors_s", 0.0) + time.perf_counter() - t0
 
+    return run_batch_sizes(batches, reps, settings, measure,
+                           lambda B, R, loads: run_round_robin(sides, B, R, verbose, loads),
+                           lambda results, b: make_rows(sides, results, b, gen, tok, settings["machine"], settings),
+                           on_batch)
+
+
+def run_batch_sizes(batches, reps, settings: dict[str, Any], measure: Callable[[], None],
+                    run_batch: Callable[[int, int, list], Any], make_rows_for: Callable[[Any, int], tuple],
+                    on_batch: Callable | None = None, t0: float | None = None) -> tuple[list, list, dict]:
+    """A side-by-side bench's outer loop: for each batch size ``run_batch(B, repeats, loads)``, re-``measure()`` the
+    machine's rates, rebuild every batch size's (rows, part rows) with the best rates so far (``make_rows_for``),
+    record the load averages (and ``bench_s`` since ``t0``) and hand the partial results to ``on_batch``."""
     measure()
     settings["loadavg_start"] = _load()
     settings["repeats"] = list(reps)
-    rows, parts, loads, done = [], [], [], []
+    rows: list[dict] = []
+    parts: list[dict] = []
+    loads: list = []
+    done = []
     for B, R in zip(batches, reps):
-        done.append((B, run_round_robin(sides, B, R, verbose, loads)))
+        done.append((B, run_batch(B, R, loads)))
         measure()
         rows, parts = [], []
         for b, results in done:
-            r, p = make_rows(sides, results, b, gen, tok, settings["machine"], settings)
+            r, p = make_rows_for(results, b)
             rows += r
             parts += p
         settings["loadavg_runs"] = [x for x in loads if x is not None]
         settings["loadavg_end"] = _load()
+        if t0 is not None:
+            settings["bench_s"] = time.perf_counter() - t0
         if on_batch is not None:
             on_batch(rows, parts, settings)
     return rows, parts, settings
