@@ -30,8 +30,8 @@ from varkit.bench.llamagen_side_by_side import add_llamagen_arguments
 from varkit.bench.official import import_checkout, script_main
 
 DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # sample_c2i.py
-COLUMNS = ["impl", "dtype", "compiled", "batch", "tokens", "wall_s", "ms_per_step", "image_tokens_per_s", "vs_official", "target",
-           "met"]
+COLUMNS = ["impl", "dtype", "compiled", "batch", "tokens", "wall_s", "cpu_s", "ms_per_step", "image_tokens_per_s", "vs_official",
+           "cpu_vs_official", "floor_s", "fraction_of_floor", "target", "met"]
 TARGETS = {("varkit", "float32", 1): 1.2, ("varkit", "float32", 8): 1.5, ("varkit", "bfloat16", 1): 2.0}
 
 
@@ -69,10 +69,10 @@ def build_models(gpt_models, seed: int = 0):
 def _official_run(generate, model, labels, cfg, top_k, greedy=False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = generate(model, labels, 256, cfg_scale=cfg, cfg_interval=-1, temperature=1.0,
                        top_k=1 if greedy else top_k, top_p=1.0, sample_logits=not greedy)
-        return out.long(), time.perf_counter() - t0
+        return out.long(), (time.perf_counter() - t0, time.process_time() - c0)
 
 
 def _varkit_run(gen, labels, cfg, top_k, seed=0, greedy=False):
@@ -81,9 +81,9 @@ def _varkit_run(gen, labels, cfg, top_k, seed=0, greedy=False):
 
     sampler = get_sampler("ancestral", SamplingParams(cfg=cfg, top_k=1 if greedy else top_k))
     gens = image_generators(seed, labels.shape[0])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = sampler.sample(gen, labels, gens)
-    return res.tokens, time.perf_counter() - t0
+    return res.tokens, (time.perf_counter() - t0, time.process_time() - c0)
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -97,8 +97,18 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int = 2000, bf16: bool = True,
                      greedy_batch: int = 8, seed: int = 0, repeats: int = 1, compile: bool = False,
                      log=None) -> tuple[list[dict], dict]:
-    """Rows of the timing table and the greedy-agreement summary (with ``compile``: compile times too)."""
+    """Rows of the timing table and the greedy-agreement summary (with ``compile``: compile times too).
+
+    Times are the best of ``repeats`` runs, wall and process CPU seconds (CPU: steadier on a shared machine);
+    ``floor_s`` is the machine's floor for the run (:mod:`varkit.bench.floor`, the same work for both loops:
+    the same GPT-B weights and steps) and ``fraction_of_floor`` its share of the CPU seconds at one thread
+    (of the wall seconds at more)."""
+    from varkit.bench.floor import attach_floor, get_floor, trace_sampling
+    from varkit.samplers import SamplingParams
+
     log = log or (lambda msg: print(msg, flush=True))
+    basis = "cpu_s" if torch.get_num_threads() == 1 else "wall_s"
+    floor = get_floor(threads=torch.get_num_threads())
     gpt_models, generate = import_official(official_path)
     torch.manual_seed(seed)
     official, fp32, bf = build_models(gpt_models, seed)
@@ -108,6 +118,8 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
     if compile:  # copies, so the eager rows stay eager
         for dt, m in list(models.items()):
             models[(dt[0], True)] = copy.deepcopy(m).compile_decoding()
+    traces = {dt: trace_sampling(m, SamplingParams(cfg=cfg, top_k=top_k)) for (dt, compiled), m in models.items()
+              if not compiled}  # the official fp32 loop does the work of varkit's fp32 one
     rows, compile_s = [], {}
     for b in batches:
         labels = torch.tensor([DEMO_LABELS[i % len(DEMO_LABELS)] for i in range(b)])
@@ -115,7 +127,7 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
             if compiled:  # the first run compiles (one graph per batch size); it is not timed
                 _, compile_s[f"{dt}_batch{b}"] = _varkit_run(m, labels, cfg, top_k, seed)
         impls = [("llamagen", "float32", False)] + [("varkit", dt, c) for dt, c in models]
-        best = {k: float("inf") for k in impls}
+        best = {k: (float("inf"), float("inf")) for k in impls}
         for r in range(repeats):  # interleaved and rotated, best of each: fair under a varying machine load
             for k in impls[r % len(impls):] + impls[: r % len(impls)]:
                 if k[0] == "llamagen":
@@ -123,15 +135,16 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
                     _, t = _official_run(generate, official, labels, cfg, top_k)
                 else:
                     _, t = _varkit_run(models[k[1:]], labels, cfg, top_k, seed)
-                best[k] = min(best[k], t)
-        t_off = best[("llamagen", "float32", False)]
-        for (impl, dt, compiled), t in best.items():
+                best[k] = tuple(min(x, y) for x, y in zip(best[k], t))
+        t_off, c_off = best[("llamagen", "float32", False)]
+        for (impl, dt, compiled), (t, c) in best.items():
             target = TARGETS.get((impl, dt, b))
             ratio = t_off / t
-            rows.append({"impl": impl, "dtype": dt, "compiled": "yes" if compiled else "", "batch": b, "tokens": 256,
-                         "wall_s": t, "ms_per_step": 1000 * t / 256,
-                         "image_tokens_per_s": b * 256 / t, "vs_official": ratio, "repeats": repeats,
-                         "target": f">={target}x" if target else "", "met": ("yes" if ratio >= target else "NO") if target else ""})
+            row = {"impl": impl, "dtype": dt, "compiled": "yes" if compiled else "", "batch": b, "tokens": 256,
+                   "wall_s": t, "cpu_s": c, "ms_per_step": 1000 * t / 256,
+                   "image_tokens_per_s": b * 256 / t, "vs_official": ratio, "cpu_vs_official": c_off / c, "repeats": repeats,
+                   "target": f">={target}x" if target else "", "met": ("yes" if ratio >= target else "NO") if target else ""}
+            rows.append(attach_floor([row], traces[dt], floor, seconds_key=basis)[0])
             log(f"  batch {b} {impl:8s} {dt:8s}{' compiled' if compiled else '         '} {1000 * t / 256:7.1f} ms/step"
                 f"  {b * 256 / t:7.1f} tok/s  x{ratio:.2f}")
     greedy = {}
@@ -147,7 +160,7 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
             name = "bf16" if dt == "bfloat16" else "fp32"
             greedy[f"varkit_{name}{'_compiled' if compiled else ''}_vs_varkit_fp32"] = _agreement(tok, tok32)
         log(f"  greedy agreement (batch {greedy_batch}): {greedy}")
-    return rows, greedy, compile_s
+    return rows, greedy, compile_s, floor
 
 
 def cmd_side_by_side(args) -> None:
@@ -158,7 +171,7 @@ def cmd_side_by_side(args) -> None:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     t0 = time.time()
-    rows, greedy, compile_s = run_side_by_side(args.official, args.batch, args.cfg, args.top_k, not args.no_bf16,
+    rows, greedy, compile_s, floor = run_side_by_side(args.official, args.batch, args.cfg, args.top_k, not args.no_bf16,
                                                args.greedy_batch, args.seed, args.repeats, args.compile)
     load_after = os.getloadavg()
     print_table(rows, COLUMNS)
@@ -173,7 +186,7 @@ def cmd_side_by_side(args) -> None:
                 "loadavg_before": load_before, "loadavg_after": load_after, "total_s": time.time() - t0}
     for k, v in compile_s.items():
         print(f"compile run (compile + one image, not timed above) {k}: {v:.1f} s")
-    path = save_results(args.name, rows, settings, args.out_dir)
+    path = save_results(args.name, rows, settings, args.out_dir, floor=floor)
     print(f"wrote {path} (load average before {load_before[0]:.2f}, after {load_after[0]:.2f})")
 
 
