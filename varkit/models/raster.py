@@ -319,29 +319,9 @@ class RasterGenerator(Generator):
             raise InvalidArgumentError(
                 f"compiled decoding covers one token a step (raster layout); this model's layout is {self.layout.kind}"
             )
-        from torch._inductor import config as inductor_config
+        from ..compiled import compile_step
 
-        p = next(self.parameters())
-        # fp32 GEMVs on the CPU: MKL's (eager) beat inductor's prepacked and template GEMMs (measured
-        # on GPT-B, batch 1), so fp32 CPU compiles fuse the small ops only
-        packed = not (p.device.type == "cpu" and p.dtype == torch.float32)
-        settings: dict[str, Any] = {"freezing": packed, "max_autotune": max_autotune and packed}
-        if settings["max_autotune"] and p.device.type == "cpu":
-            settings["max_autotune_gemm_backends"] = "CPP,ATEN"
-        # dynamo reads ``freezing`` when it traces and inductor when it compiles, and both happen
-        # inside a call (the first one, or one with a new batch size): so every call runs under
-        # these settings (torch.compile's ``options=`` does not reach dynamo)
-        patch = inductor_config.patch(settings)
-        # guards on the input tensors only (shape, dtype, device: a new batch size recompiles). The
-        # module guards would cost more per step than the rest of the call, and guard nothing that
-        # matters here: the weights are frozen, and forward() calls this in eval mode without grad
-        compiled = torch.compile(_StaticDecodeStep(self), dynamic=False,
-                                 options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
-
-        def step(*args: Any) -> torch.Tensor:
-            with patch:
-                return compiled(*args)
-
+        step = compile_step(_StaticDecodeStep(self), max_autotune)
         self._set_compiled_step(step)
         return self
 
