@@ -116,3 +116,7 @@ def add_bench_parser(sub) -> None:
     from .cspd import add_cspd_bench_parser
 
     add_cspd_bench_parser(bs)
+
+    from .table import add_table_bench_parser
+
+    add_table_bench_parser(bs)
