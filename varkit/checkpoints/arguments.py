@@ -10,7 +10,7 @@ import argparse
 
 __all__ = ["add_pair_arguments", "add_output_arguments", "add_convert_llamagen_arguments",
            "add_convert_var_arguments", "add_nar_arguments", "add_convert_mar_arguments",
-           "add_convert_flowar_arguments"]
+           "add_convert_flowar_arguments", "add_convert_dd_arguments"]
 
 
 def add_pair_arguments(p: argparse.ArgumentParser, tokenizer: tuple[str, str], generator: tuple[str, str]) -> None:
@@ -82,4 +82,24 @@ def add_convert_flowar_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", dest="ema", action="store_false",
                    help="for a training checkpoint: its 'model' weights instead of 'model_ema' (published files are raw)")
     p.add_argument("--heads", type=int, default=None, help="attention heads, for a FlowAR of a non-published size")
+    add_output_arguments(p)
+
+
+def add_convert_dd_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``varkit convert dd``."""
+    p.add_argument("--tokenizer", "--vq", "--vae", dest="tokenizer", required=True,
+                   help="the teacher's tokenizer: LlamaGen's VQ (vq_ds16_c2i.pt) for LlamaGen-DD, VAR's VQVAE "
+                        "(vae_ch160v4096z32.pth) for VAR-DD, or a varkit tokenizer or pipeline folder")
+    p.add_argument("--dd", required=True, help="DD student file (llamagen-B.pt, llamagen-L.pt, var-d16.pth ... var-d24.pth)")
+    p.add_argument("--out", required=True, help="output pipeline folder (must not exist, unless --overwrite)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="LlamaGen-DD: image size the student was trained at (default 256, as both published ones)")
+    p.add_argument("--timesteps", default=None,
+                   help="layout steps the student was trained from (official t_list), e.g. 0,80; default: the "
+                        "published size's (needed for another size)")
+    p.add_argument("--split", type=int, default=None,
+                   help="layout step from which the continuous output is used (official split_t / loss_split_t); "
+                        "default: the published size's")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="use the raw weights ('model', trainer.var_wo_ddp) instead of the EMA ones (the official default)")
     add_output_arguments(p)

@@ -47,6 +47,11 @@ CONVERTERS: dict[str, Converter] = {
         "varkit.checkpoints.arguments:add_convert_flowar_arguments",
         "varkit.checkpoints.flowar:cmd_convert_flowar",
     ),
+    "dd": Converter(
+        "Distilled Decoding students (LlamaGen-DD B/L, VAR-DD d16/d20/d24) + the teacher's tokenizer -> a varkit pipeline folder",
+        "varkit.checkpoints.arguments:add_convert_dd_arguments",
+        "varkit.checkpoints.dd:cmd_convert_dd",
+    ),
 }
 
 
