@@ -16,6 +16,9 @@ A sampler never knows which architecture it drives. It calls, in order:
    a call ``gen(..., step, ...)``; speculative samplers use it after rejecting drafts. Generators
    whose state cannot be rolled back set ``supports_rollback = False`` and raise.
 
+Per-row steps (``supports_rows``): ``gen.forward_rows(tokens, steps, cache)`` advances every row at its own
+layout step (continuous batching, speculative verification per row); see :meth:`Generator.forward_rows`.
+
 CFG belongs to the sampler side: it concatenates ``cond`` with ``gen.null_condition(cond)`` and
 doubles the batch; the generator never mixes, the head does (``head.sample(out, weights, ...)``).
 Generators that do not reuse a KV cache (MAR re-encodes every step) return None from ``new_cache``.
@@ -108,6 +111,7 @@ class Generator(DerivedState, SavableModule):
     num_classes: int
     supports_multistep: bool = True
     supports_rollback: bool = True
+    supports_rows: bool = False  # forward_rows: every row at its own step (see forward_rows)
     multi_scale_tokens: bool = False  # decodes through a multi-scale VQ tokenizer (VAR); see check_tokenizer_family
 
     @classmethod
@@ -184,6 +188,62 @@ class Generator(DerivedState, SavableModule):
 
     def forward(self, tokens: torch.Tensor, step: int, cache: KVCache, state: Any = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_rows(self, tokens: torch.Tensor, steps: torch.Tensor, cache: KVCache, state: Any = None) -> torch.Tensor:
+        """One step in which every row is at its own layout step; only where ``supports_rows``.
+
+        ``steps`` (B,) long: per row b, the layout step whose outputs come first (``forward``'s ``step``, per
+        row, 1 … num_steps-1). ``tokens`` (B, n, *token_shape): row b's sampled tokens of its layout positions
+        from ``layout.step_starts[steps[b] - 1]`` on (n the same for all rows: pad shorter rows with any valid
+        token). Returns outputs (B, n, C): output j of row b is for layout token ``step_starts[steps[b]] + j``;
+        :meth:`valid_row_outputs` says how many of them are meaningful. Each row's keys and values go to its own
+        cache positions (``cond_len`` + layout index; writes past ``max_len`` are dropped) and attention reads
+        the whole cache under a per-row mask, so whatever a row left beyond what it feeds now is never read:
+        ``cache.length`` is neither read nor moved (the caller tracks each row), and rolling a row back is
+        feeding it from an earlier step. ``state``: what ``prefill`` returned (None for most generators).
+        New rows are prefilled in a cache of their own and copied in with :meth:`KVCache.copy_rows`.
+        """
+        raise InvalidArgumentError(f"{type(self).__name__} has no per-row steps (supports_rows is False); "
+                                   "decode it with gen(tokens, step, cache), one step for the whole batch")
+
+    def check_rows(self, tokens: torch.Tensor, steps: torch.Tensor, cache: KVCache) -> None:
+        """One line for :meth:`forward_rows` inputs that do not fit: generator, cache, shapes, steps in range."""
+        name = type(self).__name__
+        if not self.supports_rows:
+            raise InvalidArgumentError(f"{name} has no per-row steps (supports_rows is False); "
+                                       "decode it with gen(tokens, step, cache), one step for the whole batch")
+        if not isinstance(cache, KVCache) or getattr(cache, "attend", None) is not None:
+            raise InvalidArgumentError(f"forward_rows needs a plain KVCache from gen.new_cache, got {type(cache).__name__}")
+        if not isinstance(steps, torch.Tensor) or steps.dim() != 1 or steps.is_floating_point() or steps.dtype == torch.bool:
+            raise InvalidArgumentError(f"forward_rows takes steps as a (B,) integer tensor, got "
+                                       f"{type(steps).__name__} {tuple(getattr(steps, 'shape', ()))}")
+        want = 2 + len(getattr(self.head, "token_shape", ()))
+        B = steps.shape[0]
+        if tokens.dim() != want or tokens.shape[0] != B or tokens.shape[1] < 1 or B != cache.batch:
+            raise InvalidArgumentError(
+                f"forward_rows takes tokens (B, n{', ...' if want > 2 else ''}) with n >= 1 for B = {B} steps and a "
+                f"cache of {cache.batch} rows, got tokens of shape {tuple(tokens.shape)}")
+        last = self.layout.num_steps - 1
+        if B and bool(((steps < 1) | (steps > last)).any()):
+            raise InvalidArgumentError(f"forward_rows steps must lie in 1..{last} (step 0 comes from prefill), "
+                                       f"got {steps.tolist()}")
+
+    def valid_row_outputs(self, steps: torch.Tensor, n: int) -> torch.Tensor:
+        """(B,) how many leading outputs of ``forward_rows(tokens (B, n), steps, ...)`` are meaningful per row.
+
+        An output is valid when every input step it depends on was fed whole: the fed tokens cover layout
+        steps ``steps-1 …`` up to the last complete one, m-1, and the outputs of steps ``steps … m`` (those that
+        exist, at most n of them) are valid. One token a step (raster): ``min(n, num_steps - steps)``. NAR: a
+        front's targets need their left and upper neighbours, whose hidden states need their whole front; the
+        count may end inside a front (the next front can be wider than the n inputs), so callers that advance
+        by whole steps round down to a step boundary.
+        """
+        starts = torch.tensor(self.layout.step_starts, device=steps.device)
+        steps = steps.long()
+        m = torch.searchsorted(starts, starts[steps - 1] + n, right=True) - 1  # steps < m were fed whole
+        last = m.clamp(max=self.layout.num_steps - 1)
+        count = torch.where(m >= steps, starts[last + 1] - starts[steps], torch.zeros_like(steps))
+        return count.clamp(max=n)
 
     def prefill_steps(self, cond: torch.Tensor, cache: KVCache, tokens: torch.Tensor,
                       steps: int) -> tuple[torch.Tensor, Any] | None:

@@ -71,6 +71,7 @@ class NeighborsGenerator(RasterGenerator):
     """NAR: LlamaGen backbone on the neighbors layout with horizontal and vertical heads."""
 
     config_class = NeighborsConfig
+    supports_rows = True
 
     def __init__(self, config: NeighborsConfig):
         if config.layout != "neighbors":
@@ -206,9 +207,42 @@ class NeighborsGenerator(RasterGenerator):
                 f"fronts {step}..{step + k - 1} do not exist: the {self.config.grid}x{self.config.grid} grid has "
                 f"fronts 0..{self.layout.num_steps - 1}"
             )
+        compiled = self.__dict__.get("_compiled_step")
+        if compiled is not None and k == 1 and not self.training and not torch.is_grad_enabled():
+            return self._compiled_front(compiled, tokens, step, cache)
         hh = self.forward_hidden(tokens, step, cache)
         starts = self.layout.step_starts
         return self._combine(hh, starts[step - 1], starts[step], starts[step + k])
+
+    def _compiled_front(self, compiled, tokens: torch.Tensor, step: int, cache: KVCache) -> torch.Tensor:
+        """One front through the compiled per-row step: inputs padded to the widest front (one static shape for
+        every step), all rows at ``step``; the padding's cache writes lie past the front and are never read."""
+        self._check_cache_at(step, cache)
+        B, m = tokens.shape[:2]
+        width = max(self.layout.step_sizes)
+        if m < width:
+            tokens = torch.cat([tokens, tokens[:, :1].expand(B, width - m)], 1)
+        out = compiled(tokens, torch.full((B,), step, device=tokens.device), cache.k, cache.v)
+        cache.advance(m)
+        return out[:, : self.layout.step_sizes[step]]
+
+    def _rows_outputs(self, hh: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Logits of targets ``step_starts[steps] + j`` from the hidden rows ``hh`` (B, n, 2·dim) of inputs from
+        ``step_starts[steps - 1]``: :meth:`_combine`'s rule with per-row gathers (static shapes). A target whose
+        neighbour lies past the inputs gets garbage (``valid_row_outputs`` counts the valid ones)."""
+        B, n = hh.shape[:2]
+        d = self.config.dim
+        targets = (self.step_starts[steps][:, None] + torch.arange(n, device=hh.device)).clamp(
+            max=self.layout.num_tokens - 1)
+        first = self.step_starts[steps - 1][:, None]
+        left, up = self.left_of[targets], self.up_of[targets]
+        h_left = hh[..., :d].gather(1, (left - first).clamp(0, n - 1)[..., None].expand(B, n, d))
+        h_up = hh[..., d:].gather(1, (up - first).clamp(0, n - 1)[..., None].expand(B, n, d))
+        lr = self.output(self.norm(h_left)).float()
+        lb = self.medusa_output(self.medusa_norm(h_up)).float()
+        has_l, has_u = (left >= 0)[..., None], (up >= 0)[..., None]
+        # (vertical + horizontal) / 2 where both neighbours exist, in NAR's order; else the one head there is
+        return torch.where(has_l & has_u, (lb + lr) / 2, torch.where(has_l, lr, lb))
 
     # -- training ------------------------------------------------------------------------------------
     def teacher_forcing_logits(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

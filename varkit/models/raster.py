@@ -84,16 +84,16 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class _StaticDecodeStep(nn.Module):
-    """``gen.decode_static`` as a module, so that inductor's freezing sees the weights as parameters."""
+class _StaticRowsStep(nn.Module):
+    """``gen.decode_rows`` as a module, so that inductor's freezing sees the weights as parameters."""
 
     def __init__(self, gen: "RasterGenerator"):
         super().__init__()
         self.gen = gen
 
-    def forward(self, tokens: torch.Tensor, index: torch.Tensor, keys: list[torch.Tensor],
+    def forward(self, tokens: torch.Tensor, steps: torch.Tensor, keys: list[torch.Tensor],
                 values: list[torch.Tensor]) -> torch.Tensor:
-        return self.gen.decode_static(tokens, index, keys, values)
+        return self.gen.decode_rows(tokens, steps, keys, values)
 
 
 @register_module
@@ -125,6 +125,10 @@ class RasterGenerator(Generator):
         angles = torch.cat([angles.new_zeros(c.cls_token_num, angles.shape[1]), angles])
         self.rope = RotaryTable(angles, zero_rows=c.cls_token_num)
         self.register_buffer("token_steps", self.layout.step_of.clone(), persistent=False)
+        # per cache position: its layout step (-1 for the condition prefix), and every step's first layout index
+        self.register_buffer("position_steps", torch.cat([torch.full((c.cls_token_num,), -1), self.layout.step_of]),
+                             persistent=False)
+        self.register_buffer("step_starts", torch.tensor(self.layout.step_starts), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -278,50 +282,97 @@ class RasterGenerator(Generator):
         if (compiled is not None and tokens.shape[1] == 1 and state is None and cache.length < cache.max_len
                 and not self.training and not torch.is_grad_enabled()):
             self._check_cache_at(step, cache)
-            logits = compiled(tokens, torch.tensor([cache.length], device=tokens.device), cache.k, cache.v)
+            logits = compiled(tokens, torch.full((tokens.shape[0],), step, device=tokens.device), cache.k, cache.v)
             cache.advance(1)
             return logits
         return self.hidden_to_logits(self.forward_hidden(tokens, step, cache, state))
 
-    # -- compiled decoding (opt-in) ------------------------------------------------------------------
-    def decode_static(self, tokens: torch.Tensor, index: torch.Tensor, keys: list[torch.Tensor],
-                      values: list[torch.Tensor]) -> torch.Tensor:
-        """Logits (B, 1, V) after one input token per row at cache position ``index`` (a (1,) tensor).
+    # -- per-row steps (the static-shape step compiled decoding runs) ------------------------------------
+    @property
+    def supports_rows(self) -> bool:
+        """Per-row steps need one token a step (raster); NAR's subclass has its own fronts."""
+        return self.layout.single_token_steps and not getattr(self, "is_dd_student", False)
 
-        The step :meth:`forward` takes, with static shapes for ``torch.compile``: the KV buffers
-        ``keys``/``values`` (a KVCache's ``k``/``v``) are written by index and attention reads all
-        ``max_len`` positions, masking those after ``index``, so one graph serves every step.
-        Nothing here reads or moves the cache's length pointer.
+    def forward_rows(self, tokens: torch.Tensor, steps: torch.Tensor, cache: KVCache, state: Any = None) -> torch.Tensor:
+        """Every row at its own step (see ``Generator.forward_rows``); outputs j of row b are the logits of layout
+        token ``steps[b] + j``. ``state``: :meth:`prefill`'s caption mask, or a (B, T) one of copied-in rows."""
+        self.check_rows(tokens, steps, cache)
+        steps = steps.to(tokens.device, torch.long)
+        if state is not None and (state.dtype != torch.bool or tuple(state.shape) != (steps.shape[0], self.cond_len)):
+            raise InvalidArgumentError(f"forward_rows takes prefill's caption mask (B, {self.cond_len}) as its state, "
+                                       f"got {getattr(state, 'dtype', type(state).__name__)} {tuple(getattr(state, 'shape', ()))}")
+        compiled = self.__dict__.get("_compiled_step")
+        if compiled is not None and state is None and not self.training and not torch.is_grad_enabled():
+            return compiled(tokens, steps, cache.k, cache.v)
+        return self.decode_rows(tokens, steps, cache.k, cache.v, state)
+
+    def decode_rows(self, tokens: torch.Tensor, steps: torch.Tensor, keys: list[torch.Tensor],
+                    values: list[torch.Tensor], caption_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward_rows` on a cache's buffers ``keys``/``values``, unchecked, with static shapes.
+
+        Row b's n inputs sit at cache positions ``cond_len + step_starts[steps[b] - 1] + j``: their keys and
+        values are written there (past ``max_len``: dropped) and attention reads all ``max_len`` positions
+        under the per-row mask of :meth:`_rows_mask`, so one ``torch.compile`` graph serves every step of every
+        row for one (batch, n). Nothing here reads or moves the cache's length pointer.
         """
-        kv = IndexedKV(keys, values, index)
-        written = (torch.arange(keys[0].shape[2], device=index.device) <= index)[None]  # (1, max_len)
-        h = self.tok_embeddings(tokens)
-        rope = self.rope(index)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, written, kv, i)
+        n = tokens.shape[1]
+        first = self.cond_len + self.step_starts[steps - 1]  # (B,) cache position of each row's first input
+        pos = first[:, None] + torch.arange(n, device=tokens.device)  # (B, n)
+        mask = self._rows_mask(pos, first + n, keys[0].shape[2], caption_mask)
+        h = self._run(self.tok_embeddings(tokens), pos.clamp(max=self.max_cache_len() - 1), mask,
+                      IndexedKV(keys, values, pos))
+        return self._rows_outputs(h, steps)
+
+    def _rows_mask(self, pos: torch.Tensor, end: torch.Tensor, max_len: int,
+                   caption_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, 1, n, max_len): a query sees the condition prefix and the keys of layout steps up to its own,
+        among positions below its row's fed end ``end`` (B,): block-causal, and blind to stale entries."""
+        table = self.position_steps
+        size = table.shape[0]
+        if max_len > size:  # a cache longer than the layout: positions past it are never visible
+            table = torch.cat([table, table.new_full((max_len - size,), self.layout.num_steps)])
+        key_steps, q_steps = table[:max_len], table[pos.clamp(max=size - 1)]
+        keys = torch.arange(max_len, device=pos.device)
+        mask = (key_steps[None, None, :] <= q_steps[:, :, None]) & (keys[None, None, :] < end[:, None, None])
+        if caption_mask is not None:  # padded caption tokens stay hidden (as in prefill and forward)
+            T = caption_mask.shape[1]
+            mask = mask & torch.cat([caption_mask, caption_mask.new_ones(caption_mask.shape[0], max_len - T)], 1)[:, None, :]
+        return mask[:, None]
+
+    def _rows_outputs(self, h: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Outputs of the targets from layout token ``step_starts[steps]`` on: raster's input j predicts its successor."""
         return self.hidden_to_logits(h)
 
+    def decode_static(self, tokens: torch.Tensor, index: torch.Tensor, keys: list[torch.Tensor],
+                      values: list[torch.Tensor]) -> torch.Tensor:
+        """Logits (B, 1, V) after one input token per row at cache position ``index`` (a (1,) tensor):
+        :meth:`decode_rows` with every row at the same step."""
+        steps = (index.long() - self.cond_len + 1).expand(tokens.shape[0])
+        return self.decode_rows(tokens, steps, keys, values)
+
     def compile_decoding(self, max_autotune: bool = True) -> "RasterGenerator":
-        """Decode one-token steps through ``torch.compile`` (inductor); opt-in, returns ``self``.
+        """Decode steps through ``torch.compile`` (inductor); opt-in, returns ``self``.
 
         Why: at batch 1 a decode step is hundreds of small ops around a few matrix-vector products.
         Inductor fuses the small ops, and with ``freezing`` prepacks the weights for its own GEMM
         kernels (``max_autotune`` lets it pick them: AMX / AVX-512 where the CPU has them; not for
         fp32 on the CPU, where MKL's GEMVs are faster).
-        :meth:`decode_static` keeps shapes static, so there is one compile per batch size; the
-        first decode step compiles (tens of seconds for GPT-B). Prefill, multi-token steps (speculative
-        samplers), captions with padding, training and grad-enabled calls stay eager. The compiled
+        :meth:`decode_rows` keeps shapes static, so there is one compile per (batch, inputs per row): raster's
+        one-token ``forward`` steps, NAR's one-front ``forward`` steps (padded to the widest front) and
+        :meth:`forward_rows` of a fixed width (a speculative verify window) each take one graph; the first call
+        of each compiles (tens of seconds for GPT-B). Prefill, other multi-token ``forward`` calls, captions
+        with padding, training and grad-enabled calls stay eager. The compiled
         step froze the weights as they are now: ``.to()`` and ``load_state_dict`` drop it (decoding
         is eager again until the next call); other in-place weight edits need a new call. Compiled
         CPU kernels keep the thread count of the compile.
         """
-        if self.layout.kind != "raster":
+        if not self.supports_rows:
             raise InvalidArgumentError(
-                f"compiled decoding covers one token a step (raster layout); this model's layout is {self.layout.kind}"
-            )
+                f"compiled decoding covers one token a step (raster layout) and NAR's fronts; this model's layout "
+                f"is {self.layout.kind}: decode it eagerly")
         from ..compiled import compile_step
 
-        step = compile_step(_StaticDecodeStep(self), max_autotune)
+        step = compile_step(_StaticRowsStep(self), max_autotune)
         self._set_compiled_step(step)
         return self
 

@@ -54,7 +54,8 @@ class RotaryTable(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, n, H, D) by per-position (n, D/2) tables, in fp32, interleaved pairs.
+    """Rotate ``x`` (B, n, H, D) by per-position (n, D/2) tables (or (B, n, D/2): each row its own
+    positions, ``Generator.forward_rows``), in fp32, interleaved pairs.
 
     Eager: one complex multiply per pair, ``(x0 + i·x1)(c + i·s)``, the same products and sums as
     the real form ``(x0·c − x1·s, x1·c + x0·s)`` (LlamaGen's) in one kernel instead of eight (5-12x
@@ -64,9 +65,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     xf = x.float().reshape(*x.shape[:-1], -1, 2)
     if torch.compiler.is_compiling():
         x0, x1 = xf[..., 0], xf[..., 1]
-        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        c, s = _per_row(cos), _per_row(sin)
         return torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2).type_as(x)
     if xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
         xf = xf.contiguous()  # view_as_complex needs pairs aligned to complex elements
-    rot = torch.complex(cos, sin)[None, :, None, :]
+    rot = _per_row(torch.complex(cos, sin))
     return torch.view_as_real(torch.view_as_complex(xf) * rot).flatten(-2).type_as(x)
+
+
+def _per_row(t: torch.Tensor) -> torch.Tensor:
+    """A (n, D/2) or (B, n, D/2) table as (1 or B, n, 1, D/2), to broadcast over heads."""
+    return t[:, :, None, :] if t.dim() == 3 else t[None, :, None, :]
