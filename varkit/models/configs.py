@@ -78,6 +78,14 @@ register_config(
     # digits-var's width (so --init-from digits-var copies its first blocks), half its depth
     "a small refiner for digits-var's last scales (collaborative decoding, CoDe)",
 )
+register_config(
+    "digits-var-refiner-d1",
+    ScalesGenerator,
+    partial(ScalesConfig, vocab_size=128, num_classes=10, depth=1, dim=128, n_head=4, vae_dim=8,
+            patch_nums=(1, 2, 3, 4, 6, 8)),
+    # a quarter of digits-var's depth: CoDe at the default k (4 of 6) needs a refiner this cheap for 1.5x
+    "a one-block refiner for digits-var's last scales (collaborative decoding at the default k)",
+)
 
 # NAR: LlamaGen's backbone + 1 extra layer under the vertical head (medusa_layers=1), 16x16 tokens in 31 fronts.
 _NAR = {"b": (12, 12, 768), "m": (18, 16, 1024), "l": (24, 16, 1024), "xl": (36, 20, 1280), "xxl": (48, 24, 1536)}
