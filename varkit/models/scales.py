@@ -112,6 +112,36 @@ class ScalesState:
     head_mods: torch.Tensor | None = None
 
 
+class _PrefixKV:
+    """A KVCache's buffers written at a fixed position: :meth:`KVCache.update`'s signature with the start baked in.
+
+    A scale's static step (one graph per scale) writes its ``n`` keys and values at ``[start, start + n)`` and
+    attends to the exact prefix ``[0, start + n)``. The length pointer is the KVCache owner's to move.
+    """
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], start: int):
+        self.k, self.v, self.start = k, v, start
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.start + k.shape[2]
+        kc, vc = self.k[layer], self.v[layer]
+        kc[:, :, self.start:end].copy_(k)
+        vc[:, :, self.start:end].copy_(v)
+        return kc[:, :, :end], vc[:, :, :end]
+
+
+class _StaticScaleStep(nn.Module):
+    """``gen.decode_scale_static`` of one scale as a module, so that inductor's freezing sees the weights as parameters."""
+
+    def __init__(self, gen: "ScalesGenerator", step: int):
+        super().__init__()
+        self.gen, self.step = gen, step
+
+    def forward(self, inp: torch.Tensor, cond_emb: torch.Tensor, block_mods: list[torch.Tensor], head_mods: torch.Tensor,
+                keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        return self.gen.decode_scale_static(self.step, inp, cond_emb, block_mods, head_mods, keys, values)
+
+
 @register_module
 class ScalesGenerator(ClassConditional, Generator):
     """VAR: class-conditional next-scale prediction over a multi-scale VQ tokenizer."""
@@ -213,19 +243,27 @@ class ScalesGenerator(ClassConditional, Generator):
             mods = self._modulation(cond_emb)
             block_mods, head_mods = [None] * len(self.blocks), None
         else:  # decoding: the class-only modulations are the same at every scale
-            if state.block_mods is None:
-                shared = self._modulation(cond_emb)
-                state.block_mods = [b.modulation(shared) for b in self.blocks]
-                state.head_mods = self.head_nm.modulation(cond_emb.to(self.output.weight.dtype))
+            self._decode_mods(state)
             mods, block_mods, head_mods = None, state.block_mods, state.head_mods
-        for i, block in enumerate(self.blocks):
-            x = block(x, mods, mask, cache, i, block_mods[i])
+        logits = self._blocks_and_head(x, cond_emb, mods, block_mods, head_mods, mask, cache)
         if cache is not None:
             cache.advance(x.shape[1])
+        return logits
+
+    def _blocks_and_head(self, x, cond_emb, mods, block_mods, head_mods, mask, cache) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, mods, mask, cache, i, block_mods[i])
         # the head in its weights' dtype: fp32 as VAR (x.float()), bf16 for a bf16 model (fp32 inputs would not
         # multiply bf16 weights); logits always fp32
         hd = self.output.weight.dtype
         return self.output(self.head_nm(x.to(hd), cond_emb.to(hd), head_mods)).float()
+
+    def _decode_mods(self, state: ScalesState) -> None:
+        """The class-only AdaLN modulations of every block and of the head, once per image (the same at every scale)."""
+        if state.block_mods is None:
+            shared = self._modulation(state.cond_emb)
+            state.block_mods = [b.modulation(shared) for b in self.blocks]
+            state.head_mods = self.head_nm.modulation(state.cond_emb.to(self.output.weight.dtype))
 
     def _level_pos(self, sl: slice) -> torch.Tensor:
         return self.lvl_embed(self.lvl_1L[sl])[None] + self.pos_1LC[:, sl]
@@ -240,6 +278,9 @@ class ScalesGenerator(ClassConditional, Generator):
         if cache.length != 0:
             raise InvalidArgumentError("prefill needs an empty KVCache")
         state = ScalesState(self.class_emb(cond))
+        compiled = self._compiled_scale(0, cache)
+        if compiled is not None:
+            return self._run_compiled(compiled, 0, state.cond_emb, state, cache), state
         logits = self._run(self._first_input(state.cond_emb), state.cond_emb, None, cache, state)
         return logits, state
 
@@ -251,8 +292,64 @@ class ScalesGenerator(ClassConditional, Generator):
                 f"{step - 1}, got {tokens.shape[1]}"
             )
         state.f_hat, nxt = self.tokenizer.next_scale_input(step - 1, tokens, state.f_hat)
-        x = self.word_embed(nxt.to(self.word_embed.weight.dtype)) + self._level_pos(self.layout.step_slice(step))
-        return self._run(x, state.cond_emb, None, cache, state)
+        compiled = self._compiled_scale(step, cache)
+        if compiled is not None:
+            return self._run_compiled(compiled, step, nxt, state, cache)
+        return self._run(self._scale_input(step, nxt), state.cond_emb, None, cache, state)
+
+    def _scale_input(self, step: int, inp: torch.Tensor) -> torch.Tensor:
+        """The transformer input of scale ``step``: from the class embedding (B, C) at step 0, else from the
+        downsampled ``f_hat`` (B, pn_step², Cvae)."""
+        if step == 0:
+            return self._first_input(inp)
+        return self.word_embed(inp.to(self.word_embed.weight.dtype)) + self._level_pos(self.layout.step_slice(step))
+
+    # -- compiled decoding (opt-in) ------------------------------------------------------------------
+    def decode_scale_static(self, step: int, inp: torch.Tensor, cond_emb: torch.Tensor, block_mods: list[torch.Tensor],
+                            head_mods: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """Logits (B, pn_step², V) of scale ``step`` from its input ``inp`` (:meth:`_scale_input`'s), for ``torch.compile``.
+
+        The step :meth:`prefill` / :meth:`forward` take, with every shape fixed by ``step`` (a Python int: one graph
+        per scale): the scale's keys and values are written into the KV buffers ``keys``/``values`` (a KVCache's
+        ``k``/``v``) at ``step_starts[step]``, and attention reads the exact prefix of the earlier scales plus this
+        one, unmasked. Nothing here reads or moves the cache's length pointer.
+        """
+        kv = _PrefixKV(keys, values, self.layout.step_starts[step])
+        return self._blocks_and_head(self._scale_input(step, inp), cond_emb, None, block_mods, head_mods, None, kv)
+
+    def compile_decoding(self, max_autotune: bool = True) -> "ScalesGenerator":
+        """Decode every scale through ``torch.compile`` (inductor, :func:`varkit.compiled.compile_step`); returns ``self``.
+
+        Why: a scale's pass is a few GEMMs (its tokens × the weights) among hundreds of small ops (AdaLN, q/k
+        l2-norms, GELU, residuals) that inductor fuses, and outside fp32 on the CPU it prepacks the frozen weights
+        for its own GEMMs (AMX where the CPU has it). One graph per scale (:meth:`decode_scale_static`: each scale's
+        token count and cache prefix are fixed), so the first image compiles ``num_steps`` graphs (about a minute for
+        VAR-d16) and later images of the same batch size and dtype compile nothing. The tokenizer's
+        ``next_scale_input`` (``f_hat``), ``prefill_steps``, budgeted caches (``varkit.cache_policies``), training and
+        grad-enabled calls stay eager. The compiled steps froze the weights as they are now: ``.to()`` and
+        ``load_state_dict`` drop them; other in-place weight edits need a new call.
+        """
+        if type(self).prefill is not ScalesGenerator.prefill or type(self).forward is not ScalesGenerator.forward:
+            raise InvalidArgumentError(f"{type(self).__name__} has no compiled decode step; decode it eagerly")
+        from ..compiled import compile_step
+
+        self._set_compiled_step([compile_step(_StaticScaleStep(self, s), max_autotune)
+                                 for s in range(self.layout.num_steps)])
+        return self
+
+    def _compiled_scale(self, step: int, cache: KVCache):
+        """The compiled step of scale ``step`` where it applies to this call, else None (eager)."""
+        steps = self.__dict__.get("_compiled_step")
+        if (steps is None or type(cache) is not KVCache or cache.length != self.layout.step_starts[step]
+                or self.training or torch.is_grad_enabled()):
+            return None
+        return steps[step]
+
+    def _run_compiled(self, compiled, step: int, inp: torch.Tensor, state: ScalesState, cache: KVCache) -> torch.Tensor:
+        self._decode_mods(state)
+        logits = compiled(inp, state.cond_emb, state.block_mods, state.head_mods, cache.k, cache.v)
+        cache.advance(self.layout.step_sizes[step])
+        return logits
 
     def prefill_steps(self, cond: torch.Tensor, cache: KVCache, tokens: torch.Tensor, steps: int) -> tuple[torch.Tensor, ScalesState]:
         """The class and the ``tokens`` of scales ``0 … steps-1`` in one block-causal pass → logits of scale ``steps``
