@@ -17,7 +17,10 @@ from .random import Randomness
 @dataclass
 class SamplerStats:
     """What a sampling run cost. ``forward_passes`` counts generator calls (CFG counted once): the *target*'s
-    under a drafting sampler, whose drafter calls are ``draft_passes`` (0 without a drafter)."""
+    under a drafting sampler, whose drafter calls are ``draft_passes`` (0 without a drafter).
+    ``passes_per_image[i]``: the target passes image i took part in (every pass of its batch, or under
+    continuous batching those from its admission to its finish); ``rounds``: batch passes of the slots
+    (continuous batching; 0 otherwise)."""
 
     forward_passes: int = 0
     steps: int = 0
@@ -26,6 +29,8 @@ class SamplerStats:
     wall_s: float = 0.0
     cache_bytes: int = 0
     draft_passes: int = 0
+    passes_per_image: list[int] = field(default_factory=list)
+    rounds: int = 0
 
     def merge(self, other: "SamplerStats") -> "SamplerStats":
         """Totals over two runs (e.g. two batches)."""
@@ -37,11 +42,18 @@ class SamplerStats:
             self.wall_s + other.wall_s,
             max(self.cache_bytes, other.cache_bytes),
             self.draft_passes + other.draft_passes,
+            self.passes_per_image + other.passes_per_image,
+            self.rounds + other.rounds,
         )
 
     @property
     def mean_accepted(self) -> float:
         return sum(self.accepted_per_pass) / max(len(self.accepted_per_pass), 1)
+
+    @property
+    def mean_passes_per_image(self) -> float:
+        """Mean target passes an image took part in (what a batch costs per image, per slot)."""
+        return sum(self.passes_per_image) / max(len(self.passes_per_image), 1)
 
 
 @dataclass
@@ -141,6 +153,9 @@ class Sampler:
 
     name: ClassVar[str] = ""
     lossless: ClassVar[bool] = False
+    # decodes a queue of images in max_batch slots, each at its own step (samplers/slots.py), where the
+    # generators support it; other samplers (and generators) take max_batch images at a time
+    continuous_batching: ClassVar[bool] = False
 
     def __init__(self, params: SamplingParams | None = None):
         self.params = params or SamplingParams()
@@ -148,19 +163,57 @@ class Sampler:
     def check_generator(self, gen: Generator) -> None:
         """Raise ``InvalidArgumentError`` if this sampler cannot drive ``gen``."""
 
+    def continuous_for(self, gen: Generator) -> bool:
+        """Whether ``sample(..., max_batch=B)`` decodes ``gen`` by continuous batching (else B images at a time)."""
+        return False
+
     @torch.inference_mode()
     def sample(self, gen: Generator, cond: torch.Tensor, gens: list[torch.Generator] | Randomness,
-               progress: bool = False) -> SampleResult:
+               progress: bool = False, max_batch: int | None = None) -> SampleResult:
         """Sample one token sequence per row of ``cond``. ``gens``: one ``torch.Generator`` per image, or a
-        :class:`~varkit.samplers.random.Randomness` (e.g. one replaying recorded draws, for equality tests)."""
+        :class:`~varkit.samplers.random.Randomness` (e.g. one replaying recorded draws, for equality tests).
+
+        ``max_batch``: at most this many images at once (None: all). Samplers with ``continuous_batching``
+        keep ``max_batch`` slots and refill a slot as soon as its image finishes (:mod:`.slots`); the others
+        sample ``max_batch`` images at a time. Either way an image is the same whatever ``max_batch``."""
+        from .slots import check_max_batch
+
+        max_batch = check_max_batch(max_batch)
         self.check_generator(gen)
         t0 = time.perf_counter()
-        result = self._sample(gen, cond, gens, progress)
+        N = cond.shape[0]
+        if max_batch is not None and self.continuous_for(gen):
+            result = self._sample(gen, cond, gens, progress, max_batch=max_batch)
+        elif max_batch is None or max_batch >= N:
+            result = self._sample(gen, cond, gens, progress)
+        else:
+            parts = [self._sample(gen, cond[i:i + max_batch], _rows(gens, i, max_batch), progress)
+                     for i in range(0, N, max_batch)]
+            for p in parts:
+                _fill_passes(p.stats, p.tokens.shape[0])
+            stats = parts[0].stats
+            for p in parts[1:]:
+                stats = stats.merge(p.stats)
+            result = SampleResult(torch.cat([p.tokens for p in parts]), stats)
         if result.tokens.is_cuda:
             torch.cuda.synchronize()
+        _fill_passes(result.stats, N)
         result.stats.wall_s = time.perf_counter() - t0
         result.stats.tokens = result.tokens.numel()
         return result
 
     def _sample(self, gen, cond, gens, progress) -> SampleResult:
         raise NotImplementedError
+
+
+def _rows(gens: list[torch.Generator] | Randomness, start: int, n: int):
+    """The per-image randomness of images ``start … start+n-1``."""
+    if isinstance(gens, Randomness):
+        return gens.subset(list(range(start, min(start + n, len(gens)))))
+    return gens[start:start + n]
+
+
+def _fill_passes(stats: SamplerStats, images: int) -> None:
+    """A batch without per-image counts: every image took part in every pass."""
+    if not stats.passes_per_image:
+        stats.passes_per_image = [stats.forward_passes] * images

@@ -78,9 +78,10 @@ from tqdm.auto import tqdm
 
 from ..errors import InvalidArgumentError
 from .accept import AcceptRule, acceptance_prob, accepts, residual_mass
-from .base import GuidedRunner, Sampler, SampleResult, SamplerStats, is_categorical
+from .base import Sampler, SampleResult, SamplerStats, is_categorical
 from .lantern import DEFAULT_DELTA, DEFAULT_K, make_relaxation
 from .logits import SamplingParams, processed_probs, sample_probs, uniforms
+from .slots import SlotRunner, Slots, rows_capable
 
 INITS = ("random", "repeat_horizon", "sample_horizon")
 LAYOUTS = ("raster", "neighbors")
@@ -144,6 +145,7 @@ class SJDSampler(Sampler):
 
     name = "sjd"
     lossless = True
+    continuous_batching = True
     # the acceptance probability of a draft from (p(x), q(x)); private hook for tests
     _rule: ClassVar[AcceptRule] = staticmethod(acceptance_prob)
 
@@ -195,58 +197,70 @@ class SJDSampler(Sampler):
         if self.relaxation is not None:
             self.relaxation.check(gen.vocab_size)
 
-    def _sample(self, gen, cond, gens, progress) -> SampleResult:
+    def continuous_for(self, gen) -> bool:
+        return rows_capable(gen)
+
+    def _sample(self, gen, cond, gens, progress, max_batch: int | None = None) -> SampleResult:
         layout, params = gen.layout, self.params
         dev = cond.device
-        B, S, T, V = cond.shape[0], layout.num_steps, layout.num_tokens, gen.vocab_size
-        starts = layout.step_starts
+        N, S, T, V = cond.shape[0], layout.num_steps, layout.num_tokens, gen.vocab_size
         g = self._geometry(layout, dev)
         Wt, tok0_of, end_of, pos_of, valid_of, rel_step_of, sources = (
             g["Wt"], g["tok0"], g["end"], g["pos"], g["valid"], g["rel_step"], g["sources"])
-        slots = torch.arange(Wt, device=dev)
+        slot_idx = torch.arange(Wt, device=dev)
+        starts = torch.tensor(layout.step_starts, device=dev)
 
-        run = GuidedRunner(gen, params, cond)
+        slots = Slots(N, max_batch)
+        run = SlotRunner(gen, params, cond, slots, continuous=max_batch is not None)
+        B = slots.B
+        result = torch.zeros(N, T, dtype=torch.long, device=dev)
         tokens = torch.zeros(B, T + Wt, dtype=torch.long, device=dev)
         # what spatial init copies from: the tokens, or (sample_horizon) each position's latest argmax
         guide = tokens.clone() if self.init == "sample_horizon" else tokens
-        c = torch.zeros(B, dtype=torch.long, device=dev)  # committed steps per image
+        c = torch.full((B,), S, dtype=torch.long, device=dev)  # committed steps per slot (S: empty or done)
         d_end = torch.zeros_like(c)  # drafts exist for steps [c, d_end)
         q = torch.zeros(B, Wt, V, device=dev)  # q of the draft at token tok0_of[c] + slot
-        trace_c, trace_n = [], []
-
-        logits = run.logits(run.prefill())
-        base = 0  # token index of logits[:, 0]
-        m = 0  # smallest committed count of the images still running
-        bar = tqdm(total=T, disable=not progress, desc="tokens", leave=False)
+        trace: list[list[tuple[int, int]]] = [[] for _ in range(N)]  # per image: (first window token, committed)
+        bar = tqdm(total=N * T, disable=not progress, desc="tokens", leave=False)
         while True:
+            new, images = slots.refill()
+            if len(images):
+                new = new.to(dev)
+                for buf in {id(tokens): tokens, id(guide): guide}.values():
+                    buf[new] = 0
+                c[new], d_end[new], q[new] = 0, 0, 0.0
             active = c < S
             idx = active.nonzero().squeeze(1).tolist()
             if not idx:
                 break
             tok0, e = tok0_of[c], end_of[c]  # window [c, e) in steps
             pos, valid, rel_step = pos_of[c], valid_of[c], rel_step_of[c]  # (B, Wt) each
-            u = uniforms([gens[i] for i in idx], 3 * Wt, dev)
+            u = uniforms([gens[int(slots.image[i])] for i in idx], 3 * Wt, dev)
             if len(idx) < B:
                 u = torch.zeros(B, 3 * Wt, dtype=u.dtype, device=dev).index_copy_(0, torch.tensor(idx, device=dev), u)
             u_acc, u_res, u_init = u[:, :Wt], u[:, Wt:2 * Wt], u[:, 2 * Wt:]
 
             # -- top the windows up with new drafts, q one-hot on them --------------------------------
             first_new = tok0_of[torch.maximum(d_end, c)]  # (B,) token index
-            new = valid & (pos >= first_new[:, None])
+            new_pos = valid & (pos >= first_new[:, None])
             fresh = self._new_drafts(guide, pos, tok0, first_new, sources, u_init, V)
-            drafts = torch.where(new, fresh, tokens.gather(1, pos))
+            drafts = torch.where(new_pos, fresh, tokens.gather(1, pos))
             tokens.scatter_(1, pos, drafts)
             if guide is not tokens:
-                guide.scatter_(1, pos, torch.where(new, fresh, guide.gather(1, pos)))
-            q = torch.where(new[..., None], torch.zeros_like(q).scatter_(-1, fresh[..., None], 1.0), q)
+                guide.scatter_(1, pos, torch.where(new_pos, fresh, guide.gather(1, pos)))
+            q = torch.where(new_pos[..., None], torch.zeros_like(q).scatter_(-1, fresh[..., None], 1.0), q)
 
-            # -- one pass over the union of the windows -----------------------------------------------
-            if m > 0:  # (the first pass is the prefill, which yields step 0)
-                E = int(torch.where(active, e, 0).max())
-                logits = run.logits(run.forward(tokens[:, starts[m - 1]:starts[E - 1]], m))
-                base = starts[m]
-            rel = (pos - base).clamp(0, logits.shape[1] - 1)
-            p_win = processed_probs(logits.gather(1, rel[..., None].expand(-1, -1, V)), params)  # (B, Wt, V)
+            # -- one pass: admitted images get their prefill (step 0), the others their windows -------------
+            logits = torch.zeros(B, Wt, V, device=dev)
+            if len(images):
+                logits[new, :1] = run.mix(*run.admit(new, images))[:, :1].to(logits.dtype)
+            running = active & (c > 0)
+            if bool(running.any()):
+                feed = torch.where(running, c, 1)
+                out = run.mix(*run.outputs(tokens, feed, starts[(e - 1).clamp(min=0)], feed, starts[e], running))
+                k = min(out.shape[1], Wt)
+                logits[:, :k] = torch.where(running[:, None, None], out[:, :k].to(logits.dtype), logits[:, :k])
+            p_win = processed_probs(logits, params)  # (B, Wt, V): slot j is token tok0 + j
 
             # -- verify every window token; the first step with a rejection ends the pass -----------
             rule = self._rule if self.relaxation is None else self.relaxation.rule(p_win, drafts, q, base=self._rule)
@@ -263,30 +277,45 @@ class SJDSampler(Sampler):
                 accepted = accepted & ~tail
             elif rule is not self._rule:  # the coupled tail keeps its draft by the exact rule: it must stay p-distributed
                 accepted = torch.where(tail, accepts(p_win, drafts, u_acc, q, rule=self._rule), accepted)
-            out = torch.where(valid & ~accepted, sample_probs(redraw, u_res), drafts)
-            tokens.scatter_(1, pos, out)
+            out_tok = torch.where(valid & ~accepted, sample_probs(redraw, u_res), drafts)
+            tokens.scatter_(1, pos, out_tok)
             q = torch.where(tail[..., None], p_win, q)
             if guide is not tokens:
                 guide.scatter_(1, pos, torch.where(valid, p_win.argmax(-1), guide.gather(1, pos)))
 
-            # -- advance: commit, slide the q buffer, roll the cache back to the common prefix ------
+            # -- advance: commit, slide the q buffer; finished images leave their slots (continuous) ---
             c = c + done
             shift = tok0_of[c] - tok0  # tokens committed
-            q = q.gather(1, (slots + shift[:, None]).clamp(max=Wt - 1)[..., None].expand(-1, -1, V))
+            q = q.gather(1, (slot_idx + shift[:, None]).clamp(max=Wt - 1)[..., None].expand(-1, -1, V))
             d_end = torch.where(active, e, d_end)
-            trace_c.append(tok0)
-            trace_n.append(shift)
-            m = int(torch.where(c < S, c, S).min())
+            slots.count_round()
+            for b in idx:
+                trace[int(slots.image[b])].append((int(tok0[b]), int(shift[b])))
+            finished = active & (c >= S)
+            if bool(finished.any()):
+                fin = finished.nonzero().squeeze(1)
+                result[slots.image[fin.cpu()].to(dev)] = tokens[fin, :T]
+                if run.continuous:
+                    slots.release(fin)
             if progress:
-                bar.update(starts[m] - bar.n)
-            if m < S:
-                run.rollback(m)
+                bar.update(int(shift[active].sum()))
         bar.close()
-        accepted = torch.stack(trace_n).cpu()
-        self.trace = {"start": torch.stack(trace_c).cpu(), "accepted": accepted}
-        stats = SamplerStats(forward_passes=run.passes, steps=S, accepted_per_pass=(accepted.double().mean(1)).tolist(),
-                             cache_bytes=run.cache_bytes)
-        return SampleResult(tokens[:, :T].contiguous(), stats)
+        return self._result(result, trace, slots, run, S, T)
+
+    def _result(self, tokens, trace, slots, run, S, T) -> SampleResult:
+        """Tokens, stats and ``self.trace`` (per image: first window token and tokens committed, per pass)."""
+        P = max(len(t) for t in trace)
+        start = torch.full((P, len(trace)), T, dtype=torch.long)
+        accepted = torch.zeros(P, len(trace), dtype=torch.long)
+        for i, t in enumerate(trace):
+            if t:
+                start[:len(t), i] = torch.tensor([a for a, _ in t])
+                accepted[:len(t), i] = torch.tensor([n for _, n in t])
+        self.trace = {"start": start, "accepted": accepted}
+        stats = SamplerStats(forward_passes=run.passes, steps=S, accepted_per_pass=accepted.double().mean(1).tolist(),
+                             cache_bytes=run.cache_bytes, passes_per_image=slots.passes.tolist(),
+                             rounds=slots.rounds if run.continuous else 0)
+        return SampleResult(tokens, stats)
 
     def _geometry(self, layout, dev) -> dict:
         """Per committed count c (S = finished), the window and its slots, as lookup tables;
