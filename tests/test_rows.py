@@ -114,6 +114,25 @@ def test_rows_decode_whole_images_with_rejections_and_refeeding(kind):
     assert seen.all() and (steps == L.num_steps).all()
 
 
+def test_padded_captions_stay_hidden_from_rows():
+    """Text-to-image with padded captions: prefill's caption mask as the state, outputs equal forward's."""
+    gen = randomize(create_model("raster-tiny", caption_dim=8, cls_token_num=3))
+    g = torch.Generator().manual_seed(10)
+    cond = torch.randn(2, 3, 8, generator=g)
+    cond[0, 2] = 0  # row 0's last caption token is padding
+    tokens = torch.randint(0, 16, (2, 4), generator=g)
+    with torch.inference_mode():
+        a, b = gen.new_cache(2), gen.new_cache(2)
+        _, mask = gen.prefill(cond, a)
+        gen.prefill(cond, b)
+        assert mask is not None
+        want = gen(tokens, 1, a, mask)
+        got = gen.forward_rows(tokens, torch.tensor([1, 1]), b, mask)
+        unmasked = gen.forward_rows(tokens, torch.tensor([1, 1]), b)
+    close(got, want)
+    assert not torch.allclose(unmasked[0], want[0], atol=1e-3)  # the mask matters for row 0
+
+
 @pytest.mark.parametrize("kind", ["raster", "nar"])
 def test_rows_do_not_influence_each_other(kind):
     gen = GENS[kind]()
