@@ -314,7 +314,26 @@ def _load_tokenizer(spec: str | os.PathLike, family: str, patch_nums: Sequence[i
         return load_llamagen_vq(path)
     from .var_vae import load_var_vae
 
-    return load_var_vae(path, patch_nums=patch_nums)
+    try:
+        return load_var_vae(path, patch_nums=patch_nums)
+    except CheckpointError:
+        _refuse_llamagen_vq(path)
+        raise
+
+
+def _refuse_llamagen_vq(path: Path) -> None:
+    """One line when a VAR-DD student was given LlamaGen's VQ (its files carry an ``args`` Namespace, which the
+    VQVAE loader refuses without saying what the file is)."""
+    try:
+        ckpt = load_checkpoint(path, "tokenizer checkpoint")
+    except CheckpointError:
+        return
+    if isinstance(ckpt, Mapping):
+        inner = ckpt.get("model") if isinstance(ckpt.get("model"), Mapping) else ckpt
+        keys = set(tensors_of(inner))
+        if any(k.startswith("encoder.conv_blocks.") for k in keys) or "quantize.codebook_used" in keys:
+            raise CheckpointError(f"{path} is LlamaGen's VQ tokenizer (for LlamaGen-DD); a VAR-DD student needs VAR's "
+                                  "VQVAE (vae_ch160v4096z32.pth) as --tokenizer")
 
 
 def _codebook(tokenizer, spec, dd, vocab: int, dim: int) -> Tensor:
