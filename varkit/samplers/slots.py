@@ -184,9 +184,9 @@ class SlotRunner:
         outputs wanted for tokens ``step_starts[first]`` … ``out_end - 1`` (``feed <= first``). Rows not
         ``live`` are fed from their ``feed`` step too (rows mode) and their outputs are garbage."""
         st = self.starts
+        first, s = first.clamp(0, self.S - 1), feed.clamp(1, self.S - 1)  # (rows not live may point anywhere)
         n_out = int((out_end - st[first])[live].max())
         if self.continuous:
-            s = feed.clamp(1, self.S - 1)
             n = int(torch.maximum(in_end - st[s - 1], out_end - st[s])[live].max())
             idx = (st[s - 1][:, None] + torch.arange(n, device=st.device)).clamp(max=tokens.shape[1] - 1)
             inp = _take(tokens, idx)
@@ -197,7 +197,7 @@ class SlotRunner:
             out = self.gen.forward_rows(inp, steps, self.cache, self.state)
             base = st[s]
         else:
-            m = int(feed[live].min())
+            m = int(s[live].min())
             if self.next_step > m:
                 self.gen.rollback(self.cache, self.state, m)
             else:

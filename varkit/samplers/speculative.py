@@ -57,9 +57,10 @@ from tqdm.auto import tqdm
 from ..errors import InvalidArgumentError
 from ..models.base import Generator
 from .accept import AcceptRule, acceptance_prob, verify
-from .base import GuidedRunner, SampleResult, Sampler, SamplerStats, is_categorical
+from .base import SampleResult, Sampler, SamplerStats, is_categorical
 from .lantern import DEFAULT_DELTA, DEFAULT_K, make_relaxation
 from .logits import SamplingParams, processed_probs, sample_probs, uniforms
+from .slots import SlotRunner, Slots, rows_capable
 
 
 @functools.lru_cache(maxsize=4)
@@ -153,6 +154,7 @@ class SpeculativeSampler(Sampler):
 
     name = "speculative"
     lossless = True
+    continuous_batching = True
     # the acceptance probability of a draft from (p(x), q(x)); private hook for tests
     _rule: ClassVar[AcceptRule] = staticmethod(acceptance_prob)
 
@@ -207,93 +209,120 @@ class SpeculativeSampler(Sampler):
             self.draft.to(device)
         return self.draft
 
-    def _sample(self, gen, cond, gens, progress) -> SampleResult:
+    def continuous_for(self, gen) -> bool:
+        return rows_capable(gen, self.draft)
+
+    def _sample(self, gen, cond, gens, progress, max_batch: int | None = None) -> SampleResult:
         params, G = self.params, self.gamma
         dev = cond.device
-        B, T, V = cond.shape[0], gen.layout.num_tokens, gen.vocab_size
+        N, T, V = cond.shape[0], gen.layout.num_tokens, gen.vocab_size
         draft = self._draft_on(dev)
-        tgt = GuidedRunner(gen, params, cond)
-        drf = GuidedRunner(draft, params, cond)
+        slots = Slots(N, max_batch)
+        continuous = max_batch is not None
+        tgt = SlotRunner(gen, params, cond, slots, continuous)
+        drf = SlotRunner(draft, params, cond, slots, continuous)
+        B = slots.B
         steps = torch.arange(G + 1, device=dev)
         rows = torch.arange(B, device=dev)
+        result = torch.zeros(N, T, dtype=torch.long, device=dev)
         tokens = torch.zeros(B, T + G + 1, dtype=torch.long, device=dev)  # G + 1 padding columns
         q = torch.zeros(B, G, V, device=dev)
-        trace_n, trace_c = [], []
-
-        # pass 0: the target's prefill yields position 0 only; draw it from p
-        u0 = uniforms(gens, 1, dev)[:, 0]
-        tokens[:, 0] = sample_probs(processed_probs(tgt.logits(tgt.prefill())[:, 0], params), u0)
-        drf.prefill()
-        n = torch.ones(B, dtype=torch.long, device=dev)  # committed tokens per image
-        trace_n.append(torch.zeros_like(n))
-        trace_c.append(torch.ones_like(n))
-        fed_draft = 0  # tokens in the drafter's cache
-        bar = tqdm(total=T, disable=not progress, desc="tokens", leave=False)
-        bar.update(1)
+        n = torch.full((B,), T, dtype=torch.long, device=dev)  # committed tokens per slot (T: empty or done)
+        fed = torch.zeros_like(n)  # positions whose K/V the drafter holds for the committed tokens
+        trace: list[list[tuple[int, int]]] = [[] for _ in range(N)]  # per image: (committed before, committed)
+        bar = tqdm(total=N * T, disable=not progress, desc="tokens", leave=False)
         while True:
-            active = n < T
-            idx = active.nonzero().squeeze(1)
-            if idx.numel() == 0:
+            new, images = slots.refill()
+            passing = n < T  # slots whose image verifies drafts this round (not the ones admitted now)
+            if len(images):
+                # an admitted image's first pass: the target's prefill yields position 0; draw it from p
+                new = new.to(dev)
+                tokens[new] = 0
+                u0 = uniforms([gens[i] for i in images], 1, dev)[:, 0]
+                p0 = processed_probs(tgt.mix(*tgt.admit(new, images))[:, 0], params)
+                tokens[new, 0] = sample_probs(p0, u0)
+                drf.admit(new, images)
+                n[new], fed[new] = 1, 0
+                for i in images:
+                    trace[i].append((0, 1))
+                bar.update(len(images))
+            elif not bool(passing.any()):
                 break
-            m = int(n[active].min())
-            u = torch.zeros(B, 3 * G + 1, dtype=torch.float64, device=dev)
-            u[idx] = uniforms([gens[i] for i in idx.tolist()], 3 * G + 1, dev)
-            u_draft, u_acc, u_res = u[:, :G], u[:, G:2 * G], u[:, 2 * G:]
-            g = torch.where(active, (T - n).clamp(max=G), 0)  # drafts per image this pass
+            occupied = slots.occupied.to(dev)
+            active = passing & (n < T)
+            idx = active.nonzero().squeeze(1)
+            if idx.numel():
+                before = n.clone()
+                u = torch.zeros(B, 3 * G + 1, dtype=torch.float64, device=dev)
+                u[idx] = uniforms([gens[int(slots.image[i])] for i in idx.tolist()], 3 * G + 1, dev)
+                u_draft, u_acc, u_res = u[:, :G], u[:, G:2 * G], u[:, 2 * G:]
+                g = torch.where(active, (T - n).clamp(max=G), 0)  # drafts per image this pass
 
-            # -- draft: position by position from the common prefix m --------------------------------
-            if fed_draft > m - 1:
-                drf.rollback(m)
-                fed_draft = m - 1
-            last = int((n + g)[active].max())  # one past the furthest draft
-            for P in range(m, last):
-                logits = drf.logits(drf.forward(tokens[:, fed_draft:P], fed_draft + 1))[:, -1]
-                fed_draft = P
-                j = P - n  # draft slot of position P per image
-                mine = active & (j >= 0) & (j < g)
-                if not bool(mine.any()):
-                    continue
-                qP = processed_probs(logits, params)
-                js = j.clamp(0, G - 1)
-                x = sample_probs(qP, u_draft[rows, js])
-                tokens[:, P] = torch.where(mine, x, tokens[:, P])
-                q[rows, js] = torch.where(mine[:, None], qP, q[rows, js])
+                # -- draft: one drafter call per draft slot; the first catches the drafter up -------------------
+                for j in range(int(g.max())):
+                    live = active & (j < g)
+                    P = n + j  # the position each live row drafts
+                    feed = torch.where(live, fed + 1 if j == 0 else P, n.clamp(max=T - 1))  # others re-feed their last token
+                    out, w = drf.outputs(tokens, feed, P, P, P + 1, live)
+                    qP = processed_probs(drf.mix(out, w)[:, 0], params)
+                    fed = torch.where(live, P, fed)
+                    x = sample_probs(qP, u_draft[:, j])
+                    tokens[rows, P.clamp(max=T + G)] = torch.where(live, x, tokens[rows, P.clamp(max=T + G)])
+                    q[:, j] = torch.where(live[:, None], qP, q[:, j])
 
-            # -- verify all drafts (and the bonus position) in one target pass --------------------------
-            end = int(torch.minimum(n + G, torch.full_like(n, T - 1))[active].max())  # last position scored
-            logits = tgt.logits(tgt.forward(tokens[:, m - 1:end], m))  # positions m .. end
-            pos = n[:, None] + steps  # (B, G+1) positions of the drafts and the bonus
-            rel = (pos - m).clamp(0, logits.shape[1] - 1)
-            p = processed_probs(logits.gather(1, rel[..., None].expand(-1, -1, V)), params)  # (B, G+1, V)
-            p_d = p[:, :G]
-            drafts = tokens.gather(1, pos[:, :G])
-            rule = self._rule if self.relaxation is None else self.relaxation.rule(p_d, drafts, q, base=self._rule)
-            v = verify(p_d, drafts, u_acc, u_res[:, :G], q, rule=rule)
-            valid = steps[:G] < g[:, None]
-            bad = torch.where(valid & ~v.accepted, steps[:G], G).amin(1)  # first rejection, G if none
-            rejected = bad < g
-            bonus_ok = ~rejected & (n + g < T)
-            # commit: accepted drafts stay; the rejected slot gets its residual draw; or the bonus token
-            at = (n + bad.clamp(max=G - 1)).clamp(max=T + G)
-            fix = torch.where(rejected, v.tokens[rows, bad.clamp(max=G - 1)], tokens[rows, at])
-            tokens[rows, at] = torch.where(active & rejected, fix, tokens[rows, at])
-            bonus = sample_probs(p[:, G], u_res[:, G])
-            bpos = (n + G).clamp(max=T + G)
-            tokens[rows, bpos] = torch.where(active & bonus_ok, bonus, tokens[rows, bpos])
-            count = torch.where(rejected, bad + 1, g + bonus_ok.long())
-            count = torch.where(active, count, 0)
-            trace_n.append(n.clone())
-            trace_c.append(count)
-            n = n + count
-            if progress:
-                bar.update(int(n.min()) - bar.n)
-            still = n < T
-            if bool(still.any()):
-                tgt.rollback(int(n[still].min()))
+                # -- verify all drafts (and the bonus position) in one target pass --------------------------
+                in_end = torch.minimum(n + g, torch.full_like(n, T - 1))
+                out, w = tgt.outputs(tokens, n.clamp(max=T - 1), in_end, n.clamp(max=T - 1),
+                                     torch.minimum(n + g + 1, torch.full_like(n, T)), active)
+                logits = tgt.mix(out, w)  # column j: position n + j
+                if logits.shape[1] < G + 1:
+                    logits = torch.cat([logits, logits[:, -1:].expand(-1, G + 1 - logits.shape[1], -1)], 1)
+                pos = n[:, None] + steps  # (B, G+1) positions of the drafts and the bonus
+                p = processed_probs(logits[:, :G + 1], params)  # (B, G+1, V)
+                p_d = p[:, :G]
+                drafts = tokens.gather(1, pos[:, :G])
+                rule = self._rule if self.relaxation is None else self.relaxation.rule(p_d, drafts, q, base=self._rule)
+                v = verify(p_d, drafts, u_acc, u_res[:, :G], q, rule=rule)
+                valid = steps[:G] < g[:, None]
+                bad = torch.where(valid & ~v.accepted, steps[:G], G).amin(1)  # first rejection, G if none
+                rejected = bad < g
+                bonus_ok = ~rejected & (n + g < T)
+                # commit: accepted drafts stay; the rejected slot gets its residual draw; or the bonus token
+                at = (n + bad.clamp(max=G - 1)).clamp(max=T + G)
+                fix = torch.where(rejected, v.tokens[rows, bad.clamp(max=G - 1)], tokens[rows, at])
+                tokens[rows, at] = torch.where(active & rejected, fix, tokens[rows, at])
+                bonus = sample_probs(p[:, G], u_res[:, G])
+                bpos = (n + G).clamp(max=T + G)
+                tokens[rows, bpos] = torch.where(active & bonus_ok, bonus, tokens[rows, bpos])
+                count = torch.where(rejected, bad + 1, g + bonus_ok.long())
+                count = torch.where(active, count, 0)
+                n = n + count
+                # the drafter holds the accepted drafts; a re-drawn or bonus token (and the draft before a bonus) not
+                fed = torch.where(active, torch.minimum(fed, n - 1), fed)
+                for b in idx.tolist():
+                    trace[int(slots.image[b])].append((int(before[b]), int(count[b])))
+                bar.update(int(count.sum()))
+            slots.count_round()
+            finished = occupied & (n >= T)
+            if continuous and bool(finished.any()):
+                fin = finished.nonzero().squeeze(1)
+                result[slots.image[fin.cpu()].to(dev)] = tokens[fin, :T]
+                slots.release(fin)
         bar.close()
-        commits = torch.stack(trace_c).cpu()
-        self.trace = {"start": torch.stack(trace_n).cpu(), "accepted": commits, "draft_passes": drf.passes}
-        stats = SamplerStats(forward_passes=tgt.passes, steps=gen.layout.num_steps,
-                             accepted_per_pass=commits.double().mean(1).tolist(),
-                             cache_bytes=tgt.cache_bytes + drf.cache_bytes)
-        return SampleResult(tokens[:, :T].contiguous(), stats)
+        if not continuous:
+            result = tokens[:, :T].contiguous()
+        return self._result(result, trace, slots, tgt, drf, gen.layout.num_steps, T)
+
+    def _result(self, tokens, trace, slots, tgt, drf, S, T) -> SampleResult:
+        """Tokens, stats and ``self.trace`` (per image and pass: committed position before it, tokens committed)."""
+        P = max(len(t) for t in trace)
+        start = torch.full((P, len(trace)), T, dtype=torch.long)
+        accepted = torch.zeros(P, len(trace), dtype=torch.long)
+        for i, t in enumerate(trace):
+            start[:len(t), i] = torch.tensor([a for a, _ in t])
+            accepted[:len(t), i] = torch.tensor([c for _, c in t])
+        self.trace = {"start": start, "accepted": accepted, "draft_passes": drf.passes}
+        stats = SamplerStats(forward_passes=tgt.passes, steps=S, accepted_per_pass=accepted.double().mean(1).tolist(),
+                             cache_bytes=tgt.cache_bytes + drf.cache_bytes, draft_passes=drf.passes,
+                             passes_per_image=slots.passes.tolist(), rounds=slots.rounds if tgt.continuous else 0)
+        return SampleResult(tokens, stats)
