@@ -207,17 +207,24 @@ class Pipeline:
         if hasattr(smp, "bind_tokenizer"):  # samplers that need the tokenizer (LANTERN's codebook, drafter checks)
             smp.bind_tokenizer(self.tokenizer)
         gens = image_generators(seed, cond.shape[0], list(image_seeds) if image_seeds is not None else None)
-        bs = batch_size or cond.shape[0]
+        N = cond.shape[0]
+        bs = batch_size or N
+        # speculative samplers keep bs slots over all the images (continuous batching); the rest take bs at a time
+        if bs < N and smp.continuous_for(self.generator):
+            runs = [(cond, gens, bs)]
+        else:
+            runs = [(cond[i:i + bs], gens[i:i + bs], None) for i in range(0, N, bs)]
         images, tokens, stats = [], [], None
-        for i in range(0, cond.shape[0], bs):
-            res = smp.sample(self.generator, cond[i:i + bs], gens[i:i + bs], progress=progress)
+        for run_cond, run_gens, max_batch in runs:
+            res = smp.sample(self.generator, run_cond, run_gens, progress=progress, max_batch=max_batch)
             tokens.append(res.tokens)
-            batch = self.decode_images(res.tokens, image_size)
-            if not bool(torch.isfinite(batch).all()):
-                raise NumericalError(
-                    f"{self.name or 'the model'} produced non-finite images (NaN or inf): its weights may be corrupt "
-                    f"(re-save or re-convert it), or a setting overflows (cfg {params.cfg}, temperature {params.temperature})")
-            images.append(batch if output_type == "pt" else batch.cpu())
+            for i in range(0, res.tokens.shape[0], bs):
+                batch = self.decode_images(res.tokens[i:i + bs], image_size)
+                if not bool(torch.isfinite(batch).all()):
+                    raise NumericalError(
+                        f"{self.name or 'the model'} produced non-finite images (NaN or inf): its weights may be corrupt "
+                        f"(re-save or re-convert it), or a setting overflows (cfg {params.cfg}, temperature {params.temperature})")
+                images.append(batch if output_type == "pt" else batch.cpu())
             stats = res.stats if stats is None else stats.merge(res.stats)
         return PipelineOutput(_as_output(images, output_type), torch.cat(tokens), stats)
 
