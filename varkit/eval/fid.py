@@ -116,6 +116,18 @@ def _check_manifest(folder: Path, manifest: dict, rank: int) -> None:
         write_json(path, manifest)
 
 
+QUEUE_BATCHES = 8  # batches handed to a continuous-batching sampler per call (written to disk after each call)
+
+
+def _continuous(pipe, settings: dict) -> bool:
+    """Whether the run's sampler keeps slots over a queue of images (continuous batching) on this generator."""
+    from ..samplers import SAMPLERS
+
+    cls = SAMPLERS.get(settings.get("sampler") or "ancestral")  # (an unknown name fails in the pipeline)
+    return bool(getattr(cls, "continuous_batching", False)) and \
+        bool(getattr(getattr(pipe, "generator", None), "supports_rows", False))
+
+
 def generate_samples(pipe, out_dir: str | os.PathLike, num_samples: int, *, settings: dict | None = None,
                      seed: int = 0, batch_size: int = 32, sampler_kwargs: dict | None = None,
                      model: str | None = None, rank: int | None = None, world_size: int | None = None,
@@ -150,10 +162,15 @@ def generate_samples(pipe, out_dir: str | os.PathLike, num_samples: int, *, sett
     t0 = time.perf_counter()
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"generating (rank {rank})" if world_size > 1
               else "generating", unit="img", disable=not progress or rank != 0, file=sys.stderr) as bar:
-        for start in range(0, len(todo), batch_size):
-            idx = todo[start:start + batch_size]
+        # speculative samplers get QUEUE_BATCHES batches per pipeline call and refill a finished image's slot
+        # from that queue (continuous batching); the others decode batch_size images a call
+        queue = _continuous(pipe, settings)
+        per_call = batch_size * QUEUE_BATCHES if queue else batch_size
+        for start in range(0, len(todo), per_call):
+            idx = todo[start:start + per_call]
             labels = [i % num_classes for i in idx]
-            out = pipe(class_labels=labels, image_seeds=[image_seed(seed, i) for i in idx], **call, **sampler_kwargs)
+            out = pipe(class_labels=labels, image_seeds=[image_seed(seed, i) for i in idx],
+                       **({"batch_size": batch_size} if queue else {}), **call, **sampler_kwargs)
             if len(out.images) != len(idx):
                 raise RuntimeError(f"pipeline returned {len(out.images)} images for {len(idx)} labels")
             for i, lab, im in zip(idx, labels, out.images):
