@@ -339,3 +339,86 @@ def test_errors(diffusion):
         GaussianDiffusion(1000, "sqrt")
     with pytest.raises(InvalidArgumentError, match="depth"):
         DiffusionMLP(16, 64, 32, 32, -1)
+
+
+# ------------------------------------------------------------------------------------------- prepared chains
+
+def chain_fn(net, z_cond, z_uncond, cfg, timesteps):
+    """What DiffusionHead hands the loop since the chain's condition-only work is hoisted: a ChainFn."""
+    from varkit.models.diffusion import ChainFn
+
+    z = z_cond if cfg == 1.0 else torch.cat([z_cond, z_uncond])
+    chain = net.prepare(z, list(timesteps)[::-1])
+    if cfg == 1.0:
+        return ChainFn(lambda x, k: net.step(x, chain, k))
+    return ChainFn(lambda x, k: guide_eps(net.step(torch.cat([x, x]), chain, k), cfg, D))
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp64"])
+@pytest.mark.parametrize("budget", [None, 1, 3 * 6 * (3 * DEPTH + 2) * W])  # all steps / 1 / 3 steps a chunk (6 rows)
+def test_chain_step_equals_forward(ref, diffusion, monkeypatch, name, budget):
+    """net.step at every step of a prepared chain is net.forward at that step's timestep: the same ops, only the
+    row counts of some GEMMs change (S timesteps, steps·N modulation rows), which may make a BLAS pick another
+    kernel and sum each dot product in another order. That is <= K·eps·Σ|terms| per GEMM (K = 64 here), a few
+    fp32 ulps of the output scale after 4 layers: RTOL (2e-5 fp32, 1e-11 fp64 relative) leaves a wide margin on
+    any x86-64 CPU. Chunk budgets that split the chain (1 step, 3 steps: not dividing 25) give the same values."""
+    import varkit.models.diffusion as mod
+
+    if budget is not None:
+        monkeypatch.setattr(mod, "CHAIN_MODULATION_ELEMENTS", budget)
+    dt = DTYPES[name]
+    net = make_net(ref, dt)
+    x, c = ref["net_in.x"].to(dt), ref["net_in.c"].to(dt)
+    ts = list(diffusion.respaced(25).timesteps)[::-1]
+    with torch.no_grad():
+        chain = net.prepare(c, ts)
+        assert chain.chunk == {None: 25, 1: 1}.get(budget, 3)
+        for k in list(range(len(ts))) + [0, 24, 3]:  # revisiting earlier chunks recomputes them
+            want = net(x, torch.full((6,), ts[k]), c)
+            assert_close_rel(net.step(x, chain, k), want, RTOL[name], f"step {k}")
+    with pytest.raises(InvalidArgumentError, match="outside this 25-step chain"):
+        chain.modulations(25)
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp64"])
+@pytest.mark.parametrize("steps,tau,cfg", [(100, 1.0, 4.0), (25, 0.95, 1.0)])
+def test_chain_sampling_matches_official(ref, diffusion, name, steps, tau, cfg):
+    """The loop driven by a ChainFn (what DiffusionHead uses) reproduces the official chain (same bounds)."""
+    dt = DTYPES[name]
+    net = make_net(ref, dt)
+    sched = diffusion.respaced(steps)
+    fn = chain_fn(net, ref["sample_in.z_cond"].to(dt), ref["sample_in.z_uncond"].to(dt), cfg, sched.timesteps)
+    res = sched.sample(fn, ref["sample_in.x_T"].to(dt), ref["sample_in.noises"][:, :steps].to(dt), temperature=tau)
+    key = f"sample.s{steps}.tau{tau}.cfg{cfg}.{name}"
+    for field in ("x0", "mean", "std", "log_std_sum"):
+        assert_close_rel(getattr(res, field), ref[f"{key}.{field}"], RTOL[name], f"{key}.{field}")
+
+
+def test_head_sampling_uses_the_chain_and_equals_the_plain_loop(diffusion):
+    """DiffusionHead.sample (hoisted chain, CFG per position) equals the per-step loop on the plain network in
+    fp64: same ops up to GEMM row-count reorderings (a few fp64 ulps, amplified < 1e4 by the 10-step chain)."""
+    from types import SimpleNamespace
+
+    from varkit.models.heads import DiffusionHead, DiffusionNoise
+
+    torch.manual_seed(0)
+    head = DiffusionHead(token_dim=4, cond_dim=8, depth=2, width=64, default_steps=10, x0_clip=4.0).double()
+    for p in head.net.parameters():  # MAR's init zeroes the adaLN and output layers: make them matter
+        torch.nn.init.normal_(p, std=0.1)
+    g = torch.Generator().manual_seed(1)
+    B, n = 2, 3
+    out = torch.randn(2 * B, n, 8, generator=g, dtype=torch.float64)
+    noise = DiffusionNoise(torch.randn(B, n, 4, generator=g), torch.randn(B, n, 10, 4, generator=g))
+    w = torch.tensor([1.5, 3.0, 4.0])
+    got = head.sample(out, w, noise, SimpleNamespace(head_steps=None, temperature=0.9))
+    sched, z = diffusion.respaced(10), out.reshape(-1, 8)
+    ww = w.double().view(1, -1, 1).expand(B, n, 1).reshape(B * n, 1)
+    net = head.net
+
+    def plain(x, t):
+        o = net(torch.cat([x, x]), torch.cat([t, t]), z)
+        return torch.cat([o[B * n:, :4] + (o[:B * n, :4] - o[B * n:, :4]) * ww, o[:B * n, 4:]], 1)
+
+    want = sched.sample(plain, noise.x_T.reshape(-1, 4).double(), noise.steps.reshape(B * n, 10, 4).double(),
+                        0.9, 4.0).x0.view(B, n, 4)
+    assert_close_rel(got, want, 1e-11, "head sample")

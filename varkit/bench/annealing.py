@@ -89,6 +89,8 @@ def run_annealing(models: list[str], steps: list[str], per_class: int = 50, batc
             return wrapper
 
         head.net.forward = count(head.net.forward)  # instance attribute: this pipeline's head only
+        if hasattr(head.net, "step"):  # MAR's MLP samples through step (its chain's condition work hoisted)
+            head.net.step = count(head.net.step)
         labels = [c for c in range(pipe.num_classes) for _ in range(per_class)]
         default = pipe.sampling_params().head_steps or head.steps_for(pipe.sampling_params())
         model_rows = []

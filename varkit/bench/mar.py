@@ -278,6 +278,7 @@ def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack:
     instrument(gen, "decode", lambda f: _timed(f, split, "transformer"))
     instrument(gen.head, "sample", lambda f: _timed(f, split, "head"))
     instrument(gen.head.net, "forward", lambda f: _counted(f, split))
+    instrument(gen.head.net, "step", lambda f: _counted(f, split))  # sampling calls step (condition work hoisted)
     params = SamplingParams(cfg=settings["cfg"], cfg_schedule=settings["cfg_schedule"], temperature=settings["temperature"],
                             head_steps=settings["head_steps"], num_iter=settings["num_iter"])
     sampler = get_sampler("ancestral", params)

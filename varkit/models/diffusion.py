@@ -12,6 +12,9 @@ generators and samplers.
   ``training_losses`` with ``LossType.MSE``) and respaced sampling schedules (MAR's ``space_timesteps``).
 - :class:`RespacedSchedule`: the ancestral ``p_sample`` loop with *injected* noise, returning the last
   step's Gaussian and the trajectory's Σ log σ (what continuous speculative decoding records).
+- :class:`DiffusionChain` (:meth:`DiffusionMLP.prepare`) and :class:`ChainFn`: what the network derives from
+  the condition and the timesteps alone (``cond_embed(c)``, the timestep embeddings, every step's adaLN
+  modulations) computed once per chain, in a few large GEMMs, instead of at every denoising step (same ops).
 
 Schedule coefficients are computed in float64 (as the official numpy code) and cast to the working
 dtype, so an fp32 run reproduces the official fp32 arithmetic; fp64 runs stay fp64 throughout.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -92,7 +96,11 @@ class ResBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(channels, 3 * channels))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return self.modulated(x, self.adaLN_modulation(y))
+
+    def modulated(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """The block given its modulation ``adaLN_modulation(y)`` (N, 3·channels), computed elsewhere."""
+        shift, scale, gate = mod.chunk(3, dim=-1)
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
 
 
@@ -106,7 +114,11 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(channels, 2 * channels))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.modulated(x, self.adaLN_modulation(y))
+
+    def modulated(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """The layer given its modulation ``adaLN_modulation(y)`` (N, 2·channels), computed elsewhere."""
+        shift, scale = mod.chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -156,6 +168,65 @@ class DiffusionMLP(nn.Module):
             else:
                 h = block(h, y)
         return self.final_layer(h, y)
+
+    def prepare(self, c: torch.Tensor, timesteps) -> "DiffusionChain":
+        """The x-independent work of a sampling chain over ``timesteps`` (original indices, in the order the
+        loop visits them) for conditions c (N, C): see :class:`DiffusionChain`."""
+        return DiffusionChain(self, c, timesteps)
+
+    def step(self, x: torch.Tensor, chain: "DiffusionChain", k: int) -> torch.Tensor:
+        """:meth:`forward` at the chain's k-th timestep, with its precomputed modulations (same ops)."""
+        mods = chain.modulations(k)
+        h = self.input_proj(x)
+        for block, mod in zip(self.res_blocks, mods):
+            h = block.modulated(h, mod)
+        return self.final_layer.modulated(h, mods[-1])
+
+
+# modulation elements a chain holds at once (64 MiB in fp32): steps are precomputed in chunks of this size
+CHAIN_MODULATION_ELEMENTS = 1 << 24
+
+
+class DiffusionChain:
+    """What :class:`DiffusionMLP` derives from the condition c and the timesteps alone, for one sampling chain.
+
+    The conditioning y = time_embed(t) + cond_embed(c) and every adaLN modulation Linear(SiLU(y)) do not depend
+    on the token x, so instead of recomputing them at each of the S steps (S small GEMMs per layer, each
+    re-reading its weights: the bulk of the head's time at small batches), ``cond_embed(c)`` and the S timestep
+    embeddings are computed once and the modulations of many steps at a time, in one GEMM per layer over
+    (steps·N) rows. At most :data:`CHAIN_MODULATION_ELEMENTS` are held (a chunk of consecutive steps).
+    """
+
+    def __init__(self, net: DiffusionMLP, c: torch.Tensor, timesteps):
+        self.cond = net.cond_embed(c)  # (N, W)
+        t = torch.as_tensor(list(timesteps), dtype=torch.long, device=c.device)
+        self.temb = net.time_embed(t)  # (S, W)
+        self.num_steps, rows = t.shape[0], c.shape[0]
+        self._layers = [b.adaLN_modulation[-1] for b in net.res_blocks] + [net.final_layer.adaLN_modulation[-1]]
+        per_step = max(1, rows * sum(lin.out_features for lin in self._layers))
+        self.chunk = max(1, min(self.num_steps, CHAIN_MODULATION_ELEMENTS // per_step))
+        self._start, self._mods = -1, []
+
+    def modulations(self, k: int) -> list[torch.Tensor]:
+        """Step k's modulation (N, ·) of every residual block, then the final layer's."""
+        if not 0 <= k < self.num_steps:
+            raise InvalidArgumentError(f"step {k} is outside this {self.num_steps}-step chain")
+        start = k - k % self.chunk
+        if start != self._start:
+            end = min(start + self.chunk, self.num_steps)
+            y = self.temb[start:end, None] + self.cond[None]  # (steps, N, W): y of every row at every step
+            s = F.silu(y).reshape(-1, y.shape[-1])
+            self._mods = [lin(s).view(end - start, y.shape[1], -1) for lin in self._layers]
+            self._start = start
+        return [m[k - start] for m in self._mods]
+
+
+class ChainFn:
+    """A denoiser bound to one chain: ``fn(x, k)`` is the network output (N, 2D) at the loop's k-th step
+    (k = 0: the largest timestep), so per-chain work happens once (:class:`DiffusionChain`)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, int], torch.Tensor]):
+        self.fn = fn
 
 
 def guide_eps(out: torch.Tensor, scale: torch.Tensor | float, channels: int) -> torch.Tensor:
@@ -307,12 +378,12 @@ class RespacedSchedule:
         return mean, log_var
 
     @torch.no_grad()
-    def sample(self, model_fn: ModelFn, x_T: torch.Tensor, noises: torch.Tensor,
+    def sample(self, model_fn: ModelFn | ChainFn, x_T: torch.Tensor, noises: torch.Tensor,
                temperature: float = 1.0, x0_clip: float | None = None) -> SampleOut:
         """MAR's ``p_sample_loop`` (``clip_denoised=False``) from x_T (N, D) with injected per-step noise.
 
         ``model_fn(x (N, D), t (N,) original timesteps) -> (N, 2D)`` (apply CFG inside it, e.g. with
-        :func:`guide_eps`). ``noises`` (N, S, D): index k is consumed by the k-th reverse step (k = 0 is the
+        :func:`guide_eps`), or a :class:`ChainFn` called with the step number k instead of t. ``noises`` (N, S, D): index k is consumed by the k-th reverse step (k = 0 is the
         largest t); the last one (t = 0) is unused since no noise is added there. ``temperature`` scales
         the per-step noise only.
         """
@@ -329,8 +400,10 @@ class RespacedSchedule:
         x, log_std_sum = x_T, torch.zeros_like(x_T)
         for k in range(S):
             i = S - 1 - k
-            t = torch.full((N,), self.timesteps[i], dtype=torch.long, device=device)
-            out = model_fn(x, t).to(dtype)
+            if isinstance(model_fn, ChainFn):
+                out = model_fn.fn(x, k).to(dtype)
+            else:
+                out = model_fn(x, torch.full((N,), self.timesteps[i], dtype=torch.long, device=device)).to(dtype)
             if tuple(out.shape) != (N, 2 * D):
                 raise InvalidArgumentError(
                     f"the diffusion network must return (N, 2D) = {(N, 2 * D)}, got {tuple(out.shape)}")

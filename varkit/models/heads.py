@@ -17,7 +17,7 @@ one draw (continuous speculative decoding) and a seed reproduces an image at any
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -219,23 +219,37 @@ class DiffusionHead(ContinuousHead):
         S, D = self.steps_for(params), self.token_dim
         return DiffusionNoise(rng.normals(n, D), rng.normals(n, S, D), rng.normals(n, D) if final_noise else None)
 
-    def _model_fn(self, z: torch.Tensor, weights) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The guided network call of the sampling loop on flattened rows (N, ·)."""
+    def _model_fn(self, z: torch.Tensor, weights, timesteps) -> Any:
+        """The guided network call of the sampling loop over ``timesteps`` (ascending) on flattened rows (N, ·).
+
+        For MAR's MLP a :class:`~varkit.models.diffusion.ChainFn` whose condition-only work is done once for the
+        chain; any other ``net(x, t, z)`` (e.g. a test's analytic denoiser) is called per step with t."""
+        from .diffusion import ChainFn, DiffusionMLP
+
         net, D = self.net, self.token_dim
         dt = next(net.parameters()).dtype  # the MLP's own dtype (a bf16 generator may feed it fp32 z, or the reverse)
         z = z.to(dt)
+        if isinstance(net, DiffusionMLP):
+            chain = net.prepare(z, list(timesteps)[::-1])  # in the loop's order: largest t first
+
+            def call(x: torch.Tensor, k: int) -> torch.Tensor:
+                return net.step(x, chain, k)
+        else:
+            def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return net(x, t.repeat(x.shape[0] // t.shape[0]), z)
+        wrap = ChainFn if isinstance(net, DiffusionMLP) else (lambda f: f)
         if weights is None:
-            return lambda x, t: net(x.to(dt), t, z).to(x.dtype)
+            return wrap(lambda x, k: call(x.to(dt), k).to(x.dtype))
         N = z.shape[0] // 2
         w = weights  # (N,) tensor or a number
 
-        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = net(torch.cat([x, x]).to(dt), torch.cat([t, t]), z).to(x.dtype)
+        def guided(x: torch.Tensor, k) -> torch.Tensor:
+            out = call(torch.cat([x, x]).to(dt), k).to(x.dtype)
             cond, uncond = out[:N], out[N:]
             eps = uncond[:, :D] + (cond[:, :D] - uncond[:, :D]) * w
             return torch.cat([eps, cond[:, D:]], 1)
 
-        return guided
+        return wrap(guided)
 
     def run(self, out: torch.Tensor, weights, noise: DiffusionNoise, params):
         """The whole denoising chain: the schedule's ``SampleOut`` on rows (B·n, D)."""
@@ -252,7 +266,7 @@ class DiffusionHead(ContinuousHead):
         dtype = torch.promote_types(next(self.net.parameters()).dtype, torch.float32)
         x_T = noise.x_T.reshape(B * n, -1).to(dtype)
         steps = noise.steps.reshape(B * n, noise.steps.shape[2], -1).to(dtype)
-        return sched.sample(self._model_fn(z, weights), x_T, steps, params.temperature, self.x0_clip)
+        return sched.sample(self._model_fn(z, weights, sched.timesteps), x_T, steps, params.temperature, self.x0_clip)
 
     def sample(self, out, weights, noise: DiffusionNoise, params) -> torch.Tensor:
         B, n = noise.x_T.shape[:2]
