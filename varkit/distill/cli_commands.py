@@ -79,6 +79,45 @@ def add_train_distill_parser(t) -> None:
     p.add_argument("--resume", default=None, help="checkpoint.pt of an interrupted run")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun DDP) on this machine")
     p.set_defaults(func=cmd_train_distill)
+    add_train_distill_dd2_parser(t)
+
+
+def cmd_train_distill_dd2(args) -> None:
+    from ..cli import _record_command
+    from .dd2 import train_dd2
+
+    train_dd2(args.teacher, args.data, args.out, init=args.init, gts_steps=args.gts_steps, steps=args.steps,
+              guidance_updates=args.guidance_updates, batch_size=args.batch_size, gen_lr=args.gen_lr,
+              gui_lr=args.gui_lr, warmup=args.warmup, ema=args.ema, noise_samples=args.noise_samples,
+              head_width=args.head_width, head_depth=args.head_depth, seed=args.seed, log_every=args.log_every,
+              eval_every=args.eval_every, device=args.device)
+    _record_command(args.out, "generator/COMMAND.txt")
+
+
+def add_train_distill_dd2_parser(t) -> None:
+    p = t.add_parser("distill-dd2", help="a DD2 one-step generator (conditional score distillation, docs/dd2.md) "
+                                         "from a raster teacher and its `varkit distill data` sequences")
+    p.add_argument("--teacher", required=True, help="the teacher (bundled name or folder; raster, ids)")
+    p.add_argument("--data", required=True, help="a `varkit distill data` folder of that teacher (GTS tuning)")
+    p.add_argument("--out", required=True, help="output pipeline folder (samples with sampler=distilled, one step)")
+    p.add_argument("--init", default=None, help="a DD1 student folder to start the generator from (default: the "
+                                                "teacher's transformer with fresh input/output layers)")
+    p.add_argument("--gts-steps", type=int, default=300, help="GTS tuning steps of the guidance network (Eq. 6)")
+    p.add_argument("--steps", type=int, default=500, help="generator updates (Eq. 4)")
+    p.add_argument("--guidance-updates", type=int, default=2, help="guidance updates (Eq. 5) per generator update")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--gen-lr", type=float, default=1e-4)
+    p.add_argument("--gui-lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=100, help="generator steps of linear warm-up from 1e-6")
+    p.add_argument("--ema", type=float, default=0.9999, help="cap of the progressive EMA rate (iter+1)/(iter+10)")
+    p.add_argument("--noise-samples", type=int, default=4, help="noisy copies per token in the guidance losses")
+    p.add_argument("--head-width", type=int, default=256)
+    p.add_argument("--head-depth", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=0, help="log one-step digits accuracy/FID of 200 samples every N steps")
+    add_device_argument(p)  # default auto, as every command
+    p.set_defaults(func=cmd_train_distill_dd2)
 
 
 def main_module(argv: list[str] | None = None) -> int:
