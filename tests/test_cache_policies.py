@@ -11,6 +11,7 @@ import torch
 from varkit.cache_policies import (
     CACHE_POLICIES,
     BudgetedKVCache,
+    coverage_fill,
     fit_in_order,
     make_cache_policy,
     water_fill,
@@ -71,11 +72,15 @@ def test_full_budget_on_flowar_is_the_plain_path():
 
 
 # -- budgets hold -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(CACHE_POLICIES))
+VARIANTS = [(name, {}) for name in sorted(CACHE_POLICIES)] + [
+    ("scalekv", {"allocation": "drafters"}), ("hack", {"structural": "score"})]
+
+
+@pytest.mark.parametrize("name, options", VARIANTS)
 @pytest.mark.parametrize("budget", [0.05, 0.1, 0.3, 0.5, 0.9])
-def test_policies_never_exceed_their_budget(var32, name, budget):
+def test_policies_never_exceed_their_budget(var32, name, options, budget):
     _, gen = var32
-    policy = make_cache_policy(f"{name}:{budget}")
+    policy = make_cache_policy(f"{name}:{budget}", **options)
     rows = 2 * len(COND)  # CFG doubles the batch
     run = GuidedRunner(gen, PARAMS, COND, cache_policy=policy)
     cache = run.cache
@@ -122,10 +127,57 @@ def test_hack_splits_heads_and_scalekv_layers(var32):
         for k, b in zip(ks, bs):
             by_kind[k].append(b)
     assert min(by_kind["recent"]) > max(by_kind["score"])
-    s = GuidedRunner(gen, PARAMS, COND, cache_policy=make_cache_policy("scalekv:0.2")).cache.plan
+    s = GuidedRunner(gen, PARAMS, COND, cache_policy=make_cache_policy("scalekv:0.2", allocation="drafters")).cache.plan
     assert all(len(gs) == 1 for gs in s.groups)
     last = [b[0] for b in s.budgets[-1]]
     assert max(last) > min(last)  # a drafter layer keeps more than the refiners
+    score = GuidedRunner(gen, PARAMS, COND, cache_policy=make_cache_policy("hack:0.2", structural="score")).cache.plan
+    assert {k for ks in score.kinds for k in ks} == {"score"}
+
+
+def test_scalekv_coverage_budgets_keep_the_most_calibrated_attention(var32):
+    # the coverage plan spends the capacity where the calibration's sorted attention is largest: no other split of
+    # the same total keeps more of it (checked against every drafters plan's split at the same step)
+    from varkit.cache_policies import calibrate
+
+    _, gen = var32
+    cov = GuidedRunner(gen, PARAMS, COND, cache_policy=make_cache_policy("scalekv:0.2")).cache.plan
+    dra = GuidedRunner(gen, PARAMS, COND, cache_policy=make_cache_policy("scalekv:0.2", allocation="drafters")).cache.plan
+    calib = calibrate(gen, PARAMS)
+    layers, heads, _ = gen.cache_dims()
+    lay = gen.layout
+    for s in range(lay.num_steps):
+        if layers * heads * lay.step_starts[s + 1] <= cov.capacity:
+            continue
+        curves = [p.mean(0).double() for p in calib.profile[s]]
+        b = coverage_fill(curves, heads, lay.step_starts[s + 1], cov.capacity)
+        kept = sum(float(c[:n].sum()) for c, n in zip(curves, b))
+        other = sum(float(c[:x[0]].sum()) for c, x in zip(curves, dra.budgets[s]))
+        assert kept >= other - 1e-12  # fp64 sums of at most 66 terms <= 1: far below 1e-12 apart when equal
+        assert heads * sum(b) <= cov.capacity
+
+
+def test_observation_window_is_spread_over_the_map(var32):
+    _, gen = var32
+    cache = GuidedRunner(gen, PARAMS, COND, cache_policy=make_cache_policy("scalekv:0.5")).cache
+    rows = lambda idx, w: sorted({int(i) // w for i in idx})  # noqa: E731
+    cache.layout = type("L", (), {"scale_sizes": [(6, 6), (8, 8), (64, 64), (3, 3)]})()
+    assert rows(cache._window(0), 6) == [0, 1, 3, 4]  # the official grid would take rows 0-3 (a corner)
+    assert rows(cache._window(1), 8) == [0, 2, 4, 6]  # divisible sides: the official patch centres
+    assert rows(cache._window(2), 64) == [7, 23, 39, 55]
+    assert len(cache._window(3)) == 9  # a map no larger than the window: all of it
+
+
+def test_window_kept_first_only_where_it_leaves_room(var32):
+    _, gen = var32
+    cache = GuidedRunner(gen, PARAMS, COND, cache_policy=make_cache_policy("scalekv:0.5")).cache
+    total = 40
+    probs = torch.linspace(1, 0, total).expand(1, 1, 4, total).contiguous()  # earlier keys more attended
+    window = torch.arange(total - 4, total)  # the window's own keys: the least attended
+    small = cache._select("score", probs, window, budget=7)  # 7 < 2 x 4: scored like the rest
+    assert small.tolist() == [[list(range(7))]]
+    large = cache._select("score", probs, window, budget=8)  # 8 >= 2 x 4: the window first
+    assert large.tolist() == [[list(range(4)) + list(range(36, 40))]]
 
 
 def test_budgeted_pipeline_on_digits_var():
@@ -147,6 +199,12 @@ def test_water_fill_and_in_order_fit():
     # growth of an early unit must wait for a later one's shrinking: every prefix fits
     assert fit_in_order([1, 1], old=[2, 6], new=[6, 2], capacity=8) == [2, 2]
     assert fit_in_order([1, 1], old=[6, 2], new=[2, 6], capacity=8) == [2, 6]
+    # coverage: the 5 largest marginal gains of the two curves (3 heads each, capacity 15 or 16: 5 keys)
+    curves = [torch.tensor([0.5, 0.2, 0.1, 0.05]), torch.tensor([0.3, 0.25, 0.2, 0.15])]
+    assert coverage_fill(curves, count=3, cap=4, capacity=16) == [2, 3]  # 0.5 0.3 0.25 0.2 0.2
+    assert coverage_fill(curves, count=3, cap=4, capacity=12) == [2, 2]  # 0.5 0.3 0.25, then the tie at 0.2: unit 0
+    assert coverage_fill(curves, count=3, cap=2, capacity=30) == [2, 2]  # capped at what exists
+    assert coverage_fill(curves, count=3, cap=4, capacity=2) == [0, 0]
 
 
 # -- bad input -------------------------------------------------------------------------------------------------
@@ -171,6 +229,10 @@ def test_bad_policy_options():
         make_cache_policy("scalekv:0.5", pool=2)
     with pytest.raises(InvalidArgumentError, match="contextual_share"):
         make_cache_policy("hack:0.5", contextual_share=2)
+    with pytest.raises(InvalidArgumentError, match="scalekv allocation must be one of coverage, drafters, got 'even'"):
+        make_cache_policy("scalekv:0.5", allocation="even")
+    with pytest.raises(InvalidArgumentError, match="structural .* must be recent or score, got 'diagonal'"):
+        make_cache_policy("hack:0.5", structural="diagonal")
 
 
 def test_policy_on_a_generator_without_scales_refused():

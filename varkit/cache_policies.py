@@ -16,25 +16,41 @@ lowered where needed so that the half-compressed cache of a step in progress fit
 (``BudgetedKVCache.transient_bytes`` is the largest such working set: kept plus new keys of a layer).
 
 **Which keys.** ScaleKV's observation window: up to ``window`` (16) queries evenly spread over the
-current scale (a √window × √window grid of patch centres, as the official ScaleKV code); a key's
-score is the attention those queries give it (softmax probabilities summed, optionally max-pooled
-along the sequence). The window's own tokens are kept first.
+current scale (a √window × √window grid of patch centres, as the official ScaleKV code, whose
+centres ``i·(h//g) + (h//g − 1)//2`` are kept where g divides the side; varkit spreads them as
+``floor(i·h/g + (h/g − 1)/2)`` otherwise, where the official grid bunches into the top-left corner:
+rows 0-3 of a 6×6 map); a key's score is the attention those queries give it (softmax probabilities
+summed, optionally max-pooled along the sequence). Like the official code, eviction runs after the
+scale has attended and chooses among *all* keys, the scale's own included (it caches them for the
+next scales). The window's own tokens are kept first where they take at most half the budget
+(``2·window`` keys or more, as in every official budget: ≥ 420 keys on Infinity-2B at 10 %); under
+that they are scored like the rest, since forcing 16 window keys into a budget of ~13 (digits-var at
+10 %) leaves nothing of the earlier scales (1.8 dB PSNR lost there).
 
 **Who gets how much** is decided once per generator and sampling settings, *before* the images are
 made, from a calibration run (4 images of classes 0..3, a fixed seed, nothing evicted), as both
 papers do offline; images therefore never depend on the batch they are in.
 
 - ``scalekv`` (Li et al., arXiv 2505.19602): at every scale each layer is a *drafter* (attention
-  dispersed over earlier scales: the lowest share of its window's attention on the current scale)
-  or a *refiner* (attention on the current map). ``max(1, round(L/8))`` drafters per scale get
-  ``drafter_weight`` (4) times a refiner's budget (capped at what exists); all heads of a layer
-  share its budget.
+  dispersed over earlier scales, many keys needed) or a *refiner* (attention on the current map, few
+  keys), and the scale's total budget is shared unevenly among layers; all heads of a layer share its
+  budget. ``allocation="coverage"`` (default) gives each layer, per scale, the budget that captures
+  the most calibrated attention: the layers' window-attention profiles (mean attention per key,
+  sorted) are filled greedily, key by key, wherever the next key carries the most attention, so
+  dispersed (drafter) layers get more and concentrated (refiner) ones less, by how much they need.
+  ``allocation="drafters"`` is the paper's two-level form: ``max(1, round(L/8))`` layers with the
+  lowest share of their window's attention on the current scale get ``drafter_weight`` (4) times a
+  refiner's budget (capped at what exists). On digits-var the two-level form loses 1.2 dB PSNR at
+  10 % and 4-18 dB at 50 % against coverage (bench/results/var_accel.json).
 - ``hack`` (Qin et al., arXiv 2504.09261): heads are *contextual* (vertical attention: every query
   attends to the same few keys; high variance of the attention a key receives) or *structural*
   (multi-diagonal: each query attends to its own spatial neighbourhood in earlier scales). The
   ``contextual_share`` (half) of heads with the most concentrated column attention are contextual and
   keep their top-scored keys; structural heads keep the most recent keys (the latest scales, where the
-  diagonals are finest) with ``structural_weight`` (3) times a contextual head's budget.
+  diagonals are finest; ``structural="score"``: their top-scored keys too) with ``structural_weight``
+  (3) times a contextual head's budget. HACK's method section and code could not be read here: the
+  classification by attention variance and the asymmetric budgets are the paper's (abstract and
+  summaries); the per-type rules and fractions are varkit's reading.
 
 The published methods calibrate on their own data sets and choose their drafter/head fractions per
 model; the fractions and weights above are varkit's defaults (see docs/design.md), options of
@@ -78,10 +94,11 @@ class Plan:
 class Calibration:
     """Per step s, per layer l, per head: ``current[s][l]`` the share of the window's attention on step s's own
     keys; ``concentration[s][l]`` T·Σ_j ā_j² of the window's mean attention ā over the T keys (1: flat columns,
-    T: every query on one key)."""
+    T: every query on one key); ``profile[s][l]`` (H, T) ā sorted in decreasing order (coverage curves)."""
 
     current: list[list[torch.Tensor]] = field(default_factory=list)
     concentration: list[list[torch.Tensor]] = field(default_factory=list)
+    profile: list[list[torch.Tensor]] = field(default_factory=list)
 
 
 def fit_in_order(counts: list[int], old: list[int], new: list[int], capacity: int) -> list[int]:
@@ -114,6 +131,18 @@ def water_fill(counts: list[int], weights: list[float], cap: int, capacity: int)
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if total(mid) <= capacity else (lo, mid)
     return [min(cap, math.floor(lo * w)) for w in weights]
+
+
+def coverage_fill(gains: list[torch.Tensor], count: int, cap: int, capacity: int) -> list[int]:
+    """Per-unit budgets (each unit ``count`` heads, at most ``cap`` keys) taking the ``capacity // count`` largest
+    marginal gains: ``gains[u][j]`` the attention unit u's (j+1)-th best key carries, non-increasing in j, so the
+    chosen gains form a prefix of every unit's curve and the attention kept is the most that fits."""
+    n = min(capacity // count, cap * len(gains))
+    flat = torch.cat([g[:cap].double() for g in gains])
+    unit = torch.cat([torch.full((min(cap, len(g)),), u) for u, g in enumerate(gains)])
+    # ties: the earlier unit, then the earlier key (a stable sort of the negated gains)
+    chosen = unit[torch.sort(-flat, stable=True).indices[:n]]
+    return torch.bincount(chosen, minlength=len(gains)).tolist()
 
 
 # -- policies -------------------------------------------------------------------------------------------
@@ -168,11 +197,17 @@ class ScaleKV(CachePolicy):
 
     name = "scalekv"
 
-    def __init__(self, budget: float, drafter_weight: float = 4.0, drafters: int | None = None, **kw):
+    ALLOCATIONS = ("coverage", "drafters")
+
+    def __init__(self, budget: float, allocation: str = "coverage", drafter_weight: float = 4.0,
+                 drafters: int | None = None, **kw):
         super().__init__(budget, **kw)
+        if allocation not in self.ALLOCATIONS:
+            raise InvalidArgumentError(
+                f"scalekv allocation must be one of {', '.join(self.ALLOCATIONS)}, got {allocation!r}")
         if not drafter_weight >= 1:
             raise InvalidArgumentError(f"drafter_weight must be >= 1, got {drafter_weight!r}")
-        self.drafter_weight, self.drafters = float(drafter_weight), drafters
+        self.allocation, self.drafter_weight, self.drafters = allocation, float(drafter_weight), drafters
 
     def plan(self, layout, layers, heads, capacity, calib):
         everyone = torch.arange(heads)
@@ -184,10 +219,13 @@ class ScaleKV(CachePolicy):
             if layers * heads * T <= capacity or calib is None:
                 budgets.append([[T] for _ in range(layers)])
                 continue
-            share = torch.stack([c.mean() for c in calib.current[s]])  # (L,) attention on the current scale
-            drafters = set(share.argsort()[:n_d].tolist())  # the most dispersed layers
-            w = [self.drafter_weight if l in drafters else 1.0 for l in range(layers)]
-            b = water_fill([heads] * layers, w, T, capacity)
+            if self.allocation == "coverage":  # (L,) curves: a layer's heads' mean sorted attention profile
+                b = coverage_fill([p.mean(0) for p in calib.profile[s]], heads, T, capacity)
+            else:
+                share = torch.stack([c.mean() for c in calib.current[s]])  # (L,) attention on the current scale
+                drafters = set(share.argsort()[:n_d].tolist())  # the most dispersed layers
+                w = [self.drafter_weight if l in drafters else 1.0 for l in range(layers)]
+                b = water_fill([heads] * layers, w, T, capacity)
             if s:
                 b = fit_in_order([heads] * layers, [x[0] for x in budgets[-1]], b, capacity)
             budgets.append([[x] for x in b])
@@ -199,13 +237,18 @@ class HACK(CachePolicy):
 
     name = "hack"
 
-    def __init__(self, budget: float, contextual_share: float = 0.5, structural_weight: float = 3.0, **kw):
+    def __init__(self, budget: float, contextual_share: float = 0.5, structural_weight: float = 3.0,
+                 structural: str = "recent", **kw):
         super().__init__(budget, **kw)
         if not 0 <= contextual_share <= 1:
             raise InvalidArgumentError(f"contextual_share must be in [0, 1], got {contextual_share!r}")
         if not structural_weight > 0:
             raise InvalidArgumentError(f"structural_weight must be > 0, got {structural_weight!r}")
+        if structural not in ("recent", "score"):
+            raise InvalidArgumentError(
+                f"structural (how structural heads choose their keys) must be recent or score, got {structural!r}")
         self.contextual_share, self.structural_weight = float(contextual_share), float(structural_weight)
+        self.structural = structural
 
     def plan(self, layout, layers, heads, capacity, calib):
         if calib is None:  # nothing is ever evicted
@@ -221,7 +264,7 @@ class HACK(CachePolicy):
         groups, kinds, units = [], [], []
         for l in range(layers):
             g, k = [], []
-            for is_c, kind in ((True, "score"), (False, "recent")):
+            for is_c, kind in ((True, "score"), (False, self.structural)):
                 idx = contextual[l].eq(is_c).nonzero().flatten()
                 if len(idx):
                     g.append(idx)
@@ -287,6 +330,7 @@ class _Recorder:
     def __init__(self, steps: int, layers: int, heads: int):
         self.current = [[torch.zeros(heads, dtype=torch.float64) for _ in range(layers)] for _ in range(steps)]
         self.conc = [[torch.zeros(heads, dtype=torch.float64) for _ in range(layers)] for _ in range(steps)]
+        self.profile: list[list[Any]] = [[0.0] * layers for _ in range(steps)]
         self.rows = [[0] * layers for _ in range(steps)]
 
     def add(self, step: int, layer: int, probs: torch.Tensor, own: int) -> None:
@@ -297,6 +341,7 @@ class _Recorder:
         conc = (mean * mean).sum(-1) * mean.shape[-1]
         self.current[step][layer] += cur.sum(0).cpu()
         self.conc[step][layer] += conc.sum(0).cpu()
+        self.profile[step][layer] = self.profile[step][layer] + mean.sort(-1, descending=True).values.sum(0).cpu()
         self.rows[step][layer] += p.shape[0]
 
     def result(self) -> Calibration:
@@ -305,6 +350,7 @@ class _Recorder:
             done = all(r > 0 for r in self.rows[s])
             cal.current.append([c / r for c, r in zip(self.current[s], self.rows[s])] if done else [])
             cal.concentration.append([c / r for c, r in zip(self.conc[s], self.rows[s])] if done else [])
+            cal.profile.append([c / r for c, r in zip(self.profile[s], self.rows[s])] if done else [])
         return cal
 
 
@@ -390,9 +436,9 @@ class BudgetedKVCache(KVCache):
             g = math.isqrt(self.policy.window)
             if h * w <= self.policy.window or h < g or w < g:
                 idx = torch.arange(h * w)
-            else:
-                rows = [i * (h // g) + (h // g - 1) // 2 for i in range(g)]
-                cols = [j * (w // g) + (w // g - 1) // 2 for j in range(g)]
+            else:  # patch centres: the official grid where g divides the side, spread over the map otherwise
+                rows = [math.floor(i * h / g + (h / g - 1) / 2) for i in range(g)]
+                cols = [math.floor(j * w / g + (w / g - 1) / 2) for j in range(g)]
                 idx = torch.tensor([r * w + c for r in rows for c in cols])
             self._windows[step] = idx.to(self._device)
         return self._windows[step]
@@ -442,9 +488,9 @@ class BudgetedKVCache(KVCache):
         return out
 
     def _select(self, kind: str, probs: torch.Tensor, window: torch.Tensor, budget: int) -> torch.Tensor:
-        """Indices (B, h, budget), ascending, of the keys a group keeps: the window's own tokens first (``window``:
-        their indices among the keys), then the best scored (``score``: the window's attention, max-pooled over
-        ``pool`` neighbours) or the most recent (``recent``)."""
+        """Indices (B, h, budget), ascending, of the keys a group keeps: the window's own tokens first where the
+        budget holds twice them or more (``window``: their indices among the keys), then the best scored (``score``:
+        the window's attention, max-pooled over ``pool`` neighbours) or the most recent (``recent``)."""
         B, h, _, total = probs.shape
         if budget <= 0:
             return torch.zeros(B, h, 0, dtype=torch.long, device=probs.device)
@@ -455,7 +501,8 @@ class BudgetedKVCache(KVCache):
             p = self.policy.pool
             if p > 1:
                 score = F.max_pool1d(score.flatten(0, 1)[:, None], p, stride=1, padding=p // 2)[:, 0].view(B, h, total)
-        score[..., window] = float("inf")
+        if budget >= 2 * len(window):  # the window's own keys first, where they leave room for the rest
+            score[..., window] = float("inf")
         return score.topk(budget, dim=-1).indices.sort(dim=-1).values
 
     def _account(self) -> None:
