@@ -3,7 +3,8 @@
 Rows, at every batch size (CFG 4 by default, so the generator sees twice the batch):
 
 - ``varkit``/``nar``: varkit's ancestral sampler on a :class:`NeighborsGenerator`, with plain
-  linears and/or (``--prepack``) with weights prepacked for oneDNN (:func:`varkit.nn.layers.prepack_linears`);
+  linears and/or (``--prepack``) with weights prepacked for oneDNN (:func:`varkit.nn.layers.prepack_linears`),
+  and/or (``--compile``) through ``compile_decoding`` (every front one static-shape graph; compiled untimed first);
 - ``varkit``/``raster``: the ancestral sampler on a LlamaGen raster generator of the same size;
 - with ``--official PATH``: ``official``/``nar``, NAR's own ``generate`` on the *same weights*. That comparison
   is the script ``bench/side_by_side/nar.py`` of varkit's repository (:mod:`varkit.bench.scripts`), which runs
@@ -31,7 +32,7 @@ import torch
 from ..nn.layers import prepack_linears
 from .report import add_output_args
 
-COLUMNS = ["model", "impl", "layout", "prepacked", "batch", "forward_passes", "wall_s", "cpu_s", "images_per_s", "vs_raster",
+COLUMNS = ["model", "impl", "layout", "prepacked", "compiled", "batch", "forward_passes", "wall_s", "cpu_s", "images_per_s", "vs_raster",
            "vs_official", "cpu_vs_official", "floor_s", "fraction_of_floor"]
 
 # NAR GPT-B and LlamaGen GPT-B (class-conditional, 16x16 tokens, vocabulary 16384)
@@ -145,22 +146,28 @@ def run_bench(args, official: OfficialLoop | None = None) -> list[dict[str, Any]
         traces = {"neighbors": trace_sampling(nar, params)}
         if not args.skip_raster:
             traces["raster"] = trace_sampling(raster, params)
-        nars = []
-        if args.prepack in ("off", "both"):
-            nars.append((False, nar))
-        if args.prepack in ("on", "both"):
+        nars = []  # (prepacked, compiled, generator)
+        if args.prepack in ("off", "both") and args.compile in ("off", "both"):
+            nars.append((False, False, nar))
+        if args.prepack in ("on", "both") and args.compile in ("off", "both"):
             packed = copy.deepcopy(nar)
             prepack_linears(packed)
-            nars.append((True, packed))
+            nars.append((True, False, packed))
+        if args.compile in ("on", "both"):  # on plain linears: inductor packs (bf16) or fuses around MKL (fp32)
+            nars.append((False, True, copy.deepcopy(nar).compile_decoding()))
         for b in args.batch:
             # (row label, call, repeats), timed round-robin
-            runs = [(("varkit", "neighbors", p), varkit_runner(g, b, params), args.repeats) for p, g in nars]
+            runs = [(("varkit", "neighbors", p, c), varkit_runner(g, b, params), args.repeats) for p, c, g in nars]
+            for (_, _, _, c), fn, _ in runs:
+                if c:
+                    fn()  # compiles this batch size's graph: untimed
             if off_runner is not None:
-                runs.append((("official", "neighbors", False), off_runner(b, params), args.official_repeats))
+                runs.append((("official", "neighbors", False, False), off_runner(b, params), args.official_repeats))
             if not args.skip_raster:
-                runs.append((("varkit", "raster", False), varkit_runner(raster, b, params), 1))
+                runs.append((("varkit", "raster", False, False), varkit_runner(raster, b, params), 1))
             timed = _interleaved([fn for _, fn, _ in runs], [n for _, _, n in runs])
-            group = [_row(name, impl, layout, b, t) | {"prepacked": p} for ((impl, layout, p), _, _), t in zip(runs, timed)]
+            group = [_row(name, impl, layout, b, t) | {"prepacked": p, "compiled": c}
+                     for ((impl, layout, p, c), _, _), t in zip(runs, timed)]
             ras = next((r for r in group if r["layout"] == "raster"), None)
             off = next((r for r in group if r["impl"] == "official"), None)
             for r in group:
@@ -222,6 +229,9 @@ def add_nar_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16 (NAR's --precision bf16), for every model")
     p.add_argument("--prepack", choices=["off", "on", "both"], default="both",
                    help="varkit's NAR with plain linears (off), prepacked oneDNN weights (on), or a row for each")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                   help="varkit's NAR eager (off), through compile_decoding (on: one graph for every front, compiled "
+                        "before timing), or a row for each")
     p.add_argument("--seed", type=int, default=0, help="seed of the random B-sized weights")
     p.add_argument("--bundled-nar", default="digits-nar")
     p.add_argument("--bundled-raster", default="digits")
