@@ -258,3 +258,34 @@ def test_budgeted_cache_refuses_direct_writes_and_rollback(var32):
         cache.update(0, k, k)
     with pytest.raises(InvalidArgumentError, match="cannot roll back"):
         cache.truncate(0)
+
+
+# -- the bench's oracle (varkit bench var-accel: what key selection can reach at a budget) -------------------
+def test_oracle_records_the_plain_path_and_keeps_its_budget(var32):
+    from varkit.bench.var_accel import future_attention, oracle_policy
+
+    _, gen = var32
+    full = oracle_policy(1.0)
+    rec = sample(gen, full)
+    assert torch.equal(rec.tokens, sample(gen).tokens)  # budget 1.0: nothing evicted, the same SDPA: equal bits
+    layers, heads, _ = gen.cache_dims()
+    lay = gen.layout
+    assert set(full.log) == {(s, l) for s in range(lay.num_steps) for l in range(layers)}
+    oracle = oracle_policy(0.2)
+    oracle.future = future_attention(full.log, lay.num_steps, layers, lay.num_tokens)
+    res = sample(gen, oracle)
+    assert res.stats.cache_bytes <= 0.2 * gen.new_cache(2 * len(COND)).nbytes
+
+
+def test_future_attention_sums_later_steps():
+    log = {(0, 0): torch.tensor([[[1.0]]]), (1, 0): torch.tensor([[[2.0, 3.0]]]), (2, 0): torch.tensor([[[4.0, 5.0, 6.0]]])}
+    fut = future_attention_of(log)
+    assert fut[0, 0].tolist() == [[[6.0, 8.0, 6.0]]]  # steps 1 and 2, padded to every position
+    assert fut[1, 0].tolist() == [[[4.0, 5.0, 6.0]]]
+    assert fut[2, 0].tolist() == [[[0.0, 0.0, 0.0]]]  # nothing after the last step
+
+
+def future_attention_of(log):
+    from varkit.bench.var_accel import future_attention
+
+    return future_attention(log, steps=3, layers=1, tokens=3)

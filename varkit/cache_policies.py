@@ -566,6 +566,7 @@ def budgeted_cache(policy: CachePolicy, gen, batch: int, params) -> BudgetedKVCa
     if recorder is None and policy.first_full_step(layout, layers, heads, capacity) is not None:
         calib = calibrate(gen, params)
     plan = policy.plan(layout, layers, heads, capacity, calib)
-    cache = BudgetedKVCache(plan, policy, layout, layers, batch, heads, head_dim, p.device, p.dtype, recorder)
+    cls = getattr(policy, "cache_class", BudgetedKVCache)  # a policy may bring its own cache (bench: the oracle)
+    cache = cls(plan, policy, layout, layers, batch, heads, head_dim, p.device, p.dtype, recorder)
     policy.last_trace = cache.trace  # for inspection after sampling (benchmarks: transient_bytes)
     return cache

@@ -10,7 +10,11 @@ Methods, every one sampling the same labels with the same per-image seeds as the
   VAR's (11/23/51 % vs 13/38/62 %). Refiners: the bundled ``digits-var-refiner`` (half digits-var's depth,
   distilled from it); for VAR-d16 a random VAR of depth 8 and width 512 over the same VQVAE (CoDe's pair is
   d30 → d16: see ``--large-drafter``);
-- ``scalekv-B`` / ``hack-B``: ancestral sampling on a KV cache within budget B (``cache_policy``).
+- ``scalekv-B`` / ``hack-B``: ancestral sampling on a KV cache within budget B (``cache_policy``);
+- ``oracle-B`` (digits, ``--oracle-budgets``): ScaleKV's budgets per layer and scale, but each (layer, head) keeps
+  the keys that the plain run's *later* queries attend to most (summed attention, read from a plain pass over the
+  same batch): no policy that decides from what it has seen can know this, so it is the reference for what key
+  selection can reach at that budget (its timings are not a method's and are left out).
 
 Columns: ``s_per_image`` (wall) and ``cpu_s_per_image`` (process CPU seconds, steadier on a shared machine) of
 the sampling calls (VQVAE decode excluded), best of ``--repeats`` rounds, methods interleaved round by round;
@@ -107,6 +111,83 @@ class Method:
         self.tokens, self.stats = torch.cat(tokens), stats
 
 
+def oracle_policy(budget: float):
+    """A ScaleKV policy whose cache keeps, per (layer, head), the keys the plain run's later queries attend to most.
+
+    Use: ``policy.future = None`` and sample at budget 1.0 (nothing evicted: the plain path) to fill ``policy.log``
+    with, per (step, layer), the attention each key gets from that step's queries, (B, H, T); then
+    ``policy.future = future_attention(policy.log, ...)`` and sample the same batch again under ``budget``."""
+    import torch.nn.functional as F
+
+    from ..cache_policies import BudgetedKVCache, ScaleKV
+
+    class _Cache(BudgetedKVCache):
+        def attend(self, layer, q, k, v, mask, scale):
+            n, start = k.shape[2], self.length
+            step = int(self.layout.step_of[start + n - 1])
+            pos_all = self.__dict__.setdefault("pos", {})
+            out = q.new_empty(q.shape)
+            for gi, (g, budget) in enumerate(zip(self.groups[layer], self.plan.budgets[step][layer])):
+                idx = slice(None) if g.idx is None else g.idx
+                qg, kn, vn = q[:, idx], k[:, idx], v[:, idx]
+                keys, vals = torch.cat([g.k, kn], 2), torch.cat([g.v, vn], 2)
+                new = torch.arange(start, start + n, device=k.device).expand(*kn.shape[:2], n)
+                pos = torch.cat([pos_all[layer, gi], new], 2) if (layer, gi) in pos_all else new
+                out[:, idx] = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask, scale=scale)
+                if self.policy.future is None:  # record: attention each key receives from this step's queries
+                    sc = scale if scale is not None else keys.shape[-1] ** -0.5
+                    self.policy.log[step, layer] = (qg @ keys.transpose(-1, -2) * sc).float().softmax(-1).sum(2)
+                elif keys.shape[2] > budget:
+                    keep = self.policy.future[step, layer].gather(2, pos).topk(budget, -1).indices.sort(-1).values
+                    keys = keys.gather(2, keep[..., None].expand(-1, -1, -1, keys.shape[-1]))
+                    vals = vals.gather(2, keep[..., None].expand(-1, -1, -1, vals.shape[-1]))
+                    pos, self.evicted = pos.gather(2, keep), True
+                g.k, g.v, pos_all[layer, gi] = keys, vals, pos
+                self._account()
+            return out
+
+    policy = ScaleKV(budget)
+    policy.cache_class, policy.future, policy.log = _Cache, None, {}
+    return policy
+
+
+def future_attention(log: dict, steps: int, layers: int, tokens: int) -> dict:
+    """``(step, layer)`` → (B, H, tokens): attention each key position gets from the queries of every later step."""
+    out = {}
+    for layer in range(layers):
+        acc = None
+        for s in range(steps - 1, -1, -1):
+            out[s, layer] = torch.zeros_like(log[s, layer][..., :1]).expand(-1, -1, tokens).clone() if acc is None \
+                else acc.clone()
+            a = log[s, layer]
+            a = torch.nn.functional.pad(a, (0, tokens - a.shape[-1]))
+            acc = a if acc is None else acc + a
+    return out
+
+
+class OracleMethod(Method):
+    """``oracle-B``: per batch, a recording plain pass, then the oracle's pass under budget B."""
+
+    def run(self, pipe, cond, seed, batch, params) -> None:
+        from ..samplers.ancestral import AncestralSampler
+
+        gen = pipe.generator
+        layers, _, _ = gen.cache_dims()
+        gens = image_generators(seed, cond.shape[0])
+        tokens, stats = [], None
+        for i in range(0, cond.shape[0], batch):
+            policy = oracle_policy(self.options["budget"])
+            full = oracle_policy(1.0)
+            replay = image_generators(seed, cond.shape[0])[i:i + batch]  # the same draws: the plain path, recorded
+            AncestralSampler(params, cache_policy=full).sample(gen, cond[i:i + batch], replay)
+            policy.future = future_attention(full.log, gen.layout.num_steps, layers, gen.layout.num_tokens)
+            res = AncestralSampler(params, cache_policy=policy).sample(gen, cond[i:i + batch], gens[i:i + batch])
+            tokens.append(res.tokens)
+            stats = res.stats if stats is None else stats.merge(res.stats)
+        self.wall = self.cpu = float("nan")
+        self.tokens, self.stats = torch.cat(tokens), stats
+
+
 def bench_model(model: str, pipe, refiner, labels: list[int], args, code_ks: list[int], digits: bool) -> list[dict]:
     """Every method on one pipeline; rows as :data:`COLUMNS`."""
     from ..cache_policies import calibrate
@@ -116,14 +197,18 @@ def bench_model(model: str, pipe, refiner, labels: list[int], args, code_ks: lis
     methods = [Method("plain", "ancestral")]
     methods += [Method(f"code-k{k}", "collaborative", refiner=refiner, k=k) for k in code_ks]
     methods += [Method(f"{p}-{b:g}", "ancestral", cache_policy=f"{p}:{b:g}") for p in args.policies for b in args.budgets]
+    oracles = [OracleMethod(f"oracle-{b:g}", "ancestral", budget=b) for b in (args.oracle_budgets if digits else [])]
     c = time.process_time()
-    if args.policies:
+    if args.policies or oracles:
         calibrate(pipe.generator, params)  # once per model and settings, before any timing
     calib_s = time.process_time() - c
     for r in range(args.repeats):
         for m in methods if r % 2 == 0 else methods[::-1]:  # alternate the order: load hits every method alike
             m.run(pipe, cond, args.seed, args.batch, params)
             print(f"  {model} round {r + 1}/{args.repeats} {m.name}: {m.cpu / len(labels):.3f} CPU s/image", flush=True)
+    for m in oracles:  # untimed: once
+        m.run(pipe, cond, args.seed, args.batch, params)
+    methods += oracles
     plain = methods[0]
     ref_images = pipe.decode(plain.tokens)
     acc0 = None
@@ -134,9 +219,12 @@ def bench_model(model: str, pipe, refiner, labels: list[int], args, code_ks: lis
     rows = []
     for m in methods:
         images = ref_images if m is plain else pipe.decode(m.tokens)
-        row = {"model": model, "method": m.name, "images": len(labels), "s_per_image": m.wall / len(labels),
-               "cpu_s_per_image": m.cpu / len(labels), "speedup_cpu": plain.cpu / m.cpu,
-               "speedup_wall": plain.wall / m.wall, "forward_passes": m.stats.forward_passes,
+        timed = m not in oracles
+        row = {"model": model, "method": m.name, "images": len(labels),
+               "s_per_image": m.wall / len(labels) if timed else None,
+               "cpu_s_per_image": m.cpu / len(labels) if timed else None,
+               "speedup_cpu": plain.cpu / m.cpu if timed else None,
+               "speedup_wall": plain.wall / m.wall if timed else None, "forward_passes": m.stats.forward_passes,
                "drafter_passes": getattr(m.stats, "drafter_passes", None),
                "refiner_passes": getattr(m.stats, "refiner_passes", None),
                "cache_bytes": m.stats.cache_bytes, "cache_ratio": m.stats.cache_bytes / plain.stats.cache_bytes,
@@ -256,8 +344,10 @@ def add_var_accel_bench_parser(bench_subparsers) -> None:
     s.add_argument("--refiner-dim", type=int, default=512, help="width of the large model's random refiner")
     s.add_argument("--code-k", type=int, nargs="+", default=[6, 8, 9], help="CoDe's drafted scales of VAR's 10")
     s.add_argument("--policies", nargs="*", default=["scalekv", "hack"])
-    s.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    s.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.15, 0.2, 0.3, 0.5])
     s.add_argument("--large-budgets", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    s.add_argument("--oracle-budgets", type=float, nargs="*", default=[0.1, 0.15, 0.2, 0.3],
+                   help="budgets of the oracle rows on the bundled model (none: skip them)")
     s.add_argument("--cfg", type=float, default=None, help="CFG scale (default: each model's own)")
     s.add_argument("--images", type=int, default=100, help="images per method on the bundled model")
     s.add_argument("--large-images", type=int, default=2, help="images per method on the large model")
