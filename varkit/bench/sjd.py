@@ -26,6 +26,7 @@ from ..io import atomic_path, write_json
 from ..samplers import SamplingParams, get_sampler
 from ..samplers.logits import image_generators
 from ..samplers.sjd import SJDSampler
+from .continuous import add_continuous_args
 from .report import add_output_args, add_sampler_run_args, machine, print_table
 
 COLUMNS = ["model", "sampler", "batch", "images", "passes", "pass_reduction", "accepted_per_pass", "images_per_s",
@@ -150,6 +151,15 @@ def cmd_bench_sjd(args) -> None:
         torch.nn.init.normal_(gen.output.weight, std=0.02)  # LlamaGen zero-inits the head; give it logits
         targets.append((args.large + "-random", gen, None, None, args.large_images))
     params = SamplingParams(cfg=args.cfg, top_k=args.top_k, temperature=args.temperature)
+    if args.continuous_images and not args.skip_bundled:  # continuous batching: passes per image, batch 1 vs B
+        from .continuous import continuous_rows, write_continuous
+
+        name, gen = targets[0][0], targets[0][1]
+        w = args.windows[0]
+        write_continuous(args, continuous_rows(name, f"sjd w{w}", lambda: SJDSampler(params, window=w, init=args.init),
+                                               gen, args.continuous_images, args.continuous_batch, args.seed))
+    if args.continuous_only:
+        return
     rows, curves = [], {}
     for name, gen, decode, score, images in targets:
         for b in args.batch:
@@ -185,5 +195,6 @@ def add_sjd_bench_parser(bench_subparsers) -> None:
     s.add_argument("--images", type=int, default=100, help="images per batch size on the bundled model")
     s.add_argument("--large-images", type=int, default=2, help="images per batch size on the large model (>= batch)")
     add_sampler_run_args(s)
+    add_continuous_args(s)
     add_output_args(s, "sjd")
     s.set_defaults(func=cmd_bench_sjd)

@@ -39,6 +39,7 @@ from ..samplers import SamplingParams, get_sampler
 from ..samplers.logits import image_generators, mix_cfg, processed_probs
 from ..samplers.sjd import SJDSampler
 from ..samplers.speculative import SpeculativeSampler
+from .continuous import add_continuous_args
 from .report import add_output_args, add_sampler_run_args, machine, print_table
 
 COLUMNS = ["model", "method", "images", "target_passes", "pass_reduction", "draft_passes", "accepted_len",
@@ -234,6 +235,15 @@ def cmd_bench_speculative(args) -> None:
         dpipe = load_pipeline(args.draft, device=dev)
         dpipe.generator.to(dtype)
         score = digits_accuracy if Path(args.bundled).name.startswith("digits") else None
+        if args.continuous_images:  # continuous batching: passes per image, batch 1 vs B
+            from .continuous import continuous_rows, write_continuous
+
+            write_continuous(args, continuous_rows(
+                args.bundled, f"speculative g{args.gamma} ({args.draft})",
+                lambda: SpeculativeSampler(params, draft=dpipe.generator, gamma=args.gamma),
+                pipe.generator, args.continuous_images, args.continuous_batch, args.seed))
+        if args.continuous_only:
+            return
         methods = make_methods(params, dpipe, pipe.tokenizer, args.gamma, args.window, args.k, args.delta, args.paper)
         for smp in methods.values():
             if hasattr(smp, "bind_tokenizer"):
@@ -295,6 +305,7 @@ def add_speculative_bench_parser(bench_subparsers) -> None:
     s.add_argument("--images", type=int, default=100, help="images per method on the bundled model")
     s.add_argument("--sweep-images", type=int, default=100, help="images per delta and variant in the sweep")
     s.add_argument("--large-images", type=int, default=2, help="images per method on the large model")
+    add_continuous_args(s)
     add_sampler_run_args(s)
     add_output_args(s, "speculative")
     s.set_defaults(func=cmd_bench_speculative)
