@@ -44,28 +44,31 @@ exact. The step counts as accepted only if all its tokens were; the first step w
 rejection is committed (with its re-drawn tokens) and ends the pass; later steps are the
 Jacobi tail. On raster this is the usual token-by-token chain.
 
-**Batches (ragged acceptance).** Each image commits its own number of steps per pass, but
-the batch shares one :class:`~varkit.cache.KVCache` with one length. After every pass the
-cache is rolled back (``GuidedRunner.rollback``) to the *smallest* committed prefix over the
-images still running; the next pass feeds, for every row, the positions from that common
-point to the end of the furthest window. A row that is ahead re-feeds its committed tokens
-there (their outputs are ignored; they are never re-verified, so what they committed stays
-committed); a row whose window ends earlier is padded with whatever its token buffer holds,
-which can only influence positions after its window, whose outputs it ignores. Every row thus
-sees exactly the computation it would see alone, and draws its uniforms (a fixed number per
-pass: three per window slot) from its own ``torch.Generator``: an image is the same whatever
-the batch size or its position in the batch (up to floating-point differences of batched
-kernels), and exactly lossless. The cost is that a pass feeds ``window + spread`` tokens per
-row, where ``spread`` is the gap between the furthest and the slowest image.
+**Batches (ragged acceptance).** Each image commits its own number of steps per pass. Two ways to batch
+them, both through :mod:`varkit.samplers.slots` (an image draws a fixed number of uniforms per pass, three
+per window slot, from its own ``torch.Generator``, and each row sees exactly the computation it would see
+alone: an image is the same whatever the batch size, its place in the batch or the mode, up to
+floating-point differences of batched kernels, and exactly lossless):
 
-**Stats.** ``forward_passes`` counts generator calls (the prefill included, a CFG pair
+- *lockstep* (``sample(gen, cond, gens)``): the batch shares one :class:`~varkit.cache.KVCache` length.
+  Every pass starts at the *smallest* committed prefix over the images still running (the cache is
+  rolled back there); a row that is ahead re-feeds its committed tokens (outputs ignored, never
+  re-verified), a row whose window ends earlier is padded with whatever its buffer holds (it can only
+  influence positions after its window). A pass feeds ``window + spread`` tokens per row (``spread``:
+  the gap between the furthest and the slowest image) and the batch takes its slowest image's passes.
+- *continuous* (``sample(..., max_batch=B)``, generators with ``supports_rows``): ``B`` slots over the
+  queue of images; every row is fed from its own last committed step (``gen.forward_rows``), a finished
+  image leaves its slot and the next one is prefilled into it. Each image takes its own passes.
+
+**Stats.** ``forward_passes`` counts generator calls (the prefills included, a CFG pair
 counted once); ``steps`` is the number of layout steps; ``accepted_per_pass[i]`` is the mean
-over the batch's images of the tokens committed in pass i (so it sums to the tokens of one
-image, and ``mean_accepted`` is tokens per image per pass). ``SJDSampler.trace`` keeps, for the
-last call, the committed position of every image before each pass and what each committed.
+over the images of the tokens committed in each image's pass i (so it sums to the tokens of one
+image); ``passes_per_image`` the passes each image took part in. ``SJDSampler.trace`` keeps, for the
+last call, every image's first window token before each of its passes and what it committed ((passes, N)).
 
-Drives the generator only through the contract: ``GuidedRunner.prefill``, ``GuidedRunner.forward``
-over several future steps at once, and ``GuidedRunner.rollback``. Generators that cannot feed
+Drives the generator only through the contract, by way of :class:`~varkit.samplers.slots.SlotRunner`:
+``prefill``, ``forward`` over several future steps at once and ``rollback`` (lockstep), or ``forward_rows``
+and :meth:`~varkit.cache.KVCache.copy_rows` (continuous). Generators that cannot feed
 several steps at once or roll back, and layouts whose steps are not drafted token grids (VAR's
 scales), are refused.
 """

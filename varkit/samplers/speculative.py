@@ -24,26 +24,25 @@ per-position total-variation bound ``delta``; ``delta=0`` is the lossless sample
 token). The neighbourhoods come from the tokenizer's codebook: a pipeline binds it
 (``bind_tokenizer``); outside one pass ``codebook=``.
 
-**Batches (ragged acceptance).** Images accept different numbers of drafts, but each model
-keeps one cache for the batch. Before each pass both caches are rolled back to the *smallest*
-committed prefix over the images still running (``m``). The drafter then runs position by
-position from ``m`` to the furthest draft: an image that is ahead re-feeds its committed tokens
-(their outputs are ignored, its tokens stay fixed) and drafts only at its own positions
-``n_b … n_b+γ−1``; the target feeds every row from ``m`` to the furthest bonus position,
-rows with shorter windows padded with whatever their buffer holds (causal attention: only
-positions they ignore see it). Each image thus sees exactly the computation it would see alone
-and draws a fixed number of uniforms per pass (``3·gamma + 1``) from its own
-``torch.Generator``: the same image whatever the batch size or its place in it (up to
-floating-point differences of batched kernels). The cost is ``spread`` extra draft calls and
-fed positions per pass, where ``spread`` is the gap between the furthest and slowest image;
-the pass count of a batch is that of its slowest image.
+**Batches (ragged acceptance).** Images accept different numbers of drafts. Both models are driven through
+:mod:`varkit.samplers.slots` over one queue of images. *Lockstep* (``sample(gen, cond, gens)``): each model
+keeps one cache length for the batch; every call starts at the smallest prefix a live row needs (rolled
+back there, or caught up from where the cache stands); rows that are ahead re-feed committed tokens (outputs
+ignored), rows with shorter windows are padded (causal attention: only positions they ignore see it); the
+batch takes its slowest image's passes. *Continuous* (``sample(..., max_batch=B)``, generators with
+``supports_rows``): ``B`` slots, every row fed from its own position (``forward_rows``): the drafter's first
+call of a pass catches each row up from the last token it holds, then one call per draft slot; a finished
+image leaves its slot to the next queued one (target and drafter prefilled, rows copied in). Either way each
+image sees exactly the computation it would see alone and draws a fixed number of uniforms per pass
+(``3·gamma + 1``) from its own ``torch.Generator``: the same image whatever the batch size, its slot or the
+mode (up to floating-point differences of batched kernels).
 
-**Stats.** ``forward_passes`` counts *target* calls (prefill included, a CFG pair counted
-once); ``accepted_per_pass[i]`` is the mean over the batch of the tokens committed in pass i
-(sums to the tokens of one image; ``mean_accepted`` is the mean accepted length per target
-pass, bonus or re-drawn token included); ``cache_bytes`` both caches. ``SpeculativeSampler.trace``
-keeps, for the last call, every image's committed position before each pass, what it
-committed, and ``draft_passes`` (drafter calls).
+**Stats.** ``forward_passes`` counts *target* calls (prefills included, a CFG pair counted
+once); ``passes_per_image`` the target passes each image took part in; ``accepted_per_pass[i]`` is the
+mean over the images of the tokens committed in each image's pass i (sums to the tokens of one
+image; ``mean_accepted`` is the mean accepted length per target pass, bonus or re-drawn token included); ``cache_bytes`` both caches. ``SpeculativeSampler.trace``
+keeps, for the last call, every image's committed position before each of its passes, what it
+committed ((passes, N)), and ``draft_passes`` (drafter calls).
 """
 from __future__ import annotations
 
