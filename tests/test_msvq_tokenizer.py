@@ -221,3 +221,18 @@ def test_decoder_inference_paths_match_diffusers_forward(monkeypatch):
     assert torch.equal(y, ref(x))
     y.sum().backward()
     assert up.conv.weight.grad is not None and x.grad is not None
+
+
+def test_training_loss_is_reconstruction_plus_quantizer_loss(model, images):
+    """The tokenizer owns its training loss: mse + l1 + the scale-averaged vq_loss, with the distinct codes over
+    all scales as a metric; ``out`` reuses a forward already run and gives the same loss."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        out = model(images)
+        loss, metrics = model.training_loss(images, out)
+        again, _ = model.training_loss(images)  # runs the forward itself (deterministic in eval mode)
+    recon = F.mse_loss(out.recon, images) + F.l1_loss(out.recon, images)
+    assert torch.equal(loss, recon + out.vq_loss) and torch.equal(again, loss)  # the same ops on the same values
+    assert set(metrics) == {"recon", "vq", "codes_in_batch"}
+    assert metrics["codes_in_batch"] == torch.cat([i.flatten() for i in out.ids]).unique().numel()

@@ -172,3 +172,17 @@ def test_bad_inputs_raise(tok, call):
 def test_bad_config_raises(change):
     with pytest.raises(InvalidArgumentError):
         VQTokenizer(dataclasses.replace(TINY, **change))
+
+
+def test_training_loss_is_reconstruction_plus_quantizer_losses(tok):
+    """The tokenizer owns its training loss: mse + l1 + vq_loss, with the batch's distinct codes as a metric;
+    ``out`` reuses a forward already run (DDP / adversarial wrapper) and gives the same loss."""
+    x = images()
+    with torch.no_grad():
+        out = tok(x)
+        loss, metrics = tok.training_loss(x, out)
+        again, _ = tok.training_loss(x)  # runs the forward itself (deterministic in eval mode)
+    recon = F.mse_loss(out.recon, x) + F.l1_loss(out.recon, x)
+    assert torch.equal(loss, recon + out.vq_loss) and torch.equal(again, loss)  # the same ops on the same values
+    assert set(metrics) == {"recon", "vq", "codes_in_batch"}
+    assert metrics["codes_in_batch"] == out.ids.unique().numel()

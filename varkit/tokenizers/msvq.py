@@ -388,6 +388,17 @@ class MultiScaleVQTokenizer(SavableModule):
             usage = (hit > 0).float().mean()
         return MSVQOutput(recon=recon, ids=ids, vq_loss=loss, f_hat=f_hat, usage=usage)
 
+    def training_loss(self, images: Tensor, out: MSVQOutput | None = None) -> tuple[Tensor, dict[str, float]]:
+        """``mse + l1`` reconstruction plus the scale-averaged quantizer loss ``vq_loss``, and metrics.
+
+        ``out``: the result of ``self(images)`` when the caller has already run the forward (through DDP or
+        an adversarial wrapper). ``codes_in_batch``: distinct codes used over all scales of the batch.
+        """
+        out = self(images) if out is None else out
+        recon = F.mse_loss(out.recon, images) + F.l1_loss(out.recon, images)
+        used = torch.cat([i.flatten() for i in out.ids]).unique().numel()
+        return recon + out.vq_loss, {"recon": recon.item(), "vq": out.vq_loss.item(), "codes_in_batch": used}
+
     # -- internals ---------------------------------------------------------------------------
     def _quantize(self, f: Tensor, want_fhat: bool) -> tuple[list[Tensor], list[Tensor]]:
         """VAR's residual quantisation; returns per-scale ids (B, pn, pn) and, if asked, per-scale f_hat."""

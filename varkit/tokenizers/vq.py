@@ -234,6 +234,17 @@ class VQTokenizer(SavableModule):
         recon = self.decode_latents(z_st.permute(0, 3, 1, 2).contiguous())
         return VQOutput(recon, ids.view(b, h, w), codebook_loss, commit_loss, ent)
 
+    def training_loss(self, images: Tensor, out: VQOutput | None = None) -> tuple[Tensor, dict[str, float]]:
+        """``mse + l1`` reconstruction plus the quantizer losses (codebook, commitment, entropy), and metrics.
+
+        ``out``: the result of ``self(images)`` when the caller has already run the forward (through DDP or
+        an adversarial wrapper). ``codes_in_batch``: distinct codes the batch used (collapse shows here first).
+        """
+        out = self(images) if out is None else out
+        recon = F.mse_loss(out.recon, images) + F.l1_loss(out.recon, images)
+        used = out.ids.unique().numel()
+        return recon + out.vq_loss, {"recon": recon.item(), "vq": out.vq_loss.item(), "codes_in_batch": used}
+
     # -- helpers -----------------------------------------------------------------------------
     def _check_images(self, images: Tensor) -> None:
         c, f = self.config.in_channels, self.downsample

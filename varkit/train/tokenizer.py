@@ -1,8 +1,7 @@
 """``varkit train tokenizer``: reconstruction + the tokenizer's own regulariser (+ an optional GAN loss).
 
-A tokenizer that defines ``training_loss(images, out)`` (the KL-VAE: reconstruction + KL) computes its loss
-itself; the VQ tokenizers get reconstruction + codebook + commitment (+ entropy) losses from
-:func:`quantizer_loss`.
+Every tokenizer owns its loss: ``training_loss(images, out)`` (the KL-VAE: reconstruction + KL; the VQ
+tokenizers: reconstruction + codebook + commitment (+ entropy)) returns the loss and its metrics.
 """
 from __future__ import annotations
 
@@ -62,14 +61,6 @@ class AdversarialTokenizer(nn.Module):
         return out, w * g_loss, d_loss
 
 
-def quantizer_loss(x: torch.Tensor, out) -> tuple[torch.Tensor, dict]:
-    """Loss of a VQ tokenizer's training output: ``mse + l1`` reconstruction plus its quantizer losses."""
-    recon = F.mse_loss(out.recon, x) + F.l1_loss(out.recon, x)
-    ids = out.ids if isinstance(out.ids, list) else [out.ids]
-    used = torch.cat([i.flatten() for i in ids]).unique().numel()
-    return recon + out.vq_loss, {"recon": recon.item(), "vq": out.vq_loss.item(), "codes_in_batch": used}
-
-
 def _tokenizer_of(model: nn.Module) -> nn.Module:
     """The tokenizer inside DDP and the adversarial wrapper."""
     model = getattr(model, "module", model)
@@ -80,8 +71,7 @@ def tokenizer_loss(model, batch):
     x, _ = batch
     res = model(x)  # through DDP's forward, so that gradients are synchronised
     out, g_loss, d_loss = res if isinstance(res, tuple) else (res, None, None)
-    own = getattr(_tokenizer_of(model), "training_loss", None)
-    loss, metrics = own(x, out) if own is not None else quantizer_loss(x, out)
+    loss, metrics = _tokenizer_of(model).training_loss(x, out)
     if g_loss is not None:
         loss = loss + g_loss + d_loss
         metrics.update(g_loss=g_loss.item(), d_loss=d_loss.item())
