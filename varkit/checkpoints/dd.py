@@ -27,7 +27,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -410,5 +409,5 @@ def cmd_convert_dd(args) -> None:
     g, conv = read_converted(out)
     kind = "LlamaGen-DD" if conv["dd_family"] == "llamagen" else "VAR-DD"
     print(f"wrote {out}/ ({kind} {conv['dd_model']}, {conv['image_size']} px, {g['num_classes']} classes, "
-          f"{conv['dd']['weights']} weights; 2-step from step {max(conv['dd_timesteps'])}, continuous output from "
-          f"step {conv['dd_split']}); load it with varkit.load_pipeline({str(out)!r}) (one step; preset 'two-step')")
+          f"{conv['dd']['weights']} weights; timesteps {','.join(map(str, conv['dd_timesteps']))}, continuous output "
+          f"from step {conv['dd_split']}); load it with varkit.load_pipeline({str(out)!r}) (one step; preset 'two-step')")
