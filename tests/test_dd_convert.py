@@ -297,3 +297,16 @@ def test_bad_input_api_raises_varkit_errors(files, bad, tmp_path):
     with pytest.raises(VarkitError):
         convert_dd(files["vq"], files["llamagen"], tmp_path / "o", image_size=16, timesteps=(1, 8), split=12)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_teacher_converters_point_dd_files_to_convert_dd(name):
+    """A DD student handed to its teacher's state-dict converter says which command converts it."""
+    from varkit.checkpoints.llamagen import gpt_state_dict_from_llamagen
+    from varkit.checkpoints.var import var_state_dict_from_var
+    from varkit.errors import CheckpointError
+
+    _, w, _ = _fixture(name)
+    convert = gpt_state_dict_from_llamagen if name == "dd_llamagen" else var_state_dict_from_var
+    with pytest.raises(CheckpointError, match="varkit convert dd"):
+        convert(w)

@@ -140,7 +140,8 @@ def gpt_state_dict_from_llamagen(sd: Mapping[str, Tensor], source: str = "state 
     if unknown:
         raise CheckpointError(
             f"{source}: {len(unknown)} keys are not part of a {WHAT} (e.g. {sorted(unknown)[:3]}); "
-            "the file is from another model or a modified LlamaGen"
+            + ("it is a Distilled Decoding student: convert it with `varkit convert dd`" if "n_d_embed.weight" in unknown
+               else "the file is from another model or a modified LlamaGen")
         )
     return out
 

@@ -222,7 +222,8 @@ def var_state_dict_from_var(sd: Mapping[str, Tensor], source: str = "state dict"
         unknown.append(k)
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} keys are not part of a {WHAT} (e.g. {sorted(unknown)[:3]}); "
-                              "the file is from another model or a modified VAR")
+                              + ("it is a Distilled Decoding student: convert it with `varkit convert dd`"
+                                 if "n_d_embed.weight" in unknown else "the file is from another model or a modified VAR"))
     from_lvl = _schedule_from_levels(sd["lvl_1L"]) if "lvl_1L" in sd else None
     from_mask = _schedule_from_mask(sd["attn_bias_for_masking"]) if "attn_bias_for_masking" in sd else None
     if "lvl_1L" in sd and from_lvl is None:
