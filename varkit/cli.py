@@ -101,7 +101,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-interval", type=float, default=None,
                    help="flow heads (FlowAR): CFG only while the ODE time t <= this, in [0, 1] (default: the model's)")
     p.add_argument("--preset", default=None,
-                   help="a named settings preset of the model (converted LlamaGen/NAR: demo); default: its FID protocol")
+                   help="a named settings preset of the model (converted LlamaGen/NAR: demo; digits-mar: cspd); default: its FID protocol")
     p.add_argument("--window", type=int, default=None, help="SJD window length")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sampler option, repeatable")
