@@ -13,11 +13,6 @@ from pathlib import Path
 
 from .errors import InvalidArgumentError, VarkitError
 
-# the sampling settings a model folder may store as defaults (Pipeline's SAMPLING_KEYS; kept here so
-# the parser need not import the pipeline)
-SAMPLING_DEFAULT_KEYS = ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "head_steps", "num_iter",
-                         "guidance_interval")
-
 
 def _sampler_options(pairs: list[str]) -> dict:
     """``KEY=VALUE`` strings → dict, values parsed as int, float, bool or str."""
@@ -369,17 +364,15 @@ def cmd_train_tokenizer(args) -> None:
 
 
 def cmd_train_generator(args) -> None:
-    from .train.generator import train_generator
+    from .train.generator import check_generator_args, train_generator
 
     _check_train_inputs(args, "generator")
-    _maybe_spawn(args)
     defaults = _sampler_options(args.default)
-    unknown = set(defaults) - set(SAMPLING_DEFAULT_KEYS)
-    if unknown:
-        raise InvalidArgumentError(f"--default {', '.join(sorted(unknown))}: not a sampling setting; "
-                                   f"choose from {', '.join(SAMPLING_DEFAULT_KEYS)}")
     defaults.update({k: v for k, v in dict(cfg=args.default_cfg, top_k=args.default_top_k).items() if v is not None})
     cfg = _train_config(args)
+    check_generator_args(cfg, args.resolution, args.class_dropout, defaults, args.teacher, args.ce_weight,
+                         args.teacher_samples, args.distill_cfg)  # the API's checks, before any process starts
+    _maybe_spawn(args)
     record = _start_record(args, "train-generator")
     train_generator(args.data, args.tokenizer, args.config, args.out, cfg,
                     resolution=args.resolution, device=args.device, resume=args.resume,

@@ -193,6 +193,38 @@ def _fingerprint(module: nn.Module) -> float:
         return float(sum(p.double().square().sum() + p.double().sum() for p in module.parameters()))
 
 
+def check_generator_args(cfg: TrainConfig, resolution: int = 32, class_dropout: float = 0.1,
+                         defaults: dict[str, Any] | None = None, teacher: str | Path | None = None,
+                         ce_weight: float = 0.0, teacher_samples_count: int = 0,
+                         distill_cfg: float | None = None) -> None:
+    """The checks of :func:`train_generator`'s settings that need nothing loaded, shared by the API and
+    ``varkit train generator`` (which runs them before it starts any process): one-line
+    ``InvalidArgumentError`` naming the command-line option."""
+    from ..pipeline import SAMPLING_KEYS
+    from ..samplers import SamplingParams
+
+    if not isinstance(cfg, TrainConfig):
+        raise InvalidArgumentError(f"cfg must be a varkit.train.loop.TrainConfig, got {type(cfg).__name__}")
+    cfg.check()  # steps, batch size, lr, grad accumulation ... (fields may have changed since construction)
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise InvalidArgumentError(f"--resolution must be an integer >= 1, got {resolution!r}")
+    if isinstance(class_dropout, bool) or not isinstance(class_dropout, (int, float)) or not 0 <= class_dropout <= 1:
+        raise InvalidArgumentError(f"--class-dropout must be a probability in [0, 1], got {class_dropout!r}")
+    if defaults is not None and not isinstance(defaults, dict):
+        raise InvalidArgumentError(f"defaults must be a dict of sampling settings, got {type(defaults).__name__}")
+    unknown = set(defaults or {}) - set(SAMPLING_KEYS)
+    if unknown:
+        raise InvalidArgumentError(f"--default {', '.join(sorted(unknown))}: not a sampling setting; "
+                                   f"choose from {', '.join(SAMPLING_KEYS)}")
+    SamplingParams(**{k: v for k, v in (defaults or {}).items() if v is not None})  # a bad value: its own one line
+    if teacher is None and (ce_weight or teacher_samples_count or distill_cfg is not None):
+        raise InvalidArgumentError("--ce-weight, --teacher-samples and --distill-cfg only apply with --teacher (distillation)")
+    if distill_cfg is not None and distill_cfg < 0:
+        raise InvalidArgumentError(f"--distill-cfg must be >= 0 (a CFG scale), got {distill_cfg}")
+    if ce_weight < 0 or teacher_samples_count < 0:
+        raise InvalidArgumentError("--ce-weight and --teacher-samples must be >= 0")
+
+
 def train_generator(data: str, tokenizer_dir: str | Path, config: str, out: str | Path, cfg: TrainConfig,
                     resolution: int = 32, device: str | None = None, resume: str | None = None,
                     class_dropout: float = 0.1, defaults: dict[str, Any] | None = None, flip: bool = False,
@@ -205,12 +237,7 @@ def train_generator(data: str, tokenizer_dir: str | Path, config: str, out: str 
     ``teacher_samples_count`` and ``distill_cfg``; ``init_from``: start from another generator's
     matching weights; ``codes_dir``: the dataset's tokens on disk (extracted there once).
     """
-    if teacher is None and (ce_weight or teacher_samples_count or distill_cfg is not None):
-        raise InvalidArgumentError("--ce-weight, --teacher-samples and --distill-cfg only apply with --teacher (distillation)")
-    if distill_cfg is not None and distill_cfg < 0:
-        raise InvalidArgumentError(f"--distill-cfg must be >= 0 (a CFG scale), got {distill_cfg}")
-    if ce_weight < 0 or teacher_samples_count < 0:
-        raise InvalidArgumentError("--ce-weight and --teacher-samples must be >= 0")
+    check_generator_args(cfg, resolution, class_dropout, defaults, teacher, ce_weight, teacher_samples_count, distill_cfg)
     dev = init_distributed(resolve_device(device))
     torch.manual_seed(cfg.seed)
     tok = load_module(tokenizer_dir).to(dev).eval().requires_grad_(False)

@@ -68,7 +68,11 @@ class TrainConfig:
     sample_every: int = 0  # write a sample grid every N steps (when the run can sample; 0 = never)
 
     def __post_init__(self) -> None:
-        """Bad settings fail here, before anything is loaded, naming the command-line option."""
+        self.check()
+
+    def check(self) -> None:
+        """Bad settings fail here (at construction, and again when a run starts: fields may have been changed
+        since), before anything is loaded, naming the command-line option."""
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "grad_accum"):
             _check_int(name, getattr(self, name), 1)
         for name in ("warmup", "workers", "sample_every", "seed"):
