@@ -165,7 +165,7 @@ def _scatter_rows(buf: torch.Tensor, index: torch.Tensor, new: torch.Tensor) -> 
 
     Static shapes (no data-dependent slicing): every write past the end is redirected to the last slot
     ``max_len - 1`` carrying the value that slot ends with (the row's own write there, else its old value), so
-    duplicate writes agree and the scatter is deterministic. ``index[b]`` is consecutive, so at most one
+    duplicate writes agree and the result is deterministic. ``index[b]`` is consecutive, so at most one
     ``j`` of a row writes the last slot.
     """
     B, H, n, D = new.shape
@@ -176,4 +176,7 @@ def _scatter_rows(buf: torch.Tensor, index: torch.Tensor, new: torch.Tensor) -> 
     keep = torch.where(hits[:, :, None, None], new.gather(2, j_last[:, None, :, None].expand(B, H, 1, D)),
                        buf[:, :, last:])  # (B, H, 1, D): the last slot's final value
     vals = torch.where((index <= last)[:, None, :, None], new, keep)
-    buf.scatter_(2, index.clamp(max=last)[:, None, :, None].expand(B, H, n, D), vals)
+    # index_put_ on the (B, max_len, H, D) view: inductor writes it in place (a scatter_ along dim 2 cost a third
+    # more per raster decode step at batch 16)
+    rows = torch.arange(B, device=buf.device)[:, None].expand(B, n)
+    buf.transpose(1, 2).index_put_((rows, index.clamp(max=last)), vals.transpose(1, 2))
