@@ -121,7 +121,9 @@ class MARState:
     """What a MAR decode carries between steps: no KV cache, the known tokens themselves.
 
     ``tokens`` (B', N, *token_shape) hold the sampled tokens in grid (row-major) order, ``known``
-    (B', N) marks them, ``step`` is the last step whose outputs were returned.
+    (B', N) marks them, ``step`` is the last step whose outputs were returned (``forward``; under
+    ``forward_rows`` every row is at its own step, which the caller tracks, and neither is kept).
+    ``positions`` (B', N): the grid position of each layout token (``order`` sorted within each step).
     """
 
     cond: torch.Tensor
@@ -130,6 +132,15 @@ class MARState:
     tokens: torch.Tensor
     known: torch.Tensor
     step: int = 0
+    positions: torch.Tensor | None = None
+
+    def copy_rows(self, rows: torch.Tensor, src: "MARState") -> None:
+        """Rows ``rows`` of this state become ``src``'s rows (in order): new images admitted into free slots."""
+        if not isinstance(src, MARState) or src.layout.step_sizes != self.layout.step_sizes:
+            raise InvalidArgumentError("MAR admits rows only from a state of the same layout (prefill with layout=)")
+        rows = rows.to(self.order.device)
+        for name in ("cond", "order", "tokens", "known", "positions"):
+            getattr(self, name)[rows] = getattr(src, name).to(getattr(self, name).device)
 
 
 @register_module
@@ -141,6 +152,8 @@ class MARGenerator(ClassConditional, Generator):
     # several steps at once: each step's own prefix, the prefixes run as one padded batch (speculative samplers)
     supports_multistep = True
     supports_rollback = True
+    supports_rows = True  # forward_rows: every row at its own step (one prefix per (row, step), one padded batch)
+    rows_wanted = True  # forward_rows(wanted=): a prefix per step costs a whole pass, so only the wanted ones run
 
     def __init__(self, config: MARConfig):
         super().__init__(config)
@@ -294,7 +307,8 @@ class MARGenerator(ClassConditional, Generator):
             dtype = torch.promote_types(dtype, self.fake_latent.dtype)
         tokens = torch.zeros(cond.shape[0], N, *self.head.token_shape, dtype=dtype, device=dev)
         known = torch.zeros(cond.shape[0], N, dtype=torch.bool, device=dev)
-        state = MARState(cond.to(dev), order, layout, tokens, known, 0)
+        positions = torch.cat([layout.index(s, order) for s in range(layout.num_steps)], 1)
+        state = MARState(cond.to(dev), order, layout, tokens, known, 0, positions)
         return self._outputs(state), state
 
     def forward(self, tokens: torch.Tensor, step: int, cache: Any = None, state: MARState | None = None) -> torch.Tensor:
@@ -339,27 +353,111 @@ class MARGenerator(ClassConditional, Generator):
     def _outputs_of_steps(self, state: MARState, steps: range) -> torch.Tensor:
         """Outputs (B', Σ n_j, C) of each step j in ``steps`` given the tokens of the steps before j, in one
         batched pass over the len(steps) prefixes (row i·B' + b: prefix i of image b)."""
-        lay, order = state.layout, state.order
-        B, k = order.shape[0], len(steps)
-        Ks = [lay.step_starts[j] for j in steps]
+        lay = state.layout
+        B, k = state.order.shape[0], len(steps)
+        dev = state.order.device
+        rows = torch.arange(B, device=dev).repeat(k)
+        js = torch.arange(steps.start, steps.stop, device=dev).repeat_interleave(B)
         ns = [lay.step_sizes[j] for j in steps]
-        K, n = max(Ks), max(ns)
-        known = order.new_zeros(k, B, K)
-        valid = torch.zeros(k, B, K, dtype=torch.bool, device=order.device)
-        rows = order.new_zeros(k, B, n)
-        for i, j in enumerate(steps):
-            known[i, :, :Ks[i]] = order[:, :Ks[i]].sort(1).values
-            valid[i, :, :Ks[i]] = True
-            idx = lay.index(j, order)
-            rows[i, :, :ns[i]] = idx
-            rows[i, :, ns[i]:] = idx[:, :1]  # padding rows: a real position, its output dropped below
-        known, valid, rows = known.view(k * B, K), valid.view(k * B, K), rows.view(k * B, n)
-        shape = self.head.token_shape
-        toks = state.tokens.repeat(k, *[1] * (state.tokens.dim() - 1))
-        known_tokens = toks.gather(1, known.view(*known.shape, *[1] * len(shape)).expand(*known.shape, *shape))
-        h = self.encode(state.cond.repeat(k, *[1] * (state.cond.dim() - 1)), known_tokens, known, valid)
-        out = self.decode(h, known, rows, valid).view(k, B, n, -1)
+        out = self._outputs_of_pairs(state, rows, js).view(k, B, max(ns), -1)
         return torch.cat([out[i, :, :ns[i]] for i in range(k)], 1)
+
+    def _outputs_of_pairs(self, state: MARState, rows: torch.Tensor, js: torch.Tensor) -> torch.Tensor:
+        """Outputs (P, n, C) of step ``js[p]`` of image row ``rows[p]`` given that row's tokens of the steps before
+        it, for P (row, step) pairs in one pass: prefixes padded to the longest (the padding masked out of
+        attention), a step's outputs in layout order, padded to the widest step (padding: its first position)."""
+        lay, order = state.layout, state.order
+        N = lay.num_tokens
+        starts = torch.tensor(lay.step_starts, device=order.device)
+        Ks, ns = starts[js], starts[js + 1] - starts[js]
+        K, n = int(Ks.max()), int(ns.max())
+        ar = torch.arange(N, device=order.device)
+        # each prefix: the first K_p positions of its row's order, in grid order (as MAR's nonzero() gathers them)
+        known = torch.where(ar < Ks[:, None], order[rows], N).sort(1).values[:, :K]
+        valid = ar[:K] < Ks[:, None]
+        known = known.masked_fill(~valid, 0)
+        cols = Ks[:, None] + ar[:n]
+        query = state.positions[rows].gather(1, cols.clamp(max=N - 1))
+        query = torch.where(ar[:n] < ns[:, None], query, query[:, :1])
+        shape = self.head.token_shape
+        toks = state.tokens[rows]
+        known_tokens = toks.gather(1, known.view(*known.shape, *[1] * len(shape)).expand(*known.shape, *shape))
+        mask = None if bool((Ks == K).all()) else valid  # one prefix length: MAR's own unmasked pass
+        h = self.encode(state.cond[rows], known_tokens, known, mask)
+        return self.decode(h, known, query, mask)
+
+    def forward_rows(self, tokens: torch.Tensor, steps: torch.Tensor, cache: Any = None, state: MARState | None = None,
+                     wanted: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Every row at its own step (``Generator.forward_rows``): row b's ``tokens`` (B', n, ...) are its layout
+        tokens from ``step_starts[steps[b] - 1]`` on (stored at their grid positions; past the last token:
+        dropped), and output j of row b is for layout token ``step_starts[steps[b]] + j``.
+
+        MAR has no cache: each output step is its own prefix (the row's tokens of the steps before it), and all
+        (row, step) prefixes run as one padded batch. Only outputs that are valid (every step before theirs fed,
+        now or earlier) are computed, and with ``wanted = (lo, hi)`` ((B',) each) only those of the steps that
+        output columns ``lo[b] <= j < hi[b]`` fall in (a row with ``hi <= lo`` computes nothing): the rest of the
+        (B', n, C) outputs are zeros. Rolling a row back is feeding it from an earlier step."""
+        lay = self._rows_check(tokens, steps, state)
+        S, N = lay.num_steps, lay.num_tokens
+        dev = state.order.device
+        steps = steps.to(dev, torch.long)
+        B, n = tokens.shape[:2]
+        starts = torch.tensor(lay.step_starts, device=dev)
+        ar = torch.arange(n, device=dev)
+        # store the fed tokens at each row's own grid positions
+        lp = starts[steps - 1, None] + ar
+        b, j = (lp < N).nonzero(as_tuple=True)
+        state.tokens[b, state.positions[b, lp[b, j]]] = tokens.to(dev, state.tokens.dtype)[b, j]
+        # the output steps to compute: valid (steps <= last: the steps before them fed whole) and wanted
+        last = (torch.searchsorted(starts, starts[steps - 1] + n, right=True) - 1).clamp(max=S - 1)
+        lo, hi = (torch.zeros_like(steps), torch.full_like(steps, n)) if wanted is None else \
+            (wanted[0].to(dev, torch.long).clamp(min=0), wanted[1].to(dev, torch.long).clamp(max=n))
+        step_of = lay.step_of.to(dev)
+        first = step_of[(starts[steps] + lo).clamp(max=N - 1)]
+        upto = torch.minimum(step_of[(starts[steps] + hi - 1).clamp(0, N - 1)], last)
+        count = torch.where((hi > lo) & (starts[steps] + lo < N), upto - first + 1, 0).clamp(min=0)
+        P = int(count.sum())
+        if P == 0:
+            return torch.zeros(B, n, self._out_dim(), dtype=self._out_dtype(), device=dev)
+        rows = torch.arange(B, device=dev).repeat_interleave(count)
+        offset = torch.cumsum(count, 0) - count
+        js = first[rows] + torch.arange(P, device=dev) - offset[rows]
+        res = self._outputs_of_pairs(state, rows, js)  # (P, n_max, C)
+        # pair p's output t is column step_starts[js] - step_starts[steps] + t of its row
+        w = res.shape[1]
+        tw = torch.arange(w, device=dev)
+        col = (starts[js] - starts[steps[rows]])[:, None] + tw
+        keep = (tw < (starts[js + 1] - starts[js])[:, None]) & (col < n)
+        out = res.new_zeros(B, n, res.shape[-1])
+        out[rows[:, None].expand_as(col)[keep], col[keep]] = res[keep]
+        return out
+
+    def _out_dim(self) -> int:
+        return getattr(self.output, "out_features", self.config.decoder_dim)
+
+    def _out_dtype(self) -> torch.dtype:
+        """What :meth:`decode` returns: the weights' dtype, fp32 logits for a low-precision categorical head."""
+        dt = self.decoder_embed.weight.dtype
+        return torch.float32 if self.head.kind == "categorical" and dt in (torch.float16, torch.bfloat16) else dt
+
+    def _rows_check(self, tokens: torch.Tensor, steps: torch.Tensor, state: Any) -> Layout:
+        """One line for :meth:`forward_rows` inputs that do not fit; the state's layout."""
+        if not isinstance(state, MARState) or state.positions is None:
+            raise InvalidArgumentError("MAR's forward_rows needs the state prefill returned (MAR has no cache)")
+        if not isinstance(steps, torch.Tensor) or steps.dim() != 1 or steps.is_floating_point() or steps.dtype == torch.bool:
+            raise InvalidArgumentError(f"forward_rows takes steps as a (B,) integer tensor, got "
+                                       f"{type(steps).__name__} {tuple(getattr(steps, 'shape', ()))}")
+        B, shape = state.order.shape[0], tuple(self.head.token_shape)
+        if steps.shape[0] != B or tokens.dim() != 2 + len(shape) or tokens.shape[0] != B or tokens.shape[1] < 1 \
+                or tuple(tokens.shape[2:]) != shape:
+            raise InvalidArgumentError(f"forward_rows takes tokens (B, n{', ' + str(shape)[1:-1] if shape else ''}) with "
+                                       f"n >= 1 and steps (B,) for the state's B = {B} rows, got tokens of shape "
+                                       f"{tuple(tokens.shape)} and {steps.shape[0]} steps")
+        last = state.layout.num_steps - 1
+        if B and bool(((steps < 1) | (steps > last)).any()):
+            raise InvalidArgumentError(f"forward_rows steps must lie in 1..{last} (step 0 comes from prefill), "
+                                       f"got {steps.tolist()}")
+        return state.layout
 
     def _outputs(self, state: MARState) -> torch.Tensor:
         K = state.layout.step_starts[state.step]

@@ -73,23 +73,14 @@ from ..models.base import Generator
 from ..models.diffusion import normal_log_prob
 from ..models.heads import DiffusionNoise
 from .accept import residual_keeps, verify_density
-from .base import GuidedRunner, SampleResult, Sampler, SamplerStats
+from .base import SampleResult, Sampler, SamplerStats
 from .logits import SamplingParams
 from .random import Randomness
+from .slots import SlotRunner, Slots, rows_capable
 from .speculative import resolve_draft
 
 FALLBACK_CHUNK = 64  # fresh residual proposals per token and round, once the upfront ones are all rejected
 FALLBACK_ROUNDS = 10_000  # rounds before giving up (raising): ~6e5 proposals, i.e. p and q differ by TV < ~1e-5
-
-
-class _GivenOrder:
-    """Hands the target's per-image orders to the drafter's runner (both decode the same order)."""
-
-    def __init__(self, order: torch.Tensor | None):
-        self.order = order
-
-    def permutations(self, n: int) -> torch.Tensor:
-        return self.order
 
 
 def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, inner_temperature: float = 1.0) -> torch.Tensor:
@@ -124,6 +115,7 @@ class CSpDSampler(Sampler):
 
     name = "cspd"
     lossless = True
+    continuous_batching = True
 
     def __init__(self, params: SamplingParams | None = None, draft: Any = None, gamma: int = 8, prefill: float = 0.15,
                  inner_temperature: float = 1.0, merged_window: bool = False, residual_tries: int = 16):
@@ -209,174 +201,231 @@ class CSpDSampler(Sampler):
             self.draft.to(device)
         return self.draft
 
-    def _sample(self, gen, cond, gens, progress) -> SampleResult:
+    def continuous_for(self, gen: Generator) -> bool:
+        """Slots refilled from the queue where both generators decode rows at their own steps (the merged window
+        verifies a batch's windows in one bidirectional pass of its own: it takes ``max_batch`` images at a time)."""
+        return rows_capable(gen, self.draft) and not self.merged_window
+
+    def _sample(self, gen, cond, gens, progress, max_batch: int | None = None) -> SampleResult:
         rng = Randomness(gens, cond.device) if isinstance(gens, (list, tuple)) else gens
-        return _Run(self, gen, self._draft_on(cond.device), cond, rng).sample()
+        return _Run(self, gen, self._draft_on(cond.device), cond, rng, max_batch).sample()
 
 
 class _Run:
-    """One CSpD call: the two runners, the per-token draws, the committed steps of every image."""
+    """One CSpD call over :class:`Slots`: the two runners, each slot's draws and committed steps, the stats.
 
-    def __init__(self, smp: CSpDSampler, gen: Generator, draft: Generator, cond: torch.Tensor, rng):
+    Per slot: ``tokens`` (grid order), the drafter's Gaussians ``q_mean``/``q_std``, the image's draws (grid
+    order), ``perm`` (the grid position of each layout token), ``c`` (committed steps; S: empty or done) and
+    ``held`` (the drafter holds the tokens of the steps before it)."""
+
+    def __init__(self, smp: CSpDSampler, gen: Generator, draft: Generator, cond: torch.Tensor, rng, max_batch):
         self.smp, self.gen, self.draft, self.rng = smp, gen, draft, rng
-        self.params = smp.params
-        self.tgt = GuidedRunner(gen, self.params, cond, rng)
-        self.drf = GuidedRunner(draft, self.params, cond, _GivenOrder(self.tgt.order))
-        self.lay, self.order = self.tgt.layout, self.tgt.order
-        S, N, D = self.lay.num_steps, self.lay.num_tokens, gen.head.token_dim
-        self.B, self.S, self.D = cond.shape[0], S, D
-        self.head_params = [self.params.at_step(s, S) for s in range(S)]
-        H = max(gen.head.steps_for(p) for p in self.head_params)
-        K = smp.residual_tries
-        # every token's randomness, once per image (see the module docstring)
-        self.x_T = rng.normals(N, D)
-        self.traj = rng.normals(N, H, D)
-        self.xi_draft, self.xi_target = rng.normals(N, D), rng.normals(N, D)
-        self.u_accept = rng.uniforms(N)
-        self.proposals = rng.normals(N, K, D)
-        self.u_proposals = rng.uniforms(N * K).view(self.B, N, K)
-        dev = cond.device
+        params = self.params = smp.params
+        self.slots = slots = Slots(cond.shape[0], max_batch)
+        self.continuous = max_batch is not None
+        self.tgt = SlotRunner(gen, params, cond, slots, self.continuous)
+        self.drf = SlotRunner(draft, params, cond, slots, self.continuous)
+        self.cond_all = cond
+        lay = self.lay = self.tgt.layout
+        S, T, D, B = lay.num_steps, lay.num_tokens, gen.head.token_dim, slots.B
+        self.S, self.T, self.D, self.B = S, T, D, B
+        self.head_params = [params.at_step(s, S) for s in range(S)]
+        self.H = max(gen.head.steps_for(p) for p in self.head_params)
+        self.n_pre = min(S, int(math.floor(smp.prefill * S)) + 1)  # steps the target does alone
+        dev = self.dev = cond.device
+        self.starts = torch.tensor(lay.step_starts, device=dev)
+        self.sizes = self.starts[1:] - self.starts[:-1]
+        tw = self.tgt.token_weights
+        self.w = [tw[lay.step_starts[s]:lay.step_starts[s + 1]] if self.tgt.cfg else None for s in range(S)]
         dtype = torch.promote_types(gen.head.token_dtype, next(gen.parameters()).dtype)
-        self.tokens = torch.zeros(self.B, N, D, dtype=dtype, device=dev)
-        self.q_mean = torch.zeros_like(self.tokens)
-        self.q_std = torch.ones_like(self.tokens)
-        self.rows = torch.arange(self.B, device=dev)
-        G = smp.gamma
-        self.stat = {k: torch.zeros(G, dtype=torch.long) for k in ("tokens_verified", "tokens_accepted",
-                                                                    "steps_verified", "steps_accepted")}
+        K = smp.residual_tries
+        self.perm = torch.arange(T, device=dev).repeat(B, 1)
+        self.tokens = torch.zeros(B, T, D, dtype=dtype, device=dev)
+        self.q_mean, self.q_std = torch.zeros_like(self.tokens), torch.ones_like(self.tokens)
+        f32 = dict(dtype=torch.float32, device=dev)
+        self.x_T, self.traj = torch.zeros(B, T, D, **f32), torch.zeros(B, T, self.H, D, **f32)
+        self.xi_draft, self.xi_target = torch.zeros(B, T, D, **f32), torch.zeros(B, T, D, **f32)
+        self.proposals = torch.zeros(B, T, K, D, **f32)
+        self.u_accept = torch.zeros(B, T, dtype=torch.float64, device=dev)
+        self.u_proposals = torch.zeros(B, T, K, dtype=torch.float64, device=dev)
+        self.c = torch.full((B,), S, dtype=torch.long, device=dev)
+        self.held = torch.zeros_like(self.c)
+        self.result = torch.zeros(cond.shape[0], T, D, dtype=dtype, device=dev)
+        self.committed: list[list[int]] = [[] for _ in range(cond.shape[0])]  # tokens per target pass, per image
+        self.stat = {k: torch.zeros(smp.gamma, dtype=torch.long) for k in ("tokens_verified", "tokens_accepted",
+                                                                          "steps_verified", "steps_accepted")}
         self.fallback_rounds = 0
         self.merged_passes = 0
-        self.target_prefixes = 0  # step outputs the target computed (MAR: one encoder/decoder prefix each)
+        self.target_prefixes = 0  # (image, step) prefixes the target computed (MAR: one encoder/decoder pass each)
         self.shift = [0.0, 0]  # Σ over verified tokens of mean_d |μ_p − μ_q| / σ_p, and their count
 
     # -- helpers --------------------------------------------------------------------------------------------
-    def positions(self, step: int) -> torch.Tensor:
-        """(B, n) grid positions of ``step`` per image."""
-        idx = self.lay.index(step, self.order)
-        if isinstance(idx, slice):
-            return torch.arange(idx.start, idx.stop, device=self.tokens.device).expand(self.B, -1)
-        return idx.to(self.tokens.device)
+    def layout_tokens(self) -> torch.Tensor:
+        """Every slot's tokens (B, T, D) in its layout order: what the runners feed."""
+        return self.tokens.gather(1, self.perm[..., None].expand(-1, -1, self.D))
 
-    def steps_tokens(self, first: int, last: int) -> torch.Tensor:
-        """The tokens of steps ``first … last`` (each in layout order), concatenated: what a call feeds."""
-        return torch.cat([self.lay.read(self.tokens, s, self.order) for s in range(first, last + 1)], 1)
+    def pick(self, run: SlotRunner, out: torch.Tensor, sel: torch.Tensor, off: torch.Tensor, n: int) -> torch.Tensor:
+        """Columns ``off[i] … off[i] + n - 1`` of slots ``sel``'s rows (and their CFG twins) of ``out`` (B or 2B, L, C)."""
+        rows = run.rows_of(sel)
+        cols = off[:, None] + torch.arange(n, device=out.device)
+        if run.cfg:
+            cols = torch.cat([cols, cols])
+        return out[rows].gather(1, cols[..., None].expand(-1, -1, out.shape[-1]))
 
-    def gaussians(self, head, out: torch.Tensor, weights, step: int, sel: torch.Tensor, pos: torch.Tensor):
-        """Last-step (mean, std), each (b, n, D), of ``head``'s chains for images ``sel`` (b,) at ``pos`` (b, n),
-        from outputs ``out`` (B or 2B, n, C) of the whole batch, with the shared per-token noise."""
-        B = self.B
-        z = out[sel] if out.shape[0] == B else torch.cat([out[:B][sel], out[B:][sel]])
+    def gaussians(self, head, z: torch.Tensor, step: int, sel: torch.Tensor):
+        """Last-step (mean, std), each (b, n, D), of ``head``'s chains for slots ``sel`` (b,) at step ``step`` from
+        their outputs ``z`` (b or 2b, n, C), with the shared per-token noise; and the grid positions (b, n)."""
+        a, e = self.lay.step_starts[step], self.lay.step_starts[step + 1]
+        pos = self.perm[sel, a:e]
         ps = self.head_params[step]
-        H = head.steps_for(ps)
         r = sel[:, None]
-        noise = DiffusionNoise(self.x_T[r, pos], self.traj[r, pos, :H])
-        res = head.run(z, weights, noise, ps)
+        noise = DiffusionNoise(self.x_T[r, pos], self.traj[r, pos, :head.steps_for(ps)])
+        res = head.run(z, self.w[step], noise, ps)
         b, n = pos.shape
-        return res.mean.view(b, n, self.D), res.std.view(b, n, self.D)
+        return res.mean.view(b, n, self.D), res.std.view(b, n, self.D), pos
 
-    def target_draw(self, out, weights, step: int, sel: torch.Tensor) -> None:
-        """Step ``step`` of images ``sel`` drawn by the target itself (final-step noise included)."""
-        if sel.numel() == 0:
-            return
-        pos = self.positions(step)[sel]
-        mean, std = self.gaussians(self.gen.head, out, weights, step, sel, pos)
-        self.tokens[sel[:, None], pos] = (mean + std * self.xi_target[sel[:, None], pos].to(mean)).to(self.tokens.dtype)
+    def target_draw(self, sel: torch.Tensor, pos: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Tokens at ``pos`` of slots ``sel`` drawn by the target itself (its final-step noise)."""
+        r = sel[:, None]
+        self.tokens[r, pos] = (mean + std * self.xi_target[r, pos].to(mean)).to(self.tokens.dtype)
 
     # -- the run ---------------------------------------------------------------------------------------------
     def sample(self) -> SampleResult:
-        smp, lay, S, B = self.smp, self.lay, self.S, self.B
-        everyone = self.rows
-        n_pre = min(S, int(math.floor(smp.prefill * S)) + 1)
-        committed: list[torch.Tensor] = []  # tokens committed per target pass, per image
-        out, w = self.tgt.prefill()
-        self.target_prefixes += n_pre
-        self.target_draw(out, w, 0, everyone)
-        committed.append(torch.full((B,), lay.step_sizes[0]))
-        for s in range(1, n_pre):
-            out, w = self.tgt.forward(self.steps_tokens(s - 1, s - 1), s)
-            self.target_draw(out, w, s, everyone)
-            committed.append(torch.full((B,), lay.step_sizes[s]))
-        self.t_next = n_pre  # the step of each runner's next call (its state holds the steps before that - 1)
-        self.drf.prefill()  # the drafter's state (its step-0 outputs are not needed: step 0 is the target's)
-        self.d_next = 1
-        c = torch.full((B,), n_pre, dtype=torch.long, device=self.tokens.device)  # committed steps per image
-        starts = torch.tensor(lay.step_starts, device=c.device)
-        while bool((c < S).any()):
-            before = c
-            c = self.round(c)
-            committed.append((starts[c] - starts[before]).cpu())
+        slots, S = self.slots, self.S
+        while True:
+            new, images = slots.refill()
+            passing = self.c < S  # slots with a round this time (not the ones admitted now)
+            if images:
+                self.admit(new.to(self.dev), images)
+            elif not bool(passing.any()):
+                break
+            if bool(passing.any()):
+                c = self.c
+                new_c = self.round(passing)
+                self.held = torch.where(passing, torch.minimum(self.held, new_c - 1), self.held)
+                self.c = torch.where(passing, new_c, c)
+                got = (self.starts[self.c] - self.starts[c]).tolist()
+                for b in passing.nonzero().squeeze(1).tolist():
+                    self.committed[int(slots.image[b])].append(got[b])
+            slots.count_round()
+            finished = slots.occupied.to(self.dev) & (self.c >= S)
+            if bool(finished.any()):
+                fin = finished.nonzero().squeeze(1)
+                self.result[slots.image[fin.cpu()].to(self.dev)] = self.tokens[fin]
+                if self.continuous:
+                    slots.release(fin)
+        return self.finish()
+
+    def finish(self) -> SampleResult:
+        smp, S = self.smp, self.S
+        P = max(len(t) for t in self.committed)
+        per_pass = torch.zeros(P, len(self.committed), dtype=torch.float64)
+        for i, t in enumerate(self.committed):
+            per_pass[:len(t), i] = torch.tensor(t, dtype=torch.float64)
         passes = self.tgt.passes + self.merged_passes
-        stats = SamplerStats(forward_passes=passes, steps=S,
-                             accepted_per_pass=torch.stack(committed).double().mean(1).tolist(),
-                             cache_bytes=self.tgt.cache_bytes + self.drf.cache_bytes, draft_passes=self.drf.passes)
+        stats = SamplerStats(forward_passes=passes, steps=S, accepted_per_pass=per_pass.mean(1).tolist(),
+                             cache_bytes=self.tgt.cache_bytes + self.drf.cache_bytes, draft_passes=self.drf.passes,
+                             passes_per_image=self.slots.passes.tolist(),
+                             rounds=self.slots.rounds if self.continuous else 0)
         smp.trace = {k: v.tolist() for k, v in self.stat.items()} | {
-            "draft_passes": self.drf.passes, "target_passes": passes, "prefill_steps": n_pre,
+            "draft_passes": self.drf.passes, "target_passes": passes, "prefill_steps": self.n_pre,
             "target_prefixes": self.target_prefixes, "fallback_rounds": self.fallback_rounds,
             "mean_shift_sigmas": self.shift[0] / max(self.shift[1], 1)}
-        return SampleResult(self.tokens.to(torch.promote_types(self.gen.head.token_dtype, self.tokens.dtype)), stats)
+        return SampleResult(self.result.to(torch.promote_types(self.gen.head.token_dtype, self.result.dtype)), stats)
 
-    def draft_outputs(self, step: int):
-        """The drafter's outputs (B or 2B, n, C) and weights for ``step`` given the tokens of the steps before it."""
-        if self.d_next > step:
-            self.drf.rollback(step)
-            self.d_next = step
-        out, _ = self.drf.forward(self.steps_tokens(self.d_next - 1, step - 1), self.d_next)
-        self.d_next = step + 1
-        n = self.lay.step_sizes[step]
-        return out[:, out.shape[1] - n:], self.drf.weights(step, n)
+    def admit(self, new: torch.Tensor, images: list[int]) -> None:
+        """Images ``images`` into slots ``new``: their draws (order first, in the order a lone image makes them),
+        both prefills, and step 0 drawn by the target."""
+        T, D, S = self.T, self.D, self.S
+        sub = self.rng.subset(images)
+        order = sub.permutations(T) if self.lay.random_order else None
+        self.x_T[new], self.traj[new] = sub.normals(T, D), sub.normals(T, self.H, D)
+        self.xi_draft[new], self.xi_target[new] = sub.normals(T, D), sub.normals(T, D)
+        self.u_accept[new] = sub.uniforms(T)
+        self.proposals[new] = sub.normals(T, self.smp.residual_tries, D)
+        self.u_proposals[new] = sub.uniforms(T * self.smp.residual_tries).view(len(images), T, -1)
+        if order is not None:
+            order = order.to(self.dev)
+            self.perm[new] = torch.cat([self.lay.index(s, order) for s in range(S)], 1)
+        self.tokens[new], self.q_mean[new], self.q_std[new] = 0, 0, 1
+        out, _ = self.tgt.admit(new, images, order)
+        self.drf.admit(new, images, order)  # the drafter's state (its step-0 outputs are not needed)
+        self.target_prefixes += len(images)
+        mean, std, pos = self.gaussians(self.gen.head, out, 0, new)
+        self.target_draw(new, pos, mean, std)
+        self.c[new], self.held[new] = 1, 0
+        for i in images:
+            self.committed[i].append(self.lay.step_sizes[0])
 
-    def round(self, c: torch.Tensor) -> torch.Tensor:
-        """One target pass: draft each unfinished image's window, verify it, commit; the new committed counts."""
-        S, G, lay = self.S, self.smp.gamma, self.lay
-        active = c < S
-        g = torch.where(active, (S - c).clamp(max=G), 0)  # drafted steps per image
-        m = int(c[active].min())
-        last = int((c + g)[active].max())  # one past the furthest drafted step
-        # -- draft, step by step from the slowest image's first step ------------------------------------
-        for j in range(m, last):
-            mine = (active & (c <= j) & (j < c + g)).nonzero().squeeze(1)
-            out, w = self.draft_outputs(j)
-            if mine.numel() == 0:
+    def round(self, live: torch.Tensor) -> torch.Tensor:
+        """One target pass for the ``live`` slots: a step of the target alone for those within the first
+        ``n_pre`` steps; for the others their drafted window, verified; the new committed counts."""
+        S, G, st, c = self.S, self.smp.gamma, self.starts, self.c
+        pre = live & (c < self.n_pre)
+        drafting = live & ~pre
+        g = torch.where(drafting, (S - c).clamp(max=G), 0)  # drafted steps per slot
+        if bool(drafting.any()):
+            self.draft_window(drafting, g)
+            if self.smp.merged_window:  # (lockstep: every live image is drafting by now)
+                return self.verify_merged(drafting, g)
+        # -- one target call: each slot's outputs from step c to e (a one-step window within the first steps) ----
+        e = torch.where(drafting, torch.minimum(c + g, torch.full_like(c, S - 1)), c)  # last step whose outputs are read
+        feed = c.clamp(1, S - 1)
+        out, _ = self.tgt.outputs(self.layout_tokens(), feed, st[e], feed, st[(e + 1).clamp(max=S)], live)
+        lo, hi = int(c[live].min()), int(e[live].max())
+        self.target_prefixes += int((e - c + 1)[live].sum()) if self.continuous else (hi - lo + 1) * self.B
+        alive = drafting.clone()  # no rejected step yet in the window
+        new_c = torch.where(pre, c + 1, c)
+        for j in range(lo, hi + 1):
+            ver = alive & (c <= j) & (j < c + g)
+            draw = (pre & (c == j)) | (alive & (j == c + g))  # a step of the target alone, or the bonus step
+            sel = (ver | draw).nonzero().squeeze(1)
+            if sel.numel() == 0:
                 continue
-            pos = self.positions(j)[mine]
-            mean, std = self.gaussians(self.draft.head, out, w, j, mine, pos)
-            r = mine[:, None]
-            self.tokens[r, pos] = (mean + std * self.xi_draft[r, pos].to(mean)).to(self.tokens.dtype)
-            self.q_mean[r, pos], self.q_std[r, pos] = mean.to(self.tokens.dtype), std.to(self.tokens.dtype)
-        if self.smp.merged_window:
-            return self.verify_merged(c, g, active)
-        # -- verify: one target call gives every step m … end given its own prefix --------------------------
-        end = int(torch.minimum(c + g, torch.full_like(c, S - 1))[active].max())  # last step whose outputs are read
-        if self.t_next != m:
-            self.tgt.rollback(m)
-        out, _ = self.tgt.forward(self.steps_tokens(m - 1, end - 1), m)
-        self.t_next = end + 1
-        self.target_prefixes += end - m + 1
-        alive = active.clone()  # no rejected step yet in the window
-        new_c = c.clone()
-        offset = 0
-        for j in range(m, end + 1):
-            n = lay.step_sizes[j]
-            out_j, w_j = out[:, offset:offset + n], self.tgt.weights(j, n)
-            offset += n
-            verify = (alive & (c <= j) & (j < c + g)).nonzero().squeeze(1)
-            if verify.numel():
-                rejected = self.verify_step(out_j, w_j, j, verify, c)
-                bad = verify[rejected]
+            z = self.pick(self.tgt, out, sel, st[j] - st[c[sel]], self.lay.step_sizes[j])
+            mean, std, pos = self.gaussians(self.gen.head, z, j, sel)
+            v = ver[sel]
+            if bool(v.any()):
+                rejected = self.verify_step(sel[v], j, pos[v], mean[v], std[v])
+                bad = sel[v][rejected]
                 alive[bad] = False
                 new_c[bad] = j + 1
-            bonus = (alive & (j == c + g) & (j < S)).nonzero().squeeze(1)
-            self.target_draw(out_j, w_j, j, bonus)
-            new_c[bonus] = j + 1
-        new_c = torch.where(alive & (new_c == c), c + g, new_c)  # every drafted step accepted, no bonus (the end)
-        return torch.where(active, new_c, c)
+            d = ~v
+            if bool(d.any()):
+                self.target_draw(sel[d], pos[d], mean[d], std[d])
+                new_c[sel[d & ~pre[sel]]] = j + 1
+        return torch.where(alive & (new_c == c), c + g, new_c)  # every drafted step accepted, no bonus (the end)
 
-    def verify_step(self, out, weights, step: int, sel: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Verify the drafted tokens of ``step`` for images ``sel``; commit them; bool (b,): the step had a rejection."""
-        pos = self.positions(step)[sel]
-        p_mean, p_std = self.gaussians(self.gen.head, out, weights, step, sel, pos)
+    def draft_window(self, drafting: torch.Tensor, g: torch.Tensor) -> None:
+        """Draft steps ``c … c+g-1`` of the ``drafting`` slots. Continuous: one drafter call per window position
+        (each row at its own step); lockstep: one per step, from the slowest image's first. A row's first call
+        catches the drafter up from the last step it holds."""
+        S, st, c = self.S, self.starts, self.c
+        if self.continuous:
+            calls = [(c + jj, drafting & (jj < g)) for jj in range(int(g.max()))]
+        else:
+            lo, hi = int(c[drafting].min()), int((c + g)[drafting].max())
+            calls = [(torch.full_like(c, j), drafting & (c <= j) & (j < c + g)) for j in range(lo, hi)]
+        for P, on in calls:
+            if not bool(on.any()):
+                continue
+            idle = self.held.clamp(1, S - 1)  # rows not drafting re-feed what they hold (outputs unused)
+            P = torch.where(on, P, idle)
+            feed = torch.where(on, torch.minimum(self.held + 1, P), idle)
+            out, _ = self.drf.outputs(self.layout_tokens(), feed, st[P], P, st[P + 1], on)
+            self.held = torch.where(on, P, self.held)
+            for j in P[on].unique().tolist():
+                sel = (on & (P == j)).nonzero().squeeze(1)
+                z = self.pick(self.drf, out, sel, torch.zeros_like(sel), self.lay.step_sizes[j])
+                mean, std, pos = self.gaussians(self.draft.head, z, j, sel)
+                r = sel[:, None]
+                self.tokens[r, pos] = (mean + std * self.xi_draft[r, pos].to(mean)).to(self.tokens.dtype)
+                self.q_mean[r, pos], self.q_std[r, pos] = mean.to(self.tokens.dtype), std.to(self.tokens.dtype)
+
+    def verify_step(self, sel: torch.Tensor, step: int, pos, p_mean, p_std) -> torch.Tensor:
+        """Verify the drafted tokens of ``step`` for slots ``sel``; commit them; bool (b,): the step had a rejection."""
         accepted = self.decide(sel, pos, p_mean, p_std)
-        window_pos = (step - c[sel]).cpu()
+        window_pos = (step - self.c[sel]).cpu()
         self.stat["tokens_verified"].index_add_(0, window_pos, torch.full_like(window_pos, pos.shape[1]))
         self.stat["tokens_accepted"].index_add_(0, window_pos, accepted.sum(1).cpu())
         all_ok = accepted.all(1).cpu()
@@ -385,7 +434,7 @@ class _Run:
         return ~all_ok.to(sel.device)
 
     def decide(self, sel: torch.Tensor, pos: torch.Tensor, p_mean: torch.Tensor, p_std: torch.Tensor) -> torch.Tensor:
-        """Accept or replace the drafts at ``pos`` (b, n) of images ``sel`` given the target's last-step Gaussians;
+        """Accept or replace the drafts at ``pos`` (b, n) of slots ``sel`` given the target's last-step Gaussians;
         writes the emitted tokens; returns the accepted mask (b, n)."""
         r = sel[:, None]
         dt = p_mean.dtype
@@ -411,7 +460,7 @@ class _Run:
         """Residual draws (M, D) where every upfront proposal was rejected: the same rejection from p, continued with
         fresh proposals from each image's own generator until one is kept (exact)."""
         where = need.nonzero()
-        imgs = sel[where[:, 0]].tolist()
+        imgs = self.slots.image[sel[where[:, 0]].cpu()].tolist()
         mu, sd = p_mean[need], p_std[need]
         mq, sq = q_mean[need], q_std[need]
         out = torch.empty_like(mu)
@@ -433,17 +482,17 @@ class _Run:
             f"cspd residual sampling kept none of {FALLBACK_ROUNDS * FALLBACK_CHUNK} proposals: draft and target "
             "last-step Gaussians are numerically equal where a rejection happened; check the models' dtype")
 
-    def verify_merged(self, c: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """The official merged window: every window token against the target given only the steps before the
-        window (one bidirectional pass, prefixes of a ragged batch padded), each decided on its own; the whole
-        window is committed."""
-        gen, lay, tgt = self.gen, self.lay, self.tgt
+    def verify_merged(self, active: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The official merged window (lockstep only): every window token against the target given only the steps
+        before the window (one bidirectional pass, prefixes of a ragged batch padded), each decided on its own;
+        the whole window is committed."""
+        gen, lay, tgt, c = self.gen, self.lay, self.tgt, self.c
         sel = active.nonzero().squeeze(1)
         cs, gs = c[sel].tolist(), g[sel].tolist()
         K = max(lay.step_starts[a] for a in cs)
         n = max(lay.step_starts[a + b] - lay.step_starts[a] for a, b in zip(cs, gs))
         b = sel.numel()
-        order = self.order[sel]
+        order = tgt.order[sel]
         known = order.new_zeros(b, K)
         valid = torch.zeros(b, K, dtype=torch.bool, device=order.device)
         rows = order.new_zeros(b, n)
@@ -451,39 +500,30 @@ class _Run:
             s0, s1 = lay.step_starts[a], lay.step_starts[a + k]
             known[i, :s0] = order[i, :s0].sort().values
             valid[i, :s0] = True
-            rows[i, :s1 - s0] = torch.cat([order[i, lay.step_starts[j]:lay.step_starts[j + 1]].sort().values
-                                           for j in range(a, a + k)])
+            rows[i, :s1 - s0] = self.perm[sel[i], s0:s1]
             rows[i, s1 - s0:] = rows[i, 0]
         toks = self.tokens[sel]
         kt = toks.gather(1, known[..., None].expand(-1, -1, self.D))
-        cond = tgt.cond[sel] if not tgt.cfg else torch.cat([tgt.cond[:self.B][sel], tgt.cond[self.B:][sel]])
+        cond = self.cond_all[self.slots.image[sel.cpu()].to(self.cond_all.device)]
         if tgt.cfg:
+            cond = torch.cat([cond, gen.null_condition(cond)])
             kt, known2, valid2, rows2 = (torch.cat([t, t]) for t in (kt, known, valid, rows))
         else:
             known2, valid2, rows2 = known, valid, rows
         out = gen.decode(gen.encode(cond, kt.to(next(gen.parameters()).dtype), known2, valid2), known2, rows2, valid2)
         self.merged_passes += 1
-        self.target_prefixes += 1
-        full = out  # (b or 2b, n, C): rows of ``sel`` in order (then their unconditional rows)
+        self.target_prefixes += b
         new_c = c.clone()
         for j in sorted({j for a, k in zip(cs, gs) for j in range(a, a + k)}):
-            # images whose window holds step j, and where step j's tokens sit in their row list
-            mine = [i for i, (a, k) in enumerate(zip(cs, gs)) if a <= j < a + k]
-            off = [lay.step_starts[j] - lay.step_starts[cs[i]] for i in mine]
-            nj = lay.step_sizes[j]
+            mine = [i for i, (a, k) in enumerate(zip(cs, gs)) if a <= j < a + k]  # images whose window holds step j
             idx = torch.tensor(mine, device=out.device)
-            cols = torch.tensor(off, device=out.device)[:, None] + torch.arange(nj, device=out.device)
-            if tgt.cfg:
-                z = torch.cat([full[:b][idx[:, None], cols], full[b:][idx[:, None], cols]])
-            else:
-                z = full[idx[:, None], cols]
+            off = torch.tensor([lay.step_starts[j] - lay.step_starts[cs[i]] for i in mine], device=out.device)
+            nj = lay.step_sizes[j]
+            cols = off[:, None] + torch.arange(nj, device=out.device)
+            z = out[idx[:, None], cols] if not tgt.cfg else torch.cat([out[:b][idx[:, None], cols],
+                                                                       out[b:][idx[:, None], cols]])
             imgs = sel[idx]
-            pos = self.positions(j)[imgs]
-            ps = self.head_params[j]
-            H = gen.head.steps_for(ps)
-            r = imgs[:, None]
-            res = gen.head.run(z, tgt.weights(j, nj), DiffusionNoise(self.x_T[r, pos], self.traj[r, pos, :H]), ps)
-            p_mean, p_std = res.mean.view(len(mine), nj, self.D), res.std.view(len(mine), nj, self.D)
+            p_mean, p_std, pos = self.gaussians(gen.head, z, j, imgs)
             accepted = self.decide(imgs, pos, p_mean, p_std)
             wp = torch.tensor([j - cs[i] for i in mine])
             self.stat["tokens_verified"].index_add_(0, wp, torch.full_like(wp, nj))
