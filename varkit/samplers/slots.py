@@ -194,7 +194,11 @@ class SlotRunner:
                 inp, steps = torch.cat([inp, inp]), torch.cat([s, s])
             else:
                 steps = s
-            out = self.gen.forward_rows(inp, steps, self.cache, self.state)
+            kw = {}
+            if getattr(self.gen, "rows_wanted", False):  # MAR: every output step is a pass of its own: only those read
+                lo, hi = torch.where(live, st[first] - st[s], 0), torch.where(live, out_end - st[s], 0)
+                kw["wanted"] = (torch.cat([lo, lo]), torch.cat([hi, hi])) if self.cfg else (lo, hi)
+            out = self.gen.forward_rows(inp, steps, self.cache, self.state, **kw)
             base = st[s]
         else:
             m = int(s[live].min())
