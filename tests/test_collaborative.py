@@ -146,17 +146,20 @@ def test_pipeline_batches_merge_stats_and_cache_policy_composes(pair):
     assert small.stats.refiner_cache_bytes <= 0.2 * plain.stats.refiner_cache_bytes
 
 
-def test_bundled_refiner_makes_digits():
+@pytest.mark.parametrize("name", ["digits-var-refiner", "digits-var-refiner-d1"])
+def test_bundled_refiner_makes_digits(name):
+    import varkit
     from varkit.eval.digits import digits_accuracy
     from varkit.pipeline import load_pipeline
 
     from varkit.pipeline import ASSETS
 
-    cmd = (ASSETS / "digits-var-refiner" / "generator" / "COMMAND.txt").read_text()
-    assert cmd.startswith("varkit train generator") and "--config digits-var-refiner" in cmd  # made by varkit's commands
+    assert name in varkit.bundled_models()
+    cmd = (ASSETS / name / "generator" / "COMMAND.txt").read_text()
+    assert cmd.startswith("varkit train generator") and f"--config {name} " in cmd  # made by varkit's commands
     pipe = load_pipeline("digits-var")
     labels = list(range(10))
-    out = pipe(labels, seed=0, sampler="collaborative", refiner="digits-var-refiner")
+    out = pipe(labels, seed=0, sampler="collaborative", refiner=name)  # the default k: 4 of 6 scales
     assert out.stats.drafter_passes == 4 and out.stats.refiner_passes == 2
     assert digits_accuracy(out.images, labels) >= 0.8
 

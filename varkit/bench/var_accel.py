@@ -7,9 +7,10 @@ Methods, every one sampling the same labels with the same per-image seeds as the
 - ``code-kK``: the model drafts the first K scales, the refiner the rest (``sampler="collaborative"``). CoDe's
   K = 6, 8, 9 of VAR's 10 scales; digits-var has 6 scales (1,2,3,4,6,8), so K = 3, 4, 5 there: the same
   order, the refiner making the last 3, 2, 1 scales (VAR: 4, 2, 1), and a drafted share of the tokens close to
-  VAR's (11/23/51 % vs 13/38/62 %). Refiners: the bundled ``digits-var-refiner`` (half digits-var's depth,
-  distilled from it); for VAR-d16 a random VAR of depth 8 and width 512 over the same VQVAE (CoDe's pair is
-  d30 → d16: see ``--large-drafter``);
+  VAR's (11/23/51 % vs 13/38/62 %). Refiners: the bundled ``digits-var-refiner-d1`` (a quarter of digits-var's
+  depth) and ``digits-var-refiner`` (half), both distilled from it; for VAR-d16 a random VAR of depth 8 and
+  width 512 over the same VQVAE; ``--large-drafter var-d30``: CoDe's own pair, a random d30 drafting over the
+  random d16 at batch 1 in bf16 (speed and bytes only);
 - ``scalekv-B`` / ``hack-B``: ancestral sampling on a KV cache within budget B (``cache_policy``);
 - ``oracle-B`` (digits, ``--oracle-budgets``): ScaleKV's budgets per layer and scale, but each (layer, head) keeps
   the keys that the plain run's *later* queries attend to most (summed attention, read from a plain pass over the
@@ -195,7 +196,9 @@ def bench_model(model: str, pipe, refiner, labels: list[int], args, code_ks: lis
     params = pipe.sampling_params(cfg=args.cfg)
     cond = torch.tensor(labels, device=pipe.device)
     methods = [Method("plain", "ancestral")]
-    methods += [Method(f"code-k{k}", "collaborative", refiner=refiner, k=k) for k in code_ks]
+    refiners = refiner if isinstance(refiner, list) else [refiner]
+    for i, r in enumerate(refiners):  # the first refiner's rows are code-kK, the others' code-kK-<refiner>
+        methods += [Method(f"code-k{k}" + (f"-{r}" if i else ""), "collaborative", refiner=r, k=k) for k in code_ks]
     methods += [Method(f"{p}-{b:g}", "ancestral", cache_policy=f"{p}:{b:g}") for p in args.policies for b in args.budgets]
     oracles = [OracleMethod(f"oracle-{b:g}", "ancestral", budget=b) for b in (args.oracle_budgets if digits else [])]
     c = time.process_time()
@@ -275,6 +278,31 @@ def random_refiner(pipe, depth: int, dim: int, seed: int):
     return gen
 
 
+def random_generator(config: str, dtype: torch.dtype, seed: int):
+    """A random VAR of ``config`` made directly in ``dtype`` (VAR-d30: 2.0 B parameters, 4 GB in bf16, never the 8 GB
+    of an fp32 copy): weight matrices N(0, 0.02), vectors zero (speed only: its images mean nothing)."""
+    from ..modeling import params_on_meta
+    from ..models import create_model
+
+    with params_on_meta():
+        gen = create_model(config, drop_path=0.0)
+    g = torch.Generator().manual_seed(seed)
+    for mod in gen.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                t = torch.empty(p.shape, dtype=dtype)
+                t.normal_(0.0, 0.02, generator=g) if p.dim() >= 2 else t.zero_()
+                mod._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+    return gen.eval()
+
+
+def peak_rss_gb() -> float:
+    """The process's peak resident memory (GB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def cmd_bench_var_accel(args) -> None:
     import tempfile
 
@@ -299,10 +327,30 @@ def cmd_bench_var_accel(args) -> None:
             labels = [i % pipe.num_classes for i in range(args.large_images)]
             small = argparse_copy(args, batch=min(args.batch, args.large_images), repeats=args.large_repeats,
                                   budgets=args.large_budgets)
+            notes["large"] = LARGE_NOTE
             rows += bench_model(f"{args.large}-random", pipe, refiner, labels, small,
                                 code_scales(pipe.generator.config.patch_nums, args.code_k), digits=False)
             del pipe, refiner
-    notes["large_drafter"] = args.large_drafter_note
+    if args.large_drafter:  # CoDe's own pair: a random large drafter over the random large model as the refiner
+        from ..pipeline import Pipeline
+
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.large_dtype]
+        with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
+            pipe = random_var_pipeline(args.large, Path(tmp), args.seed).to(dtype=dtype)
+            c = time.process_time()
+            drafter = random_generator(args.large_drafter, dtype, args.seed + 2)
+            big = Pipeline(pipe.tokenizer, drafter, defaults=pipe.defaults, name=f"{args.large_drafter}-random")
+            build_s = time.process_time() - c
+            labels = [i % big.num_classes for i in range(args.large_images)]
+            pair = argparse_copy(args, batch=1, repeats=args.large_repeats, policies=[])
+            model = f"{args.large_drafter}-random/{args.large}-refiner-{args.large_dtype}"
+            rows += bench_model(model, big, pipe.generator, labels, pair,
+                                code_scales(big.generator.config.patch_nums, args.code_k), digits=False)
+            params = sum(p.numel() for p in drafter.parameters())
+            notes["large_pair"] = (f"{model}: a random {args.large_drafter} drafter ({params / 1e9:.2f} B parameters, "
+                                   f"{args.large_dtype}, made in {build_s:.0f} CPU s) over a random {args.large} refiner, "
+                                   f"batch 1, {args.large_images} images; process peak RSS {peak_rss_gb():.1f} GB")
+            del pipe, drafter, big
     print_table(rows, COLUMNS)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     path = Path(args.out_dir) / f"{args.name}.json"
@@ -326,10 +374,9 @@ def argparse_copy(args, **changes):
     return argparse.Namespace(**(vars(args) | changes))
 
 
-D30_NOTE = ("CoDe's own pair, a d30 drafter over a d16 refiner, is not run: VAR-d30 holds 2.0 B parameters (about 8 GB "
-            "in fp32) and needs ~6x VAR-d16's compute per token, on a 2-core machine with ~9-15 GB free shared by several "
-            "processes; VAR-d16 drafts here over a random depth-8 width-512 refiner instead (speed only: random weights "
-            "make the two models' images unrelated, so its PSNR is no quality measure)")
+LARGE_NOTE = ("the random VAR (--large) drafts over a random depth-8 width-512 refiner (speed only: random weights make "
+              "the two models' images unrelated, so PSNR is no quality measure); CoDe's own pair, d30 over d16: "
+              "--large-drafter var-d30 (rows var-d30-random/...)")
 
 
 def add_var_accel_bench_parser(bench_subparsers) -> None:
@@ -338,7 +385,8 @@ def add_var_accel_bench_parser(bench_subparsers) -> None:
         "var-accel", help="CoDe (collaborative decoding) and ScaleKV/HACK KV budgets vs the plain next-scale path: "
                           "s/image, peak cache bytes, PSNR and digits accuracy against the same seeds")
     s.add_argument("--bundled", default="digits-var", help="bundled next-scale pipeline (digits: classifier accuracy)")
-    s.add_argument("--refiner", default="digits-var-refiner", help="its CoDe refiner (name or folder)")
+    s.add_argument("--refiner", nargs="+", default=["digits-var-refiner-d1", "digits-var-refiner"],
+                   help="its CoDe refiner(s) (names or folders; rows code-kK for the first, code-kK-<name> for others)")
     s.add_argument("--large", default="var-d16", help="a VAR config built with random weights")
     s.add_argument("--refiner-depth", type=int, default=8, help="depth of the large model's random refiner")
     s.add_argument("--refiner-dim", type=int, default=512, help="width of the large model's random refiner")
@@ -361,6 +409,8 @@ def add_var_accel_bench_parser(bench_subparsers) -> None:
     s.add_argument("--skip-large", action="store_true")
     s.add_argument("--update", action="store_true",
                    help="keep the rows of the models not run this time from an existing result file (one model a run)")
-    s.set_defaults(large_drafter_note=D30_NOTE)
+    s.add_argument("--large-drafter", default=None, help="a VAR config (var-d30) drafting over --large as the refiner, "
+                   "both random, batch 1 (CoDe's own pair; ~4 GB for d30 in bf16)")
+    s.add_argument("--large-dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the --large-drafter pair")
     add_output_args(s, "var_accel")
     s.set_defaults(func=cmd_bench_var_accel)
