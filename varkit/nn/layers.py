@@ -62,7 +62,8 @@ class Linear(DerivedState, nn.Linear):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear(x, self.weight, bias)`` through the fastest CPU path that applies (see the class)."""
-        if self.prepacked and self._can_use_packed(x):
+        # compiling first: packable_dtypes() is a graph break, and inductor packs its own weights
+        if self.prepacked and not torch.compiler.is_compiling() and self._can_use_packed(x):
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), bias, "none", [], "")
         # under torch.compile the plain linear is what inductor's freezing replaces by its own prepacked GEMM
         if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() <= self.small_rows * x.shape[-1]
