@@ -63,7 +63,11 @@ def compile_step(step: nn.Module, max_autotune: bool = True) -> Callable[..., An
                              options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
 
     def run(*args: Any) -> Any:
-        with patch:
+        # a graph break is an error: the rest of the step would resume in frames dynamo shares between steps, and
+        # under tensor-only guards any step could be served another's graphs (it happened: a prepacked Linear's
+        # check broke the graph and VAR's scales ran each other's weights). ``fullgraph=True`` would do the same
+        # but takes another path that dynamo's frame counters (the tests' recompile checks) do not see
+        with patch, torch._dynamo.error_on_graph_break(True):
             return compiled(*args)
 
     return run
