@@ -237,6 +237,7 @@ def test_copy_rows_copies_the_filled_prefix():
     (lambda g, c: g.forward_rows(torch.zeros(2, 2, dtype=torch.long), [1, 2], c), "integer tensor"),
     (lambda g, c: g.forward_rows(torch.zeros(2, 2, dtype=torch.long), torch.tensor([1, 2]), c, torch.ones(2, 1)),
      "caption mask"),
+    (lambda g, c: g.valid_row_outputs(torch.tensor([0, 1]), 3), "steps must lie in 1..15"),
     (lambda g, c: c.copy_rows([0, 1], c, [0]), "2 destination rows for 1 source rows"),
     (lambda g, c: c.copy_rows([2], c, [0]), "outside 0..1"),
     (lambda g, c: c.copy_rows([0], KVCache(1, 1, 2, 17, 16), [0]), "caches of one model"),

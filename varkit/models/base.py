@@ -238,6 +238,9 @@ class Generator(DerivedState, SavableModule):
         count may end inside a front (the next front can be wider than the n inputs), so callers that advance
         by whole steps round down to a step boundary.
         """
+        last = self.layout.num_steps - 1
+        if steps.numel() and bool(((steps < 1) | (steps > last)).any()):
+            raise InvalidArgumentError(f"valid_row_outputs: steps must lie in 1..{last}, got {steps.tolist()}")
         starts = torch.tensor(self.layout.step_starts, device=steps.device)
         steps = steps.long()
         m = torch.searchsorted(starts, starts[steps - 1] + n, right=True) - 1  # steps < m were fed whole
