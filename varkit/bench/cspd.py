@@ -38,6 +38,7 @@ from ..samplers import SamplingParams
 from ..samplers.ancestral import AncestralSampler
 from ..samplers.cspd import CSpDSampler
 from ..samplers.random import image_generators
+from .continuous import add_continuous_args
 from .report import add_output_args, machine, print_table
 
 COLUMNS = ["model", "method", "images", "target_passes", "pass_reduction", "draft_passes", "target_prefixes",
@@ -141,6 +142,27 @@ def rows_for(model: str, speed: dict, qual: dict | None = None) -> list[dict]:
     return rows
 
 
+def continuous_cspd_rows(args, pipe, dpipe, params) -> list[dict]:
+    """Continuous-batching rows (:mod:`.continuous`) of exact CSpD and of the official inner temperature alone (the
+    merged window has no per-row steps: it takes ``max_batch`` images at a time)."""
+    from .continuous import continuous_rows
+
+    rows = []
+    for label in ("cspd exact", "cspd T=42"):
+        extra = RELAXED.get(label, {})
+
+        def make(extra=extra):
+            smp = CSpDSampler(params, draft=dpipe, gamma=args.gamma, prefill=args.prefill, **extra)
+            smp.bind_tokenizer(pipe.tokenizer)
+            return smp
+
+        print(f"{args.bundled}: {label}, {args.continuous_images} images at batch 1, lockstep "
+              f"{args.continuous_batch} and continuous {args.continuous_batch}", flush=True)
+        rows += continuous_rows(args.bundled, label, make, pipe.generator, args.continuous_images,
+                                args.continuous_batch, args.seed)
+    return rows
+
+
 def cmd_bench_cspd(args) -> None:
     from ..device import resolve_device, resolve_dtype
     from ..errors import InvalidArgumentError
@@ -150,6 +172,8 @@ def cmd_bench_cspd(args) -> None:
         torch.set_num_threads(args.threads)
     if min(args.gamma, args.images, args.large_images, args.quality_per_class, args.quality_batch) < 1:
         raise InvalidArgumentError("--gamma, --images, --large-images, --quality-per-class and --quality-batch must be >= 1")
+    if args.continuous_images < 0 or args.continuous_batch < 1:
+        raise InvalidArgumentError("--continuous-images must be >= 0 (0: no continuous rows) and --continuous-batch >= 1")
     dev = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype) or torch.float32
     settings = {k: v for k, v in vars(args).items() if k != "func"} | {"dtype": str(dtype)}
@@ -161,6 +185,12 @@ def cmd_bench_cspd(args) -> None:
         dpipe.generator.to(dtype)
         params = pipe.sampling_params()
         settings["bundled_params"] = {k: v for k, v in vars(params).items()}
+        if args.continuous_images:  # continuous batching: passes per image, batch 1 vs lockstep B vs continuous B
+            from .continuous import write_continuous
+
+            write_continuous(args, continuous_cspd_rows(args, pipe, dpipe, params))
+        if args.continuous_only:
+            return
         methods = make_methods(params, dpipe, args.gamma, args.prefill, list(RELAXED))
         for smp in methods.values():
             if hasattr(smp, "bind_tokenizer"):
@@ -220,5 +250,6 @@ def add_cspd_bench_parser(bench_subparsers) -> None:
     s.add_argument("--dtype", default=None)
     s.add_argument("--skip-bundled", action="store_true")
     s.add_argument("--skip-large", action="store_true")
+    add_continuous_args(s)
     add_output_args(s, "cspd")
     s.set_defaults(func=cmd_bench_cspd)

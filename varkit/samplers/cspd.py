@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -211,6 +211,16 @@ class CSpDSampler(Sampler):
         return _Run(self, gen, self._draft_on(cond.device), cond, rng, max_batch).sample()
 
 
+class _Tokens(NamedTuple):
+    """Tokens of some slots, flattened: slot ``rows`` (M,), grid positions ``pos`` (M,), and a chain's last-step
+    Gaussian at each, ``mean``/``std`` (M, D)."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
 class _Run:
     """One CSpD call over :class:`Slots`: the two runners, each slot's draws and committed steps, the stats.
 
@@ -230,13 +240,14 @@ class _Run:
         S, T, D, B = lay.num_steps, lay.num_tokens, gen.head.token_dim, slots.B
         self.S, self.T, self.D, self.B = S, T, D, B
         self.head_params = [params.at_step(s, S) for s in range(S)]
-        self.H = max(gen.head.steps_for(p) for p in self.head_params)
+        H_of = [gen.head.steps_for(p) for p in self.head_params]  # the drafter's are the same (check_generator)
+        self.H = max(H_of)
+        self.H_of = torch.tensor(H_of, device=cond.device)
+        self.params_of_H = {h: self.head_params[H_of.index(h)] for h in set(H_of)}
         self.n_pre = min(S, int(math.floor(smp.prefill * S)) + 1)  # steps the target does alone
         dev = self.dev = cond.device
         self.starts = torch.tensor(lay.step_starts, device=dev)
         self.sizes = self.starts[1:] - self.starts[:-1]
-        tw = self.tgt.token_weights
-        self.w = [tw[lay.step_starts[s]:lay.step_starts[s + 1]] if self.tgt.cfg else None for s in range(S)]
         dtype = torch.promote_types(gen.head.token_dtype, next(gen.parameters()).dtype)
         K = smp.residual_tries
         self.perm = torch.arange(T, device=dev).repeat(B, 1)
@@ -264,30 +275,41 @@ class _Run:
         """Every slot's tokens (B, T, D) in its layout order: what the runners feed."""
         return self.tokens.gather(1, self.perm[..., None].expand(-1, -1, self.D))
 
-    def pick(self, run: SlotRunner, out: torch.Tensor, sel: torch.Tensor, off: torch.Tensor, n: int) -> torch.Tensor:
-        """Columns ``off[i] … off[i] + n - 1`` of slots ``sel``'s rows (and their CFG twins) of ``out`` (B or 2B, L, C)."""
-        rows = run.rows_of(sel)
-        cols = off[:, None] + torch.arange(n, device=out.device)
-        if run.cfg:
-            cols = torch.cat([cols, cols])
-        return out[rows].gather(1, cols[..., None].expand(-1, -1, out.shape[-1]))
+    def chains(self, head, out: torch.Tensor, sel: torch.Tensor, steps: torch.Tensor, off: torch.Tensor,
+               out_rows: torch.Tensor | None = None) -> _Tokens:
+        """Last-step Gaussians of ``head``'s chains for the tokens of step ``steps[i]`` of slot ``sel[i]``, whose
+        outputs are columns ``off[i] …`` of row ``out_rows[i]`` (default ``sel[i]``) of ``out`` (under CFG its
+        second half holds the unconditional twins), with the shared per-token noise. The tokens of every row go
+        through one chain call (flattened, each with its own CFG weight); steps with different denoising step
+        counts (annealed ``head_steps``) through one call each."""
+        dev = out.device
+        n = self.sizes[steps]
+        rows = sel.repeat_interleave(n)
+        M = rows.numel()
+        k = torch.arange(M, device=dev) - (torch.cumsum(n, 0) - n).repeat_interleave(n)
+        lidx = self.starts[steps].repeat_interleave(n) + k  # layout index of each token
+        col = off.repeat_interleave(n) + k
+        src = (sel if out_rows is None else out_rows).repeat_interleave(n)
+        pos = self.perm[rows, lidx]
+        z = out[src, col]
+        z_null = out[src + out.shape[0] // 2, col] if self.tgt.cfg else None
+        H = self.H_of[steps].repeat_interleave(n)
+        mean = std = None
+        for h in H.unique().tolist():
+            t = (H == h).nonzero().squeeze(1)
+            zt = z[t][None] if z_null is None else torch.stack([z[t], z_null[t]])
+            noise = DiffusionNoise(self.x_T[rows[t], pos[t]][None], self.traj[rows[t], pos[t], :h][None])
+            w = self.tgt.token_weights[lidx[t]] if self.tgt.cfg else None
+            res = head.run(zt, w, noise, self.params_of_H[h])
+            if mean is None:
+                mean = res.mean.new_empty(M, self.D)
+                std = torch.empty_like(mean)
+            mean[t], std[t] = res.mean, res.std
+        return _Tokens(rows, pos, mean, std)
 
-    def gaussians(self, head, z: torch.Tensor, step: int, sel: torch.Tensor):
-        """Last-step (mean, std), each (b, n, D), of ``head``'s chains for slots ``sel`` (b,) at step ``step`` from
-        their outputs ``z`` (b or 2b, n, C), with the shared per-token noise; and the grid positions (b, n)."""
-        a, e = self.lay.step_starts[step], self.lay.step_starts[step + 1]
-        pos = self.perm[sel, a:e]
-        ps = self.head_params[step]
-        r = sel[:, None]
-        noise = DiffusionNoise(self.x_T[r, pos], self.traj[r, pos, :head.steps_for(ps)])
-        res = head.run(z, self.w[step], noise, ps)
-        b, n = pos.shape
-        return res.mean.view(b, n, self.D), res.std.view(b, n, self.D), pos
-
-    def target_draw(self, sel: torch.Tensor, pos: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Tokens at ``pos`` of slots ``sel`` drawn by the target itself (its final-step noise)."""
-        r = sel[:, None]
-        self.tokens[r, pos] = (mean + std * self.xi_target[r, pos].to(mean)).to(self.tokens.dtype)
+    def target_draw(self, t: _Tokens) -> None:
+        """Tokens ``t`` drawn by the target itself (its final-step noise)."""
+        self.tokens[t.rows, t.pos] = (t.mean + t.std * self.xi_target[t.rows, t.pos].to(t.mean)).to(self.tokens.dtype)
 
     # -- the run ---------------------------------------------------------------------------------------------
     def sample(self) -> SampleResult:
@@ -351,8 +373,8 @@ class _Run:
         out, _ = self.tgt.admit(new, images, order)
         self.drf.admit(new, images, order)  # the drafter's state (its step-0 outputs are not needed)
         self.target_prefixes += len(images)
-        mean, std, pos = self.gaussians(self.gen.head, out, 0, new)
-        self.target_draw(new, pos, mean, std)
+        zero = torch.zeros_like(new)
+        self.target_draw(self.chains(self.gen.head, out, new, zero, zero, torch.arange(len(images), device=self.dev)))
         self.c[new], self.held[new] = 1, 0
         for i in images:
             self.committed[i].append(self.lay.step_sizes[0])
@@ -372,28 +394,32 @@ class _Run:
         e = torch.where(drafting, torch.minimum(c + g, torch.full_like(c, S - 1)), c)  # last step whose outputs are read
         feed = c.clamp(1, S - 1)
         out, _ = self.tgt.outputs(self.layout_tokens(), feed, st[e], feed, st[(e + 1).clamp(max=S)], live)
-        lo, hi = int(c[live].min()), int(e[live].max())
-        self.target_prefixes += int((e - c + 1)[live].sum()) if self.continuous else (hi - lo + 1) * self.B
+        if self.continuous:
+            self.target_prefixes += int((e - c + 1)[live].sum())
+        else:
+            self.target_prefixes += (int(e[live].max()) - int(c[live].min()) + 1) * self.B
+        # -- window position by window position: verify each slot's drafted step, or draw the target's own ----------
         alive = drafting.clone()  # no rejected step yet in the window
         new_c = torch.where(pre, c + 1, c)
-        for j in range(lo, hi + 1):
-            ver = alive & (c <= j) & (j < c + g)
-            draw = (pre & (c == j)) | (alive & (j == c + g))  # a step of the target alone, or the bonus step
+        for jj in range(int((e - c)[live].max()) + 1):
+            j = c + jj
+            ver = alive & (jj < g)
+            draw = (pre & (jj == 0)) | (alive & (jj == g) & (j < S))  # a step of the target alone, or the bonus step
             sel = (ver | draw).nonzero().squeeze(1)
             if sel.numel() == 0:
                 continue
-            z = self.pick(self.tgt, out, sel, st[j] - st[c[sel]], self.lay.step_sizes[j])
-            mean, std, pos = self.gaussians(self.gen.head, z, j, sel)
-            v = ver[sel]
+            t = self.chains(self.gen.head, out, sel, j[sel], st[j[sel]] - st[c[sel]])
+            v = ver[t.rows]
             if bool(v.any()):
-                rejected = self.verify_step(sel[v], j, pos[v], mean[v], std[v])
-                bad = sel[v][rejected]
-                alive[bad] = False
-                new_c[bad] = j + 1
+                vt = _Tokens(t.rows[v], t.pos[v], t.mean[v], t.std[v])
+                bad = self.verify(vt, jj)
+                alive &= ~bad
+                new_c = torch.where(bad, j + 1, new_c)
             d = ~v
             if bool(d.any()):
-                self.target_draw(sel[d], pos[d], mean[d], std[d])
-                new_c[sel[d & ~pre[sel]]] = j + 1
+                self.target_draw(_Tokens(t.rows[d], t.pos[d], t.mean[d], t.std[d]))
+                bonus = draw & ~pre
+                new_c = torch.where(bonus, j + 1, new_c)
         return torch.where(alive & (new_c == c), c + g, new_c)  # every drafted step accepted, no bonus (the end)
 
     def draft_window(self, drafting: torch.Tensor, g: torch.Tensor) -> None:
@@ -414,55 +440,51 @@ class _Run:
             feed = torch.where(on, torch.minimum(self.held + 1, P), idle)
             out, _ = self.drf.outputs(self.layout_tokens(), feed, st[P], P, st[P + 1], on)
             self.held = torch.where(on, P, self.held)
-            for j in P[on].unique().tolist():
-                sel = (on & (P == j)).nonzero().squeeze(1)
-                z = self.pick(self.drf, out, sel, torch.zeros_like(sel), self.lay.step_sizes[j])
-                mean, std, pos = self.gaussians(self.draft.head, z, j, sel)
-                r = sel[:, None]
-                self.tokens[r, pos] = (mean + std * self.xi_draft[r, pos].to(mean)).to(self.tokens.dtype)
-                self.q_mean[r, pos], self.q_std[r, pos] = mean.to(self.tokens.dtype), std.to(self.tokens.dtype)
+            sel = on.nonzero().squeeze(1)
+            t = self.chains(self.draft.head, out, sel, P[sel], torch.zeros_like(sel))
+            self.tokens[t.rows, t.pos] = (t.mean + t.std * self.xi_draft[t.rows, t.pos].to(t.mean)).to(self.tokens.dtype)
+            self.q_mean[t.rows, t.pos], self.q_std[t.rows, t.pos] = t.mean.to(self.tokens.dtype), t.std.to(self.tokens.dtype)
 
-    def verify_step(self, sel: torch.Tensor, step: int, pos, p_mean, p_std) -> torch.Tensor:
-        """Verify the drafted tokens of ``step`` for slots ``sel``; commit them; bool (b,): the step had a rejection."""
-        accepted = self.decide(sel, pos, p_mean, p_std)
-        window_pos = (step - self.c[sel]).cpu()
-        self.stat["tokens_verified"].index_add_(0, window_pos, torch.full_like(window_pos, pos.shape[1]))
-        self.stat["tokens_accepted"].index_add_(0, window_pos, accepted.sum(1).cpu())
-        all_ok = accepted.all(1).cpu()
-        self.stat["steps_verified"].index_add_(0, window_pos, torch.ones_like(window_pos))
-        self.stat["steps_accepted"].index_add_(0, window_pos, all_ok.long())
-        return ~all_ok.to(sel.device)
+    def verify(self, t: _Tokens, window_pos: int) -> torch.Tensor:
+        """Verify the drafted tokens ``t`` (whole steps of some slots, at one window position); commit them; bool (B,):
+        the slots whose step had a rejection."""
+        accepted = self.decide(t)
+        sel, ok = _all_per_row(t.rows, accepted)
+        self.stat["tokens_verified"][window_pos] += accepted.numel()
+        self.stat["tokens_accepted"][window_pos] += int(accepted.sum())
+        self.stat["steps_verified"][window_pos] += sel.numel()
+        self.stat["steps_accepted"][window_pos] += int(ok.sum())
+        bad = torch.zeros(self.B, dtype=torch.bool, device=sel.device)
+        bad[sel[~ok]] = True
+        return bad
 
-    def decide(self, sel: torch.Tensor, pos: torch.Tensor, p_mean: torch.Tensor, p_std: torch.Tensor) -> torch.Tensor:
-        """Accept or replace the drafts at ``pos`` (b, n) of slots ``sel`` given the target's last-step Gaussians;
-        writes the emitted tokens; returns the accepted mask (b, n)."""
-        r = sel[:, None]
+    def decide(self, t: _Tokens) -> torch.Tensor:
+        """Accept or replace the drafts ``t`` (M tokens) given the target's last-step Gaussians ``t.mean/std``; writes
+        the emitted tokens; returns the accepted mask (M,)."""
+        r, pos, p_mean, p_std = t
         dt = p_mean.dtype
         x, q_mean, q_std = self.tokens[r, pos].to(dt), self.q_mean[r, pos].to(dt), self.q_std[r, pos].to(dt)
         self.shift[0] += float(((p_mean - q_mean).abs() / p_std).mean(-1).sum())
-        self.shift[1] += p_mean.shape[0] * p_mean.shape[1]
+        self.shift[1] += p_mean.shape[0]
         T = self.smp.inner_temperature
         log_p_x = gaussian_log_density(x, p_mean, p_std, T)
         log_q_x = gaussian_log_density(x, q_mean, q_std, T)
-        y = p_mean[:, :, None] + p_std[:, :, None] * self.proposals[r, pos].to(dt)  # (b, n, K, D) proposals from p
-        log_p_y = normal_log_prob(y, p_mean[:, :, None], p_std[:, :, None])
-        log_q_y = normal_log_prob(y, q_mean[:, :, None], q_std[:, :, None])
+        y = p_mean[:, None] + p_std[:, None] * self.proposals[r, pos].to(dt)  # (M, K, D) proposals from p
+        log_p_y = normal_log_prob(y, p_mean[:, None], p_std[:, None])
+        log_q_y = normal_log_prob(y, q_mean[:, None], q_std[:, None])
 
         def fallback(need: torch.Tensor) -> torch.Tensor:
-            return self.residual_fallback(sel, need, p_mean, p_std, q_mean, q_std)
+            return self.residual_fallback(r[need], p_mean[need], p_std[need], q_mean[need], q_std[need])
 
         v = verify_density(x, log_p_x, log_q_x, self.u_accept[r, pos], y, log_p_y, log_q_y,
                            self.u_proposals[r, pos], fallback)
         self.tokens[r, pos] = v.tokens.to(self.tokens.dtype)
         return v.accepted
 
-    def residual_fallback(self, sel, need, p_mean, p_std, q_mean, q_std) -> torch.Tensor:
-        """Residual draws (M, D) where every upfront proposal was rejected: the same rejection from p, continued with
-        fresh proposals from each image's own generator until one is kept (exact)."""
-        where = need.nonzero()
-        imgs = self.slots.image[sel[where[:, 0]].cpu()].tolist()
-        mu, sd = p_mean[need], p_std[need]
-        mq, sq = q_mean[need], q_std[need]
+    def residual_fallback(self, rows, mu, sd, mq, sq) -> torch.Tensor:
+        """Residual draws (M, D) for the tokens of slots ``rows`` (M,) whose upfront proposals were all rejected: the
+        same rejection from p, continued with fresh proposals from each image's own generator until one is kept."""
+        imgs = self.slots.image[rows.cpu()].tolist()
         out = torch.empty_like(mu)
         left = torch.ones(mu.shape[0], dtype=torch.bool, device=mu.device)
         for _ in range(FALLBACK_ROUNDS):
@@ -507,28 +529,26 @@ class _Run:
         cond = self.cond_all[self.slots.image[sel.cpu()].to(self.cond_all.device)]
         if tgt.cfg:
             cond = torch.cat([cond, gen.null_condition(cond)])
-            kt, known2, valid2, rows2 = (torch.cat([t, t]) for t in (kt, known, valid, rows))
-        else:
-            known2, valid2, rows2 = known, valid, rows
-        out = gen.decode(gen.encode(cond, kt.to(next(gen.parameters()).dtype), known2, valid2), known2, rows2, valid2)
+            kt, known, valid, rows = (torch.cat([x, x]) for x in (kt, known, valid, rows))
+        out = gen.decode(gen.encode(cond, kt.to(next(gen.parameters()).dtype), known, valid), known, rows, valid)
         self.merged_passes += 1
         self.target_prefixes += b
-        new_c = c.clone()
-        for j in sorted({j for a, k in zip(cs, gs) for j in range(a, a + k)}):
-            mine = [i for i, (a, k) in enumerate(zip(cs, gs)) if a <= j < a + k]  # images whose window holds step j
-            idx = torch.tensor(mine, device=out.device)
-            off = torch.tensor([lay.step_starts[j] - lay.step_starts[cs[i]] for i in mine], device=out.device)
-            nj = lay.step_sizes[j]
-            cols = off[:, None] + torch.arange(nj, device=out.device)
-            z = out[idx[:, None], cols] if not tgt.cfg else torch.cat([out[:b][idx[:, None], cols],
-                                                                       out[b:][idx[:, None], cols]])
-            imgs = sel[idx]
-            p_mean, p_std, pos = self.gaussians(gen.head, z, j, imgs)
-            accepted = self.decide(imgs, pos, p_mean, p_std)
-            wp = torch.tensor([j - cs[i] for i in mine])
-            self.stat["tokens_verified"].index_add_(0, wp, torch.full_like(wp, nj))
-            self.stat["tokens_accepted"].index_add_(0, wp, accepted.sum(1).cpu())
-            self.stat["steps_verified"].index_add_(0, wp, torch.ones_like(wp))
-            self.stat["steps_accepted"].index_add_(0, wp, accepted.all(1).long().cpu())
-        new_c[sel] = c[sel] + g[sel]
-        return new_c
+        local = torch.arange(b, device=out.device)
+        for jj in range(max(gs)):
+            mine = (g[sel] > jj).nonzero().squeeze(1)  # images whose window holds window position jj
+            steps = c[sel][mine] + jj
+            t = self.chains(gen.head, out, sel[mine], steps, self.starts[steps] - self.starts[c[sel][mine]], local[mine])
+            accepted = self.decide(t)
+            ids, ok = _all_per_row(t.rows, accepted)
+            self.stat["tokens_verified"][jj] += accepted.numel()
+            self.stat["tokens_accepted"][jj] += int(accepted.sum())
+            self.stat["steps_verified"][jj] += ids.numel()
+            self.stat["steps_accepted"][jj] += int(ok.sum())
+        return torch.where(active, c + g, c)
+
+
+def _all_per_row(rows: torch.Tensor, accepted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct ``rows`` (sorted) and, for each, whether all its tokens were ``accepted``."""
+    ids, inv = rows.unique(return_inverse=True)
+    rejected = torch.zeros(ids.numel(), dtype=torch.long, device=ids.device).index_add_(0, inv, (~accepted).long())
+    return ids, rejected == 0
