@@ -196,3 +196,12 @@ def test_mar_rows_bad_input_is_one_line(mar, call, match):
     with pytest.raises(InvalidArgumentError, match=match) as e:
         call(mar, state, lt)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags", [["--continuous-batch", "0"], ["--continuous-images", "-1"]])
+def test_bench_continuous_flags_one_line(flags, capsys, tmp_path):
+    from varkit.cli import main
+
+    assert main(["bench", "cspd", "--continuous-only", "--out-dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--continuous-batch" in err and "\n" not in err and not list(tmp_path.iterdir())

@@ -46,15 +46,25 @@ alone (as the official ``step <= num_iter·ratio``; at least the step the target
 Not offered, since they are bugs rather than trade-offs: the draft "sample" being the point μ_q, the
 trajectory factor Π σ_p/σ_q, and a 100-try cap that leaves the zero vector.
 
-**Randomness and stats.** Each image draws, from its own generator and once per image, its order, every
-token's x_T, per-step noise, draft and target final noise, acceptance uniform and residual proposals, so
-an image is the same at any batch size (fallback rounds draw more from that image's generator).
-Discarded drafts reuse their token's noise: whether a token's draft is discarded depends only on
-earlier steps, never on that token's own draws, so they are still fresh when it is drafted again.
-``stats.forward_passes`` counts target calls (prefill included, CFG pair once; a merged-window pass of
-a ragged batch counts once), ``stats.draft_passes`` drafter calls; ``accepted_per_pass`` the tokens
-committed per target pass (batch mean). ``trace`` keeps, for the last call, the per-window-position
-counts of verified and accepted tokens and steps, ``target_prefixes`` (step outputs the target computed:
+**Batches (continuous batching).** Images are driven through :mod:`varkit.samplers.slots`. A round is one target
+call for every held image: images within their first ``⌊prefill·S⌋ + 1`` steps get a one-step window (the target
+alone), the others their drafted window; the drafter runs one call per window position, each row catching up from
+the last step it holds. *Lockstep* (``sample(gen, cond, gens)``): one call feeds the batch from the slowest image's
+step (MAR computes every window prefix of every row), and the batch takes its slowest image's passes.
+*Continuous* (``sample(..., max_batch=B)``, generators with ``supports_rows``; not ``merged_window``): ``B`` slots,
+each row fed from its own step (``forward_rows``; MAR computes only the prefixes each row reads), a finished image
+leaves its slot to the next queued one (both models prefilled, rows copied in).
+
+**Randomness and stats.** Each image draws, from its own generator and once, when it is admitted, its order, every
+token's x_T, per-step noise, draft and target final noise, acceptance uniform and residual proposals, so an image
+is the same at any batch size, slot or mode (up to floating-point differences of batched kernels; fallback rounds
+draw more from that image's generator). Discarded drafts reuse their token's noise: whether a token's draft is
+discarded depends only on earlier steps, never on that token's own draws, so they are still fresh when it is
+drafted again. ``stats.forward_passes`` counts target calls (admissions included, CFG pair once; a merged-window
+pass of a ragged batch counts once), ``passes_per_image`` the target passes each image took part in,
+``stats.draft_passes`` drafter calls; ``accepted_per_pass[i]`` the mean over images of the tokens committed in each
+image's pass i. ``trace`` keeps, for the last call, the per-window-position
+counts of verified and accepted tokens and steps, ``target_prefixes`` ((image, step) outputs the target computed:
 a MAR window pass costs one encoder/decoder prefix per step it verifies, so on a compute-bound device
 exact CSpD saves target *passes* but not target compute), the fallback rounds used, and
 ``mean_shift_sigmas``: |μ_p − μ_q| / σ_p per channel, averaged over verified tokens (a shift of δ σ in each of D
