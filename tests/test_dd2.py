@@ -154,3 +154,28 @@ def test_dd2_refuses_a_scales_teacher(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "raster (LlamaGen) teacher" in err[0]
+
+
+def test_bundled_digits_dd2_samples_in_one_pass_and_records_how_it_was_made():
+    import json
+
+    import varkit
+    from varkit.eval.digits import digits_accuracy
+    from varkit.pipeline import ASSETS
+
+    pipe = varkit.load_pipeline("digits-dd2")
+    assert pipe.generator.config.dd_split == 0  # every token from the continuous output, as trained
+    labels = [c for c in range(10) for _ in range(5)]
+    out = pipe(class_labels=labels)
+    assert out.stats.forward_passes == 1 and out.tokens.shape == (50, 64)
+    # bench/results/dd2.json: 99.6 % of 500 one-step samples classified as asked; 0.9 on 50 leaves room for another
+    # CPU's nearest-codeword ties without hiding a broken generator (an untrained one scores ~10 %)
+    assert digits_accuracy(out.images, labels) >= 0.9
+    with pytest.raises(InvalidArgumentError, match="trained for one step only"):
+        pipe(class_labels=[0], steps=2)
+    gen = ASSETS / "digits-dd2" / "generator"
+    assert (gen / "COMMAND.txt").read_text().startswith("varkit train distill-dd2 --teacher digits ")
+    assert (gen / "DATA_COMMAND.txt").read_text().startswith("varkit distill data --teacher digits ")
+    assert (gen / "INIT_COMMAND.txt").read_text().startswith("varkit train distill --teacher digits ")
+    cfg = json.loads((ASSETS / "digits-dd2" / "config.json").read_text())
+    assert cfg["defaults"]["sampler"] == "distilled" and cfg["defaults"]["sampler_options"] == {"steps": 1}
