@@ -122,7 +122,7 @@ class MARState:
 
     ``tokens`` (B', N, *token_shape) hold the sampled tokens in grid (row-major) order, ``known``
     (B', N) marks them, ``step`` is the last step whose outputs were returned (``forward``; under
-    ``forward_rows`` every row is at its own step, which the caller tracks, and neither is kept).
+    ``forward_rows`` each row is at its own step, which the caller tracks: ``step`` and ``known`` are not kept).
     ``positions`` (B', N): the grid position of each layout token (``order`` sorted within each step).
     """
 
