@@ -15,7 +15,8 @@ Methods, every one sampling the same labels with the same per-image seeds as the
 - ``oracle-B`` (digits, ``--oracle-budgets``): ScaleKV's budgets per layer and scale, but each (layer, head) keeps
   the keys that the plain run's *later* queries attend to most (summed attention, read from a plain pass over the
   same batch): no policy that decides from what it has seen can know this, so it is the reference for what key
-  selection can reach at that budget (its timings are not a method's and are left out).
+  selection can reach at that budget (its timings are not a method's and are left out);
+- ``plain-bf16`` (digits): the plain path with the generator in bf16, untimed: the drift rounding alone causes.
 
 Columns: ``s_per_image`` (wall) and ``cpu_s_per_image`` (process CPU seconds, steadier on a shared machine) of
 the sampling calls (VQVAE decode excluded), best of ``--repeats`` rounds, methods interleaved round by round;
@@ -166,6 +167,24 @@ def future_attention(log: dict, steps: int, layers: int, tokens: int) -> dict:
     return out
 
 
+class Bf16Method(Method):
+    """``plain-bf16``: the plain path with the generator in bf16: how far rounding alone moves the sampled images
+    (the scale against which a PSNR target for lossy methods reads)."""
+
+    def run(self, pipe, cond, seed, batch, params) -> None:
+        import copy
+
+        gen = copy.deepcopy(pipe.generator).to(torch.bfloat16)
+        smp = get_sampler("ancestral", params)
+        gens = image_generators(seed, cond.shape[0])
+        res = [smp.sample(gen, cond[i:i + batch], gens[i:i + batch]) for i in range(0, cond.shape[0], batch)]
+        self.stats = res[0].stats
+        for r in res[1:]:
+            self.stats = self.stats.merge(r.stats)
+        self.wall = self.cpu = float("nan")
+        self.tokens = torch.cat([r.tokens for r in res])
+
+
 class OracleMethod(Method):
     """``oracle-B``: per batch, a recording plain pass, then the oracle's pass under budget B."""
 
@@ -200,7 +219,9 @@ def bench_model(model: str, pipe, refiner, labels: list[int], args, code_ks: lis
     for i, r in enumerate(refiners):  # the first refiner's rows are code-kK, the others' code-kK-<refiner>
         methods += [Method(f"code-k{k}" + (f"-{r}" if i else ""), "collaborative", refiner=r, k=k) for k in code_ks]
     methods += [Method(f"{p}-{b:g}", "ancestral", cache_policy=f"{p}:{b:g}") for p in args.policies for b in args.budgets]
-    oracles = [OracleMethod(f"oracle-{b:g}", "ancestral", budget=b) for b in (args.oracle_budgets if digits else [])]
+    oracles: list[Method] = [OracleMethod(f"oracle-{b:g}", "ancestral", budget=b)
+                             for b in (args.oracle_budgets if digits else [])]
+    oracles += [Bf16Method("plain-bf16", "ancestral")] if digits else []
     c = time.process_time()
     if args.policies or oracles:
         calibrate(pipe.generator, params)  # once per model and settings, before any timing
