@@ -220,3 +220,15 @@ def test_non_scales_generators_refused(pair):
         collab(drafter, raster)
     with pytest.raises(InvalidArgumentError, match="the drafter RasterGenerator decodes a raster layout"):
         collab(raster, drafter, cond=torch.tensor([0]))
+
+
+def test_bench_large_drafter_is_a_random_var_in_its_dtype():
+    from varkit.bench.var_accel import random_generator
+    from varkit.errors import InvalidArgumentError
+
+    gen = random_generator("var-tiny", torch.bfloat16, seed=0)
+    assert {p.dtype for p in gen.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "cpu" for p in gen.parameters())
+    assert float(gen.blocks[0].attn.wo.weight.float().std()) > 0.01  # N(0, 0.02) matrices, not zeros
+    with pytest.raises(InvalidArgumentError, match="--large-drafter must be a VAR config .*'raster-tiny'"):
+        random_generator("raster-tiny", torch.bfloat16, seed=0)

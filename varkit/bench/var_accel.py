@@ -305,8 +305,14 @@ def random_generator(config: str, dtype: torch.dtype, seed: int):
     from ..modeling import params_on_meta
     from ..models import create_model
 
+    from ..errors import InvalidArgumentError
+    from ..models.scales import ScalesGenerator
+
     with params_on_meta():
-        gen = create_model(config, drop_path=0.0)
+        gen = create_model(config)
+    if not isinstance(gen, ScalesGenerator):
+        raise InvalidArgumentError(f"--large-drafter must be a VAR config (e.g. var-d30), got {config!r} "
+                                   f"({type(gen).__name__})")
     g = torch.Generator().manual_seed(seed)
     for mod in gen.modules():
         for name, p in list(mod._parameters.items()):
