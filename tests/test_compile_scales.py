@@ -150,3 +150,22 @@ def test_a_graph_break_in_a_compiled_step_is_an_error():
 
     with pytest.raises(Exception, match="graph_break"):
         compile_step(Broken())(torch.ones(1, 2))
+
+
+def test_bench_var_dtype_and_compile_options():
+    """``varkit bench var --dtype ... --compile``: one set of rows per (dtype, compiled), auto resolved for this CPU;
+    an unknown dtype is one clear line."""
+    import argparse
+
+    from varkit.bench.var import add_var_bench_parser, check_args, varkit_variants
+    from varkit.device import auto_dtype
+
+    p = argparse.ArgumentParser()
+    add_var_bench_parser(p.add_subparsers())
+    assert varkit_variants(p.parse_args(["var"])) == [("float32", False)]  # the default: fp32 eager, as before
+    auto = str(auto_dtype("cpu")).replace("torch.", "")
+    args = p.parse_args(["var", "--dtype", "float32", "auto", "--compile"])
+    want = [("float32", False), ("float32", True)] + ([(auto, False), (auto, True)] if auto != "float32" else [])
+    assert varkit_variants(args) == want
+    with pytest.raises(InvalidArgumentError, match="unknown dtype 'fp64'"):
+        check_args(p.parse_args(["var", "--dtype", "fp64"]))

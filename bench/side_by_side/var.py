@@ -15,7 +15,9 @@ old tensor alive during the cat).
 
 Rows as ``varkit bench var`` (:mod:`varkit.bench.var`) plus ``speedup`` = varkit/official images/s,
 ``speedup_mean`` the ratio of mean times and ``speedup_cpu`` the ratio of process CPU seconds; both sides share the
-floor of the work of one varkit call (they do the same work).
+floor of the work of one varkit call (they do the same work; the official row takes the fp32 call's). ``--dtype`` and
+``--compile`` add a varkit worker per (dtype, compiled), each compared with the one official (fp32) row; the timed
+runs go round-robin over all workers.
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ from typing import Any
 
 import torch
 
-from varkit.bench.var import (_load, _timed, add_var_arguments, bench_labels, check_args, make_row, prepare_pipeline,
-                              report, run_call, work_of_one_call)
+from varkit.bench.var import (_load, _timed, add_var_arguments, bench_labels, check_args, load_variant, make_row,
+                              prepare_pipeline, report, run_call, variant_label, varkit_variants, work_of_one_call)
 from varkit.bench.official import script_main
 from varkit.errors import InvalidArgumentError
 
@@ -103,10 +105,8 @@ def _official_worker(args) -> None:
 
 
 def _varkit_worker(args) -> None:
-    from varkit.pipeline import load_pipeline
-
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.pipeline, prepack=args.prepack)
+    pipe = load_variant(Path(args.pipeline), args.dtype, args.compile, args.prepack)
 
     def run(req: dict) -> dict:
         if req.get("work"):
@@ -143,6 +143,15 @@ class _Worker:
             if self.verbose:
                 print(f"[{self.kind}] {line.rstrip()}", file=sys.stderr)
         raise InvalidArgumentError(f"the {self.kind} worker exited with status {self.proc.wait()} (rerun with --verbose)")
+
+    @classmethod
+    def once(cls, argv: list[str], args, req: dict) -> dict:
+        """The work of one batch-1 call from a varkit worker started for it alone."""
+        w = cls("varkit", argv, args.threads, args.verbose)
+        try:
+            return w.ask(**req, batch=1, seed=args.seed, work=True)["work"]
+        finally:
+            w.close()
 
     def ask(self, **req) -> dict:
         self.proc.stdin.write(json.dumps(req) + "\n")
@@ -190,43 +199,61 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         common = ["--vae", str(work / "vae.pth"), "--var", str(work / "var.pth")]
         off = _Worker("official", common + ["--official", str(official)], args.threads, args.verbose)
         workers.append(off)
-        vk = _Worker("varkit", common + ["--pipeline", str(pipe_dir)] + (["--prepack"] if args.prepack else []),
-                     args.threads, args.verbose)
-        workers.append(vk)
-        settings["load_s"] = {"official": off.info["load_s"], "varkit": vk.info["load_s"]}
-        settings["worker_threads"] = {"official": off.info["threads"], "varkit": vk.info["threads"]}
+        variants = varkit_variants(args)
+        for dtype, compiled in variants:
+            w = _Worker("varkit", common + ["--pipeline", str(pipe_dir), "--dtype", dtype]
+                        + (["--prepack"] if args.prepack else []) + (["--compile"] if compiled else []),
+                        args.threads, args.verbose)
+            w.label, w.dtype, w.compiled = f"varkit {variant_label(dtype, compiled)}", dtype, compiled
+            workers.append(w)
+        off.label, off.dtype, off.compiled = "official", "float32", False
+        settings["load_s"] = {w.label: w.info["load_s"] for w in workers}
+        settings["worker_threads"] = {w.label: w.info["threads"] for w in workers}
         req = {"op": "run", "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
         floor = get_floor(threads=args.threads, verbose=args.verbose)
-        trace = WorkTrace.from_json(vk.ask(**req, batch=1, seed=args.seed, work=True)["work"])
+        traces = {}  # the work of one batch-1 call per dtype (the official side: fp32's)
+        for w in workers[1:]:
+            if w.dtype not in traces:
+                traces[w.dtype] = WorkTrace.from_json(w.ask(**req, batch=1, seed=args.seed, work=True)["work"])
+        if "float32" not in traces:
+            traces["float32"] = WorkTrace.from_json(
+                _Worker.once(common + ["--pipeline", str(pipe_dir), "--dtype", "float32"], args, req))
         # one thread: CPU seconds (other processes on a shared machine inflate them far less than wall time)
         basis = "cpu_s" if (args.threads or torch.get_num_threads()) == 1 else "wall_s"
         settings["fraction_of_floor_basis"] = basis
         settings["loadavg_start"] = _load()
         rows, loads = [], []
         for B in args.batch:
-            res: dict[str, dict] = {"official": {"times": [], "cpu": []}, "varkit": {"times": [], "cpu": []}}
-            for w in (off, vk):  # warm-up, also measures the KV cache
+            res: dict[str, dict] = {w.label: {"times": [], "cpu": []} for w in workers}
+            for w in workers:  # warm-up (varkit's compiled steps compile here), also measures the KV cache
                 r = w.ask(**req, batch=B, seed=10_000 + B, kv=True)
-                res[w.kind].update(kv_peak_bytes=r["kv_peak_bytes"], kv_transient_bytes=r["kv_transient_bytes"])
+                res[w.label].update(kv_peak_bytes=r["kv_peak_bytes"], kv_transient_bytes=r["kv_transient_bytes"],
+                                    warmup_cpu_s=r["cpu_s"])
                 if args.verbose:
-                    print(f"[warm-up] {w.kind} batch {B}: {r['wall_s']:.2f}s", file=sys.stderr)
+                    print(f"[warm-up] {w.label} batch {B}: {r['wall_s']:.2f}s", file=sys.stderr)
             for rep in range(args.repeats):
-                for w in ((off, vk) if rep % 2 == 0 else (vk, off)):
+                k = rep % len(workers)  # round-robin: each repeat starts with the next worker
+                for w in workers[k:] + workers[:k]:
                     loads.append(_load())
                     r = w.ask(**req, batch=B, seed=args.seed + rep)
-                    res[w.kind]["times"].append(r["wall_s"])
-                    res[w.kind]["cpu"].append(r["cpu_s"])
+                    res[w.label]["times"].append(r["wall_s"])
+                    res[w.label]["cpu"].append(r["cpu_s"])
                     if args.verbose:
-                        print(f"[run] {w.kind} batch {B} rep {rep}: {r['wall_s']:.2f}s", file=sys.stderr)
-            for kind in ("official", "varkit"):
-                rows.append(make_row(kind, B, res[kind]["times"], res[kind]["cpu"], res[kind]))
+                        print(f"[run] {w.label} batch {B} rep {rep}: {r['wall_s']:.2f}s", file=sys.stderr)
+            new = []
+            for w in workers:
+                x = res[w.label]
+                row = make_row("official" if w is off else "varkit", B, x["times"], x["cpu"], x, w.dtype, w.compiled)
+                new.append({**row, **({} if w is off else {"warmup_cpu_s": x["warmup_cpu_s"]})})
+                attach_floor(new[-1:], traces[w.dtype], floor, seconds_key=basis)
             if args.profile:  # one more (untimed) run per side under the profiler
                 settings.setdefault("profile_s", {})[str(B)] = {
-                    w.kind: w.ask(**req, batch=B, seed=args.seed, profile=True)["profile"] for w in (off, vk)}
-            attach_floor(rows[-2:], trace, floor, seconds_key=basis)
-            rows[-1]["speedup"] = rows[-1]["images_per_s"] / rows[-2]["images_per_s"]
-            rows[-1]["speedup_mean"] = rows[-2]["mean_s"] / rows[-1]["mean_s"]
-            rows[-1]["speedup_cpu"] = rows[-2]["cpu_s_per_image"] / rows[-1]["cpu_s_per_image"]
+                    w.label: w.ask(**req, batch=B, seed=args.seed, profile=True)["profile"] for w in workers}
+            for row in new[1:]:
+                row["speedup"] = row["images_per_s"] / new[0]["images_per_s"]
+                row["speedup_mean"] = new[0]["mean_s"] / row["mean_s"]
+                row["speedup_cpu"] = new[0]["cpu_s_per_image"] / row["cpu_s_per_image"]
+            rows += new
         settings["loadavg_runs"] = [x for x in loads if x is not None]
         settings["loadavg_end"] = _load()
         settings["floor"] = floor
@@ -261,6 +288,8 @@ def _worker_main(argv: list[str]) -> None:
     p.add_argument("--official")
     p.add_argument("--pipeline")
     p.add_argument("--prepack", action="store_true")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
     (_official_worker if args.worker == "official" else _varkit_worker)(args)
 

@@ -13,6 +13,12 @@ the least time this machine allows for the work of the call (VAR's transformer p
 on one batch-1 call), ``fraction_of_floor`` = floor_s / CPU seconds at one thread (wall seconds at more);
 :mod:`varkit.bench.floor`.
 
+``--dtype`` (one or more of float32, bfloat16, auto: the generator's dtype; the VQVAE stays fp32 as in
+:class:`~varkit.pipeline.Pipeline`) and ``--compile`` (each dtype also with compiled scale steps,
+:meth:`~varkit.models.scales.ScalesGenerator.compile_decoding`; the warm-up call compiles and is not timed, its CPU
+seconds are ``warmup_cpu_s``) give one set of rows per (dtype, compiled). VAR's own loop (``--official``) always
+runs in fp32, as its code does on the CPU.
+
 ``--official PATH`` (a FoundationVision/VAR checkout) times VAR's own ``autoregressive_infer_cfg`` side by side on
 the same weights instead: that comparison is the script ``bench/side_by_side/var.py`` of varkit's repository
 (:mod:`varkit.bench.scripts`).
@@ -34,8 +40,9 @@ from ..errors import InvalidArgumentError
 from .report import add_output_args
 
 LABELS = [980, 437, 22, 562, 207, 360, 388, 88, 979, 417, 279, 971, 1, 130, 94, 33]
-COLUMNS = ["impl", "batch", "images_per_s", "s_per_image", "best_s", "mean_s", "cpu_s_per_image", "runs",
-           "kv_peak_bytes", "kv_transient_bytes", "speedup", "speedup_mean", "speedup_cpu", "floor_s", "fraction_of_floor"]
+COLUMNS = ["impl", "dtype", "compiled", "batch", "images_per_s", "s_per_image", "best_s", "mean_s", "cpu_s_per_image", "runs",
+           "kv_peak_bytes", "kv_transient_bytes", "speedup", "speedup_mean", "speedup_cpu", "floor_s", "fraction_of_floor",
+           "warmup_cpu_s"]
 #: op-name prefixes of each category of ``--profile`` (the rest is "other")
 PROFILE_CATEGORIES = {
     "gemm": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "mkl::_mkl_linear", "mkldnn::_linear_pointwise"),
@@ -120,6 +127,23 @@ def work_of_one_call(pipe, req: dict) -> dict:
     return tr.to_json()
 
 
+def varkit_variants(args) -> list[tuple[str, bool]]:
+    """(dtype name, compiled) of each set of varkit rows: every ``--dtype`` (``auto`` resolved for this CPU, repeats
+    dropped), eager, and compiled too with ``--compile``."""
+    from ..device import resolve_dtype
+
+    names: list[str] = []
+    for d in args.dtype:
+        name = str(resolve_dtype(d, "cpu")).replace("torch.", "")  # an unknown name: one InvalidArgumentError line
+        if name not in names:
+            names.append(name)
+    return [(n, c) for n in names for c in ((False, True) if args.compile else (False,))]
+
+
+def variant_label(dtype: str, compiled: bool) -> str:
+    return f"{dtype}{' compiled' if compiled else ''}"
+
+
 def _load() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -133,7 +157,9 @@ def prepare_pipeline(args, work: Path) -> tuple[Path, dict[str, Any]]:
     from ..checkpoints.var import convert_var
 
     settings: dict[str, Any] = {"config": args.config, "cfg": args.cfg, "cfg_schedule": "var", "top_k": args.top_k,
-                                "top_p": args.top_p, "dtype": "float32", "device": "cpu", "threads": args.threads,
+                                "top_p": args.top_p, "dtype": [d for d, c in varkit_variants(args) if not c],
+                                "dtype_requested": list(args.dtype), "official_dtype": "float32",
+                                "compile": bool(args.compile), "device": "cpu", "threads": args.threads,
                                 "repeats": args.repeats, "seed": args.seed,
                                 "varkit_prepacked_weights": bool(args.prepack)}
     t0 = time.perf_counter()
@@ -158,9 +184,10 @@ def run_call(pipe, req: dict) -> dict:
             "shape": [len(out.images), *out.images[0].size], "profile": cats}
 
 
-def make_row(impl: str, batch: int, times: list[float], cpu: list[float], kv: dict[str, Any]) -> dict[str, Any]:
-    """The row of one implementation at one batch size, from its timed calls."""
-    return {"impl": impl, "batch": batch, "images_per_s": batch / min(times), "s_per_image": min(times) / batch,
+def make_row(impl: str, batch: int, times: list[float], cpu: list[float], kv: dict[str, Any],
+             dtype: str = "float32", compiled: bool = False) -> dict[str, Any]:
+    """The row of one implementation (in ``dtype``, compiled or not) at one batch size, from its timed calls."""
+    return {"impl": impl, "dtype": dtype, "compiled": compiled, "batch": batch, "images_per_s": batch / min(times), "s_per_image": min(times) / batch,
             "best_s": min(times), "wall_s": min(times), "cpu_s": min(cpu), "mean_s": sum(times) / len(times),
             "runs": len(times), "cpu_s_per_image": min(cpu) / batch, "cpu_times_s": cpu,
             "kv_peak_bytes": kv.get("kv_peak_bytes"), "kv_transient_bytes": kv.get("kv_transient_bytes"), "times_s": times}
@@ -169,11 +196,19 @@ def make_row(impl: str, batch: int, times: list[float], cpu: list[float], kv: di
 def check_args(args) -> None:
     if any(b < 1 for b in args.batch) or args.repeats < 1:
         raise InvalidArgumentError("--batch sizes and --repeats must be >= 1")
+    varkit_variants(args)  # --dtype names
+
+
+def load_variant(pipe_dir: Path, dtype: str, compiled: bool, prepack: bool):
+    """The converted pipeline with its generator in ``dtype``, prepacked and/or compiled as asked."""
+    from ..pipeline import load_pipeline
+
+    return load_pipeline(pipe_dir, dtype=dtype, compile=compiled, prepack=prepack)
 
 
 def run_varkit(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """varkit's rows: one per batch size (see the module docstring); (rows, settings with ``floor``)."""
-    from ..pipeline import load_pipeline
+    """varkit's rows: one per (dtype, compiled) and batch size (see the module docstring); (rows, settings with
+    ``floor``)."""
     from .floor import WorkTrace, attach_floor, get_floor
 
     check_args(args)
@@ -181,32 +216,36 @@ def run_varkit(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     work = Path(args.work_dir) if args.work_dir else Path(tmp := tempfile.mkdtemp(prefix="varkit-bench-var-"))
     try:
         pipe_dir, settings = prepare_pipeline(args, work)
-        t0 = time.perf_counter()
-        pipe = load_pipeline(pipe_dir, prepack=args.prepack)
-        settings["load_s"] = {"varkit": time.perf_counter() - t0}
         req = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
         floor = get_floor(threads=args.threads, verbose=args.verbose)
-        trace = WorkTrace.from_json(work_of_one_call(pipe, {**req, "seed": args.seed}))
         # one thread: CPU seconds (other processes on a shared machine inflate them far less than wall time)
         basis = "cpu_s" if (args.threads or torch.get_num_threads()) == 1 else "wall_s"
         settings["fraction_of_floor_basis"] = basis
         settings["loadavg_start"] = _load()
+        settings["load_s"] = {}
         rows, loads = [], []
-        for B in args.batch:
-            kv = run_call(pipe, {**req, "batch": B, "seed": 10_000 + B})  # warm-up, also reads the KV cache
-            times, cpu = [], []
-            for rep in range(args.repeats):
-                loads.append(_load())
-                r = run_call(pipe, {**req, "batch": B, "seed": args.seed + rep})
-                times.append(r["wall_s"])
-                cpu.append(r["cpu_s"])
-                if args.verbose:
-                    print(f"[run] varkit batch {B} rep {rep}: {r['wall_s']:.2f}s", file=sys.stderr)
-            rows.append(make_row("varkit", B, times, cpu, kv))
-            if args.profile:  # one more (untimed) call under the profiler
-                settings.setdefault("profile_s", {})[str(B)] = {
-                    "varkit": run_call(pipe, {**req, "batch": B, "seed": args.seed, "profile": True})["profile"]}
-            attach_floor(rows[-1:], trace, floor, seconds_key=basis)
+        for dtype, compiled in varkit_variants(args):
+            label = variant_label(dtype, compiled)
+            t0 = time.perf_counter()
+            pipe = load_variant(pipe_dir, dtype, compiled, args.prepack)
+            settings["load_s"][f"varkit {label}"] = time.perf_counter() - t0
+            trace = WorkTrace.from_json(work_of_one_call(pipe, {**req, "seed": args.seed}))  # eager: the work done
+            for B in args.batch:
+                kv = run_call(pipe, {**req, "batch": B, "seed": 10_000 + B})  # warm-up (compiles), reads the KV cache
+                times, cpu = [], []
+                for rep in range(args.repeats):
+                    loads.append(_load())
+                    r = run_call(pipe, {**req, "batch": B, "seed": args.seed + rep})
+                    times.append(r["wall_s"])
+                    cpu.append(r["cpu_s"])
+                    if args.verbose:
+                        print(f"[run] varkit {label} batch {B} rep {rep}: {r['wall_s']:.2f}s", file=sys.stderr)
+                rows.append({**make_row("varkit", B, times, cpu, kv, dtype, compiled), "warmup_cpu_s": kv["cpu_s"]})
+                if args.profile:  # one more (untimed) call under the profiler
+                    settings.setdefault("profile_s", {})[f"{B} {label}"] = {
+                        "varkit": run_call(pipe, {**req, "batch": B, "seed": args.seed, "profile": True})["profile"]}
+                attach_floor(rows[-1:], trace, floor, seconds_key=basis)
+            del pipe
         settings["loadavg_runs"] = [x for x in loads if x is not None]
         settings["loadavg_end"] = _load()
         settings["floor"] = floor
@@ -264,13 +303,19 @@ def add_var_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prepack", dest="prepack", action="store_false",
                    help="varkit without prepacked GEMM weights (load_pipeline(prepack=False), its default)")
     p.add_argument("--profile", action="store_true", help="also profile one run per side: seconds per op category")
+    p.add_argument("--dtype", nargs="+", default=["float32"],
+                   help="varkit's generator dtypes, one set of rows each: float32, bfloat16, auto (this CPU's choice); "
+                        "VAR's own loop stays fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="also time varkit with compiled scale steps (ScalesGenerator.compile_decoding; the warm-up "
+                        "call of each batch size compiles and is not timed)")
     add_output_args(p, None)  # default: "var", or "var_side_by_side" with --official
 
 
 def add_var_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     """Add ``varkit bench var`` to the ``bench`` sub-subparsers."""
     p = bench_subparsers.add_parser(
-        "var", help="VAR: varkit's pipeline on random VAR weights (CPU, fp32); --official: vs VAR's own loop",
+        "var", help="VAR: varkit's pipeline on random VAR weights (CPU; --dtype, --compile); --official: vs VAR's own loop",
         description=__doc__.split("\n\n")[0])
     add_var_arguments(p)
     p.set_defaults(func=cmd_bench_var)
