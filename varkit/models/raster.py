@@ -126,7 +126,7 @@ class RasterGenerator(Generator):
         self.rope = RotaryTable(angles, zero_rows=c.cls_token_num)
         self.register_buffer("token_steps", self.layout.step_of.clone(), persistent=False)
         # per cache position: its layout step (-1 for the condition prefix), and every step's first layout index
-        self.register_buffer("position_steps", torch.cat([torch.full((c.cls_token_num,), -1), self.layout.step_of]),
+        self.register_buffer("position_steps", torch.cat([self.layout.step_of.new_full((c.cls_token_num,), -1), self.layout.step_of]),
                              persistent=False)
         self.register_buffer("step_starts", torch.tensor(self.layout.step_starts), persistent=False)
         self.reset_parameters()
