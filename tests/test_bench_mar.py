@@ -54,3 +54,16 @@ def test_bench_mar_bad_input(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_chain_constant_weights_are_those_off_x_path():
+    """The head floor reads x's weights every call and the condition/timestep/adaLN weights once per chain."""
+    from torch import nn
+
+    from varkit.bench.mar import chain_constant_numel, linear_numel
+    from varkit.models import create_model
+
+    net = create_model("mar-tiny").head.net
+    on_x = sum(m.weight.numel() for n, m in net.named_modules() if isinstance(m, nn.Linear)
+               and (n.startswith("input_proj") or ".mlp." in f".{n}." and n.startswith("res_blocks") or n == "final_layer.linear"))
+    assert chain_constant_numel(net) > 0 and chain_constant_numel(net) + on_x == linear_numel(net)

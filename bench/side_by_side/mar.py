@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from varkit.bench.mar import Side, Split, _counted, _timed, add_mar_arguments, bench_labels, cmd_bench_mar, instrument, \
-    linear_numel
+    chain_constant_numel, linear_numel
 from varkit.bench.official import cuda_as_identity, import_checkout, script_main
 from varkit.errors import InvalidArgumentError
 
@@ -84,7 +84,7 @@ def official_side(model: nn.Module, vae: nn.Module, settings: dict[str, Any], au
     dt = "bfloat16" if autocast else "float32"
     net = model.diffloss.net
     return Side("official", "float32+autocast-bf16" if autocast else "float32", run, split, linear_numel(net),
-                2 if autocast else 4, sum(p.numel() for n, p in model.named_parameters() if not n.startswith("diffloss.")),
+                2 if autocast else 4, chain_constant_numel(net), sum(p.numel() for n, p in model.named_parameters() if not n.startswith("diffloss.")),
                 2 if autocast else 4, dt, False, head_gemm_dtype=dt)
 
 

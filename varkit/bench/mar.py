@@ -137,6 +137,15 @@ def linear_numel(module: nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
+def chain_constant_numel(module: nn.Module) -> int:
+    """Linear weights of a diffusion MLP that see only the condition and the timestep (``cond_embed``, the timestep
+    MLP, every adaLN modulation): a sampling chain needs them once, not at every step (varkit computes them once per
+    chain, :class:`varkit.models.diffusion.DiffusionChain`), so the floor reads them once per chain."""
+    const = ("cond_embed", "time_embed")
+    return sum(m.weight.numel() for n, m in module.named_modules()
+               if isinstance(m, nn.Linear) and (n.startswith(const) or "adaLN_modulation" in n))
+
+
 def transformer_numel(gen) -> int:
     """Parameters a transformer pass reads: everything but the head's network."""
     return sum(p.numel() for n, p in gen.named_parameters() if not n.startswith("head."))
@@ -231,6 +240,7 @@ class Side:
     split: Split
     head_numel: int
     head_bytes_per: int
+    head_const_numel: int  # of head_numel, the chain-constant weights (chain_constant_numel)
     transformer_numel: int
     transformer_bytes_per: int
     gemm_dtype: str
@@ -300,7 +310,7 @@ def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack:
     size = torch.tensor([], dtype=dtype).element_size()
     hsize = torch.tensor([], dtype=head_dtype).element_size()
     side = Side("varkit", name if hname == name else f"{name}/head-{hname}", run, split, linear_numel(gen.head.net),
-                hsize, transformer_numel(gen), size, name, True, prepack)
+                hsize, chain_constant_numel(gen.head.net), transformer_numel(gen), size, name, True, prepack)
     side.head_gemm_dtype = hname
     side.warmup = warmup
     return side
@@ -341,15 +351,19 @@ def make_rows(sides: list[Side], results: list[tuple[Any, float, float, dict, li
         t_flops = transformer_flops(cfg, known, rows_cfg, read if side.last_block_rows else None)
         t_bytes = side.transformer_numel * side.transformer_bytes_per * len(known)
         t_floor = max(t_flops / gemm, t_bytes / bw["large"])
-        # head: every network call re-reads the MLP's weights; FLOPs from the rows actually sent
+        # head: every network call reads the weights on x's path; the chain-constant ones (condition, timestep,
+        # adaLN modulations) once per chain of head_steps calls; FLOPs from the rows actually sent
         h_bytes_one = side.head_numel * side.head_bytes_per
+        chains = len(net_rows) / max(int(settings["head_steps"]), 1)
+        h_bytes = side.head_bytes_per * ((side.head_numel - side.head_const_numel) * len(net_rows)
+                                         + side.head_const_numel * chains)
         h_bw = bw.get(f"head_{side.head_bytes_per}", bw["large"])
         h_flops = 2.0 * side.head_numel * sum(net_rows)
         h_gemm = machine["gemm_flops"][side.head_gemm_dtype or side.gemm_dtype]
-        h_floor = max(h_bytes_one * len(net_rows) / h_bw, h_flops / h_gemm)
+        h_floor = max(h_bytes / h_bw, h_flops / h_gemm)
         d_floor = dec_flops / machine["conv_flops"]
         floors = {"transformer": (t_floor, "compute" if t_flops / gemm >= t_bytes / bw["large"] else "bandwidth"),
-                  "head": (h_floor, "bandwidth" if h_bytes_one * len(net_rows) / h_bw >= h_flops / h_gemm else "compute"),
+                  "head": (h_floor, "bandwidth" if h_bytes / h_bw >= h_flops / h_gemm else "compute"),
                   "decode": (d_floor, "compute")}
         other = max(wall - sum(seconds.values()), 0.0)
         floor = sum(f for f, _ in floors.values())
