@@ -327,7 +327,9 @@ class ScalesGenerator(ClassConditional, Generator):
         VAR-d16) and later images of the same batch size and dtype compile nothing. The tokenizer's
         ``next_scale_input`` (``f_hat``), ``prefill_steps``, budgeted caches (``varkit.cache_policies``), training and
         grad-enabled calls stay eager. The compiled steps froze the weights as they are now: ``.to()`` and
-        ``load_state_dict`` drop them; other in-place weight edits need a new call.
+        ``load_state_dict`` drop them; other in-place weight edits need a new call. Memory: outside fp32 on the CPU
+        each frozen graph holds its own prepacked copy of the weights (VAR-d16 bf16: about 0.45 GB a graph, 4.5 GB
+        per batch size), so compile in a process that decodes one or two batch sizes.
         """
         if type(self).prefill is not ScalesGenerator.prefill or type(self).forward is not ScalesGenerator.forward:
             raise InvalidArgumentError(f"{type(self).__name__} has no compiled decode step; decode it eagerly")
