@@ -20,6 +20,8 @@ SPEED_FILES = {
     "llamagen_side_by_side": "raster (LlamaGen-B)",
     "var_side_by_side": "scales (VAR-d16)",
     "var_side_by_side_auto": "scales (VAR-d16)",
+    "var_side_by_side_compiled_b1": "scales (VAR-d16)",
+    "var_side_by_side_b8_auto": "scales (VAR-d16)",
     "nar_side_by_side": "neighbors (NAR-B)",
     "nar_side_by_side_auto": "neighbors (NAR-B)",
     "mar": "sets + diffusion head (MAR-B)",
