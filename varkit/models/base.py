@@ -103,6 +103,17 @@ def check_tokenizer_family(generator, tokenizer) -> None:
                                    "use the tokenizer the generator was made for")
 
 
+def check_row_steps(steps: Any, num_steps: int | None = None) -> None:
+    """``forward_rows``' ``steps``: a (B,) integer tensor, each in 1..num_steps-1 (step 0 comes from prefill)."""
+    if not isinstance(steps, torch.Tensor) or steps.dim() != 1 or steps.is_floating_point() or steps.dtype == torch.bool:
+        raise InvalidArgumentError(f"forward_rows takes steps as a (B,) integer tensor, got "
+                                   f"{type(steps).__name__} {tuple(getattr(steps, 'shape', ()))}")
+    last = None if num_steps is None else num_steps - 1
+    if last is not None and steps.numel() and bool(((steps < 1) | (steps > last)).any()):
+        raise InvalidArgumentError(f"forward_rows steps must lie in 1..{last} (step 0 comes from prefill), "
+                                   f"got {steps.tolist()}")
+
+
 class Generator(DerivedState, SavableModule):
     """Base class of every generator; see the module docstring for the contract."""
 
@@ -214,19 +225,14 @@ class Generator(DerivedState, SavableModule):
                                        "decode it with gen(tokens, step, cache), one step for the whole batch")
         if not isinstance(cache, KVCache) or getattr(cache, "attend", None) is not None:
             raise InvalidArgumentError(f"forward_rows needs a plain KVCache from gen.new_cache, got {type(cache).__name__}")
-        if not isinstance(steps, torch.Tensor) or steps.dim() != 1 or steps.is_floating_point() or steps.dtype == torch.bool:
-            raise InvalidArgumentError(f"forward_rows takes steps as a (B,) integer tensor, got "
-                                       f"{type(steps).__name__} {tuple(getattr(steps, 'shape', ()))}")
+        check_row_steps(steps)
         want = 2 + len(getattr(self.head, "token_shape", ()))
         B = steps.shape[0]
         if tokens.dim() != want or tokens.shape[0] != B or tokens.shape[1] < 1 or B != cache.batch:
             raise InvalidArgumentError(
                 f"forward_rows takes tokens (B, n{', ...' if want > 2 else ''}) with n >= 1 for B = {B} steps and a "
                 f"cache of {cache.batch} rows, got tokens of shape {tuple(tokens.shape)}")
-        last = self.layout.num_steps - 1
-        if B and bool(((steps < 1) | (steps > last)).any()):
-            raise InvalidArgumentError(f"forward_rows steps must lie in 1..{last} (step 0 comes from prefill), "
-                                       f"got {steps.tolist()}")
+        check_row_steps(steps, self.layout.num_steps)
 
     def valid_row_outputs(self, steps: torch.Tensor, n: int) -> torch.Tensor:
         """(B,) how many leading outputs of ``forward_rows(tokens (B, n), steps, ...)`` are meaningful per row.

@@ -26,7 +26,7 @@ from ..errors import InvalidArgumentError
 from ..layout import Layout, sets
 from ..modeling import register_module
 from ..nn.layers import Linear
-from .base import ClassConditional, Generator, latent_side, token_fields_for_tokenizer
+from .base import ClassConditional, Generator, check_row_steps, latent_side, token_fields_for_tokenizer
 from .heads import HeadConfig, head_from_config
 
 
@@ -444,19 +444,14 @@ class MARGenerator(ClassConditional, Generator):
         """One line for :meth:`forward_rows` inputs that do not fit; the state's layout."""
         if not isinstance(state, MARState) or state.positions is None:
             raise InvalidArgumentError("MAR's forward_rows needs the state prefill returned (MAR has no cache)")
-        if not isinstance(steps, torch.Tensor) or steps.dim() != 1 or steps.is_floating_point() or steps.dtype == torch.bool:
-            raise InvalidArgumentError(f"forward_rows takes steps as a (B,) integer tensor, got "
-                                       f"{type(steps).__name__} {tuple(getattr(steps, 'shape', ()))}")
+        check_row_steps(steps)
         B, shape = state.order.shape[0], tuple(self.head.token_shape)
         if steps.shape[0] != B or tokens.dim() != 2 + len(shape) or tokens.shape[0] != B or tokens.shape[1] < 1 \
                 or tuple(tokens.shape[2:]) != shape:
             raise InvalidArgumentError(f"forward_rows takes tokens (B, n{', ' + str(shape)[1:-1] if shape else ''}) with "
                                        f"n >= 1 and steps (B,) for the state's B = {B} rows, got tokens of shape "
                                        f"{tuple(tokens.shape)} and {steps.shape[0]} steps")
-        last = state.layout.num_steps - 1
-        if B and bool(((steps < 1) | (steps > last)).any()):
-            raise InvalidArgumentError(f"forward_rows steps must lie in 1..{last} (step 0 comes from prefill), "
-                                       f"got {steps.tolist()}")
+        check_row_steps(steps, state.layout.num_steps)
         return state.layout
 
     def _outputs(self, state: MARState) -> torch.Tensor:
