@@ -18,6 +18,7 @@ from varkit.samplers.logits import image_generators
 from varkit.tokenizers import MSVQConfig, MultiScaleVQTokenizer, VQConfig, VQTokenizer
 
 from conftest import randomize
+from test_compile import inductor_cache_per_isa  # noqa: F401  (autouse: compiled graphs cached per ISA, as the compile tests)
 
 
 def _vq(seed=0):
@@ -296,3 +297,25 @@ def test_train_distill_end_to_end_and_its_refusals(tmp_path):
     # the CLI prints the refusal as one line and exits 2
     assert main(["train", "distill", "--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "data"),
                  "--out", str(tmp_path / "dd3"), "--steps", "1"]) == 2
+
+
+@pytest.mark.slow
+def test_compiled_raster_student_matches_eager_and_compiles_once():
+    """compile_decoding on a raster DD student: the same 1- and 2-step tokens as eager (fp32: logits ~1e-6
+    apart, the argmax / nearest-codeword ties they could flip are measure-zero for random weights) and one graph
+    per batch size for every pass of both runs."""
+    pytest.importorskip("torch._inductor")
+    pipe = _student_pipe(_raster_teacher())
+    gen = pipe.generator
+    N, d = gen.layout.num_tokens, gen.codebook.shape[1]
+    noise = torch.randn(3, N, d, generator=torch.Generator().manual_seed(5))
+    want = [pipe([0, 1, 2], noise=noise, steps=s).tokens for s in (1, 2)]
+    torch._dynamo.reset()
+    assert gen.compile_decoding() is gen and gen.compiled_decoding
+    torch._dynamo.utils.counters.clear()
+    got = [pipe([0, 1, 2], noise=noise, steps=s).tokens for s in (1, 2)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["ok"] == 1, dict(frames)  # t is a tensor input: both passes of the 2-step run share the graph
+    gen.to(torch.float32)
+    assert not gen.compiled_decoding  # .to() drops the frozen graph

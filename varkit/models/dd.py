@@ -194,6 +194,13 @@ class DDRasterGenerator(DDStudent, RasterGenerator):
         ``cond`` (B,) → (continuous tokens (B, N, d), logits (B, N, V)), position i predicting token i."""
         self.check_condition(cond)
         self.check_dd_inputs(x, cond, t)
+        compiled = self.__dict__.get("_compiled_step")
+        if compiled is not None and not self.training and not torch.is_grad_enabled():
+            return compiled(x, cond, t)
+        return self._dd_pass(x, cond, t)
+
+    def _dd_pass(self, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`dd_forward` after its input checks (the step :meth:`compile_decoding` compiles)."""
         cond_emb = self._cond_embeddings(cond)  # (B, 1, dim)
         p = self.cond_len
         h = torch.cat([cond_emb, self.tok_embeddings(x.to(cond_emb.dtype))], 1)
@@ -204,6 +211,31 @@ class DDRasterGenerator(DDStudent, RasterGenerator):
         logits = self.output(self.norm(h)).float()[:, p:]
         conti = self.final_layer_conti(h, cond_emb).float()[:, p:]
         return conti, logits
+
+
+    def compile_decoding(self, max_autotune: bool = True) -> "DDRasterGenerator":
+        """Run the student's pass (:meth:`dd_forward`) through ``torch.compile`` (:func:`varkit.compiled.compile_step`);
+        returns ``self``.
+
+        Why: a one-step student is a single pass over all N tokens, and at batch 1 its small ops (norms, RoPE,
+        residuals, the input and output layers) cost as much as its GEMMs; inductor fuses them. Shapes are static
+        (N tokens), so there is one graph per batch size; the first pass compiles. Training and grad-enabled
+        calls stay eager; ``.to()`` and ``load_state_dict`` drop the compiled pass (it froze the weights)."""
+        from ..compiled import compile_step
+
+        self._set_compiled_step(compile_step(_StaticDDPass(self), max_autotune))
+        return self
+
+
+class _StaticDDPass(nn.Module):
+    """``DDRasterGenerator._dd_pass`` as a module of the student's weights, for :func:`varkit.compiled.compile_step`."""
+
+    def __init__(self, gen: DDRasterGenerator):
+        super().__init__()
+        self.gen = gen
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gen._dd_pass(x, cond, t)
 
 
 # -- VAR ------------------------------------------------------------------------------------------------------
