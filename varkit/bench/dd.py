@@ -69,8 +69,9 @@ def cmd_bench_dd(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    teacher = load_pipeline(args.teacher, device=args.device)
-    student = load_pipeline(args.student, device=args.device)
+    # --compile: both sides decode through their compiled steps (the warm-up batch compiles, untimed)
+    teacher = load_pipeline(args.teacher, device=args.device, compile=args.compile)
+    student = load_pipeline(args.student, device=args.device, compile=args.compile)
     pipes = {"teacher": teacher, "student": student}
     names = {"teacher": args.teacher, "student": args.student}
     modes = _modes(student, args.teacher_from)
@@ -125,6 +126,8 @@ def add_dd_bench_parser(bs) -> None:
     p.add_argument("--per-class", type=int, default=50, help="images per class for accuracy and digits-FID")
     p.add_argument("--quality-batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="teacher and student through their compiled steps (torch.compile; compiles in the warm-up)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
     add_device_argument(p)  # default auto, as every command
     add_output_args(p, "dd")
