@@ -187,7 +187,7 @@ def cmd_generate(args) -> None:
 
     dest, grid, first = _generate_destination(args)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
-                         prepack=args.prepack)
+                         prepack={"on": True, "off": False}.get(args.prepack, "auto"))
     timing.mark("start-up (process start to pipeline loaded)")
     classes = args.classes if args.classes is not None else list(range(min(pipe.num_classes, 10)))
     labels = [c for c in classes for _ in range(args.per_class)]
@@ -437,8 +437,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto",
                    help="generator dtype: auto (default: bfloat16 where the CPU has AMX/AVX-512-BF16 or the GPU bf16, "
                         "else float32), float32 or bfloat16")
-    g.add_argument("--prepack", action="store_true",
-                   help="CPU inference GEMMs on weights packed once for oneDNN (faster; one more copy of the weights)")
+    g.add_argument("--prepack", nargs="?", choices=["auto", "on", "off"], const="on", default="auto",
+                   help="CPU inference GEMMs on weights packed once for oneDNN (faster; one more copy of those "
+                        "weights): auto (default: large weights, memory to spare, not with --compile), on, off")
     g.add_argument("--compile", action="store_true",
                    help="decode through a torch.compile'd step (raster models; the first image compiles, tens of seconds)")
     g.add_argument("--out", default="samples.png",

@@ -113,15 +113,27 @@ class Pipeline:
         self.generator.compile_decoding(max_autotune)
         return self
 
-    def prepack(self, enabled: bool = True) -> "Pipeline":
-        """Run the generator's CPU inference GEMMs on weights packed once for oneDNN (opt-in); returns ``self``.
+    def prepack(self, enabled: bool | str = True) -> "Pipeline":
+        """Run the generator's CPU inference GEMMs on weights packed once for oneDNN; returns ``self``.
 
-        1.1-2x faster GEMMs at decode shapes (AMX in bf16), for one more copy of the generator's linear
-        weights in memory (+1.2 GB for VAR-d16 in fp32). See :func:`varkit.nn.layers.prepack_linears`.
+        1.1-2x faster GEMMs at decode shapes (AMX in bf16; 1.7x in fp32 on AMD CPUs, where MKL is slow), for one
+        more copy of the packed weights in memory (+1.2 GB for VAR-d16 in fp32). ``"auto"`` (what
+        :func:`load_pipeline` does by default): on a CPU, the weights of at least
+        :data:`~varkit.nn.layers.AUTO_PREPACK_MIN_NUMEL` elements, when their copy takes at most a quarter of the
+        memory available and this machine's ``varkit bench floor`` (if measured) did not find the packed GEMM
+        slower at decode shapes; off otherwise. See :func:`varkit.nn.layers.prepack_linears`.
         """
-        from .nn.layers import prepack_linears
+        from .nn.layers import AUTO_PREPACK_MIN_NUMEL, prepack_linears
 
-        prepack_linears(self.generator, enabled)
+        if isinstance(enabled, str):
+            if enabled != "auto":
+                raise InvalidArgumentError(f"prepack must be True, False or 'auto', got {enabled!r}")
+            min_numel = AUTO_PREPACK_MIN_NUMEL
+            prepack_linears(self.generator, auto_prepack(self.generator, min_numel), min_numel)
+        elif isinstance(enabled, bool):
+            prepack_linears(self.generator, enabled)
+        else:
+            raise InvalidArgumentError(f"prepack must be True, False or 'auto', got {enabled!r}")
         return self
 
     def settings(self, preset: str | None = None) -> dict[str, Any]:
@@ -340,16 +352,59 @@ def _check_presets(presets) -> dict[str, dict[str, Any]]:
 
 def load_pipeline(name_or_dir: str | Path, device: str | torch.device | None = "cpu",
                   dtype: str | torch.dtype | None = None, compile: bool = False,
-                  prepack: bool = False) -> Pipeline:
+                  prepack: bool | str = "auto") -> Pipeline:
     """A bundled model by name (see :func:`bundled_models`) or a pipeline folder; offline.
 
     ``compile``: decode through the generator's compiled step (:meth:`Pipeline.compile`).
-    ``prepack``: CPU inference GEMMs on prepacked weights (:meth:`Pipeline.prepack`).
+    ``prepack``: CPU inference GEMMs on prepacked weights (:meth:`Pipeline.prepack`): ``"auto"`` (default) where
+    it pays (large weights on a CPU, memory to spare; never under ``compile``, whose graphs pack their own),
+    True or False.
     """
     pipe = Pipeline.from_pretrained(resolve_model_dir(name_or_dir)).to(device if device is not None else "auto", dtype)
-    if prepack:
-        pipe.prepack()
+    if prepack == "auto" and compile:
+        prepack = False
+    if prepack is not False:
+        pipe.prepack(prepack)
     return pipe.compile() if compile else pipe
+
+
+def _available_memory_bytes() -> int | None:
+    """MemAvailable of ``/proc/meminfo`` (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def auto_prepack(generator: torch.nn.Module, min_numel: int, available: int | None = None,
+                 floor: dict | None = None) -> bool:
+    """Whether ``prepack="auto"`` packs ``generator``'s large linear weights: on a CPU, when their extra copy
+    takes at most a quarter of the ``available`` memory, and unless ``floor`` (default: this machine's cached
+    ``varkit bench floor``) measured the packed GEMM slower than the best other path at decode shapes in the
+    generator's dtype."""
+    from .nn.layers import Linear
+
+    p = next(generator.parameters(), None)
+    if p is None or p.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in generator.modules()
+                 if isinstance(m, Linear) and m.weight.numel() >= min_numel)
+    if nbytes == 0:
+        return False
+    available = _available_memory_bytes() if available is None else available
+    if available is not None and nbytes > available // 4:
+        return False
+    if floor is None:
+        from .bench.floor import cached_floor
+
+        floor = cached_floor()
+    from .bench.floor import prepacked_gain
+
+    gain = prepacked_gain(floor, str(p.dtype).replace("torch.", "")) if floor else None
+    return gain is None or gain >= 1.0
 
 
 def image_grid(images: Sequence[Image.Image], cols: int, gutter: int = 2, labels: Sequence[str] | None = None,

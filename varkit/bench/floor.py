@@ -293,6 +293,19 @@ def decode_gemm_score(floor: dict[str, Any], dtype: str) -> float | None:
     return math.exp(sum(math.log(r) for r in rates) / len(rates))
 
 
+def prepacked_gain(floor: dict[str, Any], dtype: str) -> float | None:
+    """Geometric mean over :data:`DECODE_SHAPES` of the prepacked GEMM's rate over the best other path's in
+    ``dtype`` (> 1: packing pays at decode shapes here); None if not measured."""
+    ratios = []
+    for s in DECODE_SHAPES:
+        paths = floor.get("gemm", {}).get(dtype, {}).get(s, {}).get("paths") or {}
+        others = [v for k, v in paths.items() if k != "prepacked" and v]
+        if not paths.get("prepacked") or not others:
+            return None
+        ratios.append(paths["prepacked"] / max(others))
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
 # -- floors --------------------------------------------------------------------------------------------------------
 def bandwidth_for(floor: dict[str, Any], nbytes: float) -> float:
     """Bytes/s for a working set of ``nbytes``: the best of read and copy at the largest measured size not above

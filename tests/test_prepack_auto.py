@@ -1,0 +1,100 @@
+"""``prepack="auto"`` (load_pipeline's default): which weights it packs, when it declines, and that outputs stay."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from varkit.errors import InvalidArgumentError
+from varkit.models import create_model
+from varkit.nn.layers import AUTO_PREPACK_MIN_NUMEL, Linear, prepack_linears, prepacked_numel
+from varkit.pipeline import auto_prepack, load_pipeline
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+def _floor(packed: float, linear: float) -> dict:
+    """A ``varkit bench floor`` result whose fp32 decode-shape GEMMs ran at these path rates."""
+    shapes = {s: {"paths": {"prepacked": packed, "linear": linear}} for s in ("m1", "m8")}
+    return {"gemm": {"float32": shapes}}
+
+
+def _wide_model():
+    """A raster generator whose output layer (4096 x 64) is above the auto threshold and the rest below."""
+    gen = create_model("llamagen-b", dim=64, n_layer=1, n_head=2, grid=4, num_classes=10, vocab_size=4096).eval()
+    torch.nn.init.normal_(gen.output.weight, std=0.02, generator=torch.Generator().manual_seed(1))  # LlamaGen zeroes it
+    assert gen.output.weight.numel() >= AUTO_PREPACK_MIN_NUMEL > gen.layers[0].attention.wqkv.weight.numel()
+    return gen
+
+
+def test_prepack_linears_min_numel_packs_only_large_weights():
+    gen = _wide_model()
+    n = prepack_linears(gen, True, AUTO_PREPACK_MIN_NUMEL)
+    on = [m for m in gen.modules() if isinstance(m, Linear) and m.prepacked]
+    assert n == len(on) == 1 and on[0] is gen.output
+    assert prepacked_numel(gen) == gen.output.weight.numel()
+    prepack_linears(gen, False)
+    assert prepacked_numel(gen) == 0
+
+
+@needs_onednn
+def test_auto_prepack_rules():
+    gen = _wide_model()
+    m = AUTO_PREPACK_MIN_NUMEL
+    assert auto_prepack(gen, m, available=1 << 40, floor={})  # no floor measured: pack
+    assert auto_prepack(gen, m, available=1 << 40, floor=_floor(2e10, 1e10))
+    assert not auto_prepack(gen, m, available=1 << 40, floor=_floor(1e10, 2e10))  # measured slower here
+    nbytes = gen.output.weight.numel() * 4
+    assert not auto_prepack(gen, m, available=4 * nbytes - 4)  # the copy would take over a quarter of memory
+    assert auto_prepack(gen, m, available=4 * nbytes, floor={})
+    assert not auto_prepack(gen, 1 << 40, available=1 << 40, floor={})  # nothing large enough
+    with torch.device("meta"):
+        meta = create_model("llamagen-b", dim=64, n_layer=1, n_head=2, grid=4, num_classes=10, vocab_size=4096)
+    assert not auto_prepack(meta, m, available=1 << 40, floor={})  # not on a CPU
+
+
+def test_load_pipeline_auto_leaves_small_models_unpacked_and_same_images():
+    auto = load_pipeline("digits")
+    assert prepacked_numel(auto.generator) == 0  # digits' weights are all far below the threshold
+    off = load_pipeline("digits", prepack=False)
+    a, b = auto([1, 2], seed=3, output_type="pt"), off([1, 2], seed=3, output_type="pt")
+    assert torch.equal(a.tokens, b.tokens)
+    assert load_pipeline("digits", compile=False, prepack=True).generator.output.prepacked
+
+
+@needs_onednn
+def test_auto_prepacked_large_model_gives_the_same_logits():
+    gen = _wide_model()
+    cond = torch.tensor([1, 2])
+    tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = gen.teacher_forcing_logits(cond, tokens)
+        prepack_linears(gen, auto_prepack(gen, AUTO_PREPACK_MIN_NUMEL, available=1 << 40, floor={}),
+                        AUTO_PREPACK_MIN_NUMEL)
+        assert gen.output.prepacked
+        got = gen.teacher_forcing_logits(cond, tokens)
+    # fp32, oneDNN's packed GEMM vs MKL's sgemm: K = 64 products of O(0.02) weights and O(1) inputs in another
+    # order, a few ulps of O(0.1) outputs (~1e-8); 1e-5 holds on any x86-64 kernel and fails on a wrong weight
+    assert float(ref.abs().max()) > 1e-2  # the check compares real logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prepack_bad_values():
+    pipe = load_pipeline("digits", prepack=False)
+    with pytest.raises(InvalidArgumentError, match="prepack must be True, False or 'auto'"):
+        pipe.prepack("yes")
+    with pytest.raises(InvalidArgumentError, match="prepack must be"):
+        pipe.prepack(1)
+
+
+def test_cli_prepack_choices(tmp_path):
+    out = tmp_path / "g.png"
+    ok = subprocess.run([sys.executable, "-m", "varkit.cli", "generate", "--model", "digits", "--classes", "1",
+                         "--prepack", "off", "--out", str(out)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert out.exists()
+    bad = subprocess.run([sys.executable, "-m", "varkit.cli", "generate", "--model", "digits", "--prepack", "maybe",
+                          "--out", str(tmp_path / "h.png")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--prepack" in bad.stderr and "Traceback" not in bad.stderr
