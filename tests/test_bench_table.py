@@ -51,3 +51,15 @@ def test_bad_input(tmp_path):
     r = subprocess.run([sys.executable, "-m", "varkit.cli", "bench", "table", "--results-dir", str(tmp_path / "none")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "is not a folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_suffix_reads_another_machines_runs(tmp_path):
+    _write(tmp_path, "llamagen_side_by_side", [{"impl": "varkit", "dtype": "float32", "batch": 1, "cpu_s": 5.0}])
+    _write(tmp_path, "llamagen_side_by_side_zen4", [
+        {"impl": "varkit", "dtype": "bfloat16", "prepacked": "yes", "batch": 1, "cpu_s": 2.0}])
+    (zen4,) = collect(tmp_path, suffix="_zen4")
+    assert zen4["dtype"] == "bfloat16" and zen4["s/image"] == 2.0 and zen4["notes"] == "prepacked"
+    assert [r["dtype"] for r in collect(tmp_path)] == ["float32"]
+    r = subprocess.run([sys.executable, "-m", "varkit.cli", "bench", "table", "--results-dir", str(tmp_path),
+                        "--suffix", "_none"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no speed bench results" in r.stderr and "Traceback" not in r.stderr

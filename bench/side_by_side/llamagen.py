@@ -10,7 +10,9 @@ Given a checkout of the official source, one run builds its GPT-B
 hands the very same tensors to a varkit :class:`RasterGenerator` (and a bf16 copy), and times a
 full 16x16 image (256 tokens, CFG 4) at each batch size: LlamaGen's ``generate`` (fp32, no
 compile), varkit's ancestral sampler in fp32, and in bf16; with ``--compile`` also varkit with its
-compiled decode step (``Generator.compile_decoding``; the compile is timed apart, in a warm-up run).
+compiled decode step (``Generator.compile_decoding``; the compile is timed apart, in a warm-up run); with
+``--prepack`` also varkit's eager rows on oneDNN-prepacked weights (what ``load_pipeline``'s default
+``prepack="auto"`` does for GPT-B's weights on a CPU).
 Both sample with LlamaGen's demo settings (top-k 2000, temperature 1). It also decodes greedily
 (top-k 1) with varkit fp32 and bf16 and reports the share of identical tokens, and checks varkit
 fp32 greedy tokens against the official greedy tokens.
@@ -30,7 +32,7 @@ from varkit.bench.llamagen_side_by_side import add_llamagen_arguments
 from varkit.bench.official import import_checkout, script_main
 
 DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # sample_c2i.py
-COLUMNS = ["impl", "dtype", "compiled", "batch", "tokens", "wall_s", "cpu_s", "ms_per_step", "image_tokens_per_s", "vs_official",
+COLUMNS = ["impl", "dtype", "compiled", "prepacked", "batch", "tokens", "wall_s", "cpu_s", "ms_per_step", "image_tokens_per_s", "vs_official",
            "cpu_vs_official", "floor_s", "fraction_of_floor", "target", "met"]
 TARGETS = {("varkit", "float32", 1): 1.2, ("varkit", "float32", 8): 1.5, ("varkit", "bfloat16", 1): 2.0}
 
@@ -96,7 +98,7 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 @torch.inference_mode()
 def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int = 2000, bf16: bool = True,
                      greedy_batch: int = 8, seed: int = 0, repeats: int = 1, compile: bool = False,
-                     log=None) -> tuple[list[dict], dict]:
+                     log=None, prepack: bool = False) -> tuple[list[dict], dict]:
     """Rows of the timing table and the greedy-agreement summary (with ``compile``: compile times too).
 
     Times are the best of ``repeats`` runs, wall and process CPU seconds (CPU: steadier on a shared machine);
@@ -112,21 +114,29 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
     gpt_models, generate = import_official(official_path)
     torch.manual_seed(seed)
     official, fp32, bf = build_models(gpt_models, seed)
-    models = {("float32", False): fp32}
+    models = {("float32", False, False): fp32}
     if bf16:
-        models[("bfloat16", False)] = bf
+        models[("bfloat16", False, False)] = bf
+    plain = list(models.items())
+    if prepack:  # copies whose linears run on oneDNN-packed weights (load_pipeline's prepack="auto" on GPT-B)
+        from varkit.nn.layers import prepack_linears
+
+        for (dt, _, _), m in plain:
+            packed = copy.deepcopy(m)
+            prepack_linears(packed)
+            models[(dt, False, True)] = packed
     if compile:  # copies, so the eager rows stay eager
-        for dt, m in list(models.items()):
-            models[(dt[0], True)] = copy.deepcopy(m).compile_decoding()
-    traces = {dt: trace_sampling(m, SamplingParams(cfg=cfg, top_k=top_k)) for (dt, compiled), m in models.items()
-              if not compiled}  # the official fp32 loop does the work of varkit's fp32 one
+        for (dt, _, _), m in plain:
+            models[(dt, True, False)] = copy.deepcopy(m).compile_decoding()
+    traces = {dt: trace_sampling(m, SamplingParams(cfg=cfg, top_k=top_k)) for (dt, compiled, packed), m in models.items()
+              if not compiled and not packed}  # the official fp32 loop does the work of varkit's fp32 one
     rows, compile_s = [], {}
     for b in batches:
         labels = torch.tensor([DEMO_LABELS[i % len(DEMO_LABELS)] for i in range(b)])
-        for (dt, compiled), m in models.items():
+        for (dt, compiled, _), m in models.items():
             if compiled:  # the first run compiles (one graph per batch size); it is not timed
                 compile_s[f"{dt}_batch{b}"] = _varkit_run(m, labels, cfg, top_k, seed)[1][0]  # wall seconds
-        impls = [("llamagen", "float32", False)] + [("varkit", dt, c) for dt, c in models]
+        impls = [("llamagen", "float32", False, False)] + [("varkit", dt, c, p) for dt, c, p in models]
         best = {k: (float("inf"), float("inf")) for k in impls}
         for r in range(repeats):  # interleaved and rotated, best of each: fair under a varying machine load
             for k in impls[r % len(impls):] + impls[: r % len(impls)]:
@@ -136,16 +146,18 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
                 else:
                     _, t = _varkit_run(models[k[1:]], labels, cfg, top_k, seed)
                 best[k] = tuple(min(x, y) for x, y in zip(best[k], t))
-        t_off, c_off = best[("llamagen", "float32", False)]
-        for (impl, dt, compiled), (t, c) in best.items():
+        t_off, c_off = best[("llamagen", "float32", False, False)]
+        for (impl, dt, compiled, packed), (t, c) in best.items():
             target = TARGETS.get((impl, dt, b))
             ratio = t_off / t
-            row = {"impl": impl, "dtype": dt, "compiled": "yes" if compiled else "", "batch": b, "tokens": 256,
+            row = {"impl": impl, "dtype": dt, "compiled": "yes" if compiled else "",
+                   "prepacked": "yes" if packed else "", "batch": b, "tokens": 256,
                    "wall_s": t, "cpu_s": c, "ms_per_step": 1000 * t / 256,
                    "image_tokens_per_s": b * 256 / t, "vs_official": ratio, "cpu_vs_official": c_off / c, "repeats": repeats,
                    "target": f">={target}x" if target else "", "met": ("yes" if ratio >= target else "NO") if target else ""}
             rows.append(attach_floor([row], traces[dt], floor, seconds_key=basis)[0])
-            log(f"  batch {b} {impl:8s} {dt:8s}{' compiled' if compiled else '         '} {1000 * t / 256:7.1f} ms/step"
+            log(f"  batch {b} {impl:8s} {dt:8s}{' compiled' if compiled else '         '}"
+                f"{' prepacked' if packed else '          '} {1000 * t / 256:7.1f} ms/step"
                 f"  {b * 256 / t:7.1f} tok/s  x{ratio:.2f}")
     greedy = {}
     if greedy_batch:
@@ -153,12 +165,13 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
         ref, _ = _official_run(generate, official, labels, cfg, top_k, greedy=True)
         tok32, _ = _varkit_run(fp32, labels, cfg, top_k, greedy=True)
         greedy["varkit_fp32_vs_official_fp32"] = _agreement(tok32, ref)
-        for (dt, compiled), m in models.items():
-            if dt == "float32" and not compiled:
+        for (dt, compiled, packed), m in models.items():
+            if dt == "float32" and not compiled and not packed:
                 continue
             tok, _ = _varkit_run(m, labels, cfg, top_k, greedy=True)
             name = "bf16" if dt == "bfloat16" else "fp32"
-            greedy[f"varkit_{name}{'_compiled' if compiled else ''}_vs_varkit_fp32"] = _agreement(tok, tok32)
+            tag = ("_compiled" if compiled else "") + ("_prepacked" if packed else "")
+            greedy[f"varkit_{name}{tag}_vs_varkit_fp32"] = _agreement(tok, tok32)
         log(f"  greedy agreement (batch {greedy_batch}): {greedy}")
     return rows, greedy, compile_s, floor
 
@@ -172,7 +185,8 @@ def cmd_side_by_side(args) -> None:
     load_before = os.getloadavg()
     t0 = time.time()
     rows, greedy, compile_s, floor = run_side_by_side(args.official, args.batch, args.cfg, args.top_k, not args.no_bf16,
-                                               args.greedy_batch, args.seed, args.repeats, args.compile)
+                                               args.greedy_batch, args.seed, args.repeats, args.compile,
+                                               prepack=args.prepack)
     load_after = os.getloadavg()
     print_table(rows, COLUMNS)
     for k, v in greedy.items():
@@ -181,7 +195,7 @@ def cmd_side_by_side(args) -> None:
               f"{v['mean_identical_prefix']:.1f}/256")
     settings = {"official": str(args.official), "batches": args.batch, "cfg": args.cfg, "top_k": args.top_k,
                 "temperature": 1.0, "model": "GPT-B c2i 16x16 (LlamaGen init, random output head and norms)",
-                "device": "cpu", "compile": args.compile, "compile_run_s": compile_s, "seed": args.seed, "repeats": args.repeats,
+                "device": "cpu", "compile": args.compile, "prepack": args.prepack, "compile_run_s": compile_s, "seed": args.seed, "repeats": args.repeats,
                 "threads": torch.get_num_threads(), "greedy": greedy,
                 "loadavg_before": load_before, "loadavg_after": load_after, "total_s": time.time() - t0}
     for k, v in compile_s.items():

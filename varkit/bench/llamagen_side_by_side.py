@@ -21,6 +21,8 @@ def add_llamagen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 varkit runs")
     p.add_argument("--compile", action="store_true",
                    help="also time varkit with its compiled decode step (torch.compile; the compile run is not timed)")
+    p.add_argument("--prepack", action="store_true",
+                   help="also time varkit's eager rows on oneDNN-prepacked weights (load_pipeline's default on GPT-B)")
     p.add_argument("--greedy-batch", type=int, default=8, help="images for the greedy agreement check (0 = skip)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each, interleaved; the best counts")

@@ -77,14 +77,15 @@ def speed_rows(doc: dict[str, Any], generator: str) -> list[dict[str, Any]]:
     return out
 
 
-def collect(results_dir: str | Path, stems: Iterable[str] = SPEED_FILES) -> list[dict[str, Any]]:
-    """Rows of every speed bench JSON found in ``results_dir``."""
+def collect(results_dir: str | Path, stems: Iterable[str] = SPEED_FILES, suffix: str = "") -> list[dict[str, Any]]:
+    """Rows of every speed bench JSON found in ``results_dir`` (``<stem><suffix>.json``: a suffix names another
+    machine's runs, e.g. ``_zen4``)."""
     d = Path(results_dir)
     if not d.is_dir():
         raise InvalidArgumentError(f"{d} is not a folder; pass --results-dir with the benches' JSON (bench/results)")
     rows = []
     for stem in stems:
-        path = d / f"{stem}.json"
+        path = d / f"{stem}{suffix}.json"
         if not path.is_file():
             continue
         try:
@@ -116,12 +117,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_bench_table(args: argparse.Namespace) -> None:
-    print(markdown(collect(args.results_dir)))
+    print(markdown(collect(args.results_dir, suffix=args.suffix)))
 
 
 def add_table_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
     p = bench_subparsers.add_parser("table", help="the README speed table (s/image, ratio to the official loop, "
                                     "fraction of floor) from the speed benches' JSON; measures nothing")
     p.add_argument("--results-dir", default="bench/results")
+    p.add_argument("--suffix", default="", help="read <bench><suffix>.json (another machine's runs, e.g. _zen4)")
     p.set_defaults(func=cmd_bench_table)
     return p
