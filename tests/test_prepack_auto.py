@@ -98,3 +98,17 @@ def test_cli_prepack_choices(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "varkit.cli", "generate", "--model", "digits", "--prepack", "maybe",
                           "--out", str(tmp_path / "h.png")], capture_output=True, text=True)
     assert bad.returncode == 2 and "--prepack" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_prepacked_linear_built_under_inference_mode():
+    """A model copied under ``torch.inference_mode`` has inference-tensor weights (no version counter)."""
+    import copy
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        lin = copy.deepcopy(Linear(64, 32))
+        assert lin.weight.is_inference()
+        prepack_linears(lin)
+        x = torch.randn(3, 64)
+        # fp32 packed vs MKL, K = 64: a few ulps (see test_nn), 1e-5 on any x86-64 kernel
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)

@@ -84,7 +84,9 @@ class Linear(DerivedState, nn.Linear):
     def _packed_weight(self) -> torch.Tensor:
         """The oneDNN-packed weight, re-packed whenever the weight changed (new storage or in-place edit)."""
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype)
+        # an inference tensor (a model built or copied under torch.inference_mode) has no version counter: its
+        # storage and dtype are the key then (in-place edits under inference mode are not seen)
+        key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype)
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
             cached = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
