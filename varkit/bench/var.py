@@ -301,7 +301,7 @@ def add_var_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default=None, help="keep the random weights and converted pipeline here (reused)")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--no-prepack", dest="prepack", action="store_false",
-                   help="varkit without prepacked GEMM weights (load_pipeline(prepack=False), its default)")
+                   help="varkit without prepacked GEMM weights (load_pipeline(prepack=False); its default is \"auto\")")
     p.add_argument("--profile", action="store_true", help="also profile one run per side: seconds per op category")
     p.add_argument("--dtype", nargs="+", default=["float32"],
                    help="varkit's generator dtypes, one set of rows each: float32, bfloat16, auto (this CPU's choice); "
