@@ -73,6 +73,26 @@ def test_measured_floor_backs_the_choice():
     assert cpu_dtype_choice(cpu_info(AMD_AVX2), floor=_floor(1e10, 3e10)) == torch.float32
 
 
+def test_small_models_stay_fp32_off_amx():
+    """A generator without a linear weight worth prepacking lives in the caches: bf16 only pays with AMX there."""
+    from varkit.models import create_model
+    from varkit.nn.layers import has_large_linear
+    from varkit.pipeline import load_pipeline
+
+    amx, avx512bf16 = cpu_info(INTEL_AMX), cpu_info(COOPER_LAKE)
+    assert cpu_dtype_choice(avx512bf16, small_model=True) == torch.float32
+    assert cpu_dtype_choice(avx512bf16, small_model=False) == torch.bfloat16
+    assert cpu_dtype_choice(amx, small_model=True) == torch.bfloat16
+    assert cpu_dtype_choice(cpu_info(AMD_AVX2), small_model=False) == torch.float32
+    small = load_pipeline("digits", prepack=False).generator
+    assert not has_large_linear(small)
+    with torch.device("meta"):
+        assert has_large_linear(create_model("llamagen-b"))
+    got = auto_dtype("cpu", small)
+    assert got == (auto_dtype("cpu") if cpu_info()["bf16_isa"] == "amx" else torch.float32)
+    assert resolve_dtype("auto", "cpu", small) == got
+
+
 def test_auto_on_this_machine_is_consistent():
     from varkit.nn.layers import packable_dtypes
 
@@ -124,7 +144,9 @@ def test_generate_defaults_to_auto(tmp_path, capsys):
 
     assert build_parser("generate").parse_args(["generate"]).dtype == "auto"
     assert main(["generate", "--model", "digits", "--classes", "0", "--out", str(tmp_path / "a.png")]) == 0
-    want = str(resolve_dtype("auto")).replace("torch.", "")
+    from varkit.pipeline import load_pipeline
+
+    want = str(resolve_dtype("auto", "cpu", load_pipeline("digits").generator)).replace("torch.", "")
     assert capsys.readouterr().out.strip().endswith(f"{want})")
 
 

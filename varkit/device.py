@@ -109,14 +109,21 @@ def _cuda_bf16(dev: torch.device) -> bool:
             return bool(torch.cuda.is_bf16_supported())
 
 
-def cpu_dtype_choice(info: dict, onednn_bf16: bool = True, floor: dict | None = None) -> torch.dtype:
+def cpu_dtype_choice(info: dict, onednn_bf16: bool = True, floor: dict | None = None,
+                     small_model: bool = False) -> torch.dtype:
     """The CPU rule of :func:`auto_dtype`, on given facts (tests feed fake ``/proc/cpuinfo`` texts).
 
     bf16 with AMX or AVX-512-BF16 (:func:`native_bf16`) and oneDNN bf16 kernels (``onednn_bf16``), unless
     ``floor`` (a ``varkit bench floor`` measurement) has bf16 GEMMs at decode shapes slower than fp32; fp32 on
-    AVX2-only CPUs (AMD Zen 2/3...), where bf16 weights run slower and cannot be prepacked.
+    AVX2-only CPUs (AMD Zen 2/3...), where bf16 weights run slower and cannot be prepacked. ``small_model`` (no
+    linear weight large enough to prepack, :func:`varkit.nn.layers.has_large_linear`): fp32 unless the CPU has
+    AMX, since bf16 saves such a model no DRAM traffic and its conversions cost more than its AVX-512-BF16
+    products save (AMD Zen 4, batch 1: digits 76 ms/image fp32 vs 120-165 bf16, digits-var 18 vs 22, digits-nar
+    42 vs 55-66).
     """
     if not (native_bf16(info) and onednn_bf16):
+        return torch.float32
+    if small_model and info.get("bf16_isa") != "amx":
         return torch.float32
     if floor:
         from .bench.floor import decode_gemm_score
@@ -127,12 +134,12 @@ def cpu_dtype_choice(info: dict, onednn_bf16: bool = True, floor: dict | None = 
     return torch.bfloat16
 
 
-def auto_dtype(device: str | torch.device | None = "cpu") -> torch.dtype:
+def auto_dtype(device: str | torch.device | None = "cpu", model: torch.nn.Module | None = None) -> torch.dtype:
     """The generator dtype ``"auto"`` picks: the fastest one whose arithmetic the hardware does natively.
 
     CUDA: bf16 where the GPU supports it natively (Ampere or newer), else fp32, never an error. CPU:
-    :func:`cpu_dtype_choice` on this machine's CPU, this torch's oneDNN and the cached floor measurement of
-    this machine at this thread count, if ``varkit bench floor`` made one.
+    :func:`cpu_dtype_choice` on this machine's CPU, this torch's oneDNN, the cached floor measurement of
+    this machine at this thread count, if ``varkit bench floor`` made one, and the ``model``'s size (when given).
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if dev.type == "cuda":
@@ -143,16 +150,20 @@ def auto_dtype(device: str | torch.device | None = "cpu") -> torch.dtype:
     from .bench.floor import cached_floor
     from .nn.layers import packable_dtypes
 
-    return cpu_dtype_choice(info, torch.bfloat16 in packable_dtypes(), cached_floor())
+    from .nn.layers import has_large_linear
+
+    small = model is not None and not has_large_linear(model)
+    return cpu_dtype_choice(info, torch.bfloat16 in packable_dtypes(), cached_floor(), small_model=small)
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype | None:
-    """A dtype name (or ``"auto"``: :func:`auto_dtype` for ``device``, CPU when None) → ``torch.dtype``.
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None,
+                  model: torch.nn.Module | None = None) -> torch.dtype | None:
+    """A dtype name (or ``"auto"``: :func:`auto_dtype` for ``device``, CPU when None, and ``model``) → ``torch.dtype``.
 
     ``None`` stays None (keep the model's dtype). bfloat16 asked for on a GPU without bf16 → ``DeviceError``.
     """
     if isinstance(dtype, str) and dtype.lower() == AUTO:
-        return auto_dtype(device if device is not None else "cpu")
+        return auto_dtype(device if device is not None else "cpu", model)
     if dtype is not None and not isinstance(dtype, torch.dtype):
         if not isinstance(dtype, str) or dtype.lower() not in DTYPES:
             raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {AUTO}, {', '.join(DTYPES)}")

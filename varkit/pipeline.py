@@ -99,7 +99,8 @@ class Pipeline:
         dev = resolve_device(device) if device is not None else self.device
         self.tokenizer.to(dev)
         self.generator.to(dev)
-        dt = resolve_dtype(dtype, dev)  # "auto": the dtype this device runs fastest (varkit.device.auto_dtype)
+        # "auto": the dtype this device runs this generator fastest (varkit.device.auto_dtype)
+        dt = resolve_dtype(dtype, dev, self.generator)
         if dt is not None:
             self.generator.to(dt)
         return self

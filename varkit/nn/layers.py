@@ -124,6 +124,12 @@ def prepack_linears(module: nn.Module, enabled: bool = True, min_numel: int = 0)
     return count
 
 
+def has_large_linear(module: nn.Module, min_numel: int = AUTO_PREPACK_MIN_NUMEL) -> bool:
+    """Whether ``module`` has a linear weight of at least ``min_numel`` elements (one ``prepack="auto"`` packs):
+    a model without one lives in the CPU's caches, and its speed is per-op cost, not weight bytes."""
+    return any(isinstance(m, nn.Linear) and m.weight.numel() >= min_numel for m in module.modules())
+
+
 def prepacked_numel(module: nn.Module) -> int:
     """Weight elements of the :class:`Linear` layers of ``module`` that run prepacked (their extra copy)."""
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, Linear) and m.prepacked)
