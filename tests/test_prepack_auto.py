@@ -112,3 +112,26 @@ def test_prepacked_linear_built_under_inference_mode():
         x = torch.randn(3, 64)
         # fp32 packed vs MKL, K = 64: a few ulps (see test_nn), 1e-5 on any x86-64 kernel
         torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_major_follows_the_floor(monkeypatch):
+    """bf16 at few rows: the weight-major product only where the machine's floor measured it faster."""
+    import varkit.nn.layers as L
+
+    def floor(wm: float, lin: float) -> dict:
+        shapes = {s: {"paths": {"weight_major": wm, "linear": lin, "prepacked": 1.0}} for s in ("m1", "m8")}
+        return {"gemm": {"bfloat16": shapes}}
+
+    assert L.weight_major_faster(None) and L.weight_major_faster({})  # not measured: as before
+    assert L.weight_major_faster(floor(185e9, 125e9))  # the AMX Xeon
+    assert not L.weight_major_faster(floor(45e9, 102e9))  # AMD Zen 4
+    lin = Linear(64, 32).bfloat16()
+    x = torch.randn(3, 64).bfloat16()
+    with torch.no_grad():
+        monkeypatch.setattr(L, "weight_major_pays", lambda threads: False)
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))  # F.linear itself
+        monkeypatch.setattr(L, "weight_major_pays", lambda threads: True)
+        # the weight-major product: the same products summed in another order, bf16 rounding apart (|y| ~ 1,
+        # bf16 ulp 2^-8 at 1): a few ulps at most
+        torch.testing.assert_close(lin(x).float(), torch.nn.functional.linear(x, lin.weight, lin.bias).float(),
+                                   rtol=0, atol=4 * 2**-8 * 4)

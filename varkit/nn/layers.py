@@ -35,12 +35,35 @@ def packable_dtypes() -> tuple[torch.dtype, ...]:
     return (torch.float32,)
 
 
+def weight_major_faster(floor: dict | None) -> bool:
+    """Whether a ``varkit bench floor`` result has the bf16 weight-major product at least as fast as ``F.linear``
+    at the decode shapes (1 and 8 rows); True when not measured (what the Intel AMX Xeon measured: 185 against
+    125 GFLOP/s at 8 rows; AMD Zen 4 measured the opposite, 45 against 102)."""
+    gemm = (floor or {}).get("gemm", {}).get("bfloat16", {})
+    ratios = []
+    for shape in ("m1", "m8"):
+        paths = gemm.get(shape, {}).get("paths") or {}
+        if not paths.get("weight_major") or not paths.get("linear"):
+            return True
+        ratios.append(paths["weight_major"] / paths["linear"])
+    return ratios[0] * ratios[1] >= 1.0
+
+
+@functools.cache
+def weight_major_pays(threads: int) -> bool:
+    """:func:`weight_major_faster` on this machine's cached floor at ``threads`` (read once per thread count)."""
+    from ..bench.floor import cached_floor
+
+    return weight_major_faster(cached_floor(threads=threads))
+
+
 class Linear(DerivedState, nn.Linear):
     """``nn.Linear`` (same parameters and state dict) with faster CPU paths for decoding.
 
     With few rows (decode steps: batch x CFG), PyTorch's bf16 ``x @ W.T`` on the CPU runs well
     below memory bandwidth; the weight-major product ``(W @ x.T).T`` reads the same bytes about
-    1.6x faster. Results are the same up to bf16 rounding of the accumulation order.
+    1.6x faster on the Intel AMX Xeon (and 2x slower on AMD Zen 4: :func:`weight_major_pays` follows the
+    machine's floor). Results are the same up to bf16 rounding of the accumulation order.
 
     Opt-in (:func:`prepack_linears`): the weight reordered once into oneDNN's blocked layout and
     kept next to it (one more copy of the weight in memory). Plain ``F.linear`` re-lays the weight
@@ -67,7 +90,7 @@ class Linear(DerivedState, nn.Linear):
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), bias, "none", [], "")
         # under torch.compile the plain linear is what inductor's freezing replaces by its own prepacked GEMM
         if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() <= self.small_rows * x.shape[-1]
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling() and weight_major_pays(torch.get_num_threads())):
             y = (self.weight @ x.reshape(-1, x.shape[-1]).t()).t()
             if bias is not None:
                 y = y + bias
