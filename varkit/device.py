@@ -148,9 +148,7 @@ def auto_dtype(device: str | torch.device | None = "cpu", model: torch.nn.Module
     if not native_bf16(info):
         return torch.float32
     from .bench.floor import cached_floor
-    from .nn.layers import packable_dtypes
-
-    from .nn.layers import has_large_linear
+    from .nn.layers import has_large_linear, packable_dtypes
 
     small = model is not None and not has_large_linear(model)
     return cpu_dtype_choice(info, torch.bfloat16 in packable_dtypes(), cached_floor(), small_model=small)

@@ -126,13 +126,11 @@ class Pipeline:
         """
         from .nn.layers import AUTO_PREPACK_MIN_NUMEL, prepack_linears
 
-        if isinstance(enabled, str):
-            if enabled != "auto":
-                raise InvalidArgumentError(f"prepack must be True, False or 'auto', got {enabled!r}")
+        if isinstance(enabled, bool):
+            prepack_linears(self.generator, enabled)
+        elif enabled == "auto":
             min_numel = AUTO_PREPACK_MIN_NUMEL
             prepack_linears(self.generator, auto_prepack(self.generator, min_numel), min_numel)
-        elif isinstance(enabled, bool):
-            prepack_linears(self.generator, enabled)
         else:
             raise InvalidArgumentError(f"prepack must be True, False or 'auto', got {enabled!r}")
         return self
@@ -402,9 +400,9 @@ def auto_prepack(generator: torch.nn.Module, min_numel: int, available: int | No
         from .bench.floor import cached_floor
 
         floor = cached_floor()
-    from .bench.floor import prepacked_gain
+    from .bench.floor import path_gain
 
-    gain = prepacked_gain(floor, str(p.dtype).replace("torch.", "")) if floor else None
+    gain = path_gain(floor, str(p.dtype).replace("torch.", ""), "prepacked")
     return gain is None or gain >= 1.0
 
 

@@ -293,16 +293,18 @@ def decode_gemm_score(floor: dict[str, Any], dtype: str) -> float | None:
     return math.exp(sum(math.log(r) for r in rates) / len(rates))
 
 
-def prepacked_gain(floor: dict[str, Any], dtype: str) -> float | None:
-    """Geometric mean over :data:`DECODE_SHAPES` of the prepacked GEMM's rate over the best other path's in
-    ``dtype`` (> 1: packing pays at decode shapes here); None if not measured."""
+def path_gain(floor: dict[str, Any] | None, dtype: str, path: str,
+              rivals: tuple[str, ...] | None = None) -> float | None:
+    """Geometric mean over :data:`DECODE_SHAPES` of the ``path`` GEMM's rate (``prepacked``, ``weight_major``...)
+    over the best of its ``rivals`` (default: every other measured path) in ``dtype``: > 1 when that path pays at
+    decode shapes on this machine; None if not measured."""
     ratios = []
     for s in DECODE_SHAPES:
-        paths = floor.get("gemm", {}).get(dtype, {}).get(s, {}).get("paths") or {}
-        others = [v for k, v in paths.items() if k != "prepacked" and v]
-        if not paths.get("prepacked") or not others:
+        paths = (floor or {}).get("gemm", {}).get(dtype, {}).get(s, {}).get("paths") or {}
+        others = [v for k, v in paths.items() if k != path and (rivals is None or k in rivals) and v]
+        if not paths.get(path) or not others:
             return None
-        ratios.append(paths["prepacked"] / max(others))
+        ratios.append(paths[path] / max(others))
     return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
 

@@ -39,14 +39,10 @@ def weight_major_faster(floor: dict | None) -> bool:
     """Whether a ``varkit bench floor`` result has the bf16 weight-major product at least as fast as ``F.linear``
     at the decode shapes (1 and 8 rows); True when not measured (what the Intel AMX Xeon measured: 185 against
     125 GFLOP/s at 8 rows; AMD Zen 4 measured the opposite, 45 against 102)."""
-    gemm = (floor or {}).get("gemm", {}).get("bfloat16", {})
-    ratios = []
-    for shape in ("m1", "m8"):
-        paths = gemm.get(shape, {}).get("paths") or {}
-        if not paths.get("weight_major") or not paths.get("linear"):
-            return True
-        ratios.append(paths["weight_major"] / paths["linear"])
-    return ratios[0] * ratios[1] >= 1.0
+    from ..bench.floor import path_gain
+
+    gain = path_gain(floor, "bfloat16", "weight_major", rivals=("linear",))
+    return gain is None or gain >= 1.0
 
 
 @functools.cache
