@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .cuda_graphs import GraphSet
 
 
 def inductor_settings(device: torch.device, dtype: torch.dtype, max_autotune: bool = True) -> dict[str, Any]:
     """The inductor config a step of weights in ``dtype`` on ``device`` compiles under (see the module docstring)."""
     packed = not (device.type == "cpu" and dtype == torch.float32)
-    settings: dict[str, Any] = {"freezing": packed, "max_autotune": max_autotune and packed}
+    # CUDA: no autotuning (each GEMM's Triton candidates compile for minutes; cuBLAS serves decode shapes well)
+    settings: dict[str, Any] = {"freezing": packed, "max_autotune": max_autotune and packed and device.type == "cpu"}
     if settings["max_autotune"] and device.type == "cpu":
         settings["max_autotune_gemm_backends"] = "CPP,ATEN"
     return settings
@@ -43,15 +47,37 @@ def _own_forward(step: nn.Module) -> Callable[..., Any]:
     return types.MethodType(fresh, step)
 
 
-def compile_step(step: nn.Module, max_autotune: bool = True) -> Callable[..., Any]:
-    """``step.forward`` through ``torch.compile`` (inductor, static shapes): a callable with its signature.
+def compile_step(step: nn.Module, max_autotune: bool = True, inductor: bool | None = None,
+                 graphs: "GraphSet | None" = None) -> Callable[..., Any]:
+    """``step.forward`` through ``torch.compile`` (inductor, static shapes) and, on CUDA, CUDA graphs: a callable
+    with its signature.
 
     ``step`` is a module whose parameters are the weights the step reads (so that ``freezing`` sees them as
     parameters) and whose ``forward`` takes tensors (or lists of tensors) only: Python values it reads are baked
     into the graph unguarded, so keep them fixed (a step per scale, say) rather than pass them in. The first
     call compiles, and so does the first call with a new input shape or dtype; the weights are frozen as they
     are at that call. Compiled CPU kernels keep the thread count of the compile.
+
+    ``inductor``: None = on the CPU only. On CUDA the step is captured into CUDA graphs
+    (:mod:`varkit.cuda_graphs`), by default over its eager kernels (a capture takes milliseconds; an inductor
+    compile tens of seconds a graph), with ``inductor=True`` over inductor's fused ones. ``graphs``: the
+    :class:`~varkit.cuda_graphs.GraphSet` the steps of one generator share (its KV buffers and memory pool); a
+    new one when None.
     """
+    p = next(step.parameters())
+    cuda = p.device.type == "cuda"
+    use_inductor = (not cuda) if inductor is None else inductor
+    fn = _inductor_step(step, max_autotune) if use_inductor else _own_forward(step)
+    if not cuda:
+        return fn
+    from .cuda_graphs import GraphSet
+
+    graphs = graphs if graphs is not None else GraphSet()
+    return graphs.wrap(fn, type(step).forward)
+
+
+def _inductor_step(step: nn.Module, max_autotune: bool) -> Callable[..., Any]:
+    """``step.forward`` through ``torch.compile`` under :func:`inductor_settings`."""
     from torch._inductor import config as inductor_config
 
     p = next(step.parameters())

@@ -269,8 +269,9 @@ class Generator(DerivedState, SavableModule):
     # the compiled step wraps (and froze) this very module: .to() drops it, copies and pickles leave it out
     derived_attrs = ("_compiled_step",)
 
-    def compile_decoding(self, max_autotune: bool = True) -> "Generator":
-        """Compile this generator's decode step with ``torch.compile``; returns ``self``.
+    def compile_decoding(self, max_autotune: bool = True, inductor: bool | None = None) -> "Generator":
+        """Compile this generator's decode step with ``torch.compile`` (CPU) or CUDA graphs (CUDA; over inductor's
+        kernels with ``inductor=True``: :func:`varkit.compiled.compile_step`); returns ``self``.
 
         Generators that support it override this; the rest say so.
         """

@@ -213,7 +213,7 @@ class DDRasterGenerator(DDStudent, RasterGenerator):
         return conti, logits
 
 
-    def compile_decoding(self, max_autotune: bool = True) -> "DDRasterGenerator":
+    def compile_decoding(self, max_autotune: bool = True, inductor: bool | None = None) -> "DDRasterGenerator":
         """Run the student's pass (:meth:`dd_forward`) through ``torch.compile`` (:func:`varkit.compiled.compile_step`);
         returns ``self``.
 
@@ -223,7 +223,7 @@ class DDRasterGenerator(DDStudent, RasterGenerator):
         calls stay eager; ``.to()`` and ``load_state_dict`` drop the compiled pass (it froze the weights)."""
         from ..compiled import compile_step
 
-        self._set_compiled_step(compile_step(_StaticDDPass(self), max_autotune))
+        self._set_compiled_step(compile_step(_StaticDDPass(self), max_autotune, inductor))
         return self
 
 

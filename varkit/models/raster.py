@@ -282,7 +282,8 @@ class RasterGenerator(Generator):
         if (compiled is not None and tokens.shape[1] == 1 and state is None and cache.length < cache.max_len
                 and not self.training and not torch.is_grad_enabled()):
             self._check_cache_at(step, cache)
-            logits = compiled(tokens, torch.full((tokens.shape[0],), step, device=tokens.device), cache.k, cache.v)
+            # a 0-dim step: every row at this step (one indexed cache write a layer instead of a per-row scatter)
+            logits = compiled(tokens, torch.tensor(step, device=tokens.device), cache.k, cache.v)
             cache.advance(1)
             return logits
         return self.hidden_to_logits(self.forward_hidden(tokens, step, cache, state))
@@ -313,14 +314,18 @@ class RasterGenerator(Generator):
         Row b's n inputs sit at cache positions ``cond_len + step_starts[steps[b] - 1] + j``: their keys and
         values are written there (past ``max_len``: dropped) and attention reads all ``max_len`` positions
         under the per-row mask of :meth:`_rows_mask`, so one ``torch.compile`` graph serves every step of every
-        row for one (batch, n). Nothing here reads or moves the cache's length pointer.
+        row for one (batch, n). Nothing here reads or moves the cache's length pointer. A 0-dim ``steps`` puts
+        every row at that step, whose inputs must lie below ``max_len`` (raster's one-token ``forward``): one
+        indexed write a layer instead of the per-row scatter (a tenth of a step's kernels on a GPU).
         """
         n = tokens.shape[1]
-        first = self.cond_len + self.step_starts[steps - 1]  # (B,) cache position of each row's first input
-        pos = first[:, None] + torch.arange(n, device=tokens.device)  # (B, n)
+        uniform = steps.dim() == 0
+        steps = steps.reshape(1) if uniform else steps
+        first = self.cond_len + self.step_starts[steps - 1]  # (B,) or (1,) cache position of each row's first input
+        pos = first[:, None] + torch.arange(n, device=tokens.device)  # (B, n) or (1, n)
         mask = self._rows_mask(pos, first + n, keys[0].shape[2], caption_mask)
         h = self._run(self.tok_embeddings(tokens), pos.clamp(max=self.max_cache_len() - 1), mask,
-                      IndexedKV(keys, values, pos))
+                      IndexedKV(keys, values, pos[0] if uniform else pos))
         return self._rows_outputs(h, steps)
 
     def _rows_mask(self, pos: torch.Tensor, end: torch.Tensor, max_len: int,
@@ -350,7 +355,7 @@ class RasterGenerator(Generator):
         steps = (index.long() - self.cond_len + 1).expand(tokens.shape[0])
         return self.decode_rows(tokens, steps, keys, values)
 
-    def compile_decoding(self, max_autotune: bool = True) -> "RasterGenerator":
+    def compile_decoding(self, max_autotune: bool = True, inductor: bool | None = None) -> "RasterGenerator":
         """Decode steps through ``torch.compile`` (inductor); opt-in, returns ``self``.
 
         Why: at batch 1 a decode step is hundreds of small ops around a few matrix-vector products.
@@ -372,7 +377,7 @@ class RasterGenerator(Generator):
                 f"is {self.layout.kind}: decode it eagerly")
         from ..compiled import compile_step
 
-        step = compile_step(_StaticRowsStep(self), max_autotune)
+        step = compile_step(_StaticRowsStep(self), max_autotune, inductor)
         self._set_compiled_step(step)
         return self
 

@@ -317,7 +317,7 @@ class ScalesGenerator(ClassConditional, Generator):
         kv = _PrefixKV(keys, values, self.layout.step_starts[step])
         return self._blocks_and_head(self._scale_input(step, inp), cond_emb, None, block_mods, head_mods, None, kv)
 
-    def compile_decoding(self, max_autotune: bool = True) -> "ScalesGenerator":
+    def compile_decoding(self, max_autotune: bool = True, inductor: bool | None = None) -> "ScalesGenerator":
         """Decode every scale through ``torch.compile`` (inductor, :func:`varkit.compiled.compile_step`); returns ``self``.
 
         Why: a scale's pass is a few GEMMs (its tokens × the weights) among hundreds of small ops (AdaLN, q/k
@@ -335,7 +335,12 @@ class ScalesGenerator(ClassConditional, Generator):
             raise InvalidArgumentError(f"{type(self).__name__} has no compiled decode step; decode it eagerly")
         from ..compiled import compile_step
 
-        self._set_compiled_step([compile_step(_StaticScaleStep(self, s), max_autotune)
+        graphs = None
+        if self.pos_start.device.type == "cuda":  # the scales' CUDA graphs write one cache: they share its buffers
+            from ..cuda_graphs import GraphSet
+
+            graphs = GraphSet()
+        self._set_compiled_step([compile_step(_StaticScaleStep(self, s), max_autotune, inductor, graphs)
                                  for s in range(self.layout.num_steps)])
         return self
 

@@ -36,9 +36,19 @@ def image_generators(seed: int, count: int, image_seeds: list[int] | None = None
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
+def to_device(draws: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """CPU draws moved to ``device``; to a GPU through pinned memory without waiting, so that the host keeps
+    queueing decode steps while the GPU runs (a pageable copy would wait for every step queued before it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        draws = draws.pin_memory().to(device, dtype=dtype, non_blocking=True)
+        return draws
+    return draws.to(device=device, dtype=dtype)
+
+
 def uniforms(gens: list[torch.Generator], n: int, device: torch.device) -> torch.Tensor:
     """(B, n) float64 uniforms, row b drawn from ``gens[b]``."""
-    return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in gens]).to(device)
+    return to_device(torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in gens]), device)
 
 
 class Randomness:
@@ -61,9 +71,8 @@ class Randomness:
 
     def normals(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, *shape) standard normals (drawn in float32 on the CPU, then cast and moved)."""
-        out = torch.stack([torch.randn(shape, generator=g) for g in self.gens])
-        return out.to(device=self.device, dtype=dtype)
+        return to_device(torch.stack([torch.randn(shape, generator=g) for g in self.gens]), self.device, dtype)
 
     def permutations(self, n: int) -> torch.Tensor:
         """(B, n) one random permutation of ``0..n-1`` per image (generation orders)."""
-        return torch.stack([torch.randperm(n, generator=g) for g in self.gens]).to(self.device)
+        return to_device(torch.stack([torch.randperm(n, generator=g) for g in self.gens]), self.device)
