@@ -58,3 +58,31 @@ def test_a_script_runs_by_its_path():
     out = subprocess.run([sys.executable, str(SCRIPTS_DIR / "var.py"), "--help"], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "--official" in out.stdout and "autoregressive_infer_cfg" in out.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("name", ["llamagen", "var", "nar"])
+def test_device_cuda_without_a_gpu_is_one_line(name, tmp_path, capsys):
+    """``--device cuda`` on a machine without CUDA: exit 2 with one line naming cuda, before the checkout is read
+    or anything is written (here the checkout is not even one)."""
+    rc = load_script(name).main(["--official", str(tmp_path), "--device", "cuda", "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "cuda" in err.lower(), err
+    assert not (tmp_path / "out").exists()
+    rc = main(["bench", name, "--official", str(tmp_path), "--device", "cuda", "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("varkit: error:") and len(err.strip().splitlines()) == 1 and "cuda" in err.lower()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["llamagen", "var", "nar"])
+def test_device_defaults_to_cpu(name):
+    """``--device`` is cpu unless asked (the file name is then the one it was: ``--name`` is resolved at run time,
+    with ``_cuda`` appended only on ``--device cuda``)."""
+    parser = load_script(name).build_parser()
+    args = parser.parse_args(["--official", "x"])
+    assert args.device == "cpu" and args.name is None
+    args = parser.parse_args(["--official", "x", "--device", "cuda", "--name", "mine"])
+    assert args.device == "cuda" and args.name == "mine"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--official", "x", "--device", "tpu"])

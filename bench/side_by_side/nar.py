@@ -8,6 +8,9 @@ The rows are :mod:`varkit.bench.nar`'s plus ``official``/``neighbors``: NAR's ow
 (``autoregressive/models/generate.py`` of the source tree) on the weights of varkit's NAR generator, loaded into
 NAR's ``Transformer`` (the names are the same), in the same dtype (NAR's ``--precision``), with the same sampling
 settings, timed round-robin with varkit's rows; ``vs_official`` and ``cpu_vs_official`` compare every row with it.
+
+``--device cuda``: both loops on the GPU, in bf16 unless ``--dtype`` says otherwise (NAR's
+``autoregressive/sample/sample_c2i.py`` casts the model to ``--precision``, default bf16); see :mod:`varkit.bench.nar`.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def official_model(gpt_module, nar_gen) -> torch.nn.Module:
 def official_runner(gen_module, model, batch: int, params):
     """A call that samples ``batch`` images with NAR's own ``generate``; it returns the forward passes."""
     grid = model.grid_size
-    cond = torch.arange(batch) % model.num_classes
+    cond = torch.arange(batch, device=next(model.parameters()).device) % model.num_classes
     calls = {"n": 0}
     forward = type(model).forward
 
@@ -80,23 +83,29 @@ def bench_official(gen_module, model, name: str, batch: int, params, repeats: in
     return _row(name, "official", "neighbors", batch, _best(official_runner(gen_module, model, batch, params), repeats))
 
 
-def official_loop(path: str | Path):
-    """The hook :func:`varkit.bench.nar.run_bench` takes: NAR's loop on each class-conditional NAR generator."""
+def official_loop(path: str | Path, device: str | torch.device = "cpu"):
+    """The hook :func:`varkit.bench.nar.run_bench` takes: NAR's loop on each class-conditional NAR generator (on
+    ``device``, as sample_c2i.py puts it: ``.to(device=device, dtype=precision)``)."""
     gpt, loop = load_official(path)
+    dev = torch.device(device)
 
     def for_generator(nar_gen, dtype: torch.dtype):
         if nar_gen.config.caption_dim:  # NAR's c2i loop only
             return None
-        model = official_model(gpt, nar_gen).to(dtype)
+        model = official_model(gpt, nar_gen)
+        model = model.to(device=dev, dtype=dtype) if dev.type == "cuda" else model.to(dtype)
         return lambda batch, params: official_runner(loop, model, batch, params)
 
     return for_generator
 
 
 def cmd_side_by_side(args) -> None:
+    from varkit.device import resolve_device
+
+    dev = resolve_device(getattr(args, "device", None) or "cpu")  # cuda without a GPU: one line, before anything runs
     if not args.official:
         raise InvalidArgumentError("--official PATH (NAR's source tree: a ThisisBillhe/NAR checkout) is required")
-    cmd_bench_nar(args, official_loop(args.official))
+    cmd_bench_nar(args, official_loop(args.official, dev))
 
 
 def build_parser() -> argparse.ArgumentParser:

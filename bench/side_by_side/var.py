@@ -18,6 +18,14 @@ Rows as ``varkit bench var`` (:mod:`varkit.bench.var`) plus ``speedup`` = varkit
 floor of the work of one varkit call (they do the same work; the official row takes the fp32 call's). ``--dtype`` and
 ``--compile`` add a varkit worker per (dtype, compiled), each compared with the one official (fp32) row; the timed
 runs go round-robin over all workers.
+
+``--device cuda``: every worker on the GPU. VAR's loop runs as its ``demo_sample.ipynb`` runs it on a GPU: the
+``build_vae_var`` defaults (flash-attn / xformers / fused kernels where installed; the settings say which ran), fp32
+weights with ``requires_grad`` off, tf32 on, ``torch.autocast('cuda', dtype=torch.float16)`` under
+``torch.inference_mode()`` (``--official-autocast``); its floor is that of varkit's bf16 call (16-bit GEMMs).
+varkit's dtypes default to bf16 and fp32 (``--compile``: CUDA graphs of the scale steps, captured in the warm-up
+call). Timers synchronize the GPU, ``fraction_of_floor`` uses wall seconds, ``achieved_GBps`` = (weight + KV bytes
+the floor counts) / wall seconds, and the file is ``var_side_by_side_cuda.json`` unless ``--name`` is given.
 """
 from __future__ import annotations
 
@@ -34,8 +42,9 @@ from typing import Any
 
 import torch
 
-from varkit.bench.var import (_load, _timed, add_var_arguments, bench_labels, check_args, load_variant, make_row,
-                              prepare_pipeline, report, run_call, variant_label, varkit_variants, work_of_one_call)
+from varkit.bench.var import (_load, _timed, add_achieved_bandwidth, add_var_arguments, bench_device, bench_labels,
+                              check_args, load_variant, make_row, prepare_pipeline, report, run_call, variant_label,
+                              varkit_variants, work_of_one_call)
 from varkit.bench.official import script_main
 from varkit.errors import InvalidArgumentError
 
@@ -51,6 +60,15 @@ def _reply(obj: dict) -> None:
 def _official_worker(args) -> None:
     sys.path.insert(0, str(Path(args.official).resolve()))
     from torch import nn
+
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if cuda:  # demo_sample.ipynb's "run faster" and seed cells
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
 
     # as VAR's build_vae_var: skip the default init of every layer (the weights are loaded next); own process
     for clz in (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d,
@@ -71,11 +89,20 @@ def _official_worker(args) -> None:
               embed_dim=sd["class_emb.weight"].shape[1], num_heads=sd["blocks.0.attn.scale_mul_1H11"].shape[1],
               drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.1 * depth / 24, norm_eps=1e-6,
               shared_aln="shared_ada_lin.1.weight" in sd, cond_drop_rate=0.1, attn_l2_norm=True, patch_nums=pns,
-              flash_if_available=False, fused_if_available=False)
+              flash_if_available=cuda, fused_if_available=cuda)  # on a GPU: build_vae_var's defaults
     vae.load_state_dict(vae_sd, strict=True)
     var.load_state_dict(sd, strict=True)
     del sd, vae_sd
     vae.eval(), var.eval()
+    if cuda:  # as demo_sample.ipynb: on the device, no gradients (autocast then casts the weights every call)
+        vae.to(dev), var.to(dev)  # the VQVAE is no submodule of VAR (a proxy tuple)
+        for p in (*vae.parameters(), *var.parameters()):
+            p.requires_grad_(False)
+    if var.rng.device.type != dev.type:  # VAR makes it on dist.get_device(): cuda wherever a GPU is
+        var.rng = torch.Generator(device=dev)
+        var.uniform_prob = var.uniform_prob.to(dev)
+    amp = getattr(args, "official_autocast", "float16")
+    amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(amp)
     blocks = list(var.blocks)
     kv = {"peak": 0, "transient": 0}
     plain = SelfAttention.forward
@@ -89,24 +116,38 @@ def _official_worker(args) -> None:
             kv["transient"] = max(kv["transient"], total + old)
         return out
 
+    def call(B, labels, req):
+        return var.autoregressive_infer_cfg(B, labels, g_seed=req["seed"], cfg=req["cfg"], top_k=min(req["top_k"], var.V),
+                                            top_p=req["top_p"], more_smooth=False)
+
+    def call_cuda(B, labels, req):  # demo_sample.ipynb's sampling cell
+        with torch.inference_mode(), torch.autocast("cuda", enabled=amp_dtype is not None,
+                                                    dtype=amp_dtype or torch.float16, cache_enabled=True):
+            return call(B, labels, req)
+
     def run(req: dict) -> dict:
         B = req["batch"]
-        labels = torch.tensor(bench_labels(B, var.num_classes))
+        labels = torch.tensor(bench_labels(B, var.num_classes), device=dev)
         kv.update(peak=0, transient=0)
         SelfAttention.forward = measured if req.get("kv") else plain
-        img, wall, cpu, cats = _timed(lambda: var.autoregressive_infer_cfg(
-            B, labels, g_seed=req["seed"], cfg=req["cfg"], top_k=min(req["top_k"], var.V), top_p=req["top_p"],
-            more_smooth=False), req.get("profile", False))
+        img, wall, cpu, cats = _timed(lambda: (call_cuda if cuda else call)(B, labels, req), req.get("profile", False),
+                                      sync=cuda)
         SelfAttention.forward = plain
         return {"wall_s": wall, "cpu_s": cpu, "kv_peak_bytes": kv["peak"] or None, "kv_transient_bytes": kv["transient"] or None,
                 "shape": list(img.shape), "profile": cats}
 
-    _serve(t0, run)
+    b0 = var.blocks[0]
+    kernels = {"device": str(dev), "autocast": amp if cuda else "off",
+               "using_flash": bool(getattr(b0.attn, "using_flash", False)),
+               "using_xform": bool(getattr(b0.attn, "using_xform", False)),
+               "fused_mlp": getattr(b0.ffn, "fused_mlp_func", None) is not None,
+               "fused_add_norm": getattr(b0, "fused_add_norm_fn", None) is not None}
+    _serve(t0, run, {"kernels": kernels})
 
 
 def _varkit_worker(args) -> None:
     t0 = time.perf_counter()
-    pipe = load_variant(Path(args.pipeline), args.dtype, args.compile, args.prepack)
+    pipe = load_variant(Path(args.pipeline), args.dtype, args.compile, args.prepack, args.device)
 
     def run(req: dict) -> dict:
         if req.get("work"):
@@ -116,9 +157,9 @@ def _varkit_worker(args) -> None:
     _serve(t0, run)
 
 
-def _serve(t0: float, run) -> None:
+def _serve(t0: float, run, extra: dict | None = None) -> None:
     """A worker's protocol: say ready (with its load time), then answer one JSON request per stdin line."""
-    _reply({"ready": True, "load_s": time.perf_counter() - t0, "threads": torch.get_num_threads()})
+    _reply({"ready": True, "load_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), **(extra or {})})
     for line in sys.stdin:
         req = json.loads(line)
         if req["op"] == "quit":
@@ -184,6 +225,8 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         raise InvalidArgumentError("--official PATH (a FoundationVision/VAR checkout) is required")
     official = check_official(args.official)
     check_args(args)
+    device = bench_device(args)
+    cuda = device == "cuda"
     tmp = None
     work = Path(args.work_dir) if args.work_dir else Path(tmp := tempfile.mkdtemp(prefix="varkit-bench-var-"))
     workers: list[_Worker] = []
@@ -196,8 +239,9 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         except OSError:
             commit = ""
         settings["official_commit"] = commit or None
-        common = ["--vae", str(work / "vae.pth"), "--var", str(work / "var.pth")]
-        off = _Worker("official", common + ["--official", str(official)], args.threads, args.verbose)
+        common = ["--vae", str(work / "vae.pth"), "--var", str(work / "var.pth"), "--device", device]
+        off = _Worker("official", common + ["--official", str(official)]
+                      + (["--official-autocast", args.official_autocast] if cuda else []), args.threads, args.verbose)
         workers.append(off)
         variants = varkit_variants(args)
         for dtype, compiled in variants:
@@ -207,19 +251,25 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             w.label, w.dtype, w.compiled = f"varkit {variant_label(dtype, compiled)}", dtype, compiled
             workers.append(w)
         off.label, off.dtype, off.compiled = "official", "float32", False
+        # whose work the official row's floor is: on a GPU its GEMMs run in 16 bits (autocast), as varkit's bf16 call
+        off_trace = "bfloat16" if cuda and args.official_autocast != "off" else "float32"
+        if cuda:
+            off.dtype = "float32" if args.official_autocast == "off" else f"{args.official_autocast}-autocast"
+            settings["official_kernels"] = off.info.get("kernels")
+            settings["official_floor_trace"] = off_trace
         settings["load_s"] = {w.label: w.info["load_s"] for w in workers}
         settings["worker_threads"] = {w.label: w.info["threads"] for w in workers}
         req = {"op": "run", "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
-        floor = get_floor(threads=args.threads, verbose=args.verbose)
-        traces = {}  # the work of one batch-1 call per dtype (the official side: fp32's)
+        floor = get_floor("cuda", verbose=True) if cuda else get_floor(threads=args.threads, verbose=args.verbose)
+        traces = {}  # the work of one batch-1 call per dtype (the official side: fp32's; on a GPU bf16's)
         for w in workers[1:]:
             if w.dtype not in traces:
                 traces[w.dtype] = WorkTrace.from_json(w.ask(**req, batch=1, seed=args.seed, work=True)["work"])
-        if "float32" not in traces:
-            traces["float32"] = WorkTrace.from_json(
-                _Worker.once(common + ["--pipeline", str(pipe_dir), "--dtype", "float32"], args, req))
+        if off_trace not in traces:
+            traces[off_trace] = WorkTrace.from_json(
+                _Worker.once(common + ["--pipeline", str(pipe_dir), "--dtype", off_trace], args, req))
         # one thread: CPU seconds (other processes on a shared machine inflate them far less than wall time)
-        basis = "cpu_s" if (args.threads or torch.get_num_threads()) == 1 else "wall_s"
+        basis = "wall_s" if cuda else "cpu_s" if (args.threads or torch.get_num_threads()) == 1 else "wall_s"
         settings["fraction_of_floor_basis"] = basis
         settings["loadavg_start"] = _load()
         rows, loads = [], []
@@ -245,7 +295,9 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 x = res[w.label]
                 row = make_row("official" if w is off else "varkit", B, x["times"], x["cpu"], x, w.dtype, w.compiled)
                 new.append({**row, **({} if w is off else {"warmup_cpu_s": x["warmup_cpu_s"]})})
-                attach_floor(new[-1:], traces[w.dtype], floor, seconds_key=basis)
+                attach_floor(new[-1:], traces[off_trace if w is off else w.dtype], floor, seconds_key=basis)
+                if cuda:
+                    add_achieved_bandwidth(new[-1])
             if args.profile:  # one more (untimed) run per side under the profiler
                 settings.setdefault("profile_s", {})[str(B)] = {
                     w.label: w.ask(**req, batch=B, seed=args.seed, profile=True)["profile"] for w in workers}
@@ -267,7 +319,8 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 def cmd_side_by_side(args) -> None:
     """Run the comparison, print the table, write ``bench/results/var_side_by_side.json`` (``--name``)."""
-    args.name = args.name or "var_side_by_side"
+    cuda = bench_device(args) == "cuda"  # --device cuda without a GPU: one line, before anything runs
+    args.name = args.name or "var_side_by_side" + ("_cuda" if cuda else "")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows, settings = run_side_by_side(args)
@@ -290,6 +343,8 @@ def _worker_main(argv: list[str]) -> None:
     p.add_argument("--prepack", action="store_true")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--official-autocast", default="float16")
     args = p.parse_args(argv)
     (_official_worker if args.worker == "official" else _varkit_worker)(args)
 

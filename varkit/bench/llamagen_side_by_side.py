@@ -23,11 +23,20 @@ def add_llamagen_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time varkit with its compiled decode step (torch.compile; the compile run is not timed)")
     p.add_argument("--prepack", action="store_true",
                    help="also time varkit's eager rows on oneDNN-prepacked weights (load_pipeline's default on GPT-B)")
-    p.add_argument("--greedy-batch", type=int, default=8, help="images for the greedy agreement check (0 = skip)")
+    p.add_argument("--inductor", action="store_true",
+                   help="cuda: also time varkit bf16 with CUDA graphs over inductor's fused step "
+                        "(compile_decoding(inductor=True); its compile run is not timed)")
+    p.add_argument("--greedy-batch", type=int, default=None,
+                   help="images for the greedy agreement check (0 = skip; default 8 on cpu, 2 on cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each, interleaved; the best counts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu (default) or cuda: both loops on the GPU, LlamaGen's in bf16 (its sample_c2i.py default "
+                        "--precision bf16), varkit's in bf16 and fp32 (and compiled: CUDA graphs, with --compile); "
+                        "--prepack is CPU-only (ignored on cuda)")
     add_output_args(p, "llamagen_side_by_side")
+    p.set_defaults(name=None)  # llamagen_side_by_side, + "_cuda" on --device cuda
 
 
 def cmd_bench_llamagen(args) -> None:

@@ -19,6 +19,13 @@ that run (steadier than wall time when other processes share the cores). The imp
 timed round-robin, so that load from other processes falls on all of them alike. ``floor_s``: the least time
 this machine allows for the run's work (:mod:`varkit.bench.floor`; the official loop does NAR's work, so it
 shares varkit's floor), ``fraction_of_floor`` = floor_s / cpu_s at one thread (wall_s at more).
+
+``--device cuda``: every model on the GPU, in bf16 unless ``--dtype`` says otherwise (NAR's
+``autoregressive/sample/sample_c2i.py`` casts its model to ``--precision``, default bf16), no prepacked rows
+(oneDNN packing is a CPU path; ``--compile on|both``: CUDA graphs of the fronts, captured in an untimed run).
+Every timer synchronizes the GPU, every implementation gets an untimed warm-up call per batch size,
+``fraction_of_floor`` uses wall seconds against the GPU's floor, and ``achieved_GBps`` = (weight + KV bytes the
+floor counts) / wall seconds. The result file gets ``_cuda`` appended unless ``--name`` is given.
 """
 from __future__ import annotations
 
@@ -34,6 +41,11 @@ from .report import add_output_args
 
 COLUMNS = ["model", "impl", "layout", "prepacked", "compiled", "batch", "forward_passes", "wall_s", "cpu_s", "images_per_s", "vs_raster",
            "vs_official", "cpu_vs_official", "floor_s", "fraction_of_floor"]
+CUDA_COLUMNS = [c for c in COLUMNS if c not in ("prepacked", "cpu_vs_official")] + ["achieved_GBps"]
+#: NAR's loop on the GPU: autoregressive/sample/sample_c2i.py casts the model to --precision, default bf16
+OFFICIAL_CUDA_PRECISION = ("the model in --dtype (default bfloat16 on cuda, as NAR's autoregressive/sample/sample_c2i.py "
+                           "--precision default bf16, .to(device=device, dtype=precision)); its tf32 switches do not "
+                           "affect bf16 GEMMs")
 
 # NAR GPT-B and LlamaGen GPT-B (class-conditional, 16x16 tokens, vocabulary 16384)
 B_FIELDS = {"vocab_size": 16384, "num_classes": 1000, "dim": 768, "n_layer": 12, "n_head": 12, "grid": 16}
@@ -67,20 +79,25 @@ def _best(fn, repeats: int):
     return _interleaved([fn], [repeats])[0]
 
 
-def _interleaved(fns: list, repeats: list[int]) -> list[tuple[Any, float, float]]:
+def _interleaved(fns: list, repeats: list[int], sync: bool = False) -> list[tuple[Any, float, float]]:
     """(result, wall s, CPU s) of the fastest call of each of ``fns``, called round-robin.
 
     Round-robin (A B C A B C, not A A B B C C) so that a burst of load from other processes on
     a shared machine hits every implementation alike; CPU seconds are less sensitive than wall
-    time to other processes sharing the cores.
+    time to other processes sharing the cores. ``sync``: the GPU is synchronized before each clock
+    starts and before it stops.
     """
     best = [(None, float("inf"), float("inf")) for _ in fns]
     for r in range(max(max(repeats), 1)):
         for i, fn in enumerate(fns):
             if r >= max(repeats[i], 1):
                 continue
+            if sync:
+                torch.cuda.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
+            if sync:
+                torch.cuda.synchronize()
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             if wall < best[i][1]:
                 best[i] = (out, wall, cpu)
@@ -92,7 +109,7 @@ def varkit_runner(gen, batch: int, params):
     from ..samplers import get_sampler
     from ..samplers.logits import image_generators
 
-    cond = torch.arange(batch) % gen.num_classes
+    cond = torch.arange(batch, device=next(gen.parameters()).device) % gen.num_classes
     sampler = get_sampler("ancestral", params)
     return lambda: sampler.sample(gen, cond, image_generators(0, batch)).stats.forward_passes
 
@@ -113,9 +130,12 @@ OfficialLoop = Callable[[torch.nn.Module, torch.dtype], Callable[[int, Any], Cal
 
 
 def run_bench(args, official: OfficialLoop | None = None) -> list[dict[str, Any]]:
-    from ..device import resolve_dtype
+    from ..device import resolve_device
     from ..pipeline import bundled_models, load_pipeline
     from ..samplers import SamplingParams
+
+    dev = resolve_device(getattr(args, "device", None) or "cpu")
+    cuda = dev.type == "cuda"
 
     params = SamplingParams(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k or None)
     rows: list[dict[str, Any]] = []
@@ -131,25 +151,30 @@ def run_bench(args, official: OfficialLoop | None = None) -> list[dict[str, Any]
     if not args.skip_large:
         nar, raster = b_models(args.seed)
         targets.append(("GPT-B random", nar, raster))
-    dtype = resolve_dtype(args.dtype) or torch.float32
     from .floor import attach_floor, get_floor, trace_sampling
 
-    floor = get_floor(verbose=True)
-    # one thread: CPU seconds (other processes on a shared machine inflate them far less than wall time)
-    basis = "cpu_s" if torch.get_num_threads() == 1 else "wall_s"
+    dtype = resolve_dtype_for(args, dev)  # on a GPU, as NAR's sample_c2i.py default --precision: bf16
+    if cuda:
+        floor = get_floor(dev, verbose=True)
+        basis = "wall_s"
+    else:
+        floor = get_floor(verbose=True)
+        # one thread: CPU seconds (other processes on a shared machine inflate them far less than wall time)
+        basis = "cpu_s" if torch.get_num_threads() == 1 else "wall_s"
+    prepack = "off" if cuda else args.prepack  # oneDNN packing is a CPU path
     for name, nar, raster in targets:
         off_runner = official(nar, dtype) if official is not None else None
         # as NAR's sample_c2i.py --precision: the whole model (and so its KV cache) in that dtype
-        nar, raster = nar.to(dtype), raster.to(dtype)
+        nar, raster = (nar.to(dev, dtype), raster.to(dev, dtype)) if cuda else (nar.to(dtype), raster.to(dtype))
         # varkit's NAR with plain linears and/or with prepacked weights (a copy of the model: its own packed cache)
         # the work of one batch-1 run of each layout (the official loop runs NAR's algorithm: the same work)
         traces = {"neighbors": trace_sampling(nar, params)}
         if not args.skip_raster:
             traces["raster"] = trace_sampling(raster, params)
         nars = []  # (prepacked, compiled, generator)
-        if args.prepack in ("off", "both") and args.compile in ("off", "both"):
+        if prepack in ("off", "both") and args.compile in ("off", "both"):
             nars.append((False, False, nar))
-        if args.prepack in ("on", "both") and args.compile in ("off", "both"):
+        if prepack in ("on", "both") and args.compile in ("off", "both"):
             packed = copy.deepcopy(nar)
             prepack_linears(packed)
             nars.append((True, False, packed))
@@ -165,7 +190,11 @@ def run_bench(args, official: OfficialLoop | None = None) -> list[dict[str, Any]
                 runs.append((("official", "neighbors", False, False), off_runner(b, params), args.official_repeats))
             if not args.skip_raster:
                 runs.append((("varkit", "raster", False, False), varkit_runner(raster, b, params), 1))
-            timed = _interleaved([fn for _, fn, _ in runs], [n for _, _, n in runs])
+            if cuda:  # untimed warm-up of each (cuBLAS and allocator start-up, this batch size's buffers)
+                for (_, _, _, c), fn, _ in runs:
+                    if not c:  # compiled ones just ran
+                        fn()
+            timed = _interleaved([fn for _, fn, _ in runs], [n for _, _, n in runs], sync=cuda)
             group = [_row(name, impl, layout, b, t) | {"prepacked": p, "compiled": c}
                      for ((impl, layout, p, c), _, _), t in zip(runs, timed)]
             ras = next((r for r in group if r["layout"] == "raster"), None)
@@ -177,9 +206,13 @@ def run_bench(args, official: OfficialLoop | None = None) -> list[dict[str, Any]
                     r["vs_official"] = r["images_per_s"] / off["images_per_s"]
                     r["cpu_vs_official"] = off["cpu_s"] / r["cpu_s"]
             attach_floor(group, traces, floor, seconds_key=basis, key=lambda r: r["layout"])
+            if cuda:
+                for r in group:
+                    if "floor_weight_bytes" in r:  # the bytes the floor counts, per wall second
+                        r["achieved_GBps"] = (r["floor_weight_bytes"] + r["floor_kv_bytes"]) / r["wall_s"] / 1e9
             rows += group
             for r in group:
-                print({k: r.get(k) for k in COLUMNS}, flush=True)
+                print({k: r.get(k) for k in (CUDA_COLUMNS if cuda else COLUMNS)}, flush=True)
     return rows
 
 
@@ -187,23 +220,42 @@ def cmd_bench_nar(args, official: OfficialLoop | None = None) -> None:
     """Run, print the table, write the JSON. ``--official``: the side-by-side script does it, with ``official``."""
     import os
 
+    from ..device import resolve_device
     from .report import print_table, save_results
 
+    dev = resolve_device(getattr(args, "device", None) or "cpu")  # cuda without a GPU: one line, before anything runs
+    cuda = dev.type == "cuda"
     if args.official and official is None:
         from .scripts import load_script
 
         load_script("nar").cmd_side_by_side(args)
         return
+    args.name = args.name or ("nar" + ("_cuda" if cuda else ""))
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = run_bench(args, official)
-    print_table(rows, COLUMNS)
+    print_table(rows, CUDA_COLUMNS if cuda else COLUMNS)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     settings = vars(args) | {"func": None, "loadavg_start": load_start, "loadavg_end": load, "threads_used": torch.get_num_threads(),
                              "fraction_of_floor_basis": "cpu_s" if torch.get_num_threads() == 1 else "wall_s"}
+    if cuda:
+        used = str(resolve_dtype_for(args, dev)).replace("torch.", "")
+        settings.update(device=str(dev), gpu=torch.cuda.get_device_name(dev), fraction_of_floor_basis="wall_s",
+                        dtype=used, dtype_requested=args.dtype, prepack_used="off",
+                        timing="torch.cuda.synchronize() before and after each timed call; one untimed warm-up "
+                               "call of each implementation per batch size")
+        if args.official:
+            settings["official_precision"] = OFFICIAL_CUDA_PRECISION
     path = save_results(args.name, rows, settings, args.out_dir)
     print(f"wrote {path}")
+
+
+def resolve_dtype_for(args, dev: torch.device) -> torch.dtype:
+    """The dtype every model runs in: ``--dtype``, else fp32 on a CPU and bf16 on a GPU (NAR's default precision)."""
+    from ..device import resolve_dtype
+
+    return resolve_dtype(args.dtype, dev) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
 
 def add_nar_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
@@ -226,7 +278,8 @@ def add_nar_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs for varkit's NAR")
     p.add_argument("--official-repeats", type=int, default=2, help="best of this many runs for NAR's own loop")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16 (NAR's --precision bf16), for every model")
+    p.add_argument("--dtype", default=None, help="float32 (default; bfloat16 on cuda) or bfloat16 (NAR's --precision "
+                                                 "bf16), for every model")
     p.add_argument("--prepack", choices=["off", "on", "both"], default="both",
                    help="varkit's NAR with plain linears (off), prepacked oneDNN weights (on), or a row for each")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off",
@@ -238,4 +291,8 @@ def add_nar_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bundled", action="store_true")
     p.add_argument("--skip-large", action="store_true")
     p.add_argument("--skip-raster", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu (default) or cuda: every model on the GPU, in bf16 unless --dtype says otherwise (NAR's "
+                        "sample_c2i.py default precision), no prepacked rows; --compile on|both: CUDA graphs")
     add_output_args(p, "nar")
+    p.set_defaults(name=None)  # "nar", + "_cuda" on --device cuda

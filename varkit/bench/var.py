@@ -22,6 +22,13 @@ runs in fp32, as its code does on the CPU.
 ``--official PATH`` (a FoundationVision/VAR checkout) times VAR's own ``autoregressive_infer_cfg`` side by side on
 the same weights instead: that comparison is the script ``bench/side_by_side/var.py`` of varkit's repository
 (:mod:`varkit.bench.scripts`).
+
+``--device cuda``: the same on the GPU. varkit's dtypes default to bf16 and fp32 there (``--compile``: compiled scale
+steps, which CUDA graphs capture), never prepacked; VAR's own loop runs as its ``demo_sample.ipynb`` does on a GPU:
+fp32 weights under ``torch.autocast('cuda', dtype=torch.float16)``, tf32 on (``--official-autocast``). Every timer
+synchronizes the GPU, varkit returns tensors (``output_type="pt"``, on the GPU, as VAR's call does) instead of PIL
+images, ``fraction_of_floor`` is on wall seconds against the GPU's floor and ``achieved_GBps`` = (weight + KV bytes
+the floor counts) / wall seconds. The result file gets ``_cuda`` appended unless ``--name`` is given.
 """
 from __future__ import annotations
 
@@ -43,6 +50,9 @@ LABELS = [980, 437, 22, 562, 207, 360, 388, 88, 979, 417, 279, 971, 1, 130, 94, 
 COLUMNS = ["impl", "dtype", "compiled", "batch", "images_per_s", "s_per_image", "best_s", "mean_s", "cpu_s_per_image", "runs",
            "kv_peak_bytes", "kv_transient_bytes", "speedup", "speedup_mean", "speedup_cpu", "floor_s", "fraction_of_floor",
            "warmup_cpu_s"]
+CUDA_COLUMNS = [c for c in COLUMNS if c not in ("cpu_s_per_image", "speedup_cpu", "warmup_cpu_s")] + ["achieved_GBps"]
+#: varkit's dtypes when --dtype is not given
+DEFAULT_DTYPES = {"cpu": ["float32"], "cuda": ["bfloat16", "float32"]}
 #: op-name prefixes of each category of ``--profile`` (the rest is "other")
 PROFILE_CATEGORIES = {
     "gemm": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "mkl::_mkl_linear", "mkldnn::_linear_pointwise"),
@@ -95,16 +105,21 @@ def write_random_pair(config: str, work: Path, seed: int, **vae_overrides: Any) 
                                                   "shared_aln": gen.config.shared_aln}
 
 
-def _timed(fn, profile: bool) -> tuple[Any, float, float, dict[str, float] | None]:
-    """Run ``fn``; its wall and process CPU seconds, and with ``profile`` its profiler seconds per category."""
+def _timed(fn, profile: bool, sync: bool = False) -> tuple[Any, float, float, dict[str, float] | None]:
+    """Run ``fn``; its wall and process CPU seconds, and with ``profile`` its profiler seconds per category.
+    ``sync``: the GPU is synchronized before the clocks start and before they stop."""
     prof = None
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
         prof = torch_profile(activities=[ProfilerActivity.CPU])
         prof.__enter__()
+    if sync:
+        torch.cuda.synchronize()
     t, c = time.perf_counter(), time.process_time()
     out = fn()
+    if sync:
+        torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     cats = None
     if prof is not None:
@@ -132,12 +147,32 @@ def varkit_variants(args) -> list[tuple[str, bool]]:
     dropped), eager, and compiled too with ``--compile``."""
     from ..device import resolve_dtype
 
+    device = bench_device(args)
     names: list[str] = []
-    for d in args.dtype:
-        name = str(resolve_dtype(d, "cpu")).replace("torch.", "")  # an unknown name: one InvalidArgumentError line
+    for d in args.dtype or DEFAULT_DTYPES[device]:
+        name = str(resolve_dtype(d, device)).replace("torch.", "")  # an unknown name: one InvalidArgumentError line
         if name not in names:
             names.append(name)
     return [(n, c) for n in names for c in ((False, True) if args.compile else (False,))]
+
+
+def bench_device(args) -> str:
+    """``--device`` checked: "cpu", or "cuda" where a GPU is (else one :class:`~varkit.errors.DeviceError` line)."""
+    from ..device import resolve_device
+
+    return resolve_device(getattr(args, "device", None) or "cpu").type
+
+
+def official_precision(args) -> dict[str, Any]:
+    """How VAR's own loop runs (``official_dtype`` and where that comes from), as the settings record it."""
+    if bench_device(args) != "cuda":
+        return {"official_dtype": "float32"}
+    amp = getattr(args, "official_autocast", "float16")
+    return {"official_dtype": "float32" if amp == "off" else f"{amp} autocast (fp32 weights)",
+            "official_precision": "as VAR's demo_sample.ipynb on a GPU: torch.autocast('cuda', enabled=True, "
+                                  "dtype=torch.float16, cache_enabled=True) around autoregressive_infer_cfg under "
+                                  "torch.inference_mode(), tf32 on, cudnn deterministic, parameters requires_grad "
+                                  f"False; here autocast {amp} (--official-autocast)"}
 
 
 def variant_label(dtype: str, compiled: bool) -> str:
@@ -156,12 +191,18 @@ def prepare_pipeline(args, work: Path) -> tuple[Path, dict[str, Any]]:
     every row of the run shares."""
     from ..checkpoints.var import convert_var
 
+    device = bench_device(args)
     settings: dict[str, Any] = {"config": args.config, "cfg": args.cfg, "cfg_schedule": "var", "top_k": args.top_k,
                                 "top_p": args.top_p, "dtype": [d for d, c in varkit_variants(args) if not c],
-                                "dtype_requested": list(args.dtype), "official_dtype": "float32",
-                                "compile": bool(args.compile), "device": "cpu", "threads": args.threads,
+                                "dtype_requested": list(args.dtype or DEFAULT_DTYPES[device]),
+                                **official_precision(args),
+                                "compile": bool(args.compile), "device": device, "threads": args.threads,
                                 "repeats": args.repeats, "seed": args.seed,
-                                "varkit_prepacked_weights": bool(args.prepack)}
+                                "varkit_prepacked_weights": bool(args.prepack) and device == "cpu"}
+    if device == "cuda":
+        settings.update(gpu=torch.cuda.get_device_name(), fraction_of_floor_basis="wall_s",
+                        timing="torch.cuda.synchronize() before and after each timed call; one untimed warm-up call "
+                               "per side and batch size; varkit returns output_type='pt' tensors on the GPU")
     t0 = time.perf_counter()
     if not ((work / "vae.pth").is_file() and (work / "var.pth").is_file()):
         write_random_pair(args.config, work, args.seed)
@@ -178,10 +219,14 @@ def run_call(pipe, req: dict) -> dict:
     """One whole call of ``pipe`` with ``req``'s settings (``batch``, ``seed``, ``cfg``, ``top_k``, ``top_p``,
     ``profile``): wall and CPU seconds, KV cache bytes, output shape, seconds per op category or None."""
     labels = bench_labels(req["batch"], pipe.num_classes)
+    cuda = pipe.device.type == "cuda"
+    kw = {"output_type": "pt"} if cuda else {}  # on a GPU, images stay there (as VAR's own call returns them)
     out, wall, cpu, cats = _timed(lambda: pipe(class_labels=labels, seed=req["seed"], cfg=req["cfg"], cfg_schedule="var",
-                                               top_k=req["top_k"], top_p=req["top_p"]), req.get("profile", False))
+                                               top_k=req["top_k"], top_p=req["top_p"], **kw), req.get("profile", False),
+                                  sync=cuda)
+    shape = list(out.images.shape) if cuda else [len(out.images), *out.images[0].size]
     return {"wall_s": wall, "cpu_s": cpu, "kv_peak_bytes": out.stats.cache_bytes, "kv_transient_bytes": out.stats.cache_bytes,
-            "shape": [len(out.images), *out.images[0].size], "profile": cats}
+            "shape": shape, "profile": cats}
 
 
 def make_row(impl: str, batch: int, times: list[float], cpu: list[float], kv: dict[str, Any],
@@ -194,16 +239,27 @@ def make_row(impl: str, batch: int, times: list[float], cpu: list[float], kv: di
 
 
 def check_args(args) -> None:
+    bench_device(args)  # --device cuda without a GPU: one line
     if any(b < 1 for b in args.batch) or args.repeats < 1:
         raise InvalidArgumentError("--batch sizes and --repeats must be >= 1")
     varkit_variants(args)  # --dtype names
 
 
-def load_variant(pipe_dir: Path, dtype: str, compiled: bool, prepack: bool):
-    """The converted pipeline with its generator in ``dtype``, prepacked and/or compiled as asked."""
+def add_achieved_bandwidth(row: dict[str, Any]) -> dict[str, Any]:
+    """``achieved_GBps``: the bytes the row's floor counts (weights of every pass + KV read) per wall second."""
+    if "floor_weight_bytes" in row and row.get("wall_s"):
+        row["achieved_GBps"] = (row["floor_weight_bytes"] + row["floor_kv_bytes"]) / row["wall_s"] / 1e9
+    return row
+
+
+def load_variant(pipe_dir: Path, dtype: str, compiled: bool, prepack: bool, device: str = "cpu"):
+    """The converted pipeline on ``device`` with its generator in ``dtype``, prepacked (CPU) and/or compiled as
+    asked."""
     from ..pipeline import load_pipeline
 
-    return load_pipeline(pipe_dir, dtype=dtype, compile=compiled, prepack=prepack)
+    if device == "cpu":
+        return load_pipeline(pipe_dir, dtype=dtype, compile=compiled, prepack=prepack)
+    return load_pipeline(pipe_dir, device=device, dtype=dtype, compile=compiled, prepack=False)
 
 
 def run_varkit(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -212,14 +268,18 @@ def run_varkit(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from .floor import WorkTrace, attach_floor, get_floor
 
     check_args(args)
+    device = bench_device(args)
     tmp = None
     work = Path(args.work_dir) if args.work_dir else Path(tmp := tempfile.mkdtemp(prefix="varkit-bench-var-"))
     try:
         pipe_dir, settings = prepare_pipeline(args, work)
         req = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
-        floor = get_floor(threads=args.threads, verbose=args.verbose)
-        # one thread: CPU seconds (other processes on a shared machine inflate them far less than wall time)
-        basis = "cpu_s" if (args.threads or torch.get_num_threads()) == 1 else "wall_s"
+        if device == "cuda":
+            floor, basis = get_floor("cuda", verbose=True), "wall_s"
+        else:
+            floor = get_floor(threads=args.threads, verbose=args.verbose)
+            # one thread: CPU seconds (other processes on a shared machine inflate them far less than wall time)
+            basis = "cpu_s" if (args.threads or torch.get_num_threads()) == 1 else "wall_s"
         settings["fraction_of_floor_basis"] = basis
         settings["loadavg_start"] = _load()
         settings["load_s"] = {}
@@ -227,7 +287,7 @@ def run_varkit(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         for dtype, compiled in varkit_variants(args):
             label = variant_label(dtype, compiled)
             t0 = time.perf_counter()
-            pipe = load_variant(pipe_dir, dtype, compiled, args.prepack)
+            pipe = load_variant(pipe_dir, dtype, compiled, args.prepack, device)
             settings["load_s"][f"varkit {label}"] = time.perf_counter() - t0
             trace = WorkTrace.from_json(work_of_one_call(pipe, {**req, "seed": args.seed}))  # eager: the work done
             for B in args.batch:
@@ -245,6 +305,8 @@ def run_varkit(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                     settings.setdefault("profile_s", {})[f"{B} {label}"] = {
                         "varkit": run_call(pipe, {**req, "batch": B, "seed": args.seed, "profile": True})["profile"]}
                 attach_floor(rows[-1:], trace, floor, seconds_key=basis)
+                if device == "cuda":
+                    add_achieved_bandwidth(rows[-1])
             del pipe
         settings["loadavg_runs"] = [x for x in loads if x is not None]
         settings["loadavg_end"] = _load()
@@ -259,7 +321,7 @@ def report(args, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     """Print the table (and profiles) and write the JSON."""
     from .report import print_table, save_results
 
-    print_table(rows, COLUMNS)
+    print_table(rows, CUDA_COLUMNS if settings.get("device") == "cuda" else COLUMNS)
     for B, prof in settings.get("profile_s", {}).items():
         print(f"profile, batch {B} (seconds per op category, one run each):")
         impls = list(prof)
@@ -273,7 +335,8 @@ def report(args, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
 
 
 def cmd_bench_var(args) -> None:
-    args.name = args.name or ("var_side_by_side" if args.official else "var")
+    cuda = bench_device(args) == "cuda"  # --device cuda without a GPU: one line, before anything runs
+    args.name = args.name or ("var_side_by_side" if args.official else "var") + ("_cuda" if cuda else "")
     if args.official:
         from .scripts import load_script
 
@@ -303,13 +366,19 @@ def add_var_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prepack", dest="prepack", action="store_false",
                    help="varkit without prepacked GEMM weights (load_pipeline(prepack=False); its default is \"auto\")")
     p.add_argument("--profile", action="store_true", help="also profile one run per side: seconds per op category")
-    p.add_argument("--dtype", nargs="+", default=["float32"],
+    p.add_argument("--dtype", nargs="+", default=None,
                    help="varkit's generator dtypes, one set of rows each: float32, bfloat16, auto (this CPU's choice); "
-                        "VAR's own loop stays fp32")
+                        "default float32 (on cuda: bfloat16 float32); VAR's own loop stays fp32 on the CPU")
     p.add_argument("--compile", action="store_true",
                    help="also time varkit with compiled scale steps (ScalesGenerator.compile_decoding; the warm-up "
                         "call of each batch size compiles and is not timed)")
-    add_output_args(p, None)  # default: "var", or "var_side_by_side" with --official
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu (default) or cuda: every run on the GPU (varkit's --dtype default there: bfloat16 float32; "
+                        "no prepacking; VAR's own loop under autocast, see --official-autocast)")
+    p.add_argument("--official-autocast", choices=["float16", "bfloat16", "off"], default="float16",
+                   help="with --device cuda: the autocast dtype of VAR's own loop (default float16, as VAR's "
+                        "demo_sample.ipynb; off: fp32 with tf32)")
+    add_output_args(p, None)  # default: "var", or "var_side_by_side" with --official (+ "_cuda" on --device cuda)
 
 
 def add_var_bench_parser(bench_subparsers) -> argparse.ArgumentParser:
