@@ -16,7 +16,7 @@ LOG=$OUT/log.txt
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 
-STAGES=${STAGES:-tests floor llamagen var nar generate inductor}  # which stages run, in this order
+STAGES=${STAGES:-tests floor llamagen var nar generate breakdown inductor}  # which stages run, in this order
 
 stage() {  # stage NAME SECONDS COMMAND...: runs if STAGES names it
   local name=$1 limit=$2
@@ -32,7 +32,7 @@ stage() {  # stage NAME SECONDS COMMAND...: runs if STAGES names it
   lscpu | grep 'Model name'; } >>"$LOG" 2>&1
 
 stage tests "${T_TESTS:-120}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_cache.py \
-  tests/test_dtype_auto.py tests/test_floor.py
+  tests/test_dtype_auto.py tests/test_floor.py ${TEST_ARGS:-}
 stage floor "${T_FLOOR:-60}" $PY -m varkit.cli bench floor --device cuda --out-dir "$OUT"
 stage llamagen "${T_LLAMAGEN:-170}" $PY bench/side_by_side/llamagen.py --official "$REF/LlamaGen" --device cuda \
   --batch 1 8 --compile --repeats 2 --out-dir "$OUT" ${LLAMAGEN_ARGS:-}
@@ -42,6 +42,7 @@ stage nar "${T_NAR:-100}" $PY bench/side_by_side/nar.py --official "$REF/NAR/NAR
   --dtype bfloat16 --compile both --skip-bundled --skip-raster --out-dir "$OUT" ${NAR_ARGS:-}
 stage generate "${T_GEN:-40}" $PY -m varkit.cli generate --model digits --device cuda --compile --per-class 2 \
   --out /tmp/digits_cuda.png
+stage breakdown "${T_BREAKDOWN:-200}" $PY bench/cuda_breakdown.py --out "$OUT/cuda_breakdown.json"
 stage inductor "${T_INDUCTOR:-120}" $PY bench/side_by_side/llamagen.py --official "$REF/LlamaGen" --device cuda \
   --batch 1 --inductor --no-bf16 --greedy-batch 0 --name llamagen_side_by_side_cuda_inductor --out-dir "$OUT"
 echo "== done after $(( $(date +%s) - T0 ))s" | tee -a "$LOG"

@@ -174,7 +174,8 @@ def _run_cli(argv, capsys):
 
 
 def test_bench_floor_command(cache, tmp_path, capsys):
-    code, out = _run_cli(["bench", "floor", "--sizes-mib", "1", "2", "--dim", "128", "--budget", "0.01",
+    # --device cpu: the default is the GPU where there is one (another cache key)
+    code, out = _run_cli(["bench", "floor", "--device", "cpu", "--sizes-mib", "1", "2", "--dim", "128", "--budget", "0.01",
                           "--out-dir", str(tmp_path)], capsys)
     assert code == 0, out.err
     data = json.loads((tmp_path / "floor.json").read_text())
@@ -182,7 +183,7 @@ def test_bench_floor_command(cache, tmp_path, capsys):
     assert any(r["what"] == "GEMM" for r in data["rows"]) and "dtype='auto' picks" in out.out
     assert (cache / f"{FL.machine_key()}.json").is_file()
     # a second run reuses the cached measurement
-    code, out = _run_cli(["bench", "floor", "--out-dir", str(tmp_path)], capsys)
+    code, out = _run_cli(["bench", "floor", "--device", "cpu", "--out-dir", str(tmp_path)], capsys)
     assert code == 0 and "cached measurement" in out.out
 
 

@@ -283,7 +283,7 @@ class RasterGenerator(Generator):
                 and not self.training and not torch.is_grad_enabled()):
             self._check_cache_at(step, cache)
             # a 0-dim step: every row at this step (one indexed cache write a layer instead of a per-row scatter)
-            logits = compiled(tokens, torch.tensor(step, device=tokens.device), cache.k, cache.v)
+            logits = compiled(tokens, torch.full((), step, dtype=torch.long, device=tokens.device), cache.k, cache.v)
             cache.advance(1)
             return logits
         return self.hidden_to_logits(self.forward_hidden(tokens, step, cache, state))

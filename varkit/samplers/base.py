@@ -97,7 +97,7 @@ class GuidedRunner:
         # CFG weight of every token position, from its step's progress (non-constant schedules)
         step_w = [params.guidance_at(self.layout.progress(s)) for s in range(self.num_steps)]
         self.cfg = params.uses_cfg(self.num_steps)
-        self.token_weights = torch.tensor(step_w, dtype=torch.float32)[self.layout.step_of]
+        self.token_weights = torch.tensor(step_w, dtype=torch.float32)[self.layout.step_of].to(cond.device)
         self.cond = torch.cat([cond, gen.null_condition(cond)]) if self.cfg else cond
         if cache_policy is not None:
             from ..cache_policies import budgeted_cache
