@@ -441,7 +441,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="CPU inference GEMMs on weights packed once for oneDNN (faster; one more copy of those "
                         "weights): auto (default: large weights, memory to spare, not with --compile), on, off")
     g.add_argument("--compile", action="store_true",
-                   help="decode through a torch.compile'd step (raster models; the first image compiles, tens of seconds)")
+                   help="decode through a compiled step (raster, NAR, VAR, DD students): torch.compile on a CPU (the "
+                        "first image compiles, tens of seconds), CUDA graphs on a GPU (captured on the first image)")
     g.add_argument("--out", default="samples.png",
                    help="a .png/.jpg/.webp grid (replaced if it exists), or a folder for one PNG per image")
     g.add_argument("--labels", action="store_true", help="write each image's class id under it in the grid")

@@ -105,13 +105,15 @@ class Pipeline:
             self.generator.to(dt)
         return self
 
-    def compile(self, max_autotune: bool = True) -> "Pipeline":
+    def compile(self, max_autotune: bool = True, inductor: bool | None = None) -> "Pipeline":
         """Decode through the generator's compiled step (opt-in, see ``compile_decoding``); returns ``self``.
 
-        The first image compiles (tens of seconds for GPT-B); later ones run faster. Call it after
-        :meth:`to`: moving the generator drops the compiled step.
+        On a CPU the first image compiles (tens of seconds for GPT-B); on a GPU the steps are captured into CUDA
+        graphs on the first image (under a second), or with ``inductor=True`` into CUDA graphs of inductor's
+        fused kernels (GPT-B on an H200: 0.65 vs 1.2 ms a step, after a 22 s compile). Later images run faster.
+        Call it after :meth:`to`: moving the generator drops the compiled step.
         """
-        self.generator.compile_decoding(max_autotune)
+        self.generator.compile_decoding(max_autotune, inductor)
         return self
 
     def prepack(self, enabled: bool | str = True) -> "Pipeline":

@@ -51,6 +51,7 @@ def speed_rows(doc: dict[str, Any], generator: str) -> list[dict[str, Any]]:
     """The table rows of one bench JSON: its timed rows normalised to seconds per image (CPU seconds where the
     bench measured them), ratio to the official loop and fraction of floor."""
     settings = doc.get("settings") or {}
+    gpu = (doc.get("floor") or {}).get("device", "cpu") != "cpu"  # a GPU run: wall seconds (CPU seconds mean nothing)
     out = []
     for r in doc.get("rows") or []:
         if r.get("mode") not in (None, "kv-cache") or r.get("layout") == "raster" and "neighbors" in generator:
@@ -58,9 +59,9 @@ def speed_rows(doc: dict[str, Any], generator: str) -> list[dict[str, Any]]:
         if r.get("part") is not None:
             continue
         batch = int(r.get("batch") or 1)
-        per_image = _first(r, "cpu_s_per_image", "s_per_image")
+        per_image = _first(r, "s_per_image") if gpu else _first(r, "cpu_s_per_image", "s_per_image")
         if per_image is None:
-            total = _first(r, "cpu_s", "wall_s")
+            total = _first(r, "wall_s") if gpu else _first(r, "cpu_s", "wall_s")
             per_image = total / batch if total is not None else None
         fraction = r.get("fraction_of_floor")
         if fraction is None and r.get("x_floor"):
@@ -69,9 +70,10 @@ def speed_rows(doc: dict[str, Any], generator: str) -> list[dict[str, Any]]:
         compiled = r["compiled"] if "compiled" in r else ("yes" if settings.get("compile") and r.get("impl") == "varkit" else "")
         notes = [f"head_steps={r['head_steps']}" for _ in [0] if isinstance(r.get("head_steps"), str) and ":" in r["head_steps"]]
         notes += ["prepacked"] if r.get("prepacked") in (True, "yes") and r.get("impl") == "varkit" else []
+        ratio = _first(r, "vs_official", "speedup") if gpu else _first(r, "cpu_vs_official", "speedup_cpu", "vs_official")
         out.append({"generator": generator, "impl": r.get("impl", "varkit"), "dtype": dtype,
-                    "compiled": "yes" if compiled in (True, "yes") else "", "batch": batch,
-                    "s/image": per_image, "vs official": _first(r, "cpu_vs_official", "speedup_cpu", "vs_official"),
+                    "compiled": "yes" if compiled in (True, "yes") else (compiled if isinstance(compiled, str) else ""),
+                    "batch": batch, "s/image": per_image, "vs official": ratio,
                     "fraction of floor": fraction, "cpu": _cpu_name(doc.get("floor")),
                     "notes": ", ".join(notes), "date": str(doc.get("date", ""))[:10]})
     return out
