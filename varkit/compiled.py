@@ -68,7 +68,7 @@ def compile_step(step: nn.Module, max_autotune: bool = True, inductor: bool | No
     cuda = p.device.type == "cuda"
     use_inductor = (not cuda) if inductor is None else inductor
     fn = _inductor_step(step, max_autotune) if use_inductor else _own_forward(step)
-    if not cuda:
+    if not cuda and graphs is None:  # (a CPU GraphSet(capture=False): the binding without capture, for tests)
         return fn
     from .cuda_graphs import GraphSet
 
