@@ -202,6 +202,16 @@ def _build_name() -> str:
     return "varkit_stream_gemv_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+def _built(cpp_extension: Any, name: str) -> bool:
+    """Whether torch's extension cache already holds this build (then loading it takes a moment)."""
+    try:
+        from pathlib import Path
+
+        return any(Path(cpp_extension._get_build_directory(name, verbose=False)).glob(f"{name}*.so"))
+    except Exception:  # a private helper of torch's: if it moves, the message is merely shown again
+        return False
+
+
 @functools.cache
 def stream_kernel() -> Any | None:
     """The built kernel module (``.gemv(x, w)``), or None where it cannot be built here (said once, as a warning)."""
@@ -209,8 +219,9 @@ def stream_kernel() -> Any | None:
         from torch.utils import cpp_extension
 
         name = _build_name()
-        print(f"varkit: building the streaming GEMV kernel for this CPU (once; cached as {name})", file=sys.stderr,
-              flush=True)
+        if not _built(cpp_extension, name):
+            print(f"varkit: building the streaming GEMV kernel for this CPU (once, ~40 s; cached as {name})",
+                  file=sys.stderr, flush=True)
         return cpp_extension.load_inline(name, cpp_sources=[SOURCE], functions=["gemv"],
                                          extra_cflags=["-O3", "-march=native"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: the other paths stay
