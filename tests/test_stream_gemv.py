@@ -50,3 +50,24 @@ def test_unprepacked_linears_never_stream(monkeypatch):
     monkeypatch.setattr(layers, "stream_linear", lambda *a: pytest.fail("streamed an unprepacked linear"))
     with torch.inference_mode():
         Linear(64, 32)(torch.randn(1, 64))
+
+
+@needs_kernel
+@pytest.mark.slow
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_the_code_paths_of_other_cpus_build_and_agree(march):
+    """The AVX2 + FMA branch (AMD Zen 2/3, older Intel) and the plain-loop branch, built here with their -march:
+    the same products as F.linear (fp32 accumulation in another order: the bound of the test above)."""
+    from varkit.nn.stream_gemv import build_kernel
+
+    kernel = build_kernel(march)
+    assert kernel is not None, f"-march={march} did not build"
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows, k in ((1, 768), (2, 45), (4, 7)):
+            w = torch.randn(130, k, generator=g).to(dtype)
+            x = torch.randn(rows, k, generator=g).to(dtype)
+            got = kernel.gemv(x, w).double()  # fp32 output
+            want = x.double() @ w.double().t()
+            tol = k * 2.0 ** -24 * (x.double().abs() @ w.double().abs().t())
+            assert ((got - want).abs() <= tol + 1e-30).all(), (dtype, rows, k)

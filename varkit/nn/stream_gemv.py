@@ -193,12 +193,12 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
 """
 
 
-def _build_name() -> str:
-    """One build per source, torch version and CPU (``-march=native`` binaries are the CPU's own)."""
+def _build_name(march: str = "native") -> str:
+    """One build per source, torch version, ``-march`` and CPU (``-march=native`` binaries are the CPU's own)."""
     from ..device import cpu_info
 
     info = cpu_info()
-    key = "|".join([SOURCE, torch.__version__, info.get("model", ""), ",".join(info.get("flags", []))])
+    key = "|".join([SOURCE, torch.__version__, march, info.get("model", ""), ",".join(info.get("flags", []))])
     return "varkit_stream_gemv_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -212,18 +212,24 @@ def _built(cpp_extension: Any, name: str) -> bool:
         return False
 
 
-@functools.cache
 def stream_kernel() -> Any | None:
     """The built kernel module (``.gemv(x, w)``), or None where it cannot be built here (said once, as a warning)."""
+    return build_kernel("native")
+
+
+@functools.cache
+def build_kernel(march: str = "native") -> Any | None:
+    """The kernel built with ``-march=<march>``: ``native`` for use; the tests also build ``x86-64-v3`` (AVX2 + FMA)
+    and ``x86-64`` (plain loops) to check the code paths other CPUs compile."""
     try:
         from torch.utils import cpp_extension
 
-        name = _build_name()
+        name = _build_name(march)
         if not _built(cpp_extension, name):
             print(f"varkit: building the streaming GEMV kernel for this CPU (once, ~40 s; cached as {name})",
                   file=sys.stderr, flush=True)
         return cpp_extension.load_inline(name, cpp_sources=[SOURCE], functions=["gemv"],
-                                         extra_cflags=["-O3", "-march=native"], verbose=False)
+                                         extra_cflags=["-O3", f"-march={march}"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: the other paths stay
         warnings.warn(f"varkit: the streaming GEMV kernel could not be built ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding uses torch's GEMMs", stacklevel=2)
