@@ -95,7 +95,8 @@ class Linear(DerivedState, nn.Linear):
         """``F.linear(x, self.weight, bias)`` through the fastest CPU path that applies (see the class)."""
         # compiling first: packable_dtypes() is a graph break, and inductor packs its own weights
         if self.prepacked and not torch.compiler.is_compiling() and self._can_use_packed(x):
-            if x.numel() <= STREAM_MAX_ROWS * x.shape[-1] and stream_enabled():  # 1-2 rows: stream the weight
+            if (x.numel() <= STREAM_MAX_ROWS * x.shape[-1] and self.weight.is_contiguous()
+                    and stream_enabled()):  # 1-2 rows: stream the weight
                 y = stream_linear(x, self.weight, bias)
                 if y is not None:
                     return y
