@@ -190,10 +190,11 @@ def run_bench(args, official: OfficialLoop | None = None) -> list[dict[str, Any]
                 runs.append((("official", "neighbors", False, False), off_runner(b, params), args.official_repeats))
             if not args.skip_raster:
                 runs.append((("varkit", "raster", False, False), varkit_runner(raster, b, params), 1))
-            if cuda:  # untimed warm-up of each (cuBLAS and allocator start-up, this batch size's buffers)
-                for (_, _, _, c), fn, _ in runs:
-                    if not c:  # compiled ones just ran
-                        fn()
+            # an untimed warm-up of each (on a GPU cuBLAS and allocator start-up; on a CPU oneDNN's bf16 kernels are
+            # made per shape on first use: a lone timed run of NAR's loop once took 25.0 s at batch 8, its second 13.7)
+            for (_, _, _, c), fn, _ in runs:
+                if not c:  # compiled ones just ran
+                    fn()
             timed = _interleaved([fn for _, fn, _ in runs], [n for _, _, n in runs], sync=cuda)
             group = [_row(name, impl, layout, b, t) | {"prepacked": p, "compiled": c}
                      for ((impl, layout, p, c), _, _), t in zip(runs, timed)]
