@@ -123,7 +123,7 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int = 2000, bf16: bool = True,
                      greedy_batch: int = 8, seed: int = 0, repeats: int = 1, compile: bool = False,
                      log=None, prepack: bool = False, device: str | torch.device = "cpu",
-                     inductor: bool = False) -> tuple[list[dict], dict]:
+                     inductor: bool = False, warmup: bool = True) -> tuple[list[dict], dict]:
     """Rows of the timing table and the greedy-agreement summary (with ``compile``: compile times too).
 
     Times are the best of ``repeats`` runs, wall and process CPU seconds (CPU: steadier on a shared machine);
@@ -181,7 +181,9 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
             if compiled:  # the first run compiles (one graph per batch size); it is not timed
                 compile_s[f"{dt}_batch{b}"] = _varkit_run(m, labels, cfg, top_k, seed)[1][0]  # wall seconds
         impls = [("llamagen", off_dt, False, False)] + [("varkit", dt, c, p) for dt, c, p in models]
-        if cuda:  # untimed warm-up of each (cuBLAS and allocator start-up, this batch size's buffers)
+        # an untimed warm-up of each: on a GPU cuBLAS and allocator start-up; on a CPU prepacked linears pack their
+        # weights on first use and oneDNN makes its kernels per shape (a cold run pays both)
+        if warmup:
             for k in impls:
                 if k[0] == "llamagen":
                     torch.manual_seed(seed)
