@@ -1,11 +1,12 @@
-"""The weight-streaming GEMV (varkit/nn/stream_gemv.py) that prepacked linears use at 1-2 rows on a CPU."""
+"""The weight-streaming GEMV (varkit/nn/stream_gemv.py) that prepacked linears use at 1-2 rows on a CPU, over the
+plain weight and over its blocked copy (varkit/nn/cpu_kernels.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from varkit.nn import layers
 from varkit.nn.layers import Linear, prepack_linears
-from varkit.nn.stream_gemv import STREAM_MAX_ROWS, stream_kernel, stream_linear
+from varkit.nn.stream_gemv import STREAM_MAX_ROWS, block_weight, blockable, stream_kernel, stream_linear
 
 needs_kernel = pytest.mark.skipif(stream_kernel() is None, reason="no C++ toolchain to build the kernel here")
 
@@ -13,20 +14,51 @@ needs_kernel = pytest.mark.skipif(stream_kernel() is None, reason="no C++ toolch
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("k", [768, 45, 7])  # whole vectors, a vector tail and scalar tails
-def test_stream_linear_matches_f_linear(dtype, rows, k):
+@pytest.mark.parametrize("k", [768, 45, 7, 64])  # whole vectors, a vector tail, scalar tails, one bf16 chunk
+@pytest.mark.parametrize("blocked", [False, True])
+def test_stream_linear_matches_f_linear(dtype, rows, k, blocked):
     g = torch.Generator().manual_seed(rows * 100 + k)
-    w = torch.randn(300, k, generator=g).to(dtype)
+    w = torch.randn(301, k, generator=g).to(dtype)  # 301: a last block of one row (zero-padded)
     x = torch.randn(1, rows, k, generator=g).to(dtype)
-    b = torch.randn(300, generator=g).to(dtype)
-    got = stream_linear(x, w, b)
+    b = torch.randn(301, generator=g).to(dtype)
+    if blocked and not blockable(w):
+        with pytest.raises(ValueError, match="no blocked layout"):
+            block_weight(w)
+        return
+    got = stream_linear(x, w, b, block_weight(w) if blocked else None)
     want = F.linear(x.double(), w.double(), b.double())  # the exact products of the same (rounded) inputs
-    assert got.dtype == dtype and got.shape == (1, rows, 300)
+    assert got.dtype == dtype and got.shape == (1, rows, 301)
     # fp32 accumulation in another order: each sum is within k * 2^-24 * sum|x_i w_i| of the exact one (standard
     # bound, with room); bf16 output: plus its rounding to bf16 (unit roundoff 2^-8, relative)
     scale = x.double().abs() @ w.double().abs().t() + b.double().abs()
     tol = k * 2.0 ** -24 * scale + (2.0 ** -8 * want.abs() if dtype == torch.bfloat16 else 0)
     assert ((got.double() - want).abs() <= tol + 1e-30).all()
+
+
+def test_blocked_layout_is_row_blocks_of_cache_line_chunks():
+    w = torch.arange(6 * 32, dtype=torch.float32).reshape(6, 32)  # 6 rows: one full block of 4 and one of 2 + 2 zeros
+    b = block_weight(w)
+    assert b.shape == (2, 2, 4, 16)  # (row blocks, 64-byte chunks of K, rows of a block, fp32 elements of a chunk)
+    assert torch.equal(b[0, 1, 2], w[2, 16:32]) and torch.equal(b[1, 0, 1], w[5, :16])
+    assert not b[1, :, 2:].any()
+    assert block_weight(w.bfloat16()).shape == (2, 1, 4, 32)  # bf16: 32 elements a chunk
+    assert not blockable(torch.zeros(4, 40)) and not blockable(torch.zeros(4, 32, dtype=torch.float16))
+
+
+@needs_kernel
+def test_prepacked_linears_stream_a_blocked_copy_made_once_and_again_after_an_edit():
+    lin = Linear(64, 40).eval()
+    prepack_linears(lin)
+    with torch.no_grad():
+        x = torch.randn(2, 64)
+        lin(x)
+        first = lin.__dict__["_blocked"][1]
+        lin(x)
+        assert lin.__dict__["_blocked"][1] is first
+        lin.weight.mul_(2)  # an in-place edit: a new version, a new copy
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert lin.__dict__["_blocked"][1] is not first
+    assert "_blocked" not in lin.__getstate__()
 
 
 @needs_kernel
@@ -57,17 +89,26 @@ def test_unprepacked_linears_never_stream(monkeypatch):
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
 def test_the_code_paths_of_other_cpus_build_and_agree(march):
     """The AVX2 + FMA branch (AMD Zen 2/3, older Intel) and the plain-loop branch, built here with their -march:
-    the same products as F.linear (fp32 accumulation in another order: the bound of the test above)."""
-    from varkit.nn.stream_gemv import build_kernel
+    the same products as F.linear (fp32 accumulation in another order: the bound of the test above), and the same
+    attention, norm and decode layer as the native build's checks (tests/test_cpu_kernels.py)."""
+    from varkit.nn.cpu_kernels import build_kernels
 
-    kernel = build_kernel(march)
+    kernel = build_kernels(march)
     assert kernel is not None, f"-march={march} did not build"
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):
-        for rows, k in ((1, 768), (2, 45), (4, 7)):
+        for rows, k in ((1, 768), (2, 45), (4, 7), (3, 64)):
             w = torch.randn(130, k, generator=g).to(dtype)
             x = torch.randn(rows, k, generator=g).to(dtype)
-            got = kernel.gemv(x, w).double()  # fp32 output
             want = x.double() @ w.double().t()
             tol = k * 2.0 ** -24 * (x.double().abs() @ w.double().abs().t())
+            got = kernel.gemv(x, w).double()  # fp32 output
             assert ((got - want).abs() <= tol + 1e-30).all(), (dtype, rows, k)
+            if blockable(w):
+                got = kernel.gemv_blocked(x, block_weight(w), 130).double()
+                assert ((got - want).abs() <= tol + 1e-30).all(), (dtype, rows, k, "blocked")
+    from test_cpu_kernels import check_attend, check_decode_layer, check_rms_norm
+
+    check_attend(kernel.attend)
+    check_rms_norm(kernel.rms_norm_rows)
+    check_decode_layer(kernel.decode_layer)

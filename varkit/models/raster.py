@@ -18,8 +18,10 @@ from ..errors import InvalidArgumentError
 from ..layout import Layout, build_layout
 from ..modeling import register_module
 from ..nn import Attention, RMSNorm, RotaryTable, SwiGLU, block_causal_mask
+from ..nn.cpu_kernels import cpu_kernels, fused_decode_enabled
 from ..nn.layers import swiglu_hidden_dim
 from ..nn.rope import rope_angles_2d
+from ..nn.stream_gemv import MAX_ROWS
 from .base import Generator, check_class_ids, token_fields_for_tokenizer
 from .heads import HeadConfig, head_from_config
 
@@ -80,8 +82,37 @@ class TransformerBlock(nn.Module):
         self.feed_forward = SwiGLU(cfg.dim, hidden, cfg.ffn_dropout)
 
     def forward(self, x, rope, mask, cache, layer):
+        fused = self._fused_decode(x, rope, mask, cache, layer)
+        if fused is not None:
+            return fused
         x = x + self.attention(self.attention_norm(x), rope, mask, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
+
+    def _fused_decode(self, x, rope, mask, cache, layer) -> torch.Tensor | None:
+        """The whole block in one C++ call (``cpu_kernels.decode_layer``) where it applies: a CPU decode step of one
+        token a row, 1-4 rows (batch 1-2 with CFG; the kernel's MAX_ROWS), prepacked weights streamed by the kernel, a plain static
+        cache of the activations' dtype, inference. Else None (the module path). The cache is written at its
+        filled length; the caller advances it, as on the module path."""
+        if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 3 or x.shape[1] != 1 or x.shape[0] > MAX_ROWS
+                or mask is not None or rope is None or rope[0].dim() != 2 or type(cache) is not KVCache
+                or torch.is_grad_enabled() or self.training or torch.compiler.is_compiling()
+                or not fused_decode_enabled()):
+            return None
+        att, ffn = self.attention, self.feed_forward
+        linears = (att.wqkv, att.wo, ffn.w1, ffn.w3, ffn.w2)
+        if (att.q_bias is not None or att.qk_l2norm or cache.dtype != x.dtype or cache.length >= cache.max_len
+                or any(not lin.prepacked or lin.bias is not None or lin.weight.dtype != x.dtype for lin in linears)
+                or self.attention_norm.weight.dtype != x.dtype or self.ffn_norm.weight.dtype != x.dtype):
+            return None
+        kernels = cpu_kernels()
+        blocked = [lin._blocked_weight() for lin in linears]
+        if kernels is None or any(b is None for b in blocked):
+            return None
+        cos, sin = rope
+        out = kernels.decode_layer(x.reshape(x.shape[0], -1), self.attention_norm.weight, self.ffn_norm.weight,
+                                   self.attention_norm.eps, *blocked, ffn.w1.weight.shape[0], cache.k[layer],
+                                   cache.v[layer], cache.length, cos[0].contiguous(), sin[0].contiguous())
+        return out.view_as(x)
 
 
 class _StaticRowsStep(nn.Module):

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache
+from .cpu_kernels import cpu_kernels
 from .layers import Linear
 from .rope import apply_rope
 
@@ -21,18 +23,32 @@ def _sdpa_slow_at_one_query() -> bool:
     return cpu_info().get("bf16_isa") != "amx"
 
 
+def one_query_kernel_enabled() -> bool:
+    """Whether one-query CPU attention goes through :mod:`varkit.nn.cpu_kernels` (``VARKIT_ATTEND_KERNEL=0``: SDPA)."""
+    return os.environ.get("VARKIT_ATTEND_KERNEL", "1") != "0"
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``, except one bf16 query a row on a CPU without AMX (raster decode steps):
-    there SDPA's kernel takes 2.5x longer than the plain product in fp32 (AMD Zen 4, one thread, GPT-B's 12 heads
-    over 257 keys: 707 vs 280 us at batch 2, 7.1 vs 3.9 ms at batch 16; from two queries on SDPA is as fast or
-    faster), which also keeps the scores in fp32. Results agree to the bf16 rounding of the output."""
-    if (q.shape[-2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and dropout_p == 0.0
-            and not torch.compiler.is_compiling() and _sdpa_slow_at_one_query()):
-        s = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        return (s.softmax(-1) @ v.float()).to(q.dtype)
+    """``F.scaled_dot_product_attention``, except for one query a row on a CPU (raster decode steps).
+
+    Unmasked, there the C++ kernel of :mod:`varkit.nn.cpu_kernels` reads each cached key and value once, in fp32
+    (AMD Zen 4, one thread, GPT-B's 12 heads at batch 2 over a decode step's cache: SDPA reads it at ~7 GB/s, about
+    a quarter of the core's DRAM rate). Masked, bf16 on a CPU without AMX takes the plain products in fp32: SDPA's
+    bf16 kernel takes 2.5x longer there (707 vs 280 us at batch 2 over 257 keys). Results agree with SDPA's to fp32
+    rounding (bf16: to the rounding of the output)."""
+    if (q.shape[-2] == 1 and q.device.type == "cpu" and dropout_p == 0.0 and q.dim() == 4
+            and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and q.requires_grad)):
+        if (mask is None and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
+                and k.stride(-1) == 1 and v.stride(-1) == 1 and k.shape == v.shape and one_query_kernel_enabled()):
+            kernels = cpu_kernels()
+            if kernels is not None:
+                return kernels.attend(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+        if q.dtype == torch.bfloat16 and _sdpa_slow_at_one_query():
+            s = (q.float() @ k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            return (s.softmax(-1) @ v.float()).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
@@ -102,9 +118,12 @@ class Attention(nn.Module):
         are the cache's filled prefix plus the new positions (the caller advances the cache).
         """
         B, n, _ = x.shape
-        q, k, v = self._qkv(x).view(B, n, 3, self.n_head, self.head_dim).unbind(2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self._qkv(x).view(B, n, 3, self.n_head, self.head_dim)
+        if rope is not None:  # q's and k's heads rotated in one call, as 2 * n_head heads at the same positions
+            qk = apply_rope(qkv[:, :, :2].reshape(B, n, 2 * self.n_head, self.head_dim), *rope)
+            (q, k), v = qk.view(B, n, 2, self.n_head, self.head_dim).unbind(2), qkv[:, :, 2]
+        else:
+            q, k, v = qkv.unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         scale = None
         if self.qk_l2norm:

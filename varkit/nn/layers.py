@@ -10,7 +10,8 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..modeling import DerivedState
-from .stream_gemv import STREAM_MAX_ROWS, stream_linear
+from .cpu_kernels import cpu_kernels
+from .stream_gemv import STREAM_MAX_ROWS, block_weight, blockable, stream_linear
 
 
 class RMSNorm(nn.Module):
@@ -22,6 +23,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            kernels = cpu_kernels()  # one C++ call instead of seven ops (the same maths: cpu_kernels.rms_norm_rows)
+            if kernels is not None:
+                return kernels.rms_norm_rows(x, self.weight, self.eps)
         xf = x.float()
         if x.is_cuda:  # one fused kernel instead of five (GPU decode steps are kernel-count bound); same maths
             return F.rms_norm(xf, xf.shape[-1:], eps=self.eps).type_as(x) * self.weight
@@ -77,11 +83,13 @@ class Linear(DerivedState, nn.Linear):
     roofline at 4-256 rows (NAR's fronts: 2-32 rows at batch 1 with CFG); the packed product is
     1.2-2x faster there, and in bf16 gives the same numbers as ``F.linear``. In fp32 past
     ``packed_max_rows_fp32`` rows MKL's sgemm is as fast or faster, and ``F.linear`` is used. At 1-2 rows
-    (``STREAM_MAX_ROWS``: batch-1 decode steps with CFG) a prepacked linear streams its plain weight through
-    :mod:`varkit.nn.stream_gemv` instead, which reads DRAM 1.4-1.7x faster than the packed GEMM on a Zen 4 core.
+    (``STREAM_MAX_ROWS``: batch-1 decode steps with CFG) a prepacked linear streams a blocked copy of its weight
+    through :mod:`varkit.nn.stream_gemv` instead, which reads DRAM 1.5-2x faster than the packed GEMM on a Zen 4
+    core (each copy is made on first use: a model decoding both 1-2 and more rows holds two extra copies).
     """
 
-    derived_attrs = ("_packed",)  # an opaque oneDNN tensor: stale after .to(), never pickled or copied
+    # an opaque oneDNN tensor and the streaming kernel's blocked copy: stale after .to(), never pickled or copied
+    derived_attrs = ("_packed", "_blocked")
     small_rows = 32  # NAR's fronts at batch 1 with CFG reach 32 rows; bit-identical to F.linear up to here
     # fp32 beyond this many rows: MKL's sgemm (F.linear) catches up with the packed GEMM and passes it (FlowAR-S's
     # flow head at batch 8 with CFG, 4096 rows: packed 5-11 % slower per GEMM, 8 % per network call; AMX Xeon, 1 thread)
@@ -97,7 +105,7 @@ class Linear(DerivedState, nn.Linear):
         if self.prepacked and not torch.compiler.is_compiling() and self._can_use_packed(x):
             if (x.numel() <= STREAM_MAX_ROWS * x.shape[-1] and self.weight.is_contiguous()
                     and stream_enabled()):  # 1-2 rows: stream the weight
-                y = stream_linear(x, self.weight, bias)
+                y = stream_linear(x, self.weight, bias, self._blocked_weight())
                 if y is not None:
                     return y
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), bias, "none", [], "")
@@ -119,14 +127,25 @@ class Linear(DerivedState, nn.Linear):
 
     def _packed_weight(self) -> torch.Tensor:
         """The oneDNN-packed weight, re-packed whenever the weight changed (new storage or in-place edit)."""
+        return self._derived_copy("_packed", lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+
+    def _blocked_weight(self) -> torch.Tensor | None:
+        """The streaming kernel's blocked copy of the weight (None where the weight has no blocked layout), made
+        again whenever the weight changed."""
+        if not blockable(self.weight):
+            return None
+        return self._derived_copy("_blocked", block_weight)
+
+    def _derived_copy(self, attr: str, make) -> torch.Tensor:
+        """``make(weight)``, cached in ``attr`` until the weight changes (new storage or in-place edit)."""
         w = self.weight
         # an inference tensor (a model built or copied under torch.inference_mode) has no version counter: its
         # storage and dtype are the key then (in-place edits under inference mode are not seen)
         key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype)
-        cached = self.__dict__.get("_packed")
+        cached = self.__dict__.get(attr)
         if cached is None or cached[0] != key:
-            cached = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
-            self.__dict__["_packed"] = cached
+            cached = (key, make(w))
+            self.__dict__[attr] = cached
         return cached[1]
 
 

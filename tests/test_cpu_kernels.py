@@ -1,0 +1,194 @@
+"""varkit/nn/cpu_kernels.py: one-query attention, the RMS norm and the fused LLaMA decode layer, against the module
+path in float64 (fp32) or in the same dtype (bf16); the ``check_*`` helpers also run on the AVX2 and plain builds
+(tests/test_stream_gemv.py)."""
+import copy
+import os
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from varkit.cache import KVCache
+from varkit.models.raster import RasterConfig, TransformerBlock
+from varkit.nn import attention as A
+from varkit.nn.cpu_kernels import cpu_kernels
+from varkit.nn.layers import RMSNorm, prepack_linears
+from varkit.nn.rope import RotaryTable, rope_angles_1d
+
+needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ toolchain to build the kernels here")
+U = 2.0 ** -24  # fp32 unit roundoff
+U_BF16 = 2.0 ** -8
+
+
+def check_attend(attend) -> None:
+    """One query a row over strided (static-cache) keys: SDPA's result in float64, within fp32's error bound."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for L, D in ((1, 64), (5, 64), (100, 64), (257, 64), (9, 40), (17, 8)):
+            kc, vc = (torch.randn(2, 3, 300, D, generator=g).to(dtype) for _ in range(2))
+            q = torch.randn(2, 3, 1, D, generator=g).to(dtype)
+            k, v = kc[:, :, :L], vc[:, :, :L]  # views with the cache's strides
+            got = attend(q, k, v, 0.3)
+            want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
+            assert got.dtype == dtype and got.shape == (2, 3, 1, D)
+            # each score is off by at most D u sum|q k| (fp32 dot products); a softmax weight by twice the largest such
+            # error (relative), plus the exp's and the sums' few-ulp errors over L terms; the weighted sum of values
+            # by L u of max|v|; bf16 output: plus its rounding (2^-8 of |want|)
+            ds = D * U * 0.3 * (q.double().abs() @ k.double().abs().transpose(-1, -2)).amax()
+            vmax = v.double().abs().amax()
+            tol = vmax * (2 * ds + (L + 16) * U) + (U_BF16 * want.abs() if dtype == torch.bfloat16 else 0)
+            assert ((got.double() - want).abs() <= tol).all(), (dtype, L, D)
+
+
+def check_rms_norm(rms_norm_rows) -> None:
+    """The norm of RMSNorm's module path, rounded where it rounds."""
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((2, 1, 768), (3, 40), (1, 7)):
+            x = (3 * torch.randn(shape, generator=g)).to(dtype)
+            w = (1 + 0.3 * torch.randn(shape[-1], generator=g)).to(dtype)
+            got = rms_norm_rows(x, w, 1e-5)
+            xd = x.double()
+            exact = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+            assert got.dtype == dtype and got.shape == x.shape
+            # fp32: the mean of D squares (D u relative), the root and two products (a few u); bf16: the normalised
+            # value and the product are each rounded to bf16 (2^-8 relative, twice)
+            rel = (shape[-1] + 8) * U if dtype == torch.float32 else 2.5 * U_BF16
+            assert ((got.double() - exact).abs() <= rel * exact.abs() + 1e-30).all(), (dtype, shape)
+
+
+def _block(dtype: torch.dtype, seed: int = 2):
+    """A small LLaMA block (dim 64, 4 heads of 16, SwiGLU 256) with non-trivial norm gains, prepacked, and its rotary
+    table."""
+    torch.manual_seed(seed)
+    cfg = RasterConfig(dim=64, n_head=4, n_layer=1, vocab_size=32, grid=4, num_classes=2, resid_dropout=0, ffn_dropout=0)
+    block = TransformerBlock(cfg).eval()
+    with torch.no_grad():
+        for n in (block.attention_norm, block.ffn_norm):
+            n.weight.copy_(1 + 0.3 * torch.randn(64))
+    rope = RotaryTable(rope_angles_1d(40, 16))
+    return block.to(dtype), rope
+
+
+def _filled_cache(dtype: torch.dtype, rows: int, length: int) -> KVCache:
+    cache = KVCache(1, rows, 4, 40, 16, dtype=dtype)
+    g = torch.Generator().manual_seed(4)
+    cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=g))
+    cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=g))
+    cache.length = length
+    return cache
+
+
+def check_decode_layer(decode_layer) -> None:
+    """The fused layer against the block's module path: float64 for fp32 (the kernel's error bound), the module path in
+    bf16 for bf16 (the same rounding points), and the cache written at the filled length in both."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows, length in ((1, 0), (2, 13), (4, 39)):
+            block, rope = _block(dtype)
+            prepack_linears(block)
+            ref_block = copy.deepcopy(block).double() if dtype == torch.float32 else block
+            x = torch.randn(rows, 1, 64, generator=torch.Generator().manual_seed(rows)).to(dtype)
+            cos, sin = rope(slice(length, length + 1))
+            ref_cache = _filled_cache(torch.float64 if dtype == torch.float32 else dtype, rows, length)
+            with torch.no_grad(), mock.patch.dict(os.environ, {"VARKIT_FUSED_DECODE": "0"}):  # the module path
+                ref = ref_block(x.to(ref_cache.dtype), (cos, sin), None, ref_cache, 0)
+            with torch.no_grad():
+                cache = _filled_cache(dtype, rows, length)
+                att, ffn = block.attention, block.feed_forward
+                lins = (att.wqkv, att.wo, ffn.w1, ffn.w3, ffn.w2)
+                got = decode_layer(x.reshape(rows, 64), block.attention_norm.weight, block.ffn_norm.weight, 1e-5,
+                                   *[lin._blocked_weight() for lin in lins], 256, cache.k[0], cache.v[0], length,
+                                   cos[0].contiguous(), sin[0].contiguous()).view(rows, 1, 64)
+            scale = float(ref.abs().max())
+            # fp32: five chained products of at most 256 terms, attention and two norms, each within a few hundred u
+            # of the largest value (relative); bf16: sum order may flip one rounding of the module path by an ulp,
+            # and an ulp in q/k/v or the gate moves the output by about an ulp of the largest value (8: room for 4)
+            tol = 1024 * 256 * U * scale if dtype == torch.float32 else 8 * U_BF16 * scale
+            assert (got.double() - ref.double()).abs().max() <= tol, (dtype, rows, length)
+            for mine, theirs in ((cache.k[0], ref_cache.k[0]), (cache.v[0], ref_cache.v[0])):
+                assert (mine[:, :, length].double() - theirs[:, :, length].double()).abs().max() <= tol
+                assert torch.equal(mine[:, :, :length].double(), theirs[:, :, :length].double())  # untouched
+
+
+@needs_kernels
+def test_one_query_attention_kernel():
+    check_attend(cpu_kernels().attend)
+
+
+@needs_kernels
+def test_rms_norm_kernel():
+    check_rms_norm(cpu_kernels().rms_norm_rows)
+
+
+@needs_kernels
+def test_decode_layer_kernel():
+    check_decode_layer(cpu_kernels().decode_layer)
+
+
+@needs_kernels
+def test_attention_takes_the_kernel_for_one_unmasked_query_and_sdpa_otherwise(monkeypatch):
+    calls = []
+    real = cpu_kernels()
+    monkeypatch.setattr(A, "cpu_kernels", lambda: type("K", (), {"attend": lambda *a: calls.append(1) or real.attend(*a)}))
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    with torch.no_grad():
+        A.attention(q, k, v)
+        assert len(calls) == 1
+        A.attention(q, k, v, torch.ones(1, 5, dtype=torch.bool))  # masked
+        A.attention(torch.randn(1, 2, 2, 8), k, v)  # two queries
+        monkeypatch.setenv("VARKIT_ATTEND_KERNEL", "0")
+        A.attention(q, k, v)
+    assert len(calls) == 1
+    q.requires_grad_(True)
+    A.attention(q, k, v).sum().backward()  # autograd: SDPA
+    assert len(calls) == 1 and q.grad is not None
+
+
+@needs_kernels
+def test_rmsnorm_module_takes_the_kernel_only_without_grad():
+    norm = RMSNorm(16)
+    x = torch.randn(3, 16, requires_grad=True)
+    norm(x).sum().backward()  # the torch path under autograd
+    assert norm.weight.grad is not None
+    with torch.no_grad():
+        xd = x.detach()
+        torch.testing.assert_close(norm(xd), xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_fuse_one_token_steps_and_equal_the_module_path(monkeypatch, dtype):
+    """TransformerBlock.forward takes the fused layer for a one-token decode step of 1-4 rows, prepacked, on a plain
+    cache, and its output and cache writes equal the module path's (bf16: bit for bit here, the same kernels and
+    rounding points; fp32: to sum order)."""
+    import varkit.models.raster as R
+
+    block, rope = _block(dtype)
+    prepack_linears(block)
+    calls = []
+    real = R.cpu_kernels()
+    monkeypatch.setattr(R, "cpu_kernels", lambda: type("K", (), {
+        "decode_layer": lambda *a: calls.append(1) or real.decode_layer(*a)}))
+    x = torch.randn(2, 1, 64).to(dtype)
+    cos, sin = rope(slice(7, 8))
+    outs = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("VARKIT_FUSED_DECODE", fused)
+        cache = _filled_cache(dtype, 2, 7)
+        with torch.no_grad():
+            outs[fused] = (block(x, (cos, sin), None, cache, 0), cache.k[0].clone(), cache.v[0].clone())
+    assert len(calls) == 1
+    for a, b in zip(outs["1"], outs["0"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-5)
+    # not fused: two tokens a row, a mask, grad enabled, not prepacked
+    monkeypatch.setenv("VARKIT_FUSED_DECODE", "1")
+    with torch.no_grad():
+        cos2, sin2 = rope(slice(7, 9))
+        block(torch.randn(2, 2, 64).to(dtype), (cos2, sin2), None, _filled_cache(dtype, 2, 7), 0)
+        block(x, (cos, sin), torch.ones(1, 8, dtype=torch.bool), _filled_cache(dtype, 2, 7), 0)
+    block(x, (cos, sin), None, _filled_cache(dtype, 2, 7), 0)
+    prepack_linears(block, enabled=False)
+    with torch.no_grad():
+        block(x, (cos, sin), None, _filled_cache(dtype, 2, 7), 0)
+    assert len(calls) == 1

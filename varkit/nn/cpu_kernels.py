@@ -1,0 +1,616 @@
+"""varkit's C++ CPU kernels for decode steps: one extension, built once per machine on first use.
+
+Why: a batch-1 decode step reads every weight and every cached key/value once, and is bound by how fast one core
+streams them from DRAM; torch's CPU paths for these shapes read far below that (one AMD EPYC Zen 4 core, DRAM read
+27.9 GB/s in ``varkit bench floor``: ``F.linear`` reads fp32 weights at ~11 GB/s at one row, bf16 at 6-8 GB/s,
+oneDNN-packed 10-14 GB/s; SDPA reads a one-query KV cache at ~7 GB/s). Three kernels:
+
+- ``gemv(x, w)``: ``x @ w.T`` for 1-4 rows of ``x`` over a plain (N, K) weight, walked row after row (one
+  sequential stream the hardware prefetchers follow), the rows of ``x`` kept in L1.
+- ``gemv_blocked(x, wb, N)``: the same product over the weight in :func:`varkit.nn.stream_gemv.block_weight`'s
+  layout: blocks of ``BLOCK_ROWS`` weight rows, each cut into 64-byte chunks stored one row's chunk after the
+  other's. Still one sequential stream, but each chunk of ``x`` is loaded once for four weight rows: at two rows of
+  ``x`` (batch 1 with CFG) the plain walk spends more instructions than bytes allow and reads ~20 GB/s on a Zen 4
+  core, the blocked one reads at the core's ``sum`` rate (~24-26 GB/s, the same run).
+- ``attend_one(q, k, v, scale)``: softmax attention of one query a row over (B, H, L, D) keys/values (any strides
+  with unit stride over D, e.g. a static cache's filled prefix): scores, a vector exp (a degree-7 polynomial after
+  range reduction: truncation below fp32's rounding, as the softmax kernels of SIMD libraries), and the
+  weighted sum of values, reading each key and value once.
+- ``decode_layer(...)``: a whole LLaMA block (:class:`varkit.models.raster.TransformerBlock`) for one new token a
+  row over a static cache, on the kernels above, in one call from Python: a GPT-B step through the module path
+  spends ~4 ms of its ~25 in Python and small ops (norms, rotary, cache writes, gating) on a Zen 4 core.
+- ``rms_norm_rows(x, g, eps)``: :class:`varkit.nn.RMSNorm` in one call (torch's CPU path is seven ops, ~24 us at
+  a decode step's two rows on a Zen 4 core, of which the work is well under a microsecond).
+
+Every sum is accumulated in fp32; bf16 weights/keys are widened exactly; bf16 rows times bf16 weights use
+AVX-512-BF16's dot-product instruction where the CPU has it. Built with ``-march=native`` (AVX-512, else AVX2 + FMA,
+else plain loops) through ``torch.utils.cpp_extension`` into torch's extension cache (about 40 s, once); where it
+cannot be built (no compiler), :func:`cpu_kernels` is None and callers keep torch's paths.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+from typing import Any
+
+import torch
+
+#: weight rows per block of the blocked layout (4: the accumulators of 4 rows of x fit AVX2's 16 registers)
+BLOCK_ROWS = 4
+#: bytes of one chunk of a blocked weight row (a cache line)
+CHUNK_BYTES = 64
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int NR = 4;            // BLOCK_ROWS
+constexpr int CHUNK = 64;        // CHUNK_BYTES
+
+#if defined(__AVX512F__)
+constexpr int W = 16;
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vset(float a) { return _mm512_set1_ps(a); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vload(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vpow2(vec n) {  // 2^n for integral n in [-126, 127]
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+inline float vhmax(vec a) { return _mm512_reduce_max_ps(a); }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int W = 8;
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vset(float a) { return _mm256_set1_ps(a); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vload(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vpow2(vec n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline float vsum(vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float vhmax(vec a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+constexpr int W = 1;
+using vec = float;
+inline vec vzero() { return 0.f; }
+inline vec vset(float a) { return a; }
+inline vec vload(const float* p) { return *p; }
+inline vec vload(const uint16_t* p) { uint32_t u = (uint32_t)(*p) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline void vstore(float* p, vec a) { *p = a; }
+inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+inline vec vadd(vec a, vec b) { return a + b; }
+inline vec vmul(vec a, vec b) { return a * b; }
+inline vec vmax(vec a, vec b) { return a > b ? a : b; }
+inline vec vmin(vec a, vec b) { return a < b ? a : b; }
+inline vec vdiv(vec a, vec b) { return a / b; }
+inline vec vround(vec a) { return std::nearbyint(a); }
+inline vec vpow2(vec n) { return std::ldexp(1.f, (int)n); }
+inline float vsum(vec a) { return a; }
+inline float vhmax(vec a) { return a; }
+#endif
+
+inline float scalar(float v) { return v; }
+inline float scalar(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f, &u, 4); return f; }
+
+// exp(x): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-7 Taylor polynomial (truncation < 6e-9
+// relative there, under fp32's rounding); x is clamped to [-87, 88] (exp(-87) = 1.6e-38 is nothing next to a
+// softmax's largest term 1, or to silu's 1 + exp(-x); exp(88) = 1.7e38 stays finite)
+inline vec vexp(vec x) {
+  x = vmin(vmax(x, vset(-87.f)), vset(88.f));
+  vec n = vround(vmul(x, vset(1.44269504088896341f)));
+  vec r = vfma(n, vset(-0.693145751953125f), x);  // ln2 split in two for an exact first product
+  r = vfma(n, vset(-1.428606765330187045e-06f), r);
+  vec p = vset(1.f / 5040);
+  p = vfma(p, r, vset(1.f / 720));
+  p = vfma(p, r, vset(1.f / 120));
+  p = vfma(p, r, vset(1.f / 24));
+  p = vfma(p, r, vset(1.f / 6));
+  p = vfma(p, r, vset(0.5f));
+  p = vfma(p, r, vset(1.f));
+  p = vfma(p, r, vset(1.f));
+  return vmul(p, vpow2(n));
+}
+
+// ---- plain weight: y[m, n] = sum_k x[m, k] * w[n, k], W rows in order (any K) --------------------------------
+template <int M, typename T>
+void rows(const float* x, const T* w, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* wr = w + n * K;
+    vec a0[M], a1[M];
+    for (int m = 0; m < M; ++m) { a0[m] = vzero(); a1[m] = vzero(); }
+    int64_t k = 0;
+    for (; k + 2 * W <= K; k += 2 * W) {
+      vec w0 = vload(wr + k), w1 = vload(wr + k + W);
+      for (int m = 0; m < M; ++m) {
+        a0[m] = vfma(w0, vload(x + m * K + k), a0[m]);
+        a1[m] = vfma(w1, vload(x + m * K + k + W), a1[m]);
+      }
+    }
+    for (; k + W <= K; k += W) {
+      vec w0 = vload(wr + k);
+      for (int m = 0; m < M; ++m) a0[m] = vfma(w0, vload(x + m * K + k), a0[m]);
+    }
+    for (int m = 0; m < M; ++m) {
+      float s = vsum(vadd(a0[m], a1[m]));
+      for (int64_t kk = k; kk < K; ++kk) s += scalar(wr[kk]) * x[m * K + kk];
+      y[m * N + n] = s;
+    }
+  }
+}
+
+// ---- blocked weight [ceil(N/NR)][K/E][NR][E], E = CHUNK / sizeof(T) (K a multiple of E) -----------------------
+template <int M, typename T>
+void blocked(const float* x, const T* wb, float* y, int64_t b0, int64_t b1, int64_t N, int64_t K) {
+  constexpr int E = CHUNK / sizeof(T);
+  constexpr int V = E / W;  // vectors per chunk
+  const int64_t chunks = K / E;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* wc = wb + b * chunks * NR * E;
+    vec acc[NR][M];
+    for (int r = 0; r < NR; ++r) for (int m = 0; m < M; ++m) acc[r][m] = vzero();
+    for (int64_t c = 0; c < chunks; ++c, wc += NR * E) {
+      vec xv[M][V];
+      for (int m = 0; m < M; ++m) for (int v = 0; v < V; ++v) xv[m][v] = vload(x + m * K + c * E + v * W);
+      for (int r = 0; r < NR; ++r) for (int v = 0; v < V; ++v) {
+        vec wv = vload(wc + r * E + v * W);
+        for (int m = 0; m < M; ++m) acc[r][m] = vfma(wv, xv[m][v], acc[r][m]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      if (b * NR + r >= N) break;
+      for (int m = 0; m < M; ++m) y[m * N + b * NR + r] = vsum(acc[r][m]);
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+// bf16 rows times bf16 weights with the dot-product instruction: 32 products a row per instruction, no widening
+template <int M>
+void rows_dp(const uint16_t* x, const uint16_t* w, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wr = w + n * K;
+    __m512 a0[M], a1[M];
+    for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
+      for (int m = 0; m < M; ++m) {
+        a0[m] = _mm512_dpbf16_ps(a0[m], w0, (__m512bh)_mm512_loadu_si512(x + m * K + k));
+        a1[m] = _mm512_dpbf16_ps(a1[m], w1, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32));
+      }
+    }
+    for (; k + 32 <= K; k += 32) {
+      __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);
+      for (int m = 0; m < M; ++m) a0[m] = _mm512_dpbf16_ps(a0[m], w0, (__m512bh)_mm512_loadu_si512(x + m * K + k));
+    }
+    for (int m = 0; m < M; ++m) {
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
+      for (int64_t kk = k; kk < K; ++kk) s += scalar(wr[kk]) * scalar(x[m * K + kk]);
+      y[m * N + n] = s;
+    }
+  }
+}
+
+template <int M>
+void blocked_dp(const uint16_t* x, const uint16_t* wb, float* y, int64_t b0, int64_t b1, int64_t N, int64_t K) {
+  const int64_t chunks = K / 32;
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint16_t* wc = wb + b * chunks * NR * 32;
+    __m512 acc[NR][M];
+    for (int r = 0; r < NR; ++r) for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c, wc += NR * 32) {
+      __m512bh xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + c * 32);
+      for (int r = 0; r < NR; ++r) {
+        __m512bh wv = (__m512bh)_mm512_loadu_si512(wc + r * 32);
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      if (b * NR + r >= N) break;
+      for (int m = 0; m < M; ++m) y[m * N + b * NR + r] = _mm512_reduce_add_ps(acc[r][m]);
+    }
+  }
+}
+#endif
+
+// one call per row count M (1-4): fn<M>(range begin, range end) over `count` items
+template <template <int> class F, typename... A>
+void by_rows(int64_t M, int64_t count, int64_t grain, A... args) {
+  auto go = [&](auto tag) {
+    constexpr int m = decltype(tag)::value;
+    at::parallel_for(0, count, grain, [&](int64_t i0, int64_t i1) { F<m>::run(i0, i1, args...); });
+  };
+  switch (M) {
+    case 1: go(std::integral_constant<int, 1>{}); break;
+    case 2: go(std::integral_constant<int, 2>{}); break;
+    case 3: go(std::integral_constant<int, 3>{}); break;
+    case 4: go(std::integral_constant<int, 4>{}); break;
+    default: TORCH_CHECK(false, "varkit cpu_kernels: gemv takes 1-4 rows, got ", M);
+  }
+}
+
+template <typename T> struct Rows {
+  template <int M> struct F {
+    static void run(int64_t i0, int64_t i1, const float* x, const T* w, float* y, int64_t N, int64_t K) {
+      rows<M, T>(x, w, y, i0, i1, N, K);
+    }
+  };
+};
+template <typename T> struct Blocked {
+  template <int M> struct F {
+    static void run(int64_t i0, int64_t i1, const float* x, const T* w, float* y, int64_t N, int64_t K) {
+      blocked<M, T>(x, w, y, i0, i1, N, K);
+    }
+  };
+};
+#if defined(__AVX512BF16__)
+template <int M> struct RowsDp {
+  static void run(int64_t i0, int64_t i1, const uint16_t* x, const uint16_t* w, float* y, int64_t N, int64_t K) {
+    rows_dp<M>(x, w, y, i0, i1, N, K);
+  }
+};
+template <int M> struct BlockedDp {
+  static void run(int64_t i0, int64_t i1, const uint16_t* x, const uint16_t* w, float* y, int64_t N, int64_t K) {
+    blocked_dp<M>(x, w, y, i0, i1, N, K);
+  }
+};
+#endif
+
+const uint16_t* bf16_ptr(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// the product for (M, K) rows; blocked: w in the blocked layout of an (N, K) weight
+torch::Tensor product(torch::Tensor x, torch::Tensor w, int64_t N, bool is_blocked) {
+  TORCH_CHECK(x.dim() == 2 && !x.is_cuda() && !w.is_cuda() && w.is_contiguous(), "varkit gemv: 2-d CPU rows, a contiguous CPU weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto w_type = w.scalar_type();
+  TORCH_CHECK(w_type == torch::kFloat32 || w_type == torch::kBFloat16, "varkit gemv: fp32 or bf16 weights");
+  const int64_t E = CHUNK / (w_type == torch::kFloat32 ? 4 : 2);
+  if (is_blocked) {
+    TORCH_CHECK(K % E == 0 && w.numel() == (N + NR - 1) / NR * NR * K, "varkit gemv_blocked: weight of ", w.numel(),
+                " elements is not the blocked layout of (", N, ", ", K, ")");
+  } else {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.size(0) == N, "varkit gemv: shapes ", x.sizes(), " ", w.sizes());
+  }
+  const int64_t count = is_blocked ? (N + NR - 1) / NR : N, grain = is_blocked ? 64 : 256;
+#if defined(__AVX512BF16__)
+  if (x.scalar_type() == torch::kBFloat16 && w_type == torch::kBFloat16) {
+    auto xb = x.contiguous();
+    auto y = torch::empty({M, N}, xb.options().dtype(torch::kFloat32));
+    if (is_blocked) by_rows<BlockedDp>(M, count, grain, bf16_ptr(xb), bf16_ptr(w), y.data_ptr<float>(), N, K);
+    else by_rows<RowsDp>(M, count, grain, bf16_ptr(xb), bf16_ptr(w), y.data_ptr<float>(), N, K);
+    return y;
+  }
+#endif
+  auto xf = x.to(torch::kFloat32).contiguous();
+  auto y = torch::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (w_type == torch::kFloat32) {
+    if (is_blocked) by_rows<Blocked<float>::F>(M, count, grain, xp, w.data_ptr<float>(), yp, N, K);
+    else by_rows<Rows<float>::F>(M, count, grain, xp, w.data_ptr<float>(), yp, N, K);
+  } else {
+    if (is_blocked) by_rows<Blocked<uint16_t>::F>(M, count, grain, xp, bf16_ptr(w), yp, N, K);
+    else by_rows<Rows<uint16_t>::F>(M, count, grain, xp, bf16_ptr(w), yp, N, K);
+  }
+  return y;
+}
+
+// ---- one-query attention ------------------------------------------------------------------------------------
+// out[d] = sum_l softmax(scale * q.k_l)_l v_l[d] for one (batch, head); k_l at k + l * ks, v_l at v + l * vs
+template <typename T>
+void attend_head(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, int64_t L, int64_t D,
+                 float* s, float* out) {
+  float best = -INFINITY;
+  for (int64_t l = 0; l < L; ++l) {
+    const T* kl = k + l * ks;
+    vec a = vzero();
+    int64_t d = 0;
+    for (; d + W <= D; d += W) a = vfma(vload(q + d), vload(kl + d), a);
+    float t = vsum(a);
+    for (; d < D; ++d) t += q[d] * scalar(kl[d]);
+    s[l] = t;
+    best = t > best ? t : best;
+  }
+  vec total = vzero();
+  int64_t l = 0;
+  for (; l + W <= L; l += W) {
+    vec e = vexp(vadd(vload(s + l), vset(-best)));
+    vstore(s + l, e);
+    total = vadd(total, e);
+  }
+  float sum = vsum(total);
+  for (; l < L; ++l) { s[l] = std::exp(s[l] - best); sum += s[l]; }
+  const float inv = 1.f / sum;
+  constexpr int R = 8;  // accumulators of R vectors of out at a time
+  for (int64_t d0 = 0; d0 < D; d0 += R * W) {
+    const int nv = (int)std::min<int64_t>(R, (D - d0) / W);
+    vec acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = vzero();
+    for (int64_t j = 0; j < L; ++j) {
+      const vec p = vset(s[j]);
+      const T* vl = v + j * vs + d0;
+      for (int i = 0; i < nv; ++i) acc[i] = vfma(p, vload(vl + i * W), acc[i]);
+    }
+    for (int i = 0; i < nv; ++i) vstore(out + d0 + i * W, vmul(acc[i], vset(inv)));
+    if (nv < R) {  // a scalar tail of D (D not a multiple of W)
+      for (int64_t d = d0 + (int64_t)nv * W; d < std::min<int64_t>(D, d0 + R * W); ++d) {
+        float t = 0.f;
+        for (int64_t j = 0; j < L; ++j) t += s[j] * scalar(v[j * vs + d]);
+        out[d] = t * inv;
+      }
+      break;
+    }
+  }
+}
+
+// q (B, H, 1, D); k, v (B, H, L, D) with unit stride over D -> (B, H, 1, D) in q's dtype
+torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "varkit attend_one: q (B, H, 1, D)");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "varkit attend_one: k, v (B, H, L, D) matching q");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == v.scalar_type() && !k.is_cuda(),
+              "varkit attend_one: CPU keys/values with unit stride over D");
+  TORCH_CHECK(k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16, "varkit attend_one: fp32 or bf16");
+  const int64_t B = q.size(0), H = q.size(1), L = k.size(2), D = q.size(3);
+  auto qf = (q.to(torch::kFloat32) * scale).contiguous();
+  auto out = torch::empty({B, H, 1, D}, qf.options());
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool bf16 = k.scalar_type() == torch::kBFloat16;
+  const char* kp = (const char*)k.data_ptr();
+  const char* vp = (const char*)v.data_ptr();
+  const int64_t es = k.element_size();
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s(L + W);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const char* kb = kp + (b * k.stride(0) + h * k.stride(1)) * es;
+      const char* vb = vp + (b * v.stride(0) + h * v.stride(1)) * es;
+      if (bf16) attend_head((const float*)(qp + i * D), (const uint16_t*)kb, (const uint16_t*)vb, k.stride(2), v.stride(2), L, D, s.data(), op + i * D);
+      else attend_head(qp + i * D, (const float*)kb, (const float*)vb, k.stride(2), v.stride(2), L, D, s.data(), op + i * D);
+    }
+  });
+  return out.to(q.scalar_type());
+}
+
+// ---- RMS norm: (x * rsqrt(mean(x^2) + eps)) rounded to x's dtype, times the gain (as varkit.nn.RMSNorm) ----------
+template <typename T>
+void rms_rows(const T* x, const T* g, T* y, int64_t R, int64_t D, float eps) {
+  for (int64_t i = 0; i < R; ++i) {
+    const T* xr = x + i * D;
+    T* yr = y + i * D;
+    vec a = vzero();
+    int64_t d = 0;
+    for (; d + W <= D; d += W) { vec v = vload(xr + d); a = vfma(v, v, a); }
+    float ss = vsum(a);
+    for (; d < D; ++d) ss += scalar(xr[d]) * scalar(xr[d]);
+    const float r = 1.f / std::sqrt(ss / (float)D + eps);
+    for (d = 0; d < D; ++d) {
+      if constexpr (std::is_same<T, float>::value) {
+        yr[d] = (xr[d] * r) * g[d];
+      } else {  // bf16: the normalized value rounded to bf16, then the product with the gain rounded again
+        const float t = (float)c10::BFloat16(scalar(xr[d]) * r);
+        yr[d] = c10::BFloat16(t * scalar(g[d])).x;
+      }
+    }
+  }
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor g, double eps) {
+  TORCH_CHECK(!x.is_cuda() && x.scalar_type() == g.scalar_type() && g.dim() == 1 && x.size(-1) == g.size(0),
+              "varkit rms_norm: CPU rows (..., D) and a gain (D) of the same dtype");
+  auto xc = x.contiguous();
+  auto gc = g.contiguous();
+  auto y = torch::empty_like(xc);
+  const int64_t D = xc.size(-1), R = D ? xc.numel() / D : 0;
+  if (xc.scalar_type() == torch::kFloat32) {
+    rms_rows(xc.data_ptr<float>(), gc.data_ptr<float>(), y.data_ptr<float>(), R, D, (float)eps);
+  } else {
+    TORCH_CHECK(xc.scalar_type() == torch::kBFloat16, "varkit rms_norm: fp32 or bf16");
+    rms_rows(bf16_ptr(xc), bf16_ptr(gc), reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), R, D, (float)eps);
+  }
+  return y;
+}
+
+// ---- a whole LLaMA decode layer (varkit.models.raster.TransformerBlock) for one token a row -------------------
+inline float round_as(float v, bool bf16) { return bf16 ? (float)c10::BFloat16(v) : v; }
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) { *p = c10::BFloat16(v).x; }
+
+// x (R, D) in the model dtype (fp32 or bf16); weights in gemv_blocked's layout; kc, vc this layer's cache
+// (R, H, max_len, hd), written at `pos`; cos, sin (hd / 2) fp32 rotary tables of the position. Every value is
+// rounded to the model dtype where varkit's module path rounds it (each linear's output, the rotated q and k, the
+// attention output, silu, the gated product, each residual sum), so bf16 agrees with it up to fp32 sum order.
+template <typename T>
+void split_qkv(const float* qkv, T* q, T* kc, T* vc, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+               int64_t R, int64_t H, int64_t hd, int64_t pos, const float* c, const float* s, bool bf16) {
+  const int64_t D = H * hd;
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float* src[3] = {qkv + r * 3 * D + h * hd, qkv + r * 3 * D + D + h * hd, qkv + r * 3 * D + 2 * D + h * hd};
+      T* dst[3] = {q + (r * H + h) * hd,
+                   kc + r * k_cache.stride(0) + h * k_cache.stride(1) + pos * k_cache.stride(2),
+                   vc + r * v_cache.stride(0) + h * v_cache.stride(1) + pos * v_cache.stride(2)};
+      for (int part = 0; part < 2; ++part) {  // q and k: interleaved pairs rotated by the position's angles
+        for (int64_t i = 0; i < hd / 2; ++i) {
+          const float a = round_as(src[part][2 * i], bf16), b = round_as(src[part][2 * i + 1], bf16);
+          store(dst[part] + 2 * i, a * c[i] - b * s[i]);
+          store(dst[part] + 2 * i + 1, a * s[i] + b * c[i]);
+        }
+      }
+      for (int64_t d = 0; d < hd; ++d) store(dst[2] + d, src[2][d]);
+    }
+  }
+}
+
+// out = x + round(y) rounded (a residual sum in the model dtype)
+template <typename T>
+void residual(const T* x, const float* y, T* out, int64_t n, bool bf16) {
+  for (int64_t i = 0; i < n; ++i) store(out + i, scalar(x[i]) + round_as(y[i], bf16));
+}
+
+// g = round(round(silu(round(a))) * round(b)), silu(v) = v / (1 + exp(-v))
+template <typename T>
+void silu_gate(float* a, const float* b, T* g, int64_t n, bool bf16) {
+  if (bf16) for (int64_t i = 0; i < n; ++i) a[i] = round_as(a[i], true);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    vec v = vload(a + i);
+    vstore(a + i, vdiv(v, vadd(vset(1.f), vexp(vmul(v, vset(-1.f))))));
+  }
+  for (; i < n; ++i) a[i] = a[i] / (1.f + std::exp(-a[i]));
+  for (i = 0; i < n; ++i) store(g + i, round_as(a[i], bf16) * round_as(b[i], bf16));
+}
+
+template <typename T>
+T* data_as(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+template <typename T>
+torch::Tensor llama_layer_t(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g_ffn, double eps,
+                            torch::Tensor wqkv, torch::Tensor wo, torch::Tensor w1, torch::Tensor w3, torch::Tensor w2,
+                            int64_t hidden, torch::Tensor kc, torch::Tensor vc, int64_t pos, torch::Tensor cos,
+                            torch::Tensor sin) {
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const int64_t R = x.size(0), D = x.size(1), H = kc.size(1), hd = kc.size(3);
+  auto h = rms_norm(x, g_attn, eps);
+  auto qkv = product(h, wqkv, 3 * D, true);
+  auto q = torch::empty({R, H, 1, hd}, x.options());
+  split_qkv<T>(qkv.data_ptr<float>(), data_as<T>(q), data_as<T>(kc), data_as<T>(vc), kc, vc, R, H, hd, pos,
+               cos.data_ptr<float>(), sin.data_ptr<float>(), bf16);
+  auto att = attend_one(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1), 1.0 / std::sqrt((double)hd));
+  auto o = product(att.view({R, D}), wo, D, true);
+  auto x1 = torch::empty_like(x);
+  residual<T>(data_as<T>(x), o.data_ptr<float>(), data_as<T>(x1), R * D, bf16);
+  auto h2 = rms_norm(x1, g_ffn, eps);
+  auto a = product(h2, w1, hidden, true), b = product(h2, w3, hidden, true);
+  auto g = torch::empty({R, hidden}, x.options());
+  silu_gate<T>(a.data_ptr<float>(), b.data_ptr<float>(), data_as<T>(g), R * hidden, bf16);
+  auto d = product(g, w2, D, true);
+  auto out = torch::empty_like(x);
+  residual<T>(data_as<T>(x1), d.data_ptr<float>(), data_as<T>(out), R * D, bf16);
+  return out;
+}
+
+torch::Tensor llama_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g_ffn, double eps,
+                          torch::Tensor wqkv, torch::Tensor wo, torch::Tensor w1, torch::Tensor w3, torch::Tensor w2,
+                          int64_t hidden, torch::Tensor kc, torch::Tensor vc, int64_t pos, torch::Tensor cos,
+                          torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.size(0) == x.size(0)
+              && kc.size(1) * kc.size(3) == x.size(1) && kc.stride(3) == 1 && vc.stride(3) == 1
+              && kc.scalar_type() == x.scalar_type() && vc.scalar_type() == x.scalar_type()
+              && 0 <= pos && pos < kc.size(2) && cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32
+              && cos.is_contiguous() && sin.is_contiguous() && cos.numel() == kc.size(3) / 2 && sin.numel() == cos.numel()
+              && kc.size(3) % 2 == 0, "varkit llama_layer: x (R, D), caches (R, H, max_len, D / H) of x's dtype, "
+              "a position inside them, fp32 rotary tables (D / H / 2)");
+  if (x.scalar_type() == torch::kFloat32)
+    return llama_layer_t<float>(x, g_attn, g_ffn, eps, wqkv, wo, w1, w3, w2, hidden, kc, vc, pos, cos, sin);
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "varkit llama_layer: fp32 or bf16");
+  return llama_layer_t<uint16_t>(x, g_attn, g_ffn, eps, wqkv, wo, w1, w3, w2, hidden, kc, vc, pos, cos, sin);
+}
+
+}  // namespace
+
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w) { return product(x, w, w.size(0), false); }
+torch::Tensor gemv_blocked(torch::Tensor x, torch::Tensor wb, int64_t N) { return product(x, wb, N, true); }
+torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) { return attend_one(q, k, v, scale); }
+torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor g, double eps) { return rms_norm(x, g, eps); }
+torch::Tensor decode_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g_ffn, double eps, torch::Tensor wqkv,
+                           torch::Tensor wo, torch::Tensor w1, torch::Tensor w3, torch::Tensor w2, int64_t hidden,
+                           torch::Tensor kc, torch::Tensor vc, int64_t pos, torch::Tensor cos, torch::Tensor sin) {
+  return llama_layer(x, g_attn, g_ffn, eps, wqkv, wo, w1, w3, w2, hidden, kc, vc, pos, cos, sin);
+}
+"""
+
+
+def fused_decode_enabled() -> bool:
+    """Whether eligible decode layers run as one ``decode_layer`` call (``VARKIT_FUSED_DECODE=0``: the module path,
+    for benches and checks)."""
+    return os.environ.get("VARKIT_FUSED_DECODE", "1") != "0"
+
+
+def _build_name(march: str = "native") -> str:
+    """One build per source, torch version, ``-march`` and CPU (``-march=native`` binaries are the CPU's own)."""
+    from ..device import cpu_info
+
+    info = cpu_info()
+    key = "|".join([SOURCE, torch.__version__, march, info.get("model", ""), ",".join(info.get("flags", []))])
+    return "varkit_cpu_kernels_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _built(cpp_extension: Any, name: str) -> bool:
+    """Whether torch's extension cache already holds this build (then loading it takes a moment)."""
+    try:
+        from pathlib import Path
+
+        return any(Path(cpp_extension._get_build_directory(name, verbose=False)).glob(f"{name}*.so"))
+    except Exception:  # a private helper of torch's: if it moves, the message is merely shown again
+        return False
+
+
+def cpu_kernels() -> Any | None:
+    """The built extension (``gemv``, ``gemv_blocked``, ``attend``, ``rms_norm_rows``, ``decode_layer``), or None where it cannot be built here (said
+    once, as a warning)."""
+    return build_kernels("native")
+
+
+@functools.cache
+def build_kernels(march: str = "native") -> Any | None:
+    """The extension built with ``-march=<march>``: ``native`` for use; the tests also build ``x86-64-v3`` (AVX2 + FMA)
+    and ``x86-64`` (plain loops) to check the code paths other CPUs compile."""
+    try:
+        from torch.utils import cpp_extension
+
+        name = _build_name(march)
+        if not _built(cpp_extension, name):
+            print(f"varkit: building the CPU decode kernels for this CPU (once, ~40 s; cached as {name})",
+                  file=sys.stderr, flush=True)
+        return cpp_extension.load_inline(name, cpp_sources=[SOURCE], functions=["gemv", "gemv_blocked", "attend", "rms_norm_rows", "decode_layer"],
+                                         extra_cflags=["-O3", f"-march={march}"], verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a read-only cache: the other paths stay
+        warnings.warn(f"varkit: the CPU decode kernels could not be built ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding uses torch's kernels", stacklevel=2)
+        return None
