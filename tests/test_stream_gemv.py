@@ -1,12 +1,13 @@
 """The weight-streaming GEMV (varkit/nn/stream_gemv.py) that prepacked linears use at 1-2 rows on a CPU, over the
-plain weight and over its blocked copy (varkit/nn/cpu_kernels.py)."""
+plain weight and over its blocked copy, and the panel kernel they use at 3-128 rows (varkit/nn/cpu_kernels.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from varkit.nn import layers
 from varkit.nn.layers import Linear, prepack_linears
-from varkit.nn.stream_gemv import STREAM_MAX_ROWS, block_weight, blockable, stream_kernel, stream_linear
+from varkit.nn.stream_gemv import (PANEL_MAX_ROWS, STREAM_MAX_ROWS, block_weight, blockable, panel_dtypes, panel_linear,
+                                   panel_weight, stream_kernel, stream_linear)
 
 needs_kernel = pytest.mark.skipif(stream_kernel() is None, reason="no C++ toolchain to build the kernel here")
 
@@ -33,6 +34,74 @@ def test_stream_linear_matches_f_linear(dtype, rows, k, blocked):
     scale = x.double().abs() @ w.double().abs().t() + b.double().abs()
     tol = k * 2.0 ** -24 * scale + (2.0 ** -8 * want.abs() if dtype == torch.bfloat16 else 0)
     assert ((got.double() - want).abs() <= tol + 1e-30).all()
+
+
+def check_panels(kernel) -> None:
+    """``kernel.gemm_panels`` against exact products: row counts that fill one group of rows, split into balanced
+    groups, and reach PANEL_MAX_ROWS; K with and without vector tails; N with a zero-padded last panel."""
+    g = torch.Generator().manual_seed(5)
+    width = kernel.panel_width()
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows, k, n in ((3, 768, 301), (12, 45, 37), (13, 7, 64), (25, 64, 301), (PANEL_MAX_ROWS, 96, 33)):
+            w = torch.randn(n, k, generator=g).to(dtype)
+            x = torch.randn(rows, k, generator=g).to(dtype)
+            want = x.double() @ w.double().t()
+            # fp32 accumulation (products of bf16 inputs are exact in fp32) in another order than the exact sum:
+            # within k * 2^-24 * sum|x_i w_i| (the standard bound, with room)
+            tol = k * 2.0 ** -24 * (x.double().abs() @ w.double().abs().t())
+            got = kernel.gemm_panels(x, panel_weight(w, width), n)
+            assert got.dtype == torch.float32 and got.shape == (rows, n)
+            assert ((got.double() - want).abs() <= tol + 1e-30).all(), (dtype, rows, k, n)
+
+
+@needs_kernel
+def test_panel_kernel_matches_exact_products():
+    check_panels(stream_kernel())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_panel_linear_adds_the_bias_and_keeps_the_dtype(dtype):
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(70, 48, generator=g).to(dtype), torch.randn(70, generator=g).to(dtype)
+    x = torch.randn(2, 5, 48, generator=g).to(dtype)
+    got = panel_linear(x, w, b, panel_weight(w, stream_kernel().panel_width()))
+    want = F.linear(x.double(), w.double(), b.double())
+    scale = x.double().abs() @ w.double().abs().t() + b.double().abs()
+    tol = 48 * 2.0 ** -24 * scale + (2.0 ** -8 * want.abs() if dtype == torch.bfloat16 else 0)  # + bf16 output rounding
+    assert got.dtype == dtype and got.shape == (2, 5, 70)
+    assert ((got.double() - want).abs() <= tol + 1e-30).all()
+
+
+def test_panel_layout_is_column_panels_k_major():
+    w = torch.arange(5 * 3, dtype=torch.float32).reshape(5, 3)  # 5 rows: one panel of 4 and one of 1 + 3 zeros
+    p = panel_weight(w, 4)
+    assert p.shape == (2, 3, 4)  # (panels, K, rows of a panel)
+    assert torch.equal(p[0, 2], w[:4, 2]) and torch.equal(p[1, :, 0], w[4]) and not p[1, :, 1:].any()
+    with pytest.raises(ValueError, match="no panel layout"):
+        panel_weight(torch.zeros(4, 4, dtype=torch.float16), 4)
+
+
+@needs_kernel
+def test_prepacked_linears_take_the_panel_kernel_for_3_to_128_rows(monkeypatch):
+    lin = Linear(96, 80).eval()
+    prepack_linears(lin)
+    calls = []
+    real = layers.panel_linear
+    monkeypatch.setattr(layers, "panel_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.inference_mode():
+        for rows in (STREAM_MAX_ROWS, STREAM_MAX_ROWS + 1, PANEL_MAX_ROWS, PANEL_MAX_ROWS + 1):
+            x = torch.randn(rows, 96)
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert [s[0] for s in calls] == [STREAM_MAX_ROWS + 1, PANEL_MAX_ROWS]  # beyond: oneDNN's packed GEMM
+        assert "_panels" not in lin.__getstate__()
+        monkeypatch.setenv("VARKIT_PANEL_GEMM", "0")
+        panel_dtypes.cache_clear()
+        try:
+            lin(torch.randn(8, 96))
+        finally:
+            panel_dtypes.cache_clear()
+    assert len(calls) == 2
 
 
 def test_blocked_layout_is_row_blocks_of_cache_line_chunks():
@@ -72,7 +141,7 @@ def test_prepacked_linears_stream_one_or_two_rows_and_can_be_switched_off(monkey
         for rows in (1, STREAM_MAX_ROWS, STREAM_MAX_ROWS + 1):
             x = torch.randn(rows, 512)
             torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
-        assert [s[0] for s in calls] == [1, STREAM_MAX_ROWS]  # more rows: oneDNN's packed GEMM
+        assert [s[0] for s in calls] == [1, STREAM_MAX_ROWS]  # more rows: the panel kernel
         monkeypatch.setenv("VARKIT_STREAM_GEMV", "0")
         lin(torch.randn(1, 512))
     assert len(calls) == 2
@@ -89,7 +158,7 @@ def test_unprepacked_linears_never_stream(monkeypatch):
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
 def test_the_code_paths_of_other_cpus_build_and_agree(march):
     """The AVX2 + FMA branch (AMD Zen 2/3, older Intel) and the plain-loop branch, built here with their -march:
-    the same products as F.linear (fp32 accumulation in another order: the bound of the test above), and the same
+    the same products as F.linear (GEMV and panels) (fp32 accumulation in another order: the bound of the test above), and the same
     attention, norm and decode layer as the native build's checks (tests/test_cpu_kernels.py)."""
     from varkit.nn.cpu_kernels import build_kernels
 
@@ -107,6 +176,7 @@ def test_the_code_paths_of_other_cpus_build_and_agree(march):
             if blockable(w):
                 got = kernel.gemv_blocked(x, block_weight(w), 130).double()
                 assert ((got - want).abs() <= tol + 1e-30).all(), (dtype, rows, k, "blocked")
+    check_panels(kernel)
     from test_cpu_kernels import check_attend, check_decode_layer, check_rms_norm
 
     check_attend(kernel.attend)

@@ -47,6 +47,7 @@ SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -156,7 +157,7 @@ inline vec vexp(vec x) {
 
 // ---- plain weight: y[m, n] = sum_k x[m, k] * w[n, k], W rows in order (any K) --------------------------------
 template <int M, typename T>
-void rows(const float* x, const T* w, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
+__attribute__((noinline)) void rows(const float* x, const T* w, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
   for (int64_t n = n0; n < n1; ++n) {
     const T* wr = w + n * K;
     vec a0[M], a1[M];
@@ -183,7 +184,7 @@ void rows(const float* x, const T* w, float* y, int64_t n0, int64_t n1, int64_t 
 
 // ---- blocked weight [ceil(N/NR)][K/E][NR][E], E = CHUNK / sizeof(T) (K a multiple of E) -----------------------
 template <int M, typename T>
-void blocked(const float* x, const T* wb, float* y, int64_t b0, int64_t b1, int64_t N, int64_t K) {
+__attribute__((noinline)) void blocked(const float* x, const T* wb, float* y, int64_t b0, int64_t b1, int64_t N, int64_t K) {
   constexpr int E = CHUNK / sizeof(T);
   constexpr int V = E / W;  // vectors per chunk
   const int64_t chunks = K / E;
@@ -209,7 +210,7 @@ void blocked(const float* x, const T* wb, float* y, int64_t b0, int64_t b1, int6
 #if defined(__AVX512BF16__)
 // bf16 rows times bf16 weights with the dot-product instruction: 32 products a row per instruction, no widening
 template <int M>
-void rows_dp(const uint16_t* x, const uint16_t* w, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
+__attribute__((noinline)) void rows_dp(const uint16_t* x, const uint16_t* w, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* wr = w + n * K;
     __m512 a0[M], a1[M];
@@ -235,7 +236,7 @@ void rows_dp(const uint16_t* x, const uint16_t* w, float* y, int64_t n0, int64_t
 }
 
 template <int M>
-void blocked_dp(const uint16_t* x, const uint16_t* wb, float* y, int64_t b0, int64_t b1, int64_t N, int64_t K) {
+__attribute__((noinline)) void blocked_dp(const uint16_t* x, const uint16_t* wb, float* y, int64_t b0, int64_t b1, int64_t N, int64_t K) {
   const int64_t chunks = K / 32;
   for (int64_t b = b0; b < b1; ++b) {
     const uint16_t* wc = wb + b * chunks * NR * 32;
@@ -256,6 +257,105 @@ void blocked_dp(const uint16_t* x, const uint16_t* wb, float* y, int64_t b0, int
   }
 }
 #endif
+
+const uint16_t* bf16_ptr(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// ---- panels: weight [ceil(N/NB)][K][NB], NB = 2W (zero columns pad the last panel) -------------------------------
+// y[m, n] = sum_k x[m, k] w[n, k] for a few dozen rows (NAR's fronts, batches with CFG): rows go in groups of at most
+// MR_MAX, each group's x packed as [K][mr] fp32; per k, two vectors of weight times one broadcast x per row (the
+// register-blocked form of a GEMM micro-kernel, no horizontal sums). Each panel (K x NB) is read once from DRAM and
+// reused from L2 by every group; while the groups run, they prefetch the thread's next panel into L2 (one line in G
+// rows of k each), so that DRAM streams under the arithmetic instead of before it.
+constexpr int NB = 2 * W;
+#if defined(__AVX512F__)
+constexpr int MR_MAX = 12;   // 24 accumulators + 2 weight vectors + 1 broadcast of 32 registers
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int MR_MAX = 6;    // 12 + 2 + 1 of 16
+#else
+constexpr int MR_MAX = 4;
+#endif
+
+template <int MR, typename T>
+__attribute__((noinline)) void panel_tile(const float* __restrict xt, const T* __restrict wp, float* __restrict y, int64_t ldy, int64_t K, int64_t valid, const char* pf,
+                int g, int G) {
+  constexpr int64_t LINE = NB * sizeof(T);  // bytes of one k of a panel: 128 (fp32) or 64 (bf16) on AVX-512
+  vec a0[MR], a1[MR];
+  for (int m = 0; m < MR; ++m) { a0[m] = vzero(); a1[m] = vzero(); }
+  // k in steps of G, so that the loop of products has no branch (a branch in it made GCC keep the accumulators in
+  // memory); group g prefetches row k0 + g of the next panel per step
+  for (int64_t k0 = 0; k0 < K; k0 += G) {
+    const int64_t k1 = std::min<int64_t>(K, k0 + G);
+    for (int64_t k = k0; k < k1; ++k) {
+      const T* wk = wp + k * NB;
+      vec w0 = vload(wk), w1 = vload(wk + W);
+      const float* xk = xt + k * MR;
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        vec b = vset(xk[m]);
+        a0[m] = vfma(w0, b, a0[m]);
+        a1[m] = vfma(w1, b, a1[m]);
+      }
+    }
+    if (pf != nullptr && k0 + g < K)
+      for (int64_t off = 0; off < LINE; off += 64) _mm_prefetch(pf + (k0 + g) * LINE + off, _MM_HINT_T1);
+  }
+  if (valid == NB) {
+    for (int m = 0; m < MR; ++m) { vstore(y + m * ldy, a0[m]); vstore(y + m * ldy + W, a1[m]); }
+  } else {
+    float tmp[NB];
+    for (int m = 0; m < MR; ++m) {
+      vstore(tmp, a0[m]);
+      vstore(tmp + W, a1[m]);
+      std::memcpy(y + m * ldy, tmp, valid * sizeof(float));
+    }
+  }
+}
+
+// panel_tile<mr> for a run-time mr in 1..MR_MAX
+template <typename T, int MR = MR_MAX>
+void tile_rows(int mr, const float* xt, const T* wp, float* y, int64_t ldy, int64_t K, int64_t valid, const char* pf,
+               int g, int G) {
+  if (mr == MR) panel_tile<MR, T>(xt, wp, y, ldy, K, valid, pf, g, G);
+  else if constexpr (MR > 1) tile_rows<T, MR - 1>(mr, xt, wp, y, ldy, K, valid, pf, g, G);
+}
+
+template <typename T>
+torch::Tensor panels_t(const torch::Tensor& x, const T* wp, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1), P = (N + NB - 1) / NB;
+  const int G = (int)((M + MR_MAX - 1) / MR_MAX);
+  std::vector<int64_t> r0(G + 1, 0);  // groups of balanced sizes: rows [r0[g], r0[g+1])
+  for (int g = 0; g < G; ++g) r0[g + 1] = r0[g] + M / G + (g < M % G);
+  auto xf = x.to(torch::kFloat32).contiguous();
+  const float* xs = xf.data_ptr<float>();
+  std::vector<float> xt(M * K);  // group g at r0[g] * K, as [K][mr]
+  for (int g = 0; g < G; ++g) {
+    const int64_t mr = r0[g + 1] - r0[g];
+    float* dst = xt.data() + r0[g] * K;
+    for (int64_t m = 0; m < mr; ++m)
+      for (int64_t k = 0; k < K; ++k) dst[k * mr + m] = xs[(r0[g] + m) * K + k];
+  }
+  auto y = torch::empty({M, N}, xf.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* w = wp + p * K * NB;
+      const char* pf = p + 1 < p1 ? reinterpret_cast<const char*>(w + K * NB) : nullptr;
+      const int64_t valid = std::min<int64_t>(NB, N - p * NB);
+      for (int g = 0; g < G; ++g)
+        tile_rows<T>((int)(r0[g + 1] - r0[g]), xt.data() + r0[g] * K, w, yp + r0[g] * N + p * NB, N, K, valid, pf, g, G);
+    }
+  });
+  return y;
+}
+
+torch::Tensor panel_product(torch::Tensor x, torch::Tensor wp, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && !x.is_cuda() && !wp.is_cuda() && wp.is_contiguous()
+              && (wp.scalar_type() == torch::kFloat32 || wp.scalar_type() == torch::kBFloat16)
+              && wp.numel() == (N + NB - 1) / NB * NB * x.size(1),
+              "varkit gemm_panels: 2-d CPU rows and an fp32/bf16 weight in the panel layout of (", N, ", ", x.size(1), ")");
+  if (wp.scalar_type() == torch::kFloat32) return panels_t<float>(x, wp.data_ptr<float>(), N);
+  return panels_t<uint16_t>(x, bf16_ptr(wp), N);
+}
 
 // one call per row count M (1-4): fn<M>(range begin, range end) over `count` items
 template <template <int> class F, typename... A>
@@ -300,7 +400,6 @@ template <int M> struct BlockedDp {
 };
 #endif
 
-const uint16_t* bf16_ptr(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
 // the product for (M, K) rows; blocked: w in the blocked layout of an (N, K) weight
 torch::Tensor product(torch::Tensor x, torch::Tensor w, int64_t N, bool is_blocked) {
@@ -556,6 +655,8 @@ torch::Tensor llama_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g
 
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w) { return product(x, w, w.size(0), false); }
 torch::Tensor gemv_blocked(torch::Tensor x, torch::Tensor wb, int64_t N) { return product(x, wb, N, true); }
+torch::Tensor gemm_panels(torch::Tensor x, torch::Tensor wp, int64_t N) { return panel_product(x, wp, N); }
+int64_t panel_width() { return NB; }
 torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) { return attend_one(q, k, v, scale); }
 torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor g, double eps) { return rms_norm(x, g, eps); }
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g_ffn, double eps, torch::Tensor wqkv,
@@ -564,6 +665,11 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor 
   return llama_layer(x, g_attn, g_ffn, eps, wqkv, wo, w1, w3, w2, hidden, kc, vc, pos, cos, sin);
 }
 """
+
+
+#: GCC flags besides ``-march``: ``-fopenmp``, without which ``at::parallel_for`` in the extension runs on one thread
+#: (torch's own libgomp serves it at run time)
+CFLAGS = ["-O3", "-fopenmp"]
 
 
 def fused_decode_enabled() -> bool:
@@ -577,7 +683,7 @@ def _build_name(march: str = "native") -> str:
     from ..device import cpu_info
 
     info = cpu_info()
-    key = "|".join([SOURCE, torch.__version__, march, info.get("model", ""), ",".join(info.get("flags", []))])
+    key = "|".join([SOURCE, *CFLAGS, torch.__version__, march, info.get("model", ""), ",".join(info.get("flags", []))])
     return "varkit_cpu_kernels_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -608,8 +714,8 @@ def build_kernels(march: str = "native") -> Any | None:
         if not _built(cpp_extension, name):
             print(f"varkit: building the CPU decode kernels for this CPU (once, ~40 s; cached as {name})",
                   file=sys.stderr, flush=True)
-        return cpp_extension.load_inline(name, cpp_sources=[SOURCE], functions=["gemv", "gemv_blocked", "attend", "rms_norm_rows", "decode_layer"],
-                                         extra_cflags=["-O3", f"-march={march}"], verbose=False)
+        return cpp_extension.load_inline(name, cpp_sources=[SOURCE], functions=["gemv", "gemv_blocked", "gemm_panels", "panel_width", "attend", "rms_norm_rows", "decode_layer"],
+                                         extra_cflags=[*CFLAGS, f"-march={march}"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: the other paths stay
         warnings.warn(f"varkit: the CPU decode kernels could not be built ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding uses torch's kernels", stacklevel=2)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 
+import functools
+import os
+
 from .cpu_kernels import BLOCK_ROWS, CHUNK_BYTES, cpu_kernels
 
 #: the most rows the kernel takes (beyond that the products are compute-bound and oneDNN's GEMMs win)
@@ -36,6 +39,48 @@ def block_weight(weight: torch.Tensor) -> torch.Tensor:
     pad = -n % BLOCK_ROWS
     w = torch.cat([weight.detach(), weight.new_zeros(pad, k)]) if pad else weight.detach()
     return w.reshape(-1, BLOCK_ROWS, k // e, e).transpose(1, 2).contiguous()
+
+
+#: the most rows prepacked linears hand to the panel kernel (``gemm_panels``; beyond, oneDNN's GEMM is as fast). One
+#: core of an Intel Xeon with AVX-512 (no AMX), fp32, every linear of NAR-B, panels / oneDNN-packed ms: 33.8/40.1 at 4
+#: rows, 38.7/47.0 at 8, 57.2/80.8 at 32 (131 of the core's 165 GFLOP/s), 103/128 at 64, 187/210 at 128, 377/393 at
+#: 256; two threads 31.4/43.6 at 32 rows
+PANEL_MAX_ROWS = 128
+
+
+def panel_weight(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """``weight`` (N, K) in the panel kernel's layout: rows padded with zeros to a multiple of ``width``, then per
+    panel of ``width`` rows, per k, the panel's ``width`` values (``[ceil(N/width)][K][width]``)."""
+    if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"a weight {tuple(weight.shape)} of {weight.dtype} has no panel layout")
+    n, k = weight.shape
+    pad = -n % width
+    w = torch.cat([weight.detach(), weight.new_zeros(pad, k)]) if pad else weight.detach()
+    return w.reshape(-1, width, k).transpose(1, 2).contiguous()
+
+
+@functools.cache
+def panel_dtypes() -> tuple[torch.dtype, ...]:
+    """Weight dtypes the panel kernel serves: fp32, and bf16 where the CPU has no bf16 arithmetic of its own (there
+    both it and oneDNN widen bf16 to fp32; where AMX or AVX-512-BF16 exists oneDNN's bf16 GEMMs use it).
+    ``VARKIT_PANEL_GEMM=0``: none (benches time both)."""
+    if os.environ.get("VARKIT_PANEL_GEMM", "1") == "0":
+        return ()
+    from ..device import cpu_info, native_bf16
+
+    return (torch.float32,) if native_bf16(cpu_info()) else (torch.float32, torch.bfloat16)
+
+
+def panel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, panels: torch.Tensor) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` through the panel kernel over ``panels`` (:func:`panel_weight` of ``weight`` at
+    the kernel's width); None where the kernel is not available."""
+    kernel = cpu_kernels()
+    if kernel is None:
+        return None
+    y = kernel.gemm_panels(x.reshape(-1, x.shape[-1]), panels, weight.shape[0])
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def stream_kernel():
