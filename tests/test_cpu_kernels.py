@@ -192,3 +192,31 @@ def test_blocks_fuse_one_token_steps_and_equal_the_module_path(monkeypatch, dtyp
     with torch.no_grad():
         block(x, (cos, sin), None, _filled_cache(dtype, 2, 7), 0)
     assert len(calls) == 1
+
+
+def test_the_build_falls_back_to_one_thread_without_openmp_and_warns_when_nothing_builds(monkeypatch):
+    """A compiler without OpenMP still gets the kernels (the one-thread build); no compiler at all: a warning and
+    None (torch's paths then), never an exception."""
+    from torch.utils import cpp_extension
+
+    from varkit.nn import cpu_kernels as ck
+
+    calls = []
+
+    def fake_load(name, cpp_sources, functions, extra_cflags, extra_ldflags, verbose):
+        calls.append(extra_cflags)
+        if "-fopenmp" in extra_cflags:
+            raise RuntimeError("cc1plus: error: unrecognized command-line option '-fopenmp'")
+        return "one-thread build"
+
+    monkeypatch.setattr(cpp_extension, "load_inline", fake_load)
+    monkeypatch.setattr(ck, "_built", lambda *a: True)
+    assert ck.build_kernels.__wrapped__("x86-64") == "one-thread build"
+    assert ["-fopenmp" in c for c in calls] == [True, False]
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
+    with pytest.warns(UserWarning, match="could not be built.*no C\\+\\+ compiler"):
+        assert ck.build_kernels.__wrapped__("x86-64") is None

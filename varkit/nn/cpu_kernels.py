@@ -267,6 +267,7 @@ const uint16_t* bf16_ptr(const torch::Tensor& t) { return reinterpret_cast<const
 // reused from L2 by every group; while the groups run, they prefetch the thread's next panel into L2 (one line in G
 // rows of k each), so that DRAM streams under the arithmetic instead of before it.
 constexpr int NB = 2 * W;
+constexpr int PF_AHEAD = 1;  // panels ahead that the groups prefetch (2: no better; none: 10-30 % slower than oneDNN)
 #if defined(__AVX512F__)
 constexpr int MR_MAX = 12;   // 24 accumulators + 2 weight vectors + 1 broadcast of 32 registers
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -339,7 +340,7 @@ torch::Tensor panels_t(const torch::Tensor& x, const T* wp, int64_t N) {
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const T* w = wp + p * K * NB;
-      const char* pf = p + 1 < p1 ? reinterpret_cast<const char*>(w + K * NB) : nullptr;
+      const char* pf = p + PF_AHEAD < p1 ? reinterpret_cast<const char*>(w + PF_AHEAD * K * NB) : nullptr;
       const int64_t valid = std::min<int64_t>(NB, N - p * NB);
       for (int g = 0; g < G; ++g)
         tile_rows<T>((int)(r0[g + 1] - r0[g]), xt.data() + r0[g] * K, w, yp + r0[g] * N + p * NB, N, K, valid, pf, g, G);
@@ -667,9 +668,16 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor 
 """
 
 
-#: GCC flags besides ``-march``: ``-fopenmp``, without which ``at::parallel_for`` in the extension runs on one thread
-#: (torch's own libgomp serves it at run time)
-CFLAGS = ["-O3", "-fopenmp"]
+#: GCC flags besides ``-march``
+CFLAGS = ["-O3"]
+#: flags of the threaded build, tried first: without ``-fopenmp`` ``at::parallel_for`` in the extension runs on one
+#: thread whatever ``torch.set_num_threads`` says (torch's own libgomp serves it at run time); a compiler without
+#: OpenMP gets the one-thread build instead
+OPENMP_FLAGS = ["-fopenmp"]
+
+
+#: the extension's functions
+FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "panel_width", "attend", "rms_norm_rows", "decode_layer")
 
 
 def fused_decode_enabled() -> bool:
@@ -678,12 +686,12 @@ def fused_decode_enabled() -> bool:
     return os.environ.get("VARKIT_FUSED_DECODE", "1") != "0"
 
 
-def _build_name(march: str = "native") -> str:
-    """One build per source, torch version, ``-march`` and CPU (``-march=native`` binaries are the CPU's own)."""
+def _build_name(march: str = "native", flags: tuple[str, ...] = ()) -> str:
+    """One build per source, flags, torch version, ``-march`` and CPU (``-march=native`` binaries are the CPU's own)."""
     from ..device import cpu_info
 
     info = cpu_info()
-    key = "|".join([SOURCE, *CFLAGS, torch.__version__, march, info.get("model", ""), ",".join(info.get("flags", []))])
+    key = "|".join([SOURCE, *CFLAGS, *flags, torch.__version__, march, info.get("model", ""), ",".join(info.get("flags", []))])
     return "varkit_cpu_kernels_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -698,7 +706,7 @@ def _built(cpp_extension: Any, name: str) -> bool:
 
 
 def cpu_kernels() -> Any | None:
-    """The built extension (``gemv``, ``gemv_blocked``, ``attend``, ``rms_norm_rows``, ``decode_layer``), or None where it cannot be built here (said
+    """The built extension (:data:`FUNCTIONS`), or None where it cannot be built here (said
     once, as a warning)."""
     return build_kernels("native")
 
@@ -709,14 +717,22 @@ def build_kernels(march: str = "native") -> Any | None:
     and ``x86-64`` (plain loops) to check the code paths other CPUs compile."""
     try:
         from torch.utils import cpp_extension
-
-        name = _build_name(march)
-        if not _built(cpp_extension, name):
-            print(f"varkit: building the CPU decode kernels for this CPU (once, ~40 s; cached as {name})",
-                  file=sys.stderr, flush=True)
-        return cpp_extension.load_inline(name, cpp_sources=[SOURCE], functions=["gemv", "gemv_blocked", "gemm_panels", "panel_width", "attend", "rms_norm_rows", "decode_layer"],
-                                         extra_cflags=[*CFLAGS, f"-march={march}"], extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as exc:  # no compiler, no ninja, a read-only cache: the other paths stay
-        warnings.warn(f"varkit: the CPU decode kernels could not be built ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding uses torch's kernels", stacklevel=2)
+    except Exception as exc:  # pragma: no cover - torch without its extension tools
+        warnings.warn(f"varkit: the CPU decode kernels cannot be built here ({exc}); decoding uses torch's kernels",
+                      stacklevel=2)
         return None
+    failure = None
+    for flags in (OPENMP_FLAGS, []):
+        try:
+            name = _build_name(march, tuple(flags))
+            if not _built(cpp_extension, name):
+                print(f"varkit: building the CPU decode kernels for this CPU (once, ~40 s; cached as {name})",
+                      file=sys.stderr, flush=True)
+            return cpp_extension.load_inline(name, cpp_sources=[SOURCE], functions=list(FUNCTIONS),
+                                             extra_cflags=[*CFLAGS, *flags, f"-march={march}"], extra_ldflags=flags,
+                                             verbose=False)
+        except Exception as exc:  # no compiler, no ninja, no OpenMP, a read-only cache: try without, then give up
+            failure = exc
+    warnings.warn(f"varkit: the CPU decode kernels could not be built ({type(failure).__name__}: "
+                  f"{str(failure).splitlines()[0] if str(failure) else ''}); decoding uses torch's kernels", stacklevel=2)
+    return None
