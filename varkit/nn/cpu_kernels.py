@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import sys
 import warnings
@@ -711,12 +712,25 @@ def cpu_kernels() -> Any | None:
     return build_kernels("native")
 
 
+def _import_cpp_extension() -> Any:
+    """``torch.utils.cpp_extension``, without the warning it logs on import on a machine without CUDA ("No CUDA
+    runtime is found, using CUDA_HOME=..."), which says nothing about these CPU kernels."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 @functools.cache
 def build_kernels(march: str = "native") -> Any | None:
     """The extension built with ``-march=<march>``: ``native`` for use; the tests also build ``x86-64-v3`` (AVX2 + FMA)
     and ``x86-64`` (plain loops) to check the code paths other CPUs compile."""
     try:
-        from torch.utils import cpp_extension
+        cpp_extension = _import_cpp_extension()
     except Exception as exc:  # pragma: no cover - torch without its extension tools
         warnings.warn(f"varkit: the CPU decode kernels cannot be built here ({exc}); decoding uses torch's kernels",
                       stacklevel=2)
