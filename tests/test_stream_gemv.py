@@ -82,25 +82,34 @@ def test_panel_layout_is_column_panels_k_major():
         panel_weight(torch.zeros(4, 4, dtype=torch.float16), 4)
 
 
+def _route(monkeypatch, path: str, lin: Linear, rows_list) -> list[int]:
+    """Row counts of the calls that reach ``layers.<path>`` while ``lin`` runs ``rows_list`` rows (each result equal
+    to F.linear's up to fp32 sum order); the list keeps growing with later calls."""
+    calls = []
+    real = getattr(layers, path)
+    monkeypatch.setattr(layers, path, lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with torch.inference_mode():
+        for rows in rows_list:
+            x = torch.randn(rows, lin.in_features)
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    return calls
+
+
 @needs_kernel
 def test_prepacked_linears_take_the_panel_kernel_for_3_to_128_rows(monkeypatch):
     lin = Linear(96, 80).eval()
     prepack_linears(lin)
-    calls = []
-    real = layers.panel_linear
-    monkeypatch.setattr(layers, "panel_linear", lambda *a: calls.append(a[0].shape) or real(*a))
-    with torch.inference_mode():
-        for rows in (STREAM_MAX_ROWS, STREAM_MAX_ROWS + 1, PANEL_MAX_ROWS, PANEL_MAX_ROWS + 1):
-            x = torch.randn(rows, 96)
-            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
-        assert [s[0] for s in calls] == [STREAM_MAX_ROWS + 1, PANEL_MAX_ROWS]  # beyond: oneDNN's packed GEMM
-        assert "_panels" not in lin.__getstate__()
-        monkeypatch.setenv("VARKIT_PANEL_GEMM", "0")
-        panel_dtypes.cache_clear()
-        try:
+    calls = _route(monkeypatch, "panel_linear", lin,
+                   (STREAM_MAX_ROWS, STREAM_MAX_ROWS + 1, PANEL_MAX_ROWS, PANEL_MAX_ROWS + 1))
+    assert calls == [STREAM_MAX_ROWS + 1, PANEL_MAX_ROWS]  # beyond: oneDNN's packed GEMM
+    assert "_panels" not in lin.__getstate__()
+    monkeypatch.setenv("VARKIT_PANEL_GEMM", "0")
+    panel_dtypes.cache_clear()
+    try:
+        with torch.inference_mode():
             lin(torch.randn(8, 96))
-        finally:
-            panel_dtypes.cache_clear()
+    finally:
+        panel_dtypes.cache_clear()
     assert len(calls) == 2
 
 
@@ -134,15 +143,10 @@ def test_prepacked_linears_stream_a_blocked_copy_made_once_and_again_after_an_ed
 def test_prepacked_linears_stream_one_or_two_rows_and_can_be_switched_off(monkeypatch):
     lin = Linear(512, 640).eval()
     prepack_linears(lin)
-    calls = []
-    real = layers.stream_linear
-    monkeypatch.setattr(layers, "stream_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    calls = _route(monkeypatch, "stream_linear", lin, (1, STREAM_MAX_ROWS, STREAM_MAX_ROWS + 1))
+    assert calls == [1, STREAM_MAX_ROWS]  # more rows: the panel kernel
+    monkeypatch.setenv("VARKIT_STREAM_GEMV", "0")
     with torch.inference_mode():
-        for rows in (1, STREAM_MAX_ROWS, STREAM_MAX_ROWS + 1):
-            x = torch.randn(rows, 512)
-            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
-        assert [s[0] for s in calls] == [1, STREAM_MAX_ROWS]  # more rows: the panel kernel
-        monkeypatch.setenv("VARKIT_STREAM_GEMV", "0")
         lin(torch.randn(1, 512))
     assert len(calls) == 2
 
