@@ -283,8 +283,8 @@ __attribute__((noinline)) void panel_tile(const float* __restrict xt, const T* _
   constexpr int64_t LINE = NB * sizeof(T);  // bytes of one k of a panel: 128 (fp32) or 64 (bf16) on AVX-512
   vec a0[MR], a1[MR];
   for (int m = 0; m < MR; ++m) { a0[m] = vzero(); a1[m] = vzero(); }
-  // k in steps of G, so that the loop of products has no branch (a branch in it made GCC keep the accumulators in
-  // memory); group g prefetches row k0 + g of the next panel per step
+  // k in steps of G, so that the loop of products has no branch; group g prefetches row k0 + g of the next panel
+  // per step (the G groups together prefetch every row once)
   for (int64_t k0 = 0; k0 < K; k0 += G) {
     const int64_t k1 = std::min<int64_t>(K, k0 + G);
     for (int64_t k = k0; k < k1; ++k) {
@@ -401,7 +401,6 @@ template <int M> struct BlockedDp {
   }
 };
 #endif
-
 
 // the product for (M, K) rows; blocked: w in the blocked layout of an (N, K) weight
 torch::Tensor product(torch::Tensor x, torch::Tensor w, int64_t N, bool is_blocked) {

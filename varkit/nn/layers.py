@@ -92,7 +92,8 @@ class Linear(DerivedState, nn.Linear):
     decoding 1-2, 3-128 and more rows holds three extra copies.
     """
 
-    # an opaque oneDNN tensor and the streaming kernel's blocked copy: stale after .to(), never pickled or copied
+    # an opaque oneDNN tensor, the streaming kernel's blocked copy and the panel kernel's copy: stale after .to(),
+    # never pickled or copied
     derived_attrs = ("_packed", "_blocked", "_panels")
     small_rows = 32  # NAR's fronts at batch 1 with CFG reach 32 rows; bit-identical to F.linear up to here
     # fp32 beyond this many rows: MKL's sgemm (F.linear) catches up with the packed GEMM and passes it (FlowAR-S's

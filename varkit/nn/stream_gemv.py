@@ -8,10 +8,10 @@ bf16 weights, up to the one rounding of the output to bf16).
 """
 from __future__ import annotations
 
-import torch
-
 import functools
 import os
+
+import torch
 
 from .cpu_kernels import BLOCK_ROWS, CHUNK_BYTES, cpu_kernels
 
@@ -59,16 +59,28 @@ def panel_weight(weight: torch.Tensor, width: int) -> torch.Tensor:
     return w.reshape(-1, width, k).transpose(1, 2).contiguous()
 
 
-@functools.cache
 def panel_dtypes() -> tuple[torch.dtype, ...]:
     """Weight dtypes the panel kernel serves: fp32, and bf16 where the CPU has no bf16 arithmetic of its own (there
     both it and oneDNN widen bf16 to fp32; where AMX or AVX-512-BF16 exists oneDNN's bf16 GEMMs use it).
-    ``VARKIT_PANEL_GEMM=0``: none (benches time both)."""
+    ``VARKIT_PANEL_GEMM=0``: none (benches time both; read on every call, as ``VARKIT_STREAM_GEMV``)."""
     if os.environ.get("VARKIT_PANEL_GEMM", "1") == "0":
         return ()
+    return _cpu_panel_dtypes()
+
+
+@functools.cache
+def _cpu_panel_dtypes() -> tuple[torch.dtype, ...]:
+    """:func:`panel_dtypes` by this CPU's flags (read once)."""
     from ..device import cpu_info, native_bf16
 
     return (torch.float32,) if native_bf16(cpu_info()) else (torch.float32, torch.bfloat16)
+
+
+def _as_linear_output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's fp32 (rows, N) product as ``F.linear``'s output: plus the bias, in x's dtype and leading shape."""
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 def panel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, panels: torch.Tensor) -> torch.Tensor | None:
@@ -77,10 +89,7 @@ def panel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     kernel = cpu_kernels()
     if kernel is None:
         return None
-    y = kernel.gemm_panels(x.reshape(-1, x.shape[-1]), panels, weight.shape[0])
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return _as_linear_output(kernel.gemm_panels(x.reshape(-1, x.shape[-1]), panels, weight.shape[0]), x, bias)
 
 
 def stream_kernel():
@@ -98,6 +107,4 @@ def stream_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     K = x.shape[-1]
     rows = x.reshape(-1, K)
     y = kernel.gemv(rows, weight) if blocked is None else kernel.gemv_blocked(rows, blocked, weight.shape[0])
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return _as_linear_output(y, x, bias)
