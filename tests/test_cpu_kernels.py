@@ -1,4 +1,4 @@
-"""varkit/nn/cpu_kernels.py: one-query attention, the RMS norm and the fused LLaMA decode layer, against the module
+"""varkit/nn/cpu_kernels.py: one-query attention, the RMS norm, the fused LLaMA decode layer and top-k, against the module
 path in float64 (fp32) or in the same dtype (bf16); the ``check_*`` helpers also run on the AVX2 and plain builds
 (tests/test_stream_gemv.py)."""
 import copy
@@ -111,9 +111,44 @@ def check_decode_layer(decode_layer) -> None:
                 assert torch.equal(mine[:, :, :length].double(), theirs[:, :, :length].double())  # untouched
 
 
+def check_topk(topk) -> None:
+    """The k largest of each row, largest first: torch.topk's values and the same words (where values tie, the lower
+    index first); the strided sample's threshold too high for a row (the fallback); ties, infinities, NaN; short rows."""
+    g = torch.Generator().manual_seed(5)
+    for V, k, rows in ((16384, 2000, 5), (4096, 900, 3), (1000, 1, 2), (16384, 16384, 1), (300, 256, 4), (37, 5, 3),
+                       (10, 10, 2)):
+        x = 3 * torch.randn(rows, V, generator=g)
+        x[:, 1] = x[:, V - 2]  # a tie (inside the top k or not)
+        vals, ids = topk(x, k)
+        want = x.topk(k, dim=-1).values
+        assert vals.shape == ids.shape == (rows, k) and ids.dtype == torch.int64
+        assert torch.equal(vals, want) and torch.equal(x.gather(-1, ids), vals), (V, k)
+        same = vals[:, 1:] == vals[:, :-1]
+        assert (ids[:, 1:][same] > ids[:, :-1][same]).all(), (V, k)  # ties: lower index first
+        assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # no word twice
+    # the evenly strided sample holds the row's largest words: its threshold leaves fewer than k, every word is a
+    # candidate then
+    x = -torch.rand(1, 16384, generator=g)
+    x[0, ::16] = 100 + torch.rand(1024, generator=g)
+    vals, ids = topk(x, 2000)
+    assert torch.equal(vals, x.topk(2000).values) and torch.equal(x.gather(-1, ids), vals)
+    # all equal: index order; infinities and NaN (largest, as torch.topk); -0 below +0
+    vals, ids = topk(torch.zeros(2, 500), 40)
+    assert torch.equal(ids, torch.arange(40).expand(2, 40)) and (vals == 0).all()
+    x = torch.tensor([[1.0, float("nan"), -float("inf"), float("inf"), -0.0, 0.0, -2.0]])
+    vals, ids = topk(x, 7)
+    assert ids.tolist() == [[1, 3, 0, 5, 4, 6, 2]] and torch.isnan(vals[0, 0]) and vals[0, 1:].tolist() == [
+        float("inf"), 1.0, 0.0, -0.0, -2.0, -float("inf")]
+
+
 @needs_kernels
 def test_one_query_attention_kernel():
     check_attend(cpu_kernels().attend)
+
+
+@needs_kernels
+def test_topk_kernel():
+    check_topk(cpu_kernels().topk)
 
 
 @needs_kernels
@@ -220,3 +255,24 @@ def test_the_build_falls_back_to_one_thread_without_openmp_and_warns_when_nothin
     monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
     with pytest.warns(UserWarning, match="could not be built.*no C\\+\\+ compiler"):
         assert ck.build_kernels.__wrapped__("x86-64") is None
+
+
+@needs_kernels
+def test_top_k_sampling_takes_the_kernel_and_draws_what_torch_topk_draws(monkeypatch):
+    """Logits without ties: the kernel's sorted candidates are torch.topk's, so the same uniforms draw the same tokens
+    (and processed_probs is the same distribution); VARKIT_TOPK_KERNEL=0 is torch.topk."""
+    from varkit.samplers import topk as T
+    from varkit.samplers.logits import SamplingParams, processed_probs, sample_logits
+
+    calls = []
+    real = cpu_kernels().topk
+    monkeypatch.setattr(T, "cpu_kernels", lambda: mock.Mock(topk=lambda x, k: calls.append(k) or real(x, k)))
+    g = torch.Generator().manual_seed(6)
+    logits = 4 * torch.randn(3, 5, 16384, generator=g)
+    u = torch.rand(3, 5, generator=g)
+    p = SamplingParams(temperature=0.9, top_k=2000, top_p=0.95)
+    got, got_probs = sample_logits(logits, p, u), processed_probs(logits, p)
+    assert calls == [2000, 2000]
+    monkeypatch.setenv("VARKIT_TOPK_KERNEL", "0")
+    assert torch.equal(sample_logits(logits, p, u), got) and torch.equal(processed_probs(logits, p), got_probs)
+    assert calls == [2000, 2000]

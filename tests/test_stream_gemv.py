@@ -160,7 +160,7 @@ def test_unprepacked_linears_never_stream(monkeypatch):
 def test_the_code_paths_of_other_cpus_build_and_agree(march):
     """The AVX2 + FMA branch (AMD Zen 2/3, older Intel) and the plain-loop branch, built here with their -march:
     the same products as F.linear, GEMV and panels (fp32 accumulation in another order: the bound of the test above), and the same
-    attention, norm and decode layer as the native build's checks (tests/test_cpu_kernels.py)."""
+    attention, norm, decode layer and top-k as the native build's checks (tests/test_cpu_kernels.py)."""
     from varkit.nn.cpu_kernels import build_kernels
 
     kernel = build_kernels(march)
@@ -178,8 +178,9 @@ def test_the_code_paths_of_other_cpus_build_and_agree(march):
                 got = kernel.gemv_blocked(x, block_weight(w), 130).double()
                 assert ((got - want).abs() <= tol + 1e-30).all(), (dtype, rows, k, "blocked")
     check_panels(kernel)
-    from test_cpu_kernels import check_attend, check_decode_layer, check_rms_norm
+    from test_cpu_kernels import check_attend, check_decode_layer, check_rms_norm, check_topk
 
     check_attend(kernel.attend)
+    check_topk(kernel.topk)
     check_rms_norm(kernel.rms_norm_rows)
     check_decode_layer(kernel.decode_layer)

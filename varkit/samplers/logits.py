@@ -13,6 +13,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .random import image_generators, uniforms  # noqa: F401  (re-exported: the one source of per-image draws)
+from .topk import top_k
 
 CFG_SCHEDULES = ("constant", "linear", "var")
 
@@ -139,7 +140,7 @@ def _kept(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.
     k = p.top_k if p.top_k and p.top_k < V else None
     top_p = p.top_p if p.top_p is not None and p.top_p < 1 else None
     if k is not None:
-        vals, ids = logits.topk(k, dim=-1)
+        vals, ids = top_k(logits, k)
     elif top_p is not None:
         vals, ids = logits.sort(dim=-1, descending=True)
     else:
