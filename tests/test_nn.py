@@ -156,3 +156,30 @@ def test_rotary_tables_stay_fp32_when_the_model_is_cast():
     t = RotaryTable(torch.rand(5, 4)).to(torch.bfloat16)
     cos, sin = t(slice(0, 5))
     assert cos.dtype == sin.dtype == torch.float32
+
+
+def test_linear_activation_is_onednns_post_op_on_the_packed_path_and_torchs_elsewhere(monkeypatch):
+    """``Linear.linear(x, b, "gelu_tanh")`` = GELU-tanh of the product: fused into oneDNN's packed GEMM beyond the C++
+    kernels' 128 rows, torch's GELU after the product at fewer rows or unpacked; an unknown name is a clear error."""
+    import pytest
+
+    from varkit.nn.layers import Linear, prepack_linears
+
+    torch.manual_seed(0)
+    lin = Linear(64, 96).eval()
+    prepack_linears(lin)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[3]) or real(*a))
+    with torch.no_grad():
+        for rows, fused in ((200, True), (8, False), (1, False)):
+            x = torch.randn(rows, 64)
+            want = F.gelu(F.linear(x.double(), lin.weight.double(), lin.bias.double()), approximate="tanh")
+            calls.clear()
+            got = lin.linear(x, lin.bias, "gelu_tanh")
+            assert ("gelu" in calls) == fused, (rows, calls)
+            # fp32 products of 64 terms (64 u of sum|x w|, here < 64 u * 40) and the GELU's tanh (a few ulp in either
+            # library): 2e-5 absolute on outputs of magnitude ~10
+            assert (got.double() - want).abs().max() < 2e-5, rows
+        with pytest.raises(ValueError, match="unknown activation 'relu6'"):
+            lin.linear(torch.randn(2, 64), None, "relu6")

@@ -465,9 +465,9 @@ def trace_work(gen: nn.Module, *others: nn.Module) -> Iterator[WorkTrace]:
 
     plain_linear = Linear.linear
 
-    def counting_linear(self, x, bias):
+    def counting_linear(self, x, bias, activation=None):
         on_linear(self, x)
-        return plain_linear(self, x, bias)
+        return plain_linear(self, x, bias, activation)
 
     def pass_method(fn):
         def run(*args, **kwargs):

@@ -70,6 +70,11 @@ def stream_enabled() -> bool:
     return os.environ.get("VARKIT_STREAM_GEMV", "1") != "0"
 
 
+#: activations :meth:`Linear.linear` can apply after the product, and their oneDNN post-op (name, scalars, algorithm)
+ACTIVATIONS = {"gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}
+ONEDNN_POST_OPS = {"gelu_tanh": ("gelu", [], "tanh")}
+
+
 class Linear(DerivedState, nn.Linear):
     """``nn.Linear`` (same parameters and state dict) with faster CPU paths for decoding.
 
@@ -104,8 +109,27 @@ class Linear(DerivedState, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x, self.bias)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``F.linear(x, self.weight, bias)`` through the fastest CPU path that applies (see the class)."""
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
+        """``F.linear(x, self.weight, bias)`` through the fastest CPU path that applies (see the class), followed by
+        ``activation`` if given (:data:`ACTIVATIONS`): on oneDNN's packed path as the GEMM's post-op (no second
+        pass over the output; oneDNN's tanh agrees with torch's to a few ulp), elsewhere as torch's function."""
+        if activation is None:
+            return self._linear(x, bias)
+        fn = ACTIVATIONS.get(activation)
+        if fn is None:
+            raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+        if self._takes_onednn(x):
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), bias, *ONEDNN_POST_OPS[activation])
+        return fn(self._linear(x, bias))
+
+    def _takes_onednn(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`_linear` would hand ``x`` to oneDNN's packed GEMM (more rows than the C++ kernels take)."""
+        if not (self.prepacked and not torch.compiler.is_compiling() and self._can_use_packed(x)):
+            return False
+        rows = x.numel() // max(x.shape[-1], 1)
+        return rows > PANEL_MAX_ROWS or (rows > STREAM_MAX_ROWS and self.weight.dtype not in panel_dtypes())
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # compiling first: packable_dtypes() is a graph break, and inductor packs its own weights
         if self.prepacked and not torch.compiler.is_compiling() and self._can_use_packed(x):
             rows = x.numel() // max(x.shape[-1], 1)
@@ -228,4 +252,8 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        if torch.is_grad_enabled():
+            return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        # inference: the gate in place in w1's output (the same values; no two fresh (rows, hidden) tensors a call)
+        h = F.silu(self.w1(x), inplace=True).mul_(self.w3(x))
+        return self.dropout(self.w2(h))
