@@ -142,23 +142,10 @@ def check_topk(topk) -> None:
 
 
 @needs_kernels
-def test_one_query_attention_kernel():
-    check_attend(cpu_kernels().attend)
-
-
-@needs_kernels
-def test_topk_kernel():
-    check_topk(cpu_kernels().topk)
-
-
-@needs_kernels
-def test_rms_norm_kernel():
-    check_rms_norm(cpu_kernels().rms_norm_rows)
-
-
-@needs_kernels
-def test_decode_layer_kernel():
-    check_decode_layer(cpu_kernels().decode_layer)
+@pytest.mark.parametrize("check, name", [(check_attend, "attend"), (check_topk, "topk"),
+                                         (check_rms_norm, "rms_norm_rows"), (check_decode_layer, "decode_layer")])
+def test_native_kernel(check, name):
+    check(getattr(cpu_kernels(), name))
 
 
 @needs_kernels
