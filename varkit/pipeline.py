@@ -360,8 +360,15 @@ def load_pipeline(name_or_dir: str | Path, device: str | torch.device | None = "
     ``prepack``: CPU inference GEMMs on prepacked weights (:meth:`Pipeline.prepack`): ``"auto"`` (default) where
     it pays (large weights on a CPU, memory to spare; never under ``compile``, whose graphs pack their own),
     True or False.
+
+    On a CPU, large tensors then come from varkit's caching allocator (:mod:`varkit.nn.cpu_allocator`: no page
+    faults for the decoder's feature maps on every image; ``VARKIT_CPU_CACHE_MB=0`` turns it off).
     """
     pipe = Pipeline.from_pretrained(resolve_model_dir(name_or_dir)).to(device if device is not None else "auto", dtype)
+    if pipe.device.type == "cpu":
+        from .nn import cpu_allocator
+
+        cpu_allocator.install()
     if prepack == "auto" and compile:
         prepack = False
     if prepack is not False:

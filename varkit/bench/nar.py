@@ -136,6 +136,10 @@ def run_bench(args, official: OfficialLoop | None = None) -> list[dict[str, Any]
 
     dev = resolve_device(getattr(args, "device", None) or "cpu")
     cuda = dev.type == "cuda"
+    if not cuda:  # as load_pipeline does on a CPU; the official loop, in this process, gets it too
+        from ..nn import cpu_allocator
+
+        cpu_allocator.install()
 
     params = SamplingParams(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k or None)
     rows: list[dict[str, Any]] = []

@@ -792,6 +792,140 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor 
 std::vector<torch::Tensor> topk(torch::Tensor x, int64_t k) { return topk_sorted(x, k); }
 """
 
+#: the caching allocator's C++ (:mod:`varkit.nn.cpu_allocator` says why), built into the same extension
+ALLOCATOR_SOURCE = r"""
+#include <c10/core/CPUAllocator.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace varkit_alloc {
+constexpr size_t MIN_CACHED = 1u << 20;
+constexpr size_t HUGE_BYTES = 2u << 20;
+
+// size classes: multiples of 256 KiB below 4 MiB, of 2 MiB from there (a request reuses a block of its class)
+size_t size_class(size_t n) {
+  const size_t g = n >= (4u << 20) ? HUGE_BYTES : (256u << 10);
+  return (n + g - 1) / g * g;
+}
+
+struct Cache {
+  std::mutex mu;
+  std::unordered_map<size_t, std::vector<void*>> free_blocks;  // class -> free blocks of it
+  std::unordered_map<void*, size_t> owned;                      // every block of ours, in use or free -> class
+  size_t cached = 0, cap = 0;
+  int64_t hits = 0, misses = 0, released = 0;
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // never destroyed: tensors freed at exit still find it
+  return *c;
+}
+
+c10::DeleterFnPtr base_deleter = nullptr;  // the allocator we replaced: its blocks come back through ours
+
+void release(void* p) {
+  Cache& c = cache();
+  {
+    std::lock_guard<std::mutex> g(c.mu);
+    auto it = c.owned.find(p);
+    if (it == c.owned.end()) {  // a small block of the base allocator (raw_deallocate comes here too)
+      if (base_deleter != nullptr) base_deleter(p);
+      return;
+    }
+    const size_t s = it->second;
+    if (c.cached + s <= c.cap) {
+      c.free_blocks[s].push_back(p);
+      c.cached += s;
+      return;
+    }
+    c.owned.erase(it);
+    c.released++;
+  }
+  std::free(p);
+}
+
+// frees every cached block; the caller holds the lock
+void drop_all(Cache& c) {
+  for (auto& kv : c.free_blocks)
+    for (void* p : kv.second) { c.owned.erase(p); std::free(p); }
+  c.free_blocks.clear();
+  c.cached = 0;
+}
+
+struct CachingAllocator final : c10::Allocator {
+  c10::Allocator* base = nullptr;
+
+  c10::DataPtr allocate(size_t n) override {
+    if (n < MIN_CACHED) return base->allocate(n);
+    const size_t s = size_class(n);
+    Cache& c = cache();
+    {
+      std::lock_guard<std::mutex> g(c.mu);
+      auto it = c.free_blocks.find(s);
+      if (it != c.free_blocks.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        c.cached -= s;
+        c.hits++;
+        return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+      }
+      c.misses++;
+    }
+    const size_t align = s >= HUGE_BYTES ? HUGE_BYTES : 64;
+    void* p = nullptr;
+    if (posix_memalign(&p, align, s) != 0) {
+      { std::lock_guard<std::mutex> g(c.mu); drop_all(c); }
+      TORCH_CHECK(posix_memalign(&p, align, s) == 0, "varkit's CPU allocator: out of memory (", s, " bytes)");
+    }
+#ifdef MADV_HUGEPAGE
+    if (align == HUGE_BYTES) madvise(p, s, MADV_HUGEPAGE);  // advice only: ignored where THP is off
+#endif
+    { std::lock_guard<std::mutex> g(c.mu); c.owned[p] = s; }
+    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+};
+
+CachingAllocator* instance = nullptr;
+
+// a fork while another thread holds the lock would leave it held in the child: hold it across fork
+void lock_for_fork() { cache().mu.lock(); }
+void unlock_after_fork() { cache().mu.unlock(); }
+}  // namespace varkit_alloc
+
+using namespace varkit_alloc;
+
+bool allocator_install(int64_t cap) {
+  Cache& c = cache();
+  { std::lock_guard<std::mutex> g(c.mu); c.cap = (size_t)std::max<int64_t>(cap, 0); if (c.cached > c.cap) drop_all(c); }
+  if (instance != nullptr) return false;
+  instance = new CachingAllocator();
+  instance->base = c10::GetCPUAllocator();
+  base_deleter = instance->base->raw_deleter();
+  pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork);
+  c10::SetCPUAllocator(instance, /*priority=*/1);
+  return true;
+}
+
+bool allocator_installed() { return instance != nullptr && c10::GetCPUAllocator() == instance; }
+
+void allocator_empty_cache() { Cache& c = cache(); std::lock_guard<std::mutex> g(c.mu); drop_all(c); }
+
+std::vector<int64_t> allocator_stats() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> g(c.mu);
+  int64_t blocks = 0;
+  for (auto& kv : c.free_blocks) blocks += (int64_t)kv.second.size();
+  return {(int64_t)c.cached, blocks, (int64_t)c.owned.size(), c.hits, c.misses, c.released, (int64_t)c.cap};
+}
+"""
+
 
 #: GCC flags besides ``-march``
 CFLAGS = ["-O3"]
@@ -802,7 +936,8 @@ OPENMP_FLAGS = ["-fopenmp"]
 
 
 #: the extension's functions
-FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "panel_width", "attend", "rms_norm_rows", "decode_layer", "topk")
+FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "panel_width", "attend", "rms_norm_rows", "decode_layer", "topk",
+             "allocator_install", "allocator_installed", "allocator_empty_cache", "allocator_stats")
 
 
 def fused_decode_enabled() -> bool:
@@ -816,7 +951,7 @@ def _build_name(march: str = "native", flags: tuple[str, ...] = ()) -> str:
     from ..device import cpu_info
 
     info = cpu_info()
-    key = "|".join([SOURCE, *CFLAGS, *flags, torch.__version__, march, info.get("model", ""), ",".join(info.get("flags", []))])
+    key = "|".join([SOURCE, ALLOCATOR_SOURCE, *CFLAGS, *flags, torch.__version__, march, info.get("model", ""), ",".join(info.get("flags", []))])
     return "varkit_cpu_kernels_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -866,7 +1001,7 @@ def build_kernels(march: str = "native") -> Any | None:
             if not _built(cpp_extension, name):
                 print(f"varkit: building the CPU decode kernels for this CPU (once, ~40 s; cached as {name})",
                       file=sys.stderr, flush=True)
-            return cpp_extension.load_inline(name, cpp_sources=[SOURCE], functions=list(FUNCTIONS),
+            return cpp_extension.load_inline(name, cpp_sources=[SOURCE + ALLOCATOR_SOURCE], functions=list(FUNCTIONS),
                                              extra_cflags=[*CFLAGS, *flags, f"-march={march}"], extra_ldflags=flags,
                                              verbose=False)
         except Exception as exc:  # no compiler, no ninja, no OpenMP, a read-only cache: try without, then give up
