@@ -22,6 +22,12 @@ from varkit.tokenizers import VQConfig, VQTokenizer
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def run_ok(cmd: list[str]) -> None:
+    """Run a training command; a failure shows the command's own stderr (a CalledProcessError hides it)."""
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, f"exit {r.returncode}: {' '.join(map(str, cmd))}\n{r.stderr[-4000:]}"
+
+
 def _tiny_tokenizer(path: Path) -> Path:
     torch.manual_seed(0)
     VQTokenizer(VQConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, codebook_size=16,
@@ -88,7 +94,7 @@ def _weights(out):
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     tok = _tiny_tokenizer(tmp_path / "tok")
     steps = 60
-    subprocess.run(_train_cmd(tok, tmp_path / "full", steps), check=True, env=ENV, capture_output=True)
+    run_ok(_train_cmd(tok, tmp_path / "full", steps))
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(tok, out, steps), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -105,7 +111,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert not (out / "generator").exists()
     killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < killed_at < steps
-    subprocess.run(_train_cmd(tok, out, steps, "--resume", str(ckpt)), check=True, env=ENV, capture_output=True)
+    run_ok(_train_cmd(tok, out, steps, "--resume", str(ckpt)))
     a, b = _weights(tmp_path / "full"), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     log = [json.loads(x) for x in (out / "train-generator" / "log.jsonl").read_text().splitlines()]
@@ -115,7 +121,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
 def test_resume_from_another_model_is_refused(tmp_path):
     tok = _tiny_tokenizer(tmp_path / "tok")
-    subprocess.run(_train_cmd(tok, tmp_path / "a", 5), check=True, env=ENV, capture_output=True)
+    run_ok(_train_cmd(tok, tmp_path / "a", 5))
     cmd = _train_cmd(tok, tmp_path / "b", 5, "--resume", str(tmp_path / "a" / "train-generator" / "checkpoint.pt"))
     cmd[cmd.index("raster-tiny")] = "digits-raster"
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
@@ -206,13 +212,13 @@ def test_torchrun_two_processes_train_a_loadable_model(tmp_path):
     cmd = _train_cmd(tok, tmp_path / "ddp", 2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "varkit.train", *cmd[cmd.index("generator"):]]
-    subprocess.run(cmd, check=True, env=ENV, capture_output=True)
+    run_ok(cmd)
     import varkit
 
     assert varkit.load_pipeline(tmp_path / "ddp")([0], seed=0).tokens.shape == (1, 16)
     # the --nproc shortcut re-launches the same thing
     short = _train_cmd(tok, tmp_path / "short", 2, "--nproc", "2")
-    subprocess.run(short, check=True, env=ENV, capture_output=True)
+    run_ok(short)
     assert (tmp_path / "short" / "generator" / "model.safetensors").exists()
 
 
