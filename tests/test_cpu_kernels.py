@@ -58,6 +58,33 @@ def check_rms_norm(rms_norm_rows) -> None:
             assert ((got.double() - exact).abs() <= rel * exact.abs() + 1e-30).all(), (dtype, shape)
 
 
+def check_group_norm_silu(group_norm_silu) -> None:
+    """GroupNorm (+ SiLU) of contiguous fp32 maps against float64, within the bound of the kernel's sums."""
+    g = torch.Generator().manual_seed(4)
+    cases = (((2, 8, 5, 7), 4, 0.0, 1.0), ((1, 160, 32, 32), 32, 0.5, 2.0), ((3, 6, 1, 1), 3, 0.0, 1.0),
+             ((2, 4, 40), 2, 100.0, 1.0), ((1, 32, 3, 3, 3), 8, -3.0, 0.1))  # offsets test the two-pass variance
+    for shape, groups, offset, spread in cases:
+        x = offset + spread * torch.randn(shape, generator=g)
+        w, b = 1 + 0.5 * torch.randn(shape[1], generator=g), 0.3 * torch.randn(shape[1], generator=g)
+        xd = x.double().reshape(shape[0], groups, -1)
+        mean, var = xd.mean(-1, keepdim=True), xd.var(-1, unbiased=False, keepdim=True)
+        z = ((xd - mean) / (var + 1e-6).sqrt()).reshape(shape)
+        bshape = (1, shape[1]) + (1,) * (len(shape) - 2)
+        norm = z * w.double().reshape(bshape) + b.double().reshape(bshape)
+        # fp32 sums of at most 1024 values a lane (the plain build; AVX2/AVX-512 lanes hold 64/32 of them): the mean
+        # and the variance within ~1024 u of mean|x| and of the variance, i.e. of (mean|x| / std + 1) in z units;
+        # then a product, a sum, exp (a few u) and a division
+        scale = (xd.abs().mean(-1) / xd.std(-1, unbiased=False)).max().item() + 1
+        tol = (1024 + 16) * U * ((z.abs() + scale) * w.double().abs().reshape(bshape) + b.double().abs().reshape(bshape))
+        for silu in (False, True):
+            got = group_norm_silu(x, w, b, groups, 1e-6, silu)
+            want = norm * torch.sigmoid(norm) if silu else norm
+            assert got.dtype == torch.float32 and got.shape == x.shape
+            assert ((got.double() - want).abs() <= tol).all(), (shape, groups, silu)
+    with pytest.raises(RuntimeError, match="C divisible by the groups"):
+        group_norm_silu(torch.randn(1, 6, 4), torch.ones(6), torch.zeros(6), 4, 1e-6, True)
+
+
 def _block(dtype: torch.dtype, seed: int = 2):
     """A small LLaMA block (dim 64, 4 heads of 16, SwiGLU 256) with non-trivial norm gains, prepacked, and its rotary
     table."""
@@ -143,7 +170,8 @@ def check_topk(topk) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("check, name", [(check_attend, "attend"), (check_topk, "topk"),
-                                         (check_rms_norm, "rms_norm_rows"), (check_decode_layer, "decode_layer")])
+                                         (check_rms_norm, "rms_norm_rows"), (check_decode_layer, "decode_layer"),
+                                         (check_group_norm_silu, "group_norm_silu")])
 def test_native_kernel(check, name):
     check(getattr(cpu_kernels(), name))
 

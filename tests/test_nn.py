@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -183,3 +184,32 @@ def test_linear_activation_is_onednns_post_op_on_the_packed_path_and_torchs_else
             assert (got.double() - want).abs().max() < 2e-5, rows
         with pytest.raises(ValueError, match="unknown activation 'relu6'"):
             lin.linear(torch.randn(2, 64), None, "relu6")
+
+
+def test_norm_silu_takes_the_kernel_only_for_contiguous_fp32_cpu_maps_at_inference(monkeypatch):
+    """ResNet blocks' GroupNorm + SiLU: the extension's one pass where it applies (equal to torch's within the kernel
+    test's bound), torch's two ops for channels-last maps and under autograd."""
+    from varkit.nn import ldm
+    from varkit.nn.cpu_kernels import cpu_kernels
+
+    real = cpu_kernels()
+    if real is None:
+        pytest.skip("no C++ toolchain to build the kernels here")
+    calls = []
+    monkeypatch.setattr(ldm, "cpu_kernels", lambda: type("K", (), {
+        "group_norm_silu": lambda *a: calls.append(1) or real.group_norm_silu(*a)}))
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+        norm.bias.normal_(0, 0.3)
+    x = torch.randn(2, 16, 9, 9)
+    want = F.silu(norm(x))
+    with torch.no_grad():
+        got = ldm.norm_silu(norm, x)
+        assert len(calls) == 1 and (got - want).abs().max() < 1e-5  # |values| ~ 3: ~50 ulp, well above fp32 rounding
+        ldm.norm_silu(norm, x.contiguous(memory_format=torch.channels_last))
+        assert len(calls) == 1
+    with torch.enable_grad():
+        ldm.norm_silu(norm, x.requires_grad_())
+    assert len(calls) == 1

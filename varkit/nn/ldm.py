@@ -13,7 +13,9 @@ saved varkit folder, diffusers ``AutoencoderKL`` file and converter keeps loadin
 operations in the same order, so outputs equal diffusers' for the same weights (tests/test_ldm.py).
 
 Without autograd a ResNet block applies SiLU and its residual add in place (fewer full-resolution
-passes in the decoder; the same values bit for bit).
+passes in the decoder; the same values bit for bit), and on a CPU each GroupNorm + SiLU is one call of the
+extension's ``group_norm_silu`` (:func:`norm_silu`: one pass over the map instead of three; equal to torch's to
+fp32 rounding).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import check
+from .cpu_kernels import cpu_kernels
 
 __all__ = [
     "ACTIVATIONS", "Attention", "ResnetBlock2D", "Downsample2D", "Upsample2D", "DownEncoderBlock2D",
@@ -43,6 +46,18 @@ def _activation(name: str) -> nn.Module:
     check(isinstance(name, str) and name.lower() in ACTIVATIONS,
           f"act_fn must be one of {sorted(ACTIVATIONS)}; got {name!r}")
     return ACTIVATIONS[name.lower()]()
+
+
+def norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    """``F.silu(norm(x))`` at inference: on a CPU, for a contiguous fp32 map, in one C++ pass per group (the group's
+    values stay in L2 between the statistics and the output: 30 -> ~12 ms a call on VAR's 256 px level, one Xeon
+    core); elsewhere torch's GroupNorm and an in-place SiLU."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and norm.affine and norm.weight.dtype == torch.float32
+            and x.is_contiguous() and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        kernels = cpu_kernels()
+        if kernels is not None:
+            return kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, True)
+    return F.silu(norm(x), inplace=True)
 
 
 class Attention(nn.Module):
@@ -97,8 +112,8 @@ class ResnetBlock2D(nn.Module):
     def forward(self, x: Tensor, temb: None = None) -> Tensor:
         if not torch.is_grad_enabled() and isinstance(self.nonlinearity, nn.SiLU):
             # inference: the same values, with SiLU and the residual add done in place
-            h = self.conv1(F.silu(self.norm1(x), inplace=True))
-            h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
+            h = self.conv1(norm_silu(self.norm1, x))
+            h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
             skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
             # diffusers' `skip + h` takes skip's memory layout (an attention's output is channels-last), which
             # decides the algorithms of the convs downstream: add in place only when the layouts agree
@@ -317,6 +332,8 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
+        if not torch.is_grad_enabled() and isinstance(self.conv_act, nn.SiLU):
+            return self.conv_out(norm_silu(self.conv_norm_out, x))
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
