@@ -186,9 +186,10 @@ def test_linear_activation_is_onednns_post_op_on_the_packed_path_and_torchs_else
             lin.linear(torch.randn(2, 64), None, "relu6")
 
 
-def test_norm_silu_takes_the_kernel_only_for_contiguous_fp32_cpu_maps_at_inference(monkeypatch):
-    """ResNet blocks' GroupNorm + SiLU: the extension's one pass where it applies (equal to torch's within the kernel
-    test's bound), torch's two ops for channels-last maps and under autograd."""
+def test_norm_silu_takes_the_kernel_only_when_fast_for_fp32_cpu_maps_at_inference(monkeypatch):
+    """ResNet blocks' GroupNorm + SiLU: the extension's one pass where fast kernels are on (equal to torch's within
+    the kernel test's bound; a channels-last map is copied to NCHW first), torch's two ops otherwise and under
+    autograd."""
     from varkit.nn import ldm
     from varkit.nn.cpu_kernels import cpu_kernels
 
@@ -197,7 +198,7 @@ def test_norm_silu_takes_the_kernel_only_for_contiguous_fp32_cpu_maps_at_inferen
         pytest.skip("no C++ toolchain to build the kernels here")
     calls = []
     monkeypatch.setattr(ldm, "cpu_kernels", lambda: type("K", (), {
-        "group_norm_silu": lambda *a: calls.append(1) or real.group_norm_silu(*a)}))
+        "group_norm_silu": lambda *a: calls.append(a[0].is_contiguous()) or real.group_norm_silu(*a)}))
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(4, 16, eps=1e-6)
     with torch.no_grad():
@@ -206,10 +207,11 @@ def test_norm_silu_takes_the_kernel_only_for_contiguous_fp32_cpu_maps_at_inferen
     x = torch.randn(2, 16, 9, 9)
     want = F.silu(norm(x))
     with torch.no_grad():
-        got = ldm.norm_silu(norm, x)
-        assert len(calls) == 1 and (got - want).abs().max() < 1e-5  # |values| ~ 3: ~50 ulp, well above fp32 rounding
-        ldm.norm_silu(norm, x.contiguous(memory_format=torch.channels_last))
-        assert len(calls) == 1
+        assert torch.equal(ldm.norm_silu(norm, x), want) and calls == []  # not fast: torch's ops
+        got = ldm.norm_silu(norm, x, fast=True)
+        assert calls == [True] and (got - want).abs().max() < 1e-5  # |values| ~ 3: ~50 ulp, well above fp32 rounding
+        got = ldm.norm_silu(norm, x.contiguous(memory_format=torch.channels_last), fast=True)
+        assert calls == [True, True] and (got - want).abs().max() < 1e-5
     with torch.enable_grad():
-        ldm.norm_silu(norm, x.requires_grad_())
-    assert len(calls) == 1
+        ldm.norm_silu(norm, x.requires_grad_(), fast=True)
+    assert len(calls) == 2

@@ -139,3 +139,24 @@ def test_compile_attaches_the_generators_compiled_step(tiny_pipeline):
     assert tiny_pipeline.generator.compiled_decoding
     tiny_pipeline.to("cpu", "float32")  # moving drops it: the frozen weights would be stale
     assert not tiny_pipeline.generator.compiled_decoding
+
+
+def test_cpu_pipelines_decode_with_the_fast_kernels_unless_asked_for_exact_ones(tiny_pipeline, tmp_path, monkeypatch):
+    """load_pipeline on a CPU switches the tokenizer's LDM modules to the extension's kernels; ``fast_tokenizer=False``
+    and ``generate --exact-tokenizer`` keep torch's (equal to the official tokenizers')."""
+    from varkit.nn import ldm
+
+    tiny_pipeline.save_pretrained(tmp_path / "m")
+
+    def switches(pipe):
+        return {m.fast for m in pipe.tokenizer.modules() if isinstance(m, (ldm.Conv2d, ldm.ResnetBlock2D))}
+
+    assert switches(varkit.load_pipeline(tmp_path / "m")) == {True}
+    assert switches(varkit.load_pipeline(tmp_path / "m", fast_tokenizer=False)) == {False}
+    seen = []
+    real = varkit.pipeline.load_pipeline
+    monkeypatch.setattr(varkit.pipeline, "load_pipeline", lambda *a, **k: seen.append(k["fast_tokenizer"]) or real(*a, **k))
+    for extra in ([], ["--exact-tokenizer"]):
+        assert main(["generate", "--model", str(tmp_path / "m"), "--classes", "1", "--out", str(tmp_path / "g.png"),
+                     *extra]) == 0
+    assert seen == [True, False]

@@ -184,4 +184,7 @@ def test_the_code_paths_of_other_cpus_build_and_agree(march):
     check_topk(kernel.topk)
     check_rms_norm(kernel.rms_norm_rows)
     check_group_norm_silu(kernel.group_norm_silu)
+    from test_winograd import check_winograd
+
+    check_winograd(kernel)
     check_decode_layer(kernel.decode_layer)

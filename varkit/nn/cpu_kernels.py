@@ -843,6 +843,129 @@ torch::Tensor group_norm_act(const torch::Tensor& x, const torch::Tensor& gamma,
   });
   return y;
 }
+
+// ---- Winograd F(4x4, 3x3): the transforms around a batched GEMM (varkit/nn/winograd.py says why) ------------------
+// A 3x3, stride-1, padding-1 convolution's output in 4x4 tiles: V = B^T d B over each 6x6 input tile (d), one GEMM per
+// of the 36 positions (V[k] (tiles, Cin) @ U[k] (Cin, Cout), U = G g G^T made once in float64), Y = A^T M A. The
+// transforms take and give plain NCHW maps: a tile row's 6 input rows are first copied channel-innermost into a
+// buffer that stays in L2, so that every transform runs over vectors of channels.
+template <typename T> inline void winograd_bt(const T* d, T* t, int64_t ds, int64_t ts) {
+  const T d0 = d[0], d1 = d[ds], d2 = d[2 * ds], d3 = d[3 * ds], d4 = d[4 * ds], d5 = d[5 * ds];
+  t[0] = d0 * 4.f - d2 * 5.f + d4;
+  t[ts] = d3 + d4 - (d1 + d2) * 4.f;
+  t[2 * ts] = (d1 - d2) * 4.f - d3 + d4;
+  t[3 * ts] = (d3 - d1) * 2.f - d2 + d4;
+  t[4 * ts] = (d1 - d3) * 2.f - d2 + d4;
+  t[5 * ts] = d1 * 4.f - d3 * 5.f + d5;
+}
+
+template <typename T> inline void winograd_at(const T* m, T* y, int64_t ms, int64_t ys) {
+  const T a = m[ms] + m[2 * ms], b = m[ms] - m[2 * ms], c = m[3 * ms] + m[4 * ms], e = m[3 * ms] - m[4 * ms];
+  y[0] = m[0] + a + c;
+  y[ys] = b + e * 2.f;
+  y[2 * ys] = a + c * 4.f;
+  y[3 * ys] = b + e * 8.f + m[5 * ms];
+}
+
+template <typename T> inline void winograd_tile_in(const float* buf, int64_t Q, int64_t C, int64_t col, int64_t c,
+                                                   float* V, int64_t stride_k) {
+  T d[36], t[36], v[36];
+  for (int s = 0; s < 6; ++s)
+    for (int q = 0; q < 6; ++q) {
+      const float* src = buf + ((int64_t)s * Q + col + q) * C + c;
+      if constexpr (std::is_same<T, float>::value) d[s * 6 + q] = *src; else d[s * 6 + q] = vload(src);
+    }
+  for (int q = 0; q < 6; ++q) winograd_bt(d + q, t + q, 6, 6);
+  for (int s = 0; s < 6; ++s) winograd_bt(t + s * 6, v + s * 6, 1, 1);
+  for (int k = 0; k < 36; ++k) {
+    if constexpr (std::is_same<T, float>::value) V[k * stride_k] = v[k]; else vstore(V + k * stride_k, v[k]);
+  }
+}
+
+template <typename T> inline void winograd_tile_out(const float* M, int64_t stride_k, float* buf, int64_t Q,
+                                                    int64_t C, int64_t col, int64_t c) {
+  T m[36], s[24], o[16];
+  for (int k = 0; k < 36; ++k) {
+    if constexpr (std::is_same<T, float>::value) m[k] = M[k * stride_k]; else m[k] = vload(M + k * stride_k);
+  }
+  for (int b = 0; b < 6; ++b) winograd_at(m + b, s + b, 6, 6);
+  for (int y = 0; y < 4; ++y) winograd_at(s + y * 6, o + y * 4, 1, 1);
+  for (int y = 0; y < 4; ++y)
+    for (int x = 0; x < 4; ++x) {
+      float* dst = buf + ((int64_t)y * Q + col + x) * C + c;
+      if constexpr (std::is_same<T, float>::value) *dst = o[y * 4 + x]; else vstore(dst, o[y * 4 + x]);
+    }
+}
+
+// V (36, tiles, C) for the tile rows [r0, r1) of x (B, C, H, W); tile row r is image r / th, rows 4 (r % th) - 1 ...
+torch::Tensor winograd_input_tiles(const torch::Tensor& x, int64_t r0, int64_t r1) {
+  TORCH_CHECK(x.dim() == 4 && !x.is_cuda() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "varkit winograd_input: a contiguous fp32 (B, C, H, W) CPU map");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), Wd = x.size(3), th = (H + 3) / 4, tw = (Wd + 3) / 4;
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= B * th, "varkit winograd_input: tile rows out of range");
+  const int64_t P = (r1 - r0) * tw, Q = 4 * tw + 2;
+  auto V = torch::empty({36, P, C}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* vp = V.data_ptr<float>();
+  at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t e) {
+    std::vector<float> buf(6 * Q * C);
+    for (int64_t r = a; r < e; ++r) {
+      const int64_t b = r / th, i = r % th;
+      for (int s = 0; s < 6; ++s) {
+        float* row = buf.data() + s * Q * C;
+        const int64_t ih = 4 * i - 1 + s;
+        if (ih < 0 || ih >= H) { std::fill(row, row + Q * C, 0.f); continue; }
+        std::fill(row, row + C, 0.f);  // column -1
+        std::fill(row + (Wd + 1) * C, row + Q * C, 0.f);  // columns W ...
+        for (int64_t c = 0; c < C; ++c) {
+          const float* src = xp + ((b * C + c) * H + ih) * Wd;
+          for (int64_t w = 0; w < Wd; ++w) row[(w + 1) * C + c] = src[w];
+        }
+      }
+      for (int64_t j = 0; j < tw; ++j) {
+        float* dst = vp + ((r - r0) * tw + j) * C;
+        int64_t c = 0;
+        for (; c + W <= C; c += W) winograd_tile_in<vec>(buf.data(), Q, C, 4 * j, c, dst + c, P * C);
+        for (; c < C; ++c) winograd_tile_in<float>(buf.data(), Q, C, 4 * j, c, dst + c, P * C);
+      }
+    }
+  });
+  return V;
+}
+
+// y (B, C, H, W) rows of the tile rows [r0, r1) from M (36, tiles, C), plus the bias
+void winograd_output_tiles(const torch::Tensor& M, const torch::Tensor& bias, torch::Tensor& y, int64_t r0, int64_t r1) {
+  TORCH_CHECK(y.dim() == 4 && !y.is_cuda() && y.scalar_type() == torch::kFloat32 && y.is_contiguous()
+              && M.scalar_type() == torch::kFloat32 && M.is_contiguous() && M.dim() == 3 && M.size(0) == 36
+              && M.size(2) == y.size(1) && bias.scalar_type() == torch::kFloat32 && bias.is_contiguous()
+              && bias.numel() == y.size(1), "varkit winograd_output: contiguous fp32 tiles (36, P, C), bias (C), map");
+  const int64_t B = y.size(0), C = y.size(1), H = y.size(2), Wd = y.size(3), th = (H + 3) / 4, tw = (Wd + 3) / 4;
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= B * th && M.size(1) == (r1 - r0) * tw,
+              "varkit winograd_output: tile rows do not match the tiles");
+  const int64_t P = M.size(1), Q = 4 * tw;
+  const float* mp = M.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t e) {
+    std::vector<float> buf(4 * Q * C);
+    for (int64_t r = a; r < e; ++r) {
+      const int64_t b = r / th, i = r % th;
+      for (int64_t j = 0; j < tw; ++j) {
+        const float* src = mp + ((r - r0) * tw + j) * C;
+        int64_t c = 0;
+        for (; c + W <= C; c += W) winograd_tile_out<vec>(src + c, P * C, buf.data(), Q, C, 4 * j, c);
+        for (; c < C; ++c) winograd_tile_out<float>(src + c, P * C, buf.data(), Q, C, 4 * j, c);
+      }
+      for (int64_t yy = 0; yy < 4 && 4 * i + yy < H; ++yy)
+        for (int64_t c = 0; c < C; ++c) {
+          float* dst = yp + ((b * C + c) * H + 4 * i + yy) * Wd;
+          const float* row = buf.data() + yy * Q * C + c;
+          const float bc = bp[c];
+          for (int64_t w = 0; w < Wd; ++w) dst[w] = row[w * C] + bc;
+        }
+    }
+  });
+}
 }  // namespace
 
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w) { return product(x, w, w.size(0), false); }
@@ -860,6 +983,10 @@ std::vector<torch::Tensor> topk(torch::Tensor x, int64_t k) { return topk_sorted
 torch::Tensor group_norm_silu(torch::Tensor x, torch::Tensor gamma, torch::Tensor beta, int64_t groups, double eps,
                               bool silu) {
   return group_norm_act(x, gamma, beta, groups, eps, silu);
+}
+torch::Tensor winograd_input(torch::Tensor x, int64_t r0, int64_t r1) { return winograd_input_tiles(x, r0, r1); }
+void winograd_output(torch::Tensor m, torch::Tensor bias, torch::Tensor y, int64_t r0, int64_t r1) {
+  winograd_output_tiles(m, bias, y, r0, r1);
 }
 """
 
@@ -1008,7 +1135,8 @@ OPENMP_FLAGS = ["-fopenmp"]
 
 #: the extension's functions
 FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "panel_width", "attend", "rms_norm_rows", "decode_layer", "topk",
-             "group_norm_silu", "allocator_install", "allocator_installed", "allocator_empty_cache", "allocator_stats")
+             "group_norm_silu", "winograd_input", "winograd_output",
+             "allocator_install", "allocator_installed", "allocator_empty_cache", "allocator_stats")
 
 
 def fused_decode_enabled() -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Callable
 import os
 
 import torch
@@ -180,17 +181,22 @@ class Linear(DerivedState, nn.Linear):
         return self._derived_copy("_panels", lambda w: panel_weight(w, kernel.panel_width()))
 
     def _derived_copy(self, attr: str, make) -> torch.Tensor:
-        """``make(weight)``, cached in ``attr`` until the weight changes (new storage or in-place edit)."""
-        w = self.weight
-        # an inference tensor (a model built or copied under torch.inference_mode) has no version counter: its
-        # storage and dtype are the key then (in-place edits under inference mode are not seen)
-        key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype)
-        cached = self.__dict__.get(attr)
-        if cached is None or cached[0] != key:
-            cached = (key, make(w))
-            self.__dict__[attr] = cached
-        return cached[1]
+        return derived_copy(self, attr, make)
 
+
+
+def derived_copy(module: nn.Module, attr: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``make(module.weight)``, cached in ``module.__dict__[attr]`` until the weight changes (new storage or in-place
+    edit): the kernels' own layouts of a weight (packed, blocked, panels, Winograd-transformed)."""
+    w = module.weight
+    # an inference tensor (a model built or copied under torch.inference_mode) has no version counter: its
+    # storage and dtype are the key then (in-place edits under inference mode are not seen)
+    key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype)
+    cached = module.__dict__.get(attr)
+    if cached is None or cached[0] != key:
+        cached = (key, make(w))
+        module.__dict__[attr] = cached
+    return cached[1]
 
 
 #: ``prepack="auto"`` packs a weight from this many elements (1 MiB in fp32): below it a oneDNN call's fixed cost

@@ -13,9 +13,11 @@ saved varkit folder, diffusers ``AutoencoderKL`` file and converter keeps loadin
 operations in the same order, so outputs equal diffusers' for the same weights (tests/test_ldm.py).
 
 Without autograd a ResNet block applies SiLU and its residual add in place (fewer full-resolution
-passes in the decoder; the same values bit for bit), and on a CPU each GroupNorm + SiLU is one call of the
-extension's ``group_norm_silu`` (:func:`norm_silu`: one pass over the map instead of three; equal to torch's to
-fp32 rounding).
+passes in the decoder; the same values bit for bit).
+
+:func:`use_fast_kernels` (what pipelines do on a CPU) switches a model's inference to the extension's kernels,
+close to but not bit-equal with diffusers: 3x3 convolutions as Winograd F(4x4, 3x3) (:mod:`varkit.nn.winograd`)
+and each GroupNorm + SiLU in one pass over the map (:func:`norm_silu`). Models built directly keep torch's ops.
 """
 from __future__ import annotations
 
@@ -26,10 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import check
+from ..modeling import DerivedState
+from . import winograd
 from .cpu_kernels import cpu_kernels
+from .layers import derived_copy
 
 __all__ = [
-    "ACTIVATIONS", "Attention", "ResnetBlock2D", "Downsample2D", "Upsample2D", "DownEncoderBlock2D",
+    "ACTIVATIONS", "Attention", "Conv2d", "use_fast_kernels", "norm_silu", "ResnetBlock2D", "Downsample2D", "Upsample2D", "DownEncoderBlock2D",
     "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D", "UNetMidBlock2D", "Encoder", "Decoder",
     "Codebook", "VQAutoencoder", "KLAutoencoder", "LOGVAR_RANGE", "DOWN_BLOCK_TYPES", "UP_BLOCK_TYPES",
 ]
@@ -48,16 +53,45 @@ def _activation(name: str) -> nn.Module:
     return ACTIVATIONS[name.lower()]()
 
 
-def norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
-    """``F.silu(norm(x))`` at inference: on a CPU, for a contiguous fp32 map, in one C++ pass per group (the group's
-    values stay in L2 between the statistics and the output: 30 -> ~12 ms a call on VAR's 256 px level, one Xeon
-    core); elsewhere torch's GroupNorm and an in-place SiLU."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and norm.affine and norm.weight.dtype == torch.float32
-            and x.is_contiguous() and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+def norm_silu(norm: nn.GroupNorm, x: Tensor, fast: bool = False) -> Tensor:
+    """``F.silu(norm(x))`` at inference. ``fast``, on a CPU, for an fp32 map: one C++ pass per group (its
+    values stay in L2 between the statistics and the output: 17.6 -> 8.6 ms a call on a 128-channel 256 px map, one
+    Xeon core; equal to torch's to fp32 rounding, not bit for bit); otherwise torch's GroupNorm and an in-place SiLU."""
+    if (fast and x.device.type == "cpu" and x.dtype == torch.float32 and norm.affine
+            and norm.weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
         kernels = cpu_kernels()
-        if kernels is not None:
-            return kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, True)
+        if kernels is not None:  # a channels-last map (an attention block's output) is copied to NCHW first
+            return kernels.group_norm_silu(x.contiguous(), norm.weight, norm.bias, norm.num_groups, norm.eps, True)
     return F.silu(norm(x), inplace=True)
+
+
+class Conv2d(DerivedState, nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and keys) whose 3x3 inference runs as Winograd F(4x4, 3x3) when ``fast`` is
+    set (:func:`use_fast_kernels`) and the call is eligible (:func:`varkit.nn.winograd.eligible`); otherwise, and
+    always with autograd, torch's convolution."""
+
+    fast = False
+    derived_attrs = ("_winograd",)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fast and min(self.in_channels, self.out_channels) >= winograd.MIN_CHANNELS and winograd.eligible(self, x):
+            return winograd.conv3x3(x, derived_copy(self, "_winograd", winograd.transform_weight), self.bias)
+        return super().forward(x)
+
+
+def use_fast_kernels(module: nn.Module, enabled: bool = True) -> int:
+    """Switch the CPU inference kernels of every LDM convolution, ResNet block and decoder in ``module`` (Winograd
+    3x3 convolutions, fused GroupNorm + SiLU): outputs within a few 1e-6 of torch's relative to their scale, 2x
+    faster on VAR's decoder (tests/test_winograd.py). Returns how many modules were switched."""
+    count = 0
+    for m in module.modules():
+        if isinstance(m, (Conv2d, ResnetBlock2D, Decoder)):
+            m.fast = enabled
+            if not enabled and isinstance(m, Conv2d):
+                m.drop_derived()
+            count += 1
+    return count
 
 
 class Attention(nn.Module):
@@ -96,15 +130,17 @@ class ResnetBlock2D(nn.Module):
     diffusers' ``ResnetBlock2D`` without a time embedding and with output scale 1 (the LDM autoencoder's).
     """
 
+    fast = False  # the fused GroupNorm + SiLU at inference (:func:`use_fast_kernels`)
+
     def __init__(self, in_channels: int, out_channels: int, groups: int, act_fn: str = "silu",
                  eps: float = _EPS, dropout: float = 0.0):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, affine=True)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, affine=True)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.nonlinearity = _activation(act_fn)
         self.conv_shortcut = (nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
                               if in_channels != out_channels else None)
@@ -112,8 +148,8 @@ class ResnetBlock2D(nn.Module):
     def forward(self, x: Tensor, temb: None = None) -> Tensor:
         if not torch.is_grad_enabled() and isinstance(self.nonlinearity, nn.SiLU):
             # inference: the same values, with SiLU and the residual add done in place
-            h = self.conv1(norm_silu(self.norm1, x))
-            h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
+            h = self.conv1(norm_silu(self.norm1, x, self.fast))
+            h = self.conv2(self.dropout(norm_silu(self.norm2, h, self.fast)))
             skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
             # diffusers' `skip + h` takes skip's memory layout (an attention's output is channels-last), which
             # decides the algorithms of the convs downstream: add in place only when the layouts agree
@@ -140,7 +176,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
         if output_size is None:
@@ -282,7 +318,7 @@ class Encoder(nn.Module):
         widths = tuple(block_out_channels)
         _check_layout("down", tuple(down_block_types), widths, DOWN_BLOCK_TYPES, norm_num_groups)
         self.layers_per_block = layers_per_block
-        self.conv_in = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1)
         self.down_blocks = nn.ModuleList()
         prev = widths[0]
         for i, kind in enumerate(down_block_types):
@@ -292,7 +328,7 @@ class Encoder(nn.Module):
         self.mid_block = UNetMidBlock2D(widths[-1], norm_num_groups, act_fn, mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, widths[-1], eps=_EPS)
         self.conv_act = nn.SiLU()  # SiLU whatever act_fn is, as diffusers
-        self.conv_out = nn.Conv2d(widths[-1], 2 * out_channels if double_z else out_channels, 3, padding=1)
+        self.conv_out = Conv2d(widths[-1], 2 * out_channels if double_z else out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv_in(x)
@@ -307,6 +343,8 @@ class Decoder(nn.Module):
     GroupNorm, SiLU, ``conv_out``. diffusers' ``Decoder`` with ``norm_type="group"``; ``up_blocks[0]`` is the
     lowest resolution."""
 
+    fast = False  # the fused GroupNorm + SiLU before ``conv_out`` at inference (:func:`use_fast_kernels`)
+
     def __init__(self, in_channels: int = 3, out_channels: int = 3,
                  up_block_types: Sequence[str] = ("UpDecoderBlock2D",), block_out_channels: Sequence[int] = (64,),
                  layers_per_block: int = 2, norm_num_groups: int = 32, act_fn: str = "silu",
@@ -315,7 +353,7 @@ class Decoder(nn.Module):
         widths = tuple(block_out_channels)
         _check_layout("up", tuple(up_block_types), widths, UP_BLOCK_TYPES, norm_num_groups)
         self.layers_per_block = layers_per_block
-        self.conv_in = nn.Conv2d(in_channels, widths[-1], kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(in_channels, widths[-1], kernel_size=3, stride=1, padding=1)
         self.up_blocks = nn.ModuleList()  # registered before mid_block, as diffusers (same state-dict order)
         self.mid_block = UNetMidBlock2D(widths[-1], norm_num_groups, act_fn, mid_block_add_attention)
         reversed_widths = widths[::-1]
@@ -326,14 +364,14 @@ class Decoder(nn.Module):
             prev = reversed_widths[i]
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, widths[0], eps=_EPS)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
+        self.conv_out = Conv2d(widths[0], out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
         if not torch.is_grad_enabled() and isinstance(self.conv_act, nn.SiLU):
-            return self.conv_out(norm_silu(self.conv_norm_out, x))
+            return self.conv_out(norm_silu(self.conv_norm_out, x, self.fast))
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
