@@ -132,3 +132,25 @@ def test_the_transformed_filters_follow_weight_edits():
         want = dec(z)
     assert not torch.allclose(before, after)
     assert float((after - want).abs().max()) < 1e-4 * float(want.abs().max())
+
+
+@needs_kernels
+def test_var_decoder_upsamples_through_winograd_when_fast(monkeypatch):
+    """VAR's decoder swaps its upsampling convs for the stacked 2x2 form on grids of 32 px and more; with the fast
+    kernels on they run as Winograd convs on the upsampled map instead (faster at every level of VAR-d16's)."""
+    from varkit.tokenizers import msvq
+
+    cfg = msvq.MSVQConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, codebook_size=32,
+                          patch_nums=(1, 2, 4, 8), norm_num_groups=8, using_sa=False, using_mid_sa=False)
+    torch.manual_seed(3)
+    tok = msvq.MultiScaleVQTokenizer(cfg).eval()
+    z = torch.randn(1, 8, 32, 32)
+    stacked = []
+    real = msvq.upsample2x_conv3x3
+    monkeypatch.setattr(msvq, "upsample2x_conv3x3", lambda *a: stacked.append(1) or real(*a))
+    with torch.no_grad():
+        exact = tok.decoder(z)
+        assert len(stacked) == 2  # the upsamplers of the 32 and 64 px levels
+        ldm.use_fast_kernels(tok)
+        fast = tok.decoder(z)
+    assert len(stacked) == 2 and 0 < float((fast - exact).abs().max()) < 1e-4 * float(exact.abs().max())

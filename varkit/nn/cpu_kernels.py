@@ -867,37 +867,57 @@ template <typename T> inline void winograd_at(const T* m, T* y, int64_t ms, int6
   y[3 * ys] = b + e * 8.f + m[5 * ms];
 }
 
-template <typename T> inline void winograd_tile_in(const float* buf, int64_t Q, int64_t C, int64_t col, int64_t c,
+// dst[j * ds + i] = src[i * ss + j] for i < ni, j < nj, in 16 x 16 blocks (each block's lines stay in L1); the blocks
+// of the far-strided side (a map's channel rows, a page or more apart) outermost: 16 streams at a time, not hundreds
+inline void transpose_block(const float* src, int64_t ss, float* dst, int64_t ds, int64_t i0, int64_t i1, int64_t j0,
+                            int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t i = i0; i < i1; ++i) dst[j * ds + i] = src[i * ss + j];
+}
+inline void transpose_blocks(const float* src, int64_t ss, float* dst, int64_t ds, int64_t ni, int64_t nj) {
+  if (ss >= ds) {
+    for (int64_t i0 = 0; i0 < ni; i0 += 16)
+      for (int64_t j0 = 0; j0 < nj; j0 += 16)
+        transpose_block(src, ss, dst, ds, i0, std::min(ni, i0 + 16), j0, std::min(nj, j0 + 16));
+  } else {
+    for (int64_t j0 = 0; j0 < nj; j0 += 16)
+      for (int64_t i0 = 0; i0 < ni; i0 += 16)
+        transpose_block(src, ss, dst, ds, i0, std::min(ni, i0 + 16), j0, std::min(nj, j0 + 16));
+  }
+}
+
+template <typename T> inline T winograd_load(const float* p) {
+  if constexpr (std::is_same<T, float>::value) return *p; else return vload(p);
+}
+template <typename T> inline void winograd_store(float* p, T v) {
+  if constexpr (std::is_same<T, float>::value) *p = v; else vstore(p, v);
+}
+
+// one 6x6 tile of channels [c, c + lanes) from six channel-innermost rows -> its 36 transformed values
+template <typename T> inline void winograd_tile_in(const float* const* rows, int64_t C, int64_t col, int64_t c,
                                                    float* V, int64_t stride_k) {
   T d[36], t[36], v[36];
   for (int s = 0; s < 6; ++s)
-    for (int q = 0; q < 6; ++q) {
-      const float* src = buf + ((int64_t)s * Q + col + q) * C + c;
-      if constexpr (std::is_same<T, float>::value) d[s * 6 + q] = *src; else d[s * 6 + q] = vload(src);
-    }
+    for (int q = 0; q < 6; ++q) d[s * 6 + q] = winograd_load<T>(rows[s] + (col + q) * C + c);
   for (int q = 0; q < 6; ++q) winograd_bt(d + q, t + q, 6, 6);
   for (int s = 0; s < 6; ++s) winograd_bt(t + s * 6, v + s * 6, 1, 1);
-  for (int k = 0; k < 36; ++k) {
-    if constexpr (std::is_same<T, float>::value) V[k * stride_k] = v[k]; else vstore(V + k * stride_k, v[k]);
-  }
+  for (int k = 0; k < 36; ++k) winograd_store<T>(V + k * stride_k, v[k]);
 }
 
-template <typename T> inline void winograd_tile_out(const float* M, int64_t stride_k, float* buf, int64_t Q,
-                                                    int64_t C, int64_t col, int64_t c) {
+// one tile's 36 products of channels [c, c + lanes) -> its 4x4 outputs plus the bias, channel-innermost rows
+template <typename T> inline void winograd_tile_out(const float* M, int64_t stride_k, const float* bias, float* buf,
+                                                    int64_t Q, int64_t C, int64_t col, int64_t c) {
   T m[36], s[24], o[16];
-  for (int k = 0; k < 36; ++k) {
-    if constexpr (std::is_same<T, float>::value) m[k] = M[k * stride_k]; else m[k] = vload(M + k * stride_k);
-  }
+  for (int k = 0; k < 36; ++k) m[k] = winograd_load<T>(M + k * stride_k);
   for (int b = 0; b < 6; ++b) winograd_at(m + b, s + b, 6, 6);
   for (int y = 0; y < 4; ++y) winograd_at(s + y * 6, o + y * 4, 1, 1);
+  const T bc = winograd_load<T>(bias + c);
   for (int y = 0; y < 4; ++y)
-    for (int x = 0; x < 4; ++x) {
-      float* dst = buf + ((int64_t)y * Q + col + x) * C + c;
-      if constexpr (std::is_same<T, float>::value) *dst = o[y * 4 + x]; else vstore(dst, o[y * 4 + x]);
-    }
+    for (int x = 0; x < 4; ++x) winograd_store<T>(buf + ((int64_t)y * Q + col + x) * C + c, o[y * 4 + x] + bc);
 }
 
 // V (36, tiles, C) for the tile rows [r0, r1) of x (B, C, H, W); tile row r is image r / th, rows 4 (r % th) - 1 ...
+// Each thread keeps six input rows channel-innermost (zero-padded by a column each side) and moves down by four.
 torch::Tensor winograd_input_tiles(const torch::Tensor& x, int64_t r0, int64_t r1) {
   TORCH_CHECK(x.dim() == 4 && !x.is_cuda() && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "varkit winograd_input: a contiguous fp32 (B, C, H, W) CPU map");
@@ -908,25 +928,32 @@ torch::Tensor winograd_input_tiles(const torch::Tensor& x, int64_t r0, int64_t r
   const float* xp = x.data_ptr<float>();
   float* vp = V.data_ptr<float>();
   at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t e) {
-    std::vector<float> buf(6 * Q * C);
+    std::vector<float> ring(6 * Q * C);
+    const float* rows[6];
+    int64_t have = -1;  // the tile row whose input rows the ring holds
+    auto fill = [&](float* row, int64_t b, int64_t ih) {
+      if (ih < 0 || ih >= H) { std::fill(row, row + Q * C, 0.f); return; }
+      std::fill(row, row + C, 0.f);  // column -1
+      std::fill(row + (Wd + 1) * C, row + Q * C, 0.f);  // columns W ...
+      transpose_blocks(xp + (b * C * H + ih) * Wd, H * Wd, row + C, C, C, Wd);
+    };
     for (int64_t r = a; r < e; ++r) {
       const int64_t b = r / th, i = r % th;
-      for (int s = 0; s < 6; ++s) {
-        float* row = buf.data() + s * Q * C;
-        const int64_t ih = 4 * i - 1 + s;
-        if (ih < 0 || ih >= H) { std::fill(row, row + Q * C, 0.f); continue; }
-        std::fill(row, row + C, 0.f);  // column -1
-        std::fill(row + (Wd + 1) * C, row + Q * C, 0.f);  // columns W ...
-        for (int64_t c = 0; c < C; ++c) {
-          const float* src = xp + ((b * C + c) * H + ih) * Wd;
-          for (int64_t w = 0; w < Wd; ++w) row[(w + 1) * C + c] = src[w];
-        }
+      if (have == r - 1 && i > 0) {  // the next tile row down: its rows 0-1 are the last one's 4-5
+        float* keep[2] = {const_cast<float*>(rows[4]), const_cast<float*>(rows[5])};
+        float* free_rows[4] = {const_cast<float*>(rows[0]), const_cast<float*>(rows[1]), const_cast<float*>(rows[2]),
+                               const_cast<float*>(rows[3])};
+        rows[0] = keep[0], rows[1] = keep[1];
+        for (int s = 2; s < 6; ++s) { fill(free_rows[s - 2], b, 4 * i - 1 + s); rows[s] = free_rows[s - 2]; }
+      } else {
+        for (int s = 0; s < 6; ++s) { float* row = ring.data() + s * Q * C; fill(row, b, 4 * i - 1 + s); rows[s] = row; }
       }
+      have = r;
       for (int64_t j = 0; j < tw; ++j) {
         float* dst = vp + ((r - r0) * tw + j) * C;
         int64_t c = 0;
-        for (; c + W <= C; c += W) winograd_tile_in<vec>(buf.data(), Q, C, 4 * j, c, dst + c, P * C);
-        for (; c < C; ++c) winograd_tile_in<float>(buf.data(), Q, C, 4 * j, c, dst + c, P * C);
+        for (; c + W <= C; c += W) winograd_tile_in<vec>(rows, C, 4 * j, c, dst + c, P * C);
+        for (; c < C; ++c) winograd_tile_in<float>(rows, C, 4 * j, c, dst + c, P * C);
       }
     }
   });
@@ -953,16 +980,11 @@ void winograd_output_tiles(const torch::Tensor& M, const torch::Tensor& bias, to
       for (int64_t j = 0; j < tw; ++j) {
         const float* src = mp + ((r - r0) * tw + j) * C;
         int64_t c = 0;
-        for (; c + W <= C; c += W) winograd_tile_out<vec>(src + c, P * C, buf.data(), Q, C, 4 * j, c);
-        for (; c < C; ++c) winograd_tile_out<float>(src + c, P * C, buf.data(), Q, C, 4 * j, c);
+        for (; c + W <= C; c += W) winograd_tile_out<vec>(src + c, P * C, bp, buf.data(), Q, C, 4 * j, c);
+        for (; c < C; ++c) winograd_tile_out<float>(src + c, P * C, bp, buf.data(), Q, C, 4 * j, c);
       }
       for (int64_t yy = 0; yy < 4 && 4 * i + yy < H; ++yy)
-        for (int64_t c = 0; c < C; ++c) {
-          float* dst = yp + ((b * C + c) * H + 4 * i + yy) * Wd;
-          const float* row = buf.data() + yy * Q * C + c;
-          const float bc = bp[c];
-          for (int64_t w = 0; w < Wd; ++w) dst[w] = row[w * C] + bc;
-        }
+        transpose_blocks(buf.data() + yy * Q * C, C, yp + (b * C * H + 4 * i + yy) * Wd, H * Wd, Wd, C);
     }
   });
 }
