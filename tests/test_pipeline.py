@@ -155,7 +155,8 @@ def test_cpu_pipelines_decode_with_the_fast_kernels_unless_asked_for_exact_ones(
     assert switches(varkit.load_pipeline(tmp_path / "m", fast_tokenizer=False)) == {False}
     seen = []
     real = varkit.pipeline.load_pipeline
-    monkeypatch.setattr(varkit.pipeline, "load_pipeline", lambda *a, **k: seen.append(k["fast_tokenizer"]) or real(*a, **k))
+    monkeypatch.setattr(varkit.pipeline, "load_pipeline",
+                        lambda *a, **k: seen.append(k["fast_tokenizer"]) or real(*a, **k))
     for extra in ([], ["--exact-tokenizer"]):
         assert main(["generate", "--model", str(tmp_path / "m"), "--classes", "1", "--out", str(tmp_path / "g.png"),
                      *extra]) == 0

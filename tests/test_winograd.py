@@ -55,7 +55,7 @@ def check_winograd(kernels) -> None:
         x = torch.randn(b, cin, h, wd, generator=g)
         w = torch.randn(cout, cin, 3, 3, generator=g) / (3 * cin ** 0.5)
         bias = torch.randn(cout, generator=g)
-        got = winograd.conv3x3(x, winograd.transform_weight(w), bias, kernels).double()
+        got = winograd.conv3x3(x, winograd.transform_weight(w, kernels), bias, kernels).double()
         want = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
         assert torch.allclose(reference(x, w) + bias.double()[:, None, None], want, rtol=0, atol=1e-9)
         bound = (cin + 16) * EPS * (reference(x, w, absolute=True) + bias.double().abs()[:, None, None])
@@ -68,6 +68,23 @@ def test_winograd_conv_is_within_the_error_bound(monkeypatch):
     check_winograd(cpu_kernels())
     monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)  # one tile row a chunk: chunk edges inside an image
     check_winograd(cpu_kernels())
+
+
+@needs_kernels
+def test_the_filter_transform_is_float64_rounded_once(monkeypatch):
+    """The extension's U = G g Gᵀ equals torch's float64 einsum rounded to fp32, to 1 ulp (the two float64 sums may
+    round differently in their last bits, which can move a value across an fp32 rounding boundary); the einsum is
+    also the fallback where the extension cannot be built."""
+    g = torch.tensor(winograd.G, dtype=torch.float64)
+    w = torch.randn(5, 7, 3, 3, generator=torch.Generator().manual_seed(2))
+    want = torch.einsum("ar,oirs,bs->abio", g, w.double(), g).reshape(36, 7, 5)
+    got = winograd.transform_weight(w)
+    assert got.shape == (36, 7, 5) and got.dtype == torch.float32
+    assert ((got.double() - want).abs() <= EPS * want.abs()).all()
+    monkeypatch.setattr(winograd, "cpu_kernels", lambda: None)
+    assert torch.equal(winograd.transform_weight(w), want.float())
+    with pytest.raises(RuntimeError, match="3, 3"):
+        cpu_kernels().winograd_filters(torch.randn(2, 2, 5, 5))
 
 
 @needs_kernels
@@ -90,23 +107,33 @@ def _decoder() -> ldm.Decoder:
 @needs_kernels
 def test_fast_kernels_switch_on_and_off_and_leave_training_alone(monkeypatch):
     dec = _decoder()
-    z = torch.randn(2, 4, 12, 12)
+    z = torch.randn(2, 4, 16, 16)
     with torch.no_grad():
         exact = dec(z)
     calls = {"conv": 0, "norm": 0}
     real_conv, real_kernels = winograd.conv3x3, cpu_kernels()
     monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.__setitem__("conv", calls["conv"] + 1) or real_conv(*a))
-    monkeypatch.setattr(ldm, "cpu_kernels", lambda: type("K", (), {
-        "group_norm_silu": lambda *a: calls.__setitem__("norm", calls["norm"] + 1) or real_kernels.group_norm_silu(*a)}))
+    def counted_norm(*a):
+        calls["norm"] += 1
+        return real_kernels.group_norm_silu(*a)
+
+    monkeypatch.setattr(ldm, "cpu_kernels", lambda: type("K", (), {"group_norm_silu": staticmethod(counted_norm)}))
     n = ldm.use_fast_kernels(dec)
     assert n == sum(isinstance(m, (ldm.Conv2d, ldm.ResnetBlock2D, ldm.Decoder)) for m in dec.modules())
+    pixels = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: pixels.__setitem__(m, a[0].shape[-2] * a[0].shape[-1]))
+             for m in dec.modules() if isinstance(m, ldm.Conv2d)]
     with torch.no_grad():
         fast = dec(z)
-    # every 3x3 conv of at least MIN_CHANNELS (conv_in's 4 and conv_out's 3 channels stay on torch's), every
-    # ResNet block's two norms and the output norm; the values within the per-conv bound's scale (the bound itself
-    # is test_winograd_conv_is_within_the_error_bound's; here the wiring)
-    wide = [m for m in dec.modules() if isinstance(m, ldm.Conv2d) and min(m.in_channels, m.out_channels) >= 32]
-    assert calls["conv"] == len(wide) > 0
+    for h in hooks:
+        h.remove()
+    # every 3x3 conv of at least MIN_CHANNELS (conv_in's 4 and conv_out's 3 channels stay on torch's) on a map of
+    # at least MIN_PIXELS (the 16 px level stays too), every ResNet block's two norms and the output norm; the values
+    # within the per-conv bound's scale (the bound itself is test_winograd_conv_is_within_the_error_bound's; here the
+    # wiring)
+    wide = [m for m, p in pixels.items()
+            if min(m.in_channels, m.out_channels) >= winograd.MIN_CHANNELS and p >= winograd.MIN_PIXELS]
+    assert calls["conv"] == len(wide) > 0 and len(wide) < len(pixels)
     assert calls["norm"] == 2 * sum(isinstance(m, ldm.ResnetBlock2D) for m in dec.modules()) + 1
     assert 0 < float((fast - exact).abs().max()) < 1e-4 * float(exact.abs().max())
     with torch.enable_grad():  # autograd: torch's ops, bit for bit
@@ -121,7 +148,7 @@ def test_fast_kernels_switch_on_and_off_and_leave_training_alone(monkeypatch):
 def test_the_transformed_filters_follow_weight_edits():
     dec = _decoder()
     ldm.use_fast_kernels(dec)
-    z = torch.randn(1, 4, 8, 8)
+    z = torch.randn(1, 4, 16, 16)
     with torch.no_grad():
         before = dec(z)
         for m in dec.modules():

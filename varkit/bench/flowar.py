@@ -356,14 +356,17 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack: bool, head_steps) -> Side:
     """varkit's ancestral sampler on ``gen`` in ``dtype`` with ``head_steps`` (an int or "A:B"), then ``tok.decode``
-    in fp32."""
+    in fp32 on the decoder's CPU kernels (as a pipeline's on a CPU)."""
     from ..nn.layers import prepack_linears
+    from ..nn.ldm import use_fast_kernels
     from ..samplers import SamplingParams, get_sampler
     from ..samplers.random import image_generators
 
     gen = copy.deepcopy(gen).to(dtype).eval()
     if prepack:
         prepack_linears(gen)
+    tok = copy.deepcopy(tok)
+    use_fast_kernels(tok)  # the decoder's CPU kernels, as load_pipeline's on a CPU (Winograd convs, fused norms)
     split = Split()
     instrument(gen, "_run", split.timed("ar"))
     instrument(gen.head, "sample", split.timed("head"))

@@ -273,8 +273,9 @@ def parse_dtype_spec(spec: str) -> tuple[torch.dtype, torch.dtype]:
 def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack: bool,
                 head_dtype: torch.dtype | None = None) -> Side:
     """varkit's ancestral sampler on ``gen`` in ``dtype`` (its head's network in ``head_dtype``, default the same),
-    then ``tok.decode`` in fp32."""
+    then ``tok.decode`` in fp32 on the decoder's CPU kernels (as a pipeline's on a CPU)."""
     from ..nn.layers import prepack_linears
+    from ..nn.ldm import use_fast_kernels
     from ..samplers import SamplingParams, get_sampler
     from ..samplers.random import image_generators
 
@@ -283,6 +284,8 @@ def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack:
     gen.head.net.to(head_dtype)
     if prepack:
         prepack_linears(gen)
+    tok = copy.deepcopy(tok)
+    use_fast_kernels(tok)  # the decoder's CPU kernels, as load_pipeline's on a CPU (Winograd convs, fused norms)
     split = Split()
     instrument(gen, "encode", lambda f: _timed(f, split, "transformer"))
     instrument(gen, "decode", lambda f: _timed(f, split, "transformer"))

@@ -916,6 +916,31 @@ template <typename T> inline void winograd_tile_out(const float* M, int64_t stri
     for (int x = 0; x < 4; ++x) winograd_store<T>(buf + ((int64_t)y * Q + col + x) * C + c, o[y * 4 + x] + bc);
 }
 
+// U (36, Cin, Cout) = G g G^T of every 3x3 filter of w (Cout, Cin, 3, 3), in double and rounded once to fp32
+torch::Tensor winograd_filter_transform(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && !w.is_cuda() && w.scalar_type() == torch::kFloat32
+              && w.is_contiguous(), "varkit winograd_filters: contiguous fp32 (Cout, Cin, 3, 3) CPU filters");
+  const int64_t O = w.size(0), I = w.size(1);
+  auto U = torch::empty({36, I, O}, w.options());
+  const float* wp = w.data_ptr<float>();
+  float* up = U.data_ptr<float>();
+  static const double G[6][3] = {{1. / 4, 0, 0}, {-1. / 6, -1. / 6, -1. / 6}, {-1. / 6, 1. / 6, -1. / 6},
+                                 {1. / 24, 1. / 12, 1. / 6}, {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
+  at::parallel_for(0, I, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t o = 0; o < O; ++o) {
+        const float* g = wp + (o * I + i) * 9;
+        double t[6][3];
+        for (int a = 0; a < 6; ++a)
+          for (int c = 0; c < 3; ++c) t[a][c] = G[a][0] * g[c] + G[a][1] * g[3 + c] + G[a][2] * g[6 + c];
+        for (int a = 0; a < 6; ++a)
+          for (int b = 0; b < 6; ++b)
+            up[((a * 6 + b) * I + i) * O + o] = (float)(t[a][0] * G[b][0] + t[a][1] * G[b][1] + t[a][2] * G[b][2]);
+      }
+  });
+  return U;
+}
+
 // V (36, tiles, C) for the tile rows [r0, r1) of x (B, C, H, W); tile row r is image r / th, rows 4 (r % th) - 1 ...
 // Each thread keeps six input rows channel-innermost (zero-padded by a column each side) and moves down by four.
 torch::Tensor winograd_input_tiles(const torch::Tensor& x, int64_t r0, int64_t r1) {
@@ -1006,6 +1031,7 @@ torch::Tensor group_norm_silu(torch::Tensor x, torch::Tensor gamma, torch::Tenso
                               bool silu) {
   return group_norm_act(x, gamma, beta, groups, eps, silu);
 }
+torch::Tensor winograd_filters(torch::Tensor w) { return winograd_filter_transform(w); }
 torch::Tensor winograd_input(torch::Tensor x, int64_t r0, int64_t r1) { return winograd_input_tiles(x, r0, r1); }
 void winograd_output(torch::Tensor m, torch::Tensor bias, torch::Tensor y, int64_t r0, int64_t r1) {
   winograd_output_tiles(m, bias, y, r0, r1);
@@ -1157,7 +1183,7 @@ OPENMP_FLAGS = ["-fopenmp"]
 
 #: the extension's functions
 FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "panel_width", "attend", "rms_norm_rows", "decode_layer", "topk",
-             "group_norm_silu", "winograd_input", "winograd_output",
+             "group_norm_silu", "winograd_filters", "winograd_input", "winograd_output",
              "allocator_install", "allocator_installed", "allocator_empty_cache", "allocator_stats")
 
 
