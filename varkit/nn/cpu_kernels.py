@@ -954,7 +954,7 @@ torch::Tensor winograd_input_tiles(const torch::Tensor& x, int64_t r0, int64_t r
   float* vp = V.data_ptr<float>();
   at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t e) {
     std::vector<float> ring(6 * Q * C);
-    const float* rows[6];
+    float* rows[6];
     int64_t have = -1;  // the tile row whose input rows the ring holds
     auto fill = [&](float* row, int64_t b, int64_t ih) {
       if (ih < 0 || ih >= H) { std::fill(row, row + Q * C, 0.f); return; }
@@ -965,10 +965,8 @@ torch::Tensor winograd_input_tiles(const torch::Tensor& x, int64_t r0, int64_t r
     for (int64_t r = a; r < e; ++r) {
       const int64_t b = r / th, i = r % th;
       if (have == r - 1 && i > 0) {  // the next tile row down: its rows 0-1 are the last one's 4-5
-        float* keep[2] = {const_cast<float*>(rows[4]), const_cast<float*>(rows[5])};
-        float* free_rows[4] = {const_cast<float*>(rows[0]), const_cast<float*>(rows[1]), const_cast<float*>(rows[2]),
-                               const_cast<float*>(rows[3])};
-        rows[0] = keep[0], rows[1] = keep[1];
+        float* free_rows[4] = {rows[0], rows[1], rows[2], rows[3]};
+        rows[0] = rows[4], rows[1] = rows[5];
         for (int s = 2; s < 6; ++s) { fill(free_rows[s - 2], b, 4 * i - 1 + s); rows[s] = free_rows[s - 2]; }
       } else {
         for (int s = 0; s < 6; ++s) { float* row = ring.data() + s * Q * C; fill(row, b, 4 * i - 1 + s); rows[s] = row; }
