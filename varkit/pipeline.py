@@ -141,7 +141,7 @@ class Pipeline:
         """Decode images with the extension's CPU kernels (what :func:`load_pipeline` does on a CPU); returns ``self``.
 
         3x3 convolutions as Winograd F(4x4, 3x3) and fused GroupNorm + SiLU in the tokenizer's LDM decoder
-        (:func:`varkit.nn.ldm.use_fast_kernels`): VAR's VQVAE decoder 2.9 -> 1.8 s an image on one Xeon core, outputs
+        (:func:`varkit.nn.ldm.use_fast_kernels`): VAR's VQVAE decoder 2.75 -> 1.5 s an image on one Xeon core, outputs
         within ~1e-5 of torch's relative to their scale (an 8-bit image level is 8e-3). ``False``: torch's
         convolutions, equal to the official tokenizers' outputs to the last bits.
         """
@@ -373,7 +373,7 @@ def load_pipeline(name_or_dir: str | Path, device: str | torch.device | None = "
     ``prepack``: CPU inference GEMMs on prepacked weights (:meth:`Pipeline.prepack`): ``"auto"`` (default) where
     it pays (large weights on a CPU, memory to spare; never under ``compile``, whose graphs pack their own),
     True or False. ``fast_tokenizer``: on a CPU, decode images with the extension's kernels
-    (:meth:`Pipeline.fast_tokenizer`: Winograd convolutions, ~1.6x faster, within ~1e-5 of torch's); False keeps
+    (:meth:`Pipeline.fast_tokenizer`: Winograd convolutions, ~1.8x faster on VAR's decoder, within ~1e-5 of torch's); False keeps
     torch's, equal to the official tokenizers.
 
     On a CPU, large tensors then come from varkit's caching allocator (:mod:`varkit.nn.cpu_allocator`: no page

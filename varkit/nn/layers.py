@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -163,14 +163,14 @@ class Linear(DerivedState, nn.Linear):
 
     def _packed_weight(self) -> torch.Tensor:
         """The oneDNN-packed weight, re-packed whenever the weight changed (new storage or in-place edit)."""
-        return self._derived_copy("_packed", lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+        return derived_copy(self, "_packed", lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach()))
 
     def _blocked_weight(self) -> torch.Tensor | None:
         """The streaming kernel's blocked copy of the weight (None where the weight has no blocked layout), made
         again whenever the weight changed."""
         if not blockable(self.weight):
             return None
-        return self._derived_copy("_blocked", block_weight)
+        return derived_copy(self, "_blocked", block_weight)
 
     def _panel_weight(self) -> torch.Tensor | None:
         """The panel kernel's copy of the weight (None where the kernels cannot be built), made again whenever the
@@ -178,11 +178,7 @@ class Linear(DerivedState, nn.Linear):
         kernel = cpu_kernels()
         if kernel is None:
             return None
-        return self._derived_copy("_panels", lambda w: panel_weight(w, kernel.panel_width()))
-
-    def _derived_copy(self, attr: str, make) -> torch.Tensor:
-        return derived_copy(self, attr, make)
-
+        return derived_copy(self, "_panels", lambda w: panel_weight(w, kernel.panel_width()))
 
 
 def derived_copy(module: nn.Module, attr: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

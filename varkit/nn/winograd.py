@@ -10,8 +10,9 @@ over NCHW maps), the GEMMs ``torch.bmm``; the tiles are taken a few tile rows at
 
 Accuracy: the transforms' entries (up to 5 in Bᵀ, 8 in Aᵀ) amplify rounding: outputs are within ~1e-5 of the
 direct product relative to their scale, not equal to it (tests/test_winograd.py bounds the error by first-order
-floating-point analysis against float64). That is far below what a decoder's 8-bit image shows (1/255), so pipelines turn it on
-(:func:`varkit.nn.ldm.use_fast_kernels`) and models built directly keep torch's convolution, equal to the official code.
+floating-point analysis against float64). That is far below what a decoder's 8-bit image shows (1/255), so
+pipelines turn it on (:func:`varkit.nn.ldm.use_fast_kernels`) and models built directly keep torch's convolution,
+equal to the official code.
 """
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ CHUNK_BYTES = 2 << 20
 
 def transform_weight(weight: Tensor, kernels: Any = None) -> Tensor:
     """(Cout, Cin, 3, 3) filters -> (36, Cin, Cout) fp32 ``U = G g Gᵀ``, in float64 and rounded once: the extension's
-    loop (~10 ms at 512 channels; torch's float64 einsum took 0.6 s, and the first image paid it for every conv),
-    torch's ops where the extension cannot be built."""
+    loop (55 ms at 512 channels, 3 ms at 128; torch's float64 einsum took 0.6 s, and the first image paid it for
+    every conv), torch's ops where the extension cannot be built."""
     kernels = kernels or cpu_kernels()
     if kernels is not None:
         return kernels.winograd_filters(weight.detach().to(torch.float32).contiguous())
