@@ -99,8 +99,9 @@ def _assert_bf16_linear(got, want):
     F.linear's one rounding: <= 3 half-ulps apart, an ulp being <= 2^-7 of the value (8-bit mantissa),
     so <= 3·2^-8 of max|want| (1 ulp = 2^-7·max measured on AVX2); fp32 accumulation order over K <= 96
     adds ~1e-6 relative, negligible. 4·2^-8 of max|want| allowed. Where varkit's panel kernel serves bf16 (CPUs
-    without bf16 arithmetic: 3-128 rows) its fp32 sums run in another order than oneDNN's before the one rounding
-    to bf16: an output may round to the neighbouring bf16 value, 1 ulp, within the same allowance."""
+    without bf16 arithmetic, and AVX-512-BF16 without AMX: 3-128 rows) its fp32 sums run in another order than
+    oneDNN's before the one rounding to bf16: an output may round to the neighbouring bf16 value, 1 ulp, within the
+    same allowance."""
     from varkit.nn.layers import packable_dtypes
     from varkit.nn.stream_gemv import panel_dtypes
 

@@ -41,17 +41,24 @@ def check_panels(kernel) -> None:
     groups, and reach PANEL_MAX_ROWS; K with and without vector tails; N with a zero-padded last panel."""
     g = torch.Generator().manual_seed(5)
     width = kernel.panel_width()
-    for dtype in (torch.float32, torch.bfloat16):
+    # bf16 weights also in the pair layout where this build has AVX-512-BF16's dot product (odd K: a zero pad column)
+    layouts = [(torch.float32, False), (torch.bfloat16, False)] + [(torch.bfloat16, True)] * kernel.panel_pairs()
+    for dtype, pairs in layouts:
         for rows, k, n in ((3, 768, 301), (12, 45, 37), (13, 7, 64), (25, 64, 301), (PANEL_MAX_ROWS, 96, 33)):
             w = torch.randn(n, k, generator=g).to(dtype)
             x = torch.randn(rows, k, generator=g).to(dtype)
             want = x.double() @ w.double().t()
             # fp32 accumulation (products of bf16 inputs are exact in fp32) in another order than the exact sum:
-            # within k * 2^-24 * sum|x_i w_i| (the standard bound, with room)
+            # within k * 2^-24 * sum|x_i w_i| (the standard bound, with room); the dot-product instruction adds
+            # exact products with fp32 rounding too (at most one rounding per product), so the same bound holds
             tol = k * 2.0 ** -24 * (x.double().abs() @ w.double().abs().t())
-            got = kernel.gemm_panels(x, panel_weight(w, width), n)
+            got = kernel.gemm_panels(x, panel_weight(w, width, pairs), n)
             assert got.dtype == torch.float32 and got.shape == (rows, n)
-            assert ((got.double() - want).abs() <= tol + 1e-30).all(), (dtype, rows, k, n)
+            assert ((got.double() - want).abs() <= tol + 1e-30).all(), (dtype, pairs, rows, k, n)
+    if not kernel.panel_pairs():
+        with pytest.raises(RuntimeError, match="pair layout needs AVX-512-BF16"):
+            w = torch.randn(40, 8).bfloat16()
+            kernel.gemm_panels(torch.randn(3, 8).bfloat16(), panel_weight(w, width, True), 40)
 
 
 @needs_kernel
@@ -80,6 +87,31 @@ def test_panel_layout_is_column_panels_k_major():
     assert torch.equal(p[0, 2], w[:4, 2]) and torch.equal(p[1, :, 0], w[4]) and not p[1, :, 1:].any()
     with pytest.raises(ValueError, match="no panel layout"):
         panel_weight(torch.zeros(4, 4, dtype=torch.float16), 4)
+
+
+def test_pair_layout_keeps_each_rows_k_pairs_side_by_side():
+    w = torch.arange(5 * 3, dtype=torch.bfloat16).reshape(5, 3)  # K = 3: a zero column makes it 4 (two pairs)
+    p = panel_weight(w, 4, pairs=True)
+    assert p.shape == (2, 2, 4, 2)  # (panels, K pairs, rows of a panel, the pair)
+    assert torch.equal(p[0, 0, 1], w[1, :2]) and torch.equal(p[0, 1, 3], torch.stack([w[3, 2], w.new_zeros(())]))
+    assert torch.equal(p[1, :, 0].flatten()[:3], w[4]) and not p[1, :, 1:].any() and not p[:, 1, :, 1].any()
+    with pytest.raises(ValueError, match="pair layout is for bf16"):
+        panel_weight(torch.zeros(4, 4), 4, pairs=True)
+
+
+@pytest.mark.parametrize("isa,pairs,want", [("amx", True, (torch.float32,)),
+                                            ("avx512_bf16", True, (torch.float32, torch.bfloat16)),
+                                            ("avx512_bf16", False, (torch.float32,)),
+                                            (None, False, (torch.float32, torch.bfloat16))])
+def test_panel_dtypes_follow_the_cpus_bf16_arithmetic(monkeypatch, isa, pairs, want):
+    """AMX: oneDNN's bf16 tiles; AVX-512-BF16: the panel kernel's dot-product tile when built; no bf16 arithmetic:
+    the panel kernel widens (so does oneDNN)."""
+    import varkit.device
+    from varkit.nn import stream_gemv
+
+    monkeypatch.setattr(varkit.device, "cpu_info", lambda: {"bf16_isa": isa})
+    monkeypatch.setattr(stream_gemv, "panel_pairs", lambda dtype: pairs and dtype == torch.bfloat16)
+    assert stream_gemv._cpu_panel_dtypes.__wrapped__() == want
 
 
 def _route(monkeypatch, path: str, lin: Linear, rows_list) -> list[int]:

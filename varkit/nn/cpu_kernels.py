@@ -57,6 +57,7 @@ SOURCE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -141,6 +142,8 @@ inline float vhmax(vec a) { return a; }
 
 inline float scalar(float v) { return v; }
 inline float scalar(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) { *p = c10::BFloat16(v).x; }
 
 // exp(x): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-7 Taylor polynomial (truncation < 6e-9
 // relative there, under fp32's rounding); x is clamped to [-87, 88] (exp(-87) = 1.6e-38 is nothing next to a
@@ -282,9 +285,51 @@ constexpr int MR_MAX = 6;    // 12 + 2 + 1 of 16
 constexpr int MR_MAX = 4;
 #endif
 
+// a tile's MR x NB sums, plus the bias (padded to whole panels; null: none), into y (rows ldy apart, fp32 or bf16
+// rounded once), the first `valid` columns
+template <int MR, typename O>
+inline void store_tile(const vec* a0, const vec* a1, O* y, int64_t ldy, int64_t valid, const float* bias) {
+  for (int m = 0; m < MR; ++m) {
+    vec v0 = a0[m], v1 = a1[m];
+    if (bias != nullptr) { v0 = vadd(v0, vload(bias)); v1 = vadd(v1, vload(bias + W)); }
+    O* row = y + m * ldy;
+    if constexpr (std::is_same_v<O, float>) {
+      if (valid == NB) { vstore(row, v0); vstore(row + W, v1); continue; }
+    }
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<O, uint16_t>) {
+      if (valid == NB) {  // round to nearest even, as c10::BFloat16
+        _mm256_storeu_si256((__m256i*)row, (__m256i)_mm512_cvtneps_pbh(v0));
+        _mm256_storeu_si256((__m256i*)(row + W), (__m256i)_mm512_cvtneps_pbh(v1));
+        continue;
+      }
+    }
+#endif
+    float tmp[NB];
+    vstore(tmp, v0);
+    vstore(tmp + W, v1);
+    for (int64_t i = 0; i < valid; ++i) store(row + i, tmp[i]);
+  }
+}
+
+// where a tile's sums go: y's element (row, col) at y + (row * ldy + col) * size, bf16 or fp32, plus the bias
+// (fp32, padded to whole panels; null: none)
+struct PanelOut {
+  char* y;
+  int64_t ldy;
+  bool bf16;
+  const float* bias;
+  template <int MR>
+  void put(const vec* a0, const vec* a1, int64_t row, int64_t col, int64_t valid) const {
+    const float* b = bias == nullptr ? nullptr : bias + col;
+    if (bf16) store_tile<MR>(a0, a1, reinterpret_cast<uint16_t*>(y) + row * ldy + col, ldy, valid, b);
+    else store_tile<MR>(a0, a1, reinterpret_cast<float*>(y) + row * ldy + col, ldy, valid, b);
+  }
+};
+
 template <int MR, typename T>
-__attribute__((noinline)) void panel_tile(const float* __restrict xt, const T* __restrict wp, float* __restrict y, int64_t ldy, int64_t K, int64_t valid, const char* pf,
-                int g, int G) {
+__attribute__((noinline)) void panel_tile(const float* __restrict xt, const T* __restrict wp, const PanelOut& out, int64_t row, int64_t col,
+                                          int64_t K, int64_t valid, const char* pf, int g, int G) {
   constexpr int64_t LINE = NB * sizeof(T);  // bytes of one k of a panel: 128 (fp32) or 64 (bf16) on AVX-512
   vec a0[MR], a1[MR];
   for (int m = 0; m < MR; ++m) { a0[m] = vzero(); a1[m] = vzero(); }
@@ -306,62 +351,122 @@ __attribute__((noinline)) void panel_tile(const float* __restrict xt, const T* _
     if (pf != nullptr && k0 + g < K)
       for (int64_t off = 0; off < LINE; off += 64) _mm_prefetch(pf + (k0 + g) * LINE + off, _MM_HINT_T1);
   }
-  if (valid == NB) {
-    for (int m = 0; m < MR; ++m) { vstore(y + m * ldy, a0[m]); vstore(y + m * ldy + W, a1[m]); }
-  } else {
-    float tmp[NB];
-    for (int m = 0; m < MR; ++m) {
-      vstore(tmp, a0[m]);
-      vstore(tmp + W, a1[m]);
-      std::memcpy(y + m * ldy, tmp, valid * sizeof(float));
+  out.put<MR>(a0, a1, row, col, valid);
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool PANEL_PAIRS = true;
+// bf16 rows times bf16 weights in the pair layout [ceil(N/NB)][ceil(K/2)][NB][2] (each output's k and k+1 adjacent):
+// per k pair, two weight vectors times one broadcast pair (x[m, 2k], x[m, 2k+1]) per row through the dot-product
+// instruction (32 products per instruction and no widening, where the fp32 tile does 16); sums in fp32
+template <int MR>
+__attribute__((noinline)) void panel_tile_pairs(const uint32_t* __restrict xt, const uint16_t* __restrict wp, const PanelOut& out, int64_t row,
+                                                int64_t col, int64_t K2, int64_t valid, const char* pf, int g, int G) {
+  constexpr int64_t LINE = 2 * NB * sizeof(uint16_t);  // bytes of one k pair of a panel: 128
+  __m512 a0[MR], a1[MR];
+  for (int m = 0; m < MR; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
+  for (int64_t k0 = 0; k0 < K2; k0 += G) {
+    const int64_t k1 = std::min<int64_t>(K2, k0 + G);
+    for (int64_t k = k0; k < k1; ++k) {
+      const uint16_t* wk = wp + k * 2 * NB;
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + NB);
+      const uint32_t* xk = xt + k * MR;
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh b = (__m512bh)_mm512_set1_epi32((int)xk[m]);
+        a0[m] = _mm512_dpbf16_ps(a0[m], w0, b);
+        a1[m] = _mm512_dpbf16_ps(a1[m], w1, b);
+      }
     }
+    if (pf != nullptr && k0 + g < K2)
+      for (int64_t off = 0; off < LINE; off += 64) _mm_prefetch(pf + (k0 + g) * LINE + off, _MM_HINT_T1);
+  }
+  out.put<MR>(a0, a1, row, col, valid);
+}
+#else
+constexpr bool PANEL_PAIRS = false;
+#endif
+
+// panel_tile<mr> (or, for x in bf16 pairs, panel_tile_pairs<mr>) for a run-time mr in 1..MR_MAX
+template <typename X, typename T, int MR = MR_MAX>
+void tile_rows(int mr, const X* xt, const T* wp, const PanelOut& out, int64_t row, int64_t col, int64_t K, int64_t valid,
+               const char* pf, int g, int G) {
+  if (mr == MR) {
+    if constexpr (std::is_same_v<X, float>) panel_tile<MR, T>(xt, wp, out, row, col, K, valid, pf, g, G);
+#if defined(__AVX512BF16__)
+    else panel_tile_pairs<MR>(xt, wp, out, row, col, K, valid, pf, g, G);
+#endif
+  } else if constexpr (MR > 1) {
+    tile_rows<X, T, MR - 1>(mr, xt, wp, out, row, col, K, valid, pf, g, G);
   }
 }
 
-// panel_tile<mr> for a run-time mr in 1..MR_MAX
-template <typename T, int MR = MR_MAX>
-void tile_rows(int mr, const float* xt, const T* wp, float* y, int64_t ldy, int64_t K, int64_t valid, const char* pf,
-               int g, int G) {
-  if (mr == MR) panel_tile<MR, T>(xt, wp, y, ldy, K, valid, pf, g, G);
-  else if constexpr (MR > 1) tile_rows<T, MR - 1>(mr, xt, wp, y, ldy, K, valid, pf, g, G);
-}
-
-template <typename T>
-torch::Tensor panels_t(const torch::Tensor& x, const T* wp, int64_t N) {
+// PAIRS: bf16 rows in bf16 pairs over the pair layout; else fp32 rows (bf16 ones widened) over [P][K][NB].
+// y (M, N): fp32 or bf16 (one rounding of sum + bias); bias: fp32 or bf16 (N), or undefined
+template <bool PAIRS, typename T>
+void panels_t(const torch::Tensor& x, const T* wp, int64_t N, torch::Tensor& y, const torch::Tensor& bias) {
+  using X = std::conditional_t<PAIRS, uint32_t, float>;
   const int64_t M = x.size(0), K = x.size(1), P = (N + NB - 1) / NB;
+  const int64_t KS = PAIRS ? (K + 1) / 2 : K;  // steps of k: single k, or k pairs
+  const int64_t stride = (PAIRS ? 2 * KS : K) * NB;  // elements of one panel
   const int G = (int)((M + MR_MAX - 1) / MR_MAX);
   std::vector<int64_t> r0(G + 1, 0);  // groups of balanced sizes: rows [r0[g], r0[g+1])
   for (int g = 0; g < G; ++g) r0[g + 1] = r0[g] + M / G + (g < M % G);
-  auto xf = x.to(torch::kFloat32).contiguous();
-  const float* xs = xf.data_ptr<float>();
-  std::vector<float> xt(M * K);  // group g at r0[g] * K, as [K][mr]
+  auto xc = x.to(PAIRS ? torch::kBFloat16 : torch::kFloat32).contiguous();
+  std::vector<X> xt(M * KS);  // group g at r0[g] * KS, as [KS][mr]
   for (int g = 0; g < G; ++g) {
     const int64_t mr = r0[g + 1] - r0[g];
-    float* dst = xt.data() + r0[g] * K;
-    for (int64_t m = 0; m < mr; ++m)
-      for (int64_t k = 0; k < K; ++k) dst[k * mr + m] = xs[(r0[g] + m) * K + k];
+    X* dst = xt.data() + r0[g] * KS;
+    for (int64_t m = 0; m < mr; ++m) {
+      if constexpr (PAIRS) {
+        const uint16_t* xs = bf16_ptr(xc) + (r0[g] + m) * K;
+        for (int64_t k = 0; k < KS; ++k)
+          dst[k * mr + m] = (uint32_t)xs[2 * k] | (2 * k + 1 < K ? (uint32_t)xs[2 * k + 1] << 16 : 0u);
+      } else {
+        const float* xs = xc.data_ptr<float>() + (r0[g] + m) * K;
+        for (int64_t k = 0; k < K; ++k) dst[k * mr + m] = xs[k];
+      }
+    }
   }
-  auto y = torch::empty({M, N}, xf.options());
-  float* yp = y.data_ptr<float>();
+  std::vector<float> b;  // the bias in fp32, zero-padded to whole panels
+  if (bias.defined()) {
+    auto bf = bias.to(torch::kFloat32).contiguous();
+    b.assign(P * NB, 0.0f);
+    std::memcpy(b.data(), bf.data_ptr<float>(), N * sizeof(float));
+  }
+  const PanelOut out{static_cast<char*>(y.data_ptr()), N, y.scalar_type() == torch::kBFloat16, b.empty() ? nullptr : b.data()};
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const T* w = wp + p * K * NB;
-      const char* pf = p + PF_AHEAD < p1 ? reinterpret_cast<const char*>(w + PF_AHEAD * K * NB) : nullptr;
+      const T* w = wp + p * stride;
+      const char* pf = p + PF_AHEAD < p1 ? reinterpret_cast<const char*>(w + PF_AHEAD * stride) : nullptr;
       const int64_t valid = std::min<int64_t>(NB, N - p * NB);
       for (int g = 0; g < G; ++g)
-        tile_rows<T>((int)(r0[g + 1] - r0[g]), xt.data() + r0[g] * K, w, yp + r0[g] * N + p * NB, N, K, valid, pf, g, G);
+        tile_rows<X, T>((int)(r0[g + 1] - r0[g]), xt.data() + r0[g] * KS, w, out, r0[g], p * NB, KS, valid, pf, g, G);
     }
   });
-  return y;
 }
 
-torch::Tensor panel_product(torch::Tensor x, torch::Tensor wp, int64_t N) {
+// y = x @ w.T (+ bias) over w's panel layout (wp), into a new (M, N) tensor of `out_dtype`
+torch::Tensor panel_product(torch::Tensor x, torch::Tensor wp, int64_t N, const torch::Tensor& bias, at::ScalarType out_dtype) {
+  const int64_t P = (N + NB - 1) / NB, K = x.dim() == 2 ? x.size(1) : 0;
   TORCH_CHECK(x.dim() == 2 && !x.is_cuda() && !wp.is_cuda() && wp.is_contiguous()
               && (wp.scalar_type() == torch::kFloat32 || wp.scalar_type() == torch::kBFloat16)
-              && wp.numel() == (N + NB - 1) / NB * NB * x.size(1),
-              "varkit gemm_panels: 2-d CPU rows and an fp32/bf16 weight in the panel layout of (", N, ", ", x.size(1), ")");
-  if (wp.scalar_type() == torch::kFloat32) return panels_t<float>(x, wp.data_ptr<float>(), N);
-  return panels_t<uint16_t>(x, bf16_ptr(wp), N);
+              && (out_dtype == torch::kFloat32 || out_dtype == torch::kBFloat16),
+              "varkit gemm_panels: 2-d CPU rows, an fp32/bf16 weight in a panel layout, fp32/bf16 output");
+  TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == N), "varkit gemm_panels: a bias of ", N, " values");
+  auto y = torch::empty({x.size(0), N}, x.options().dtype(out_dtype));
+  if (wp.dim() == 4) {  // the pair layout
+    TORCH_CHECK(PANEL_PAIRS, "varkit gemm_panels: the pair layout needs AVX-512-BF16 (panel_pairs() is false here)");
+    TORCH_CHECK(wp.scalar_type() == torch::kBFloat16 && wp.size(0) == P && wp.size(1) == (K + 1) / 2
+                && wp.size(2) == NB && wp.size(3) == 2,
+                "varkit gemm_panels: a bf16 weight in the pair layout of (", N, ", ", K, ")");
+    if constexpr (PANEL_PAIRS) panels_t<true, uint16_t>(x, bf16_ptr(wp), N, y, bias);
+    return y;
+  }
+  TORCH_CHECK(wp.numel() == P * NB * K, "varkit gemm_panels: a weight in the panel layout of (", N, ", ", K, ")");
+  if (wp.scalar_type() == torch::kFloat32) panels_t<false, float>(x, wp.data_ptr<float>(), N, y, bias);
+  else panels_t<false, uint16_t>(x, bf16_ptr(wp), N, y, bias);
+  return y;
 }
 
 // one call per row count M (1-4): fn<M>(range begin, range end) over `count` items
@@ -563,8 +668,6 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor g, double eps) {
 
 // ---- a whole LLaMA decode layer (varkit.models.raster.TransformerBlock) for one token a row -------------------
 inline float round_as(float v, bool bf16) { return bf16 ? (float)c10::BFloat16(v) : v; }
-inline void store(float* p, float v) { *p = v; }
-inline void store(uint16_t* p, float v) { *p = c10::BFloat16(v).x; }
 
 // x (R, D) in the model dtype (fp32 or bf16); weights in gemv_blocked's layout; kc, vc this layer's cache
 // (R, H, max_len, hd), written at `pos`; cos, sin (hd / 2) fp32 rotary tables of the position. Every value is
@@ -1015,8 +1118,15 @@ void winograd_output_tiles(const torch::Tensor& M, const torch::Tensor& bias, to
 
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w) { return product(x, w, w.size(0), false); }
 torch::Tensor gemv_blocked(torch::Tensor x, torch::Tensor wb, int64_t N) { return product(x, wb, N, true); }
-torch::Tensor gemm_panels(torch::Tensor x, torch::Tensor wp, int64_t N) { return panel_product(x, wp, N); }
+torch::Tensor gemm_panels(torch::Tensor x, torch::Tensor wp, int64_t N) {
+  return panel_product(x, wp, N, torch::Tensor(), torch::kFloat32);
+}
+// F.linear(x, w, bias) over w's panel layout: x's dtype out, sum and bias rounded once
+torch::Tensor linear_panels(torch::Tensor x, torch::Tensor wp, int64_t N, std::optional<torch::Tensor> bias) {
+  return panel_product(x, wp, N, bias.has_value() ? *bias : torch::Tensor(), x.scalar_type());
+}
 int64_t panel_width() { return NB; }
+bool panel_pairs() { return PANEL_PAIRS; }
 torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) { return attend_one(q, k, v, scale); }
 torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor g, double eps) { return rms_norm(x, g, eps); }
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g_ffn, double eps, torch::Tensor wqkv,
@@ -1180,7 +1290,7 @@ OPENMP_FLAGS = ["-fopenmp"]
 
 
 #: the extension's functions
-FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "panel_width", "attend", "rms_norm_rows", "decode_layer", "topk",
+FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "rms_norm_rows", "decode_layer", "topk",
              "group_norm_silu", "winograd_filters", "winograd_input", "winograd_output",
              "allocator_install", "allocator_installed", "allocator_empty_cache", "allocator_stats")
 

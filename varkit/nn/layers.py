@@ -13,7 +13,7 @@ from ..errors import InvalidArgumentError
 from ..modeling import DerivedState
 from .cpu_kernels import cpu_kernels
 from .stream_gemv import (PANEL_MAX_ROWS, STREAM_MAX_ROWS, block_weight, blockable, panel_dtypes, panel_linear,
-                          panel_weight, stream_linear)
+                          panel_pairs, panel_weight, stream_linear)
 
 
 class RMSNorm(nn.Module):
@@ -93,8 +93,9 @@ class Linear(DerivedState, nn.Linear):
     (``STREAM_MAX_ROWS``: batch-1 decode steps with CFG) a prepacked linear streams a blocked copy of its weight
     through :mod:`varkit.nn.stream_gemv` instead, which reads DRAM 1.5-2x faster than the packed GEMM on a Zen 4
     core; at 3-128 rows (``PANEL_MAX_ROWS``: NAR's fronts, batches with CFG) it runs varkit's panel kernel
-    (``gemm_panels``) on a copy in panel layout, 1.1-1.4x faster than the packed GEMM (fp32; bf16 only on CPUs
-    without bf16 arithmetic, :func:`~varkit.nn.stream_gemv.panel_dtypes`). Each copy is made on first use: a model
+    (``gemm_panels``) on a copy in panel layout, 1.1-1.4x faster than the packed GEMM (fp32; bf16 on CPUs
+    without bf16 arithmetic, and with AVX-512-BF16 but no AMX through its dot-product instruction, up to 2x faster
+    at 3-12 rows: :func:`~varkit.nn.stream_gemv.panel_dtypes`). Each copy is made on first use: a model
     decoding 1-2, 3-128 and more rows holds three extra copies.
     """
 
@@ -178,7 +179,7 @@ class Linear(DerivedState, nn.Linear):
         kernel = cpu_kernels()
         if kernel is None:
             return None
-        return derived_copy(self, "_panels", lambda w: panel_weight(w, kernel.panel_width()))
+        return derived_copy(self, "_panels", lambda w: panel_weight(w, kernel.panel_width(), panel_pairs(w.dtype)))
 
 
 def derived_copy(module: nn.Module, attr: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -12,6 +12,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .cpu_kernels import BLOCK_ROWS, CHUNK_BYTES, cpu_kernels
 
@@ -48,20 +49,35 @@ def block_weight(weight: torch.Tensor) -> torch.Tensor:
 PANEL_MAX_ROWS = 128
 
 
-def panel_weight(weight: torch.Tensor, width: int) -> torch.Tensor:
+def panel_weight(weight: torch.Tensor, width: int, pairs: bool = False) -> torch.Tensor:
     """``weight`` (N, K) in the panel kernel's layout: rows padded with zeros to a multiple of ``width``, then per
-    panel of ``width`` rows, per k, the panel's ``width`` values (``[ceil(N/width)][K][width]``)."""
+    panel of ``width`` rows, per k, the panel's ``width`` values (``[ceil(N/width)][K][width]``). ``pairs`` (bf16,
+    for the kernel's dot-product tile where :func:`panel_pairs` holds): per k pair, each row's values at k and k+1
+    side by side, K padded with a zero column to an even count (``[ceil(N/width)][ceil(K/2)][width][2]``)."""
     if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"a weight {tuple(weight.shape)} of {weight.dtype} has no panel layout")
+    if pairs and weight.dtype != torch.bfloat16:
+        raise ValueError(f"the pair layout is for bf16 weights, not {weight.dtype}")
     n, k = weight.shape
-    pad = -n % width
-    w = torch.cat([weight.detach(), weight.new_zeros(pad, k)]) if pad else weight.detach()
+    w = F.pad(weight.detach(), (0, k % 2 if pairs else 0, 0, -n % width))
+    if pairs:
+        return w.reshape(-1, width, w.shape[1] // 2, 2).transpose(1, 2).contiguous()
     return w.reshape(-1, width, k).transpose(1, 2).contiguous()
 
 
+def panel_pairs(dtype: torch.dtype) -> bool:
+    """Whether the panel kernel takes ``dtype`` weights in the pair layout: bf16 where the kernels were built with
+    AVX-512-BF16 (its dot-product instruction does 32 bf16 products where the widening tile does 16 in fp32)."""
+    if dtype != torch.bfloat16:
+        return False
+    kernel = cpu_kernels()
+    return kernel is not None and kernel.panel_pairs()
+
+
 def panel_dtypes() -> tuple[torch.dtype, ...]:
-    """Weight dtypes the panel kernel serves: fp32, and bf16 where the CPU has no bf16 arithmetic of its own (there
-    both it and oneDNN widen bf16 to fp32; where AMX or AVX-512-BF16 exists oneDNN's bf16 GEMMs use it).
+    """Weight dtypes the panel kernel serves: fp32; bf16 where the CPU has no bf16 arithmetic (there both it and
+    oneDNN widen bf16 to fp32) or has AVX-512-BF16 without AMX (the kernel's dot-product tile, :func:`panel_pairs`;
+    oneDNN's bf16 GEMM at 4-32 rows is 1.4-2x slower there). With AMX, oneDNN's bf16 GEMMs use the tiles.
     ``VARKIT_PANEL_GEMM=0``: none (benches time both; read on every call, as ``VARKIT_STREAM_GEMV``)."""
     if os.environ.get("VARKIT_PANEL_GEMM", "1") == "0":
         return ()
@@ -71,9 +87,12 @@ def panel_dtypes() -> tuple[torch.dtype, ...]:
 @functools.cache
 def _cpu_panel_dtypes() -> tuple[torch.dtype, ...]:
     """:func:`panel_dtypes` by this CPU's flags (read once)."""
-    from ..device import cpu_info, native_bf16
+    from ..device import cpu_info
 
-    return (torch.float32,) if native_bf16(cpu_info()) else (torch.float32, torch.bfloat16)
+    isa = cpu_info().get("bf16_isa")
+    if isa == "amx" or (isa == "avx512_bf16" and not panel_pairs(torch.bfloat16)):
+        return (torch.float32,)
+    return (torch.float32, torch.bfloat16)
 
 
 def _as_linear_output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -89,7 +108,8 @@ def panel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     kernel = cpu_kernels()
     if kernel is None:
         return None
-    return _as_linear_output(kernel.gemm_panels(x.reshape(-1, x.shape[-1]), panels, weight.shape[0]), x, bias)
+    y = kernel.linear_panels(x.reshape(-1, x.shape[-1]), panels, weight.shape[0], bias)  # x's dtype, bias added
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def stream_kernel():
