@@ -1,4 +1,4 @@
-"""varkit/nn/cpu_kernels.py: one-query attention, the RMS norm, the fused LLaMA decode layer and top-k, against the module
+"""varkit/nn/cpu_kernels.py: one-query attention, a front's attention, the RMS norm, the fused LLaMA decode layer and top-k, against the module
 path in float64 (fp32) or in the same dtype (bf16); the ``check_*`` helpers also run on the AVX2 and plain builds
 (tests/test_stream_gemv.py)."""
 import copy
@@ -39,6 +39,65 @@ def check_attend(attend) -> None:
             vmax = v.double().abs().amax()
             tol = vmax * (2 * ds + (L + 16) * U) + (U_BF16 * want.abs() if dtype == torch.bfloat16 else 0)
             assert ((got.double() - want).abs() <= tol).all(), (dtype, L, D)
+
+
+def _front_reference(qkv, cos, sin, kc, vc, pos, scale):
+    """attend_front in float64: q and k rotated (interleaved pairs) and rounded to the dtype, k and v written to
+    copies of the caches, SDPA over [0, pos + n)."""
+    B, n, three_d = qkv.shape
+    H, hd = kc.shape[1], kc.shape[3]
+    q, k, v = qkv.double().view(B, n, 3, H, hd).unbind(2)
+
+    def rot(x):
+        a, b = x[..., 0::2], x[..., 1::2]
+        c, s = cos.double()[None, :, None], sin.double()[None, :, None]
+        return torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2).to(qkv.dtype)
+
+    q, k = rot(q), rot(k)
+    kc2, vc2 = kc.clone(), vc.clone()
+    kc2[:, :, pos:pos + n] = k.transpose(1, 2)
+    vc2[:, :, pos:pos + n] = v.transpose(1, 2).to(qkv.dtype)
+    kk, vv = kc2[:, :, :pos + n].double(), vc2[:, :, :pos + n].double()
+    qd = q.double().transpose(1, 2)
+    want = F.scaled_dot_product_attention(qd, kk, vv, scale=scale).transpose(1, 2).reshape(B, n, H * hd)
+    ds = (hd + 2) * U * scale * (qd.abs() @ kk.abs().transpose(-1, -2)).amax()
+    return want, kc2, vc2, ds, vv.abs().amax()
+
+
+def check_front_attention(attend_front) -> None:
+    """A front of n new tokens a row (rotary, cache write, attention over everything before and the front itself)
+    against float64. Angles at multiples of pi/2 and values on a 1/8 grid make every rotation exact, so the rotated
+    q and k are the reference's; then each score is off by at most (hd + 2) u scale sum|q k| (fp32 sums of exact
+    products, then the scale), a weight by twice that (relative), the weighted sum of values by (L + 16) u of max|v|
+    (exp's and the sums' few-ulp errors over L terms); bf16 output: plus its rounding. With generic angles the written
+    keys are within fp32's rounding of the rotation (bf16: within one ulp, 2^-8 relative, after rounding twice)."""
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.bfloat16):
+        for B, H, hd, n, pos in ((2, 3, 64, 16, 241), (1, 2, 64, 5, 0), (2, 2, 40, 19, 30), (1, 1, 8, 2, 3)):
+            grid = lambda *shape: (torch.randint(-16, 17, shape, generator=g) / 8).to(dtype)
+            qkv = grid(B, n, 3 * H * hd)
+            kc, vc = grid(B, H, pos + n + 4, hd), grid(B, H, pos + n + 4, hd)
+            quarter = torch.randint(0, 4, (n, hd // 2), generator=g) * (torch.pi / 2)
+            cos, sin = quarter.cos().round(), quarter.sin().round()
+            want, kc2, vc2, ds, vmax = _front_reference(qkv, cos, sin, kc, vc, pos, 0.125)
+            got = attend_front(qkv, cos, sin, kc, vc, pos, 0.125)
+            assert got.dtype == dtype and got.shape == (B, n, H * hd)
+            assert torch.equal(kc, kc2) and torch.equal(vc, vc2), (dtype, n, pos)  # rows past pos + n untouched too
+            tol = vmax * (2 * ds + (pos + n + 16) * U) + (U_BF16 * want.abs() if dtype == torch.bfloat16 else 0)
+            assert ((got.double() - want).abs() <= tol).all(), (dtype, B, H, hd, n, pos)
+            # generic angles: the rotated keys as written
+            ang = torch.rand(n, hd // 2, generator=g) * 6.3
+            cos, sin = ang.cos(), ang.sin()
+            qkv = torch.randn(B, n, 3 * H * hd, generator=g).to(dtype)
+            kc3 = kc.clone()
+            attend_front(qkv, cos, sin, kc3, vc.clone(), pos, 0.125)
+            k = qkv.double().view(B, n, 3, H, hd)[:, :, 1]
+            a, b = k[..., 0::2], k[..., 1::2]
+            c, s = cos.double()[None, :, None], sin.double()[None, :, None]
+            exact = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2).transpose(1, 2)
+            bound = torch.stack([(a * c).abs() + (b * s).abs(), (a * s).abs() + (b * c).abs()], -1).flatten(-2).transpose(1, 2)
+            tol = 4 * U * bound + (U_BF16 * exact.abs() if dtype == torch.bfloat16 else 0)
+            assert ((kc3[:, :, pos:pos + n].double() - exact).abs() <= tol + 1e-30).all(), (dtype, "rotation")
 
 
 def check_rms_norm(rms_norm_rows) -> None:
@@ -170,6 +229,7 @@ def check_topk(topk) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("check, name", [(check_attend, "attend"), (check_topk, "topk"),
+                                         (check_front_attention, "attend_front"),
                                          (check_rms_norm, "rms_norm_rows"), (check_decode_layer, "decode_layer"),
                                          (check_group_norm_silu, "group_norm_silu")])
 def test_native_kernel(check, name):
@@ -193,6 +253,51 @@ def test_attention_takes_the_kernel_for_one_unmasked_query_and_sdpa_otherwise(mo
     q.requires_grad_(True)
     A.attention(q, k, v).sum().backward()  # autograd: SDPA
     assert len(calls) == 1 and q.grad is not None
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nar_fronts_take_the_front_kernel_and_equal_the_module_path(monkeypatch, dtype):
+    """NAR's one-front steps (several tokens a row, no mask) run rotary, cache writes and attention in one
+    attend_front call per layer; logits agree with the module path (SDPA) to fp32 sum order (bf16: a few ulp of the
+    logits through 2 layers). Masked calls, autograd and VARKIT_ATTEND_KERNEL=0 keep the module path."""
+    from varkit.models.neighbors import NeighborsConfig, NeighborsGenerator
+
+    torch.manual_seed(0)
+    gen = NeighborsGenerator(NeighborsConfig(vocab_size=64, num_classes=4, dim=64, n_layer=2, n_head=4, grid=6)).eval()
+    gen = gen.to(dtype)
+    calls = []
+    real = cpu_kernels()
+    monkeypatch.setattr(A, "cpu_kernels", lambda: type("K", (), {
+        "attend": real.attend, "attend_front": lambda *a: calls.append(a[0].shape[1]) or real.attend_front(*a)}))
+    tokens = torch.randint(0, 64, (2, 36), generator=torch.Generator().manual_seed(1))
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            cache = gen.new_cache(2)
+            first, state = gen.prefill(torch.tensor([1, 4]), cache)
+            out = [first]
+            starts = gen.layout.step_starts
+            for step in range(1, gen.layout.num_steps):
+                out.append(gen(tokens[:, starts[step - 1]:starts[step]], step, cache, state))
+            return torch.cat(out, 1).double()
+
+    fused = run()
+    fronts = [gen.layout.step_starts[s] - gen.layout.step_starts[s - 1] for s in range(1, gen.layout.num_steps)]
+    layers = len(gen.layers)  # NAR's own layers and its vertical head's
+    assert calls == [n for n in fronts for _ in range(layers) if n >= 2]  # each layer of each front of 2+ tokens
+    monkeypatch.setenv("VARKIT_ATTEND_KERNEL", "0")
+    plain = run()
+    assert len(calls) == sum(n >= 2 for n in fronts) * layers
+    tol = 1e-5 if dtype == torch.float32 else 4 * U_BF16
+    torch.testing.assert_close(fused, plain, rtol=0, atol=tol * float(plain.abs().max()))
+    monkeypatch.delenv("VARKIT_ATTEND_KERNEL")
+    att, x = gen.layers[0].attention, torch.randn(2, 3, 64).to(dtype)
+    rope = gen.rope(slice(0, 3))
+    with torch.no_grad():
+        att(x, rope, torch.ones(3, 3, dtype=torch.bool), gen.new_cache(2), 0)  # masked: SDPA
+    att(x, rope, None, gen.new_cache(2), 0)  # autograd: the module path
+    assert len(calls) == sum(n >= 2 for n in fronts) * layers
 
 
 @needs_kernels

@@ -210,9 +210,11 @@ def test_the_code_paths_of_other_cpus_build_and_agree(march):
                 got = kernel.gemv_blocked(x, block_weight(w), 130).double()
                 assert ((got - want).abs() <= tol + 1e-30).all(), (dtype, rows, k, "blocked")
     check_panels(kernel)
-    from test_cpu_kernels import check_attend, check_decode_layer, check_group_norm_silu, check_rms_norm, check_topk
+    from test_cpu_kernels import (check_attend, check_decode_layer, check_front_attention, check_group_norm_silu,
+                                  check_rms_norm, check_topk)
 
     check_attend(kernel.attend)
+    check_front_attention(kernel.attend_front)
     check_topk(kernel.topk)
     check_rms_norm(kernel.rms_norm_rows)
     check_group_norm_silu(kernel.group_norm_silu)

@@ -118,6 +118,9 @@ class Attention(nn.Module):
         are the cache's filled prefix plus the new positions (the caller advances the cache).
         """
         B, n, _ = x.shape
+        fused = self._fused_front(x, rope, mask, cache, layer)
+        if fused is not None:
+            return fused
         qkv = self._qkv(x).view(B, n, 3, self.n_head, self.head_dim)
         if rope is not None:  # q's and k's heads rotated in one call, as 2 * n_head heads at the same positions
             qk = apply_rope(qkv[:, :, :2].reshape(B, n, 2 * self.n_head, self.head_dim), *rope)
@@ -140,3 +143,22 @@ class Attention(nn.Module):
         y = attention(q, k, v, mask, drop, scale)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, -1)))
 
+    def _fused_front(self, x: torch.Tensor, rope, mask, cache, layer: int) -> torch.Tensor | None:
+        """Rotary, cache write and attention in one C++ call (``cpu_kernels.attend_front``) where it applies: 2 or
+        more new tokens a row that see every cached key and each other (no mask: NAR's fronts), RoPE, a plain
+        static cache of the activations' dtype, inference on a CPU. Else None (the module path). Module path per
+        layer, NAR-B bf16 at a 16-token front over 257 keys, one Zen 4 core: rotary, transposes and cache writes
+        ~0.2 ms, SDPA ~0.5 ms; the kernel ~0.2 ms for all of it."""
+        n = x.shape[1]
+        if (n < 2 or mask is not None or rope is None or type(cache) is not KVCache or x.device.type != "cpu"
+                or x.dtype not in (torch.float32, torch.bfloat16) or cache.dtype != x.dtype or self.qk_l2norm
+                or self.q_bias is not None or self.head_dim % 2 or rope[0].dim() != 2 or cache.length + n > cache.max_len
+                or self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or not one_query_kernel_enabled()):
+            return None
+        kernels = cpu_kernels()
+        if kernels is None:
+            return None
+        y = kernels.attend_front(self._qkv(x), rope[0], rope[1], cache.k[layer], cache.v[layer], cache.length,
+                                 self.head_dim ** -0.5)
+        return self.resid_dropout(self.wo(y))

@@ -144,6 +144,7 @@ inline float scalar(float v) { return v; }
 inline float scalar(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f, &u, 4); return f; }
 inline void store(float* p, float v) { *p = v; }
 inline void store(uint16_t* p, float v) { *p = c10::BFloat16(v).x; }
+inline float round_as(float v, bool bf16) { return bf16 ? (float)c10::BFloat16(v) : v; }
 
 // exp(x): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-7 Taylor polynomial (truncation < 6e-9
 // relative there, under fp32's rounding); x is clamped to [-87, 88] (exp(-87) = 1.6e-38 is nothing next to a
@@ -627,6 +628,213 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, doub
   return out.to(q.scalar_type());
 }
 
+// ---- a front of n new tokens a row: rotary, cache write and attention in one pass per (row, head) -------------
+// qkv (B, n, 3 H hd) in the model dtype T (fp32 or bf16), the fused projection's output; cos, sin (n, hd / 2) fp32
+// rotary tables of the n positions (interleaved pairs, as varkit.nn.rope.apply_rope); kc, vc (B, H, max_len, hd)
+// this layer's cache, written at [pos, pos + n); every query attends to every key in [0, pos + n) (no mask: a front
+// sees itself and everything before it). Rotated q and k are rounded to T, as the module path rounds them.
+// Queries sit in the W lanes of a vector (blocks of W): scores are sums over d of a broadcast key element times the
+// queries' d-th elements, the softmax runs lane-wise down the keys, the values' weighted sums likewise, so no
+// horizontal sums; keys and values are widened to fp32 once per (row, head). Returns (B, n, H hd) in T.
+#if defined(__AVX512BF16__)
+// sc[l][lane] = q_lane . k_l for the 16 queries of qt ([hd][16] fp32 holding bf16 values) and L bf16 keys (rows ks
+// apart): q packed as bf16 pairs in lanes, each key's pair (k[2j], k[2j+1]) broadcast, 32 products per instruction
+inline void front_scores_pairs(const float* qt, const uint16_t* k, int64_t ks, int64_t L, int64_t hd, float* sc) {
+  constexpr int PC = 16;  // pairs of q held in registers at a time
+  const int64_t hp = hd / 2;
+  for (int64_t p0 = 0; p0 < hp; p0 += PC) {
+    const int64_t np = std::min<int64_t>(PC, hp - p0);
+    __m512bh qv[PC];
+    for (int64_t j = 0; j < np; ++j)
+      qv[j] = (__m512bh)_mm512_or_si512(  // lane r: (q_r[2j], q_r[2j+1]), values already bf16 in fp32 form
+          _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(qt + 2 * (p0 + j) * 16)), 16),
+          _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(qt + (2 * (p0 + j) + 1) * 16)), _mm512_set1_epi32((int)0xFFFF0000)));
+    int64_t l = 0;
+    for (; l + 4 <= L; l += 4) {
+      __m512 a[4];
+      for (int u = 0; u < 4; ++u) a[u] = p0 ? _mm512_loadu_ps(sc + (l + u) * 16) : _mm512_setzero_ps();
+      for (int64_t j = 0; j < np; ++j)
+        for (int u = 0; u < 4; ++u) {
+          int32_t pair;
+          std::memcpy(&pair, k + (l + u) * ks + 2 * (p0 + j), 4);
+          a[u] = _mm512_dpbf16_ps(a[u], qv[j], (__m512bh)_mm512_set1_epi32(pair));
+        }
+      for (int u = 0; u < 4; ++u) _mm512_storeu_ps(sc + (l + u) * 16, a[u]);
+    }
+    for (; l < L; ++l) {
+      __m512 a = p0 ? _mm512_loadu_ps(sc + l * 16) : _mm512_setzero_ps();
+      for (int64_t j = 0; j < np; ++j) {
+        int32_t pair;
+        std::memcpy(&pair, k + l * ks + 2 * (p0 + j), 4);
+        a = _mm512_dpbf16_ps(a, qv[j], (__m512bh)_mm512_set1_epi32(pair));
+      }
+      _mm512_storeu_ps(sc + l * 16, a);
+    }
+  }
+}
+#endif
+
+// src (n values, fp32 or bf16) into fp32 dst
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+  int64_t d = 0;
+  for (; d + W <= n; d += W) vstore(dst + d, vload(src + d));
+  for (; d < n; ++d) dst[d] = scalar(src[d]);
+}
+
+template <typename T>
+void front_head(const T* qkv, int64_t n, int64_t H, int64_t hd, int64_t h, const float* cos, const float* sin,
+                T* kc, T* vc, int64_t ks, int64_t vs, int64_t pos, float scale, T* out, std::vector<float>& buf) {
+  const int64_t D = H * hd, L = pos + n, half = hd / 2;
+  const bool bf16 = std::is_same_v<T, uint16_t>;
+  const int64_t nb = (n + W - 1) / W;  // query blocks of W lanes
+  const size_t need = 2 * L * hd + hd * W + L * W;
+  if (buf.size() < need) buf.resize(need);
+  float* kf = buf.data();         // keys, fp32 [L][hd]
+  float* vf = kf + L * hd;        // values, fp32 [L][hd]
+  float* qt = vf + L * hd;        // one query block, [hd][W], scaled
+  float* sc = qt + hd * W;        // scores / weights of the block, [L][W]
+  for (int64_t i = 0; i < n; ++i) {  // rotate k, write k and v at pos + i
+    const T* src = qkv + i * 3 * D;
+    T* kd = kc + (pos + i) * ks;
+    T* vd = vc + (pos + i) * vs;
+    for (int64_t j = 0; j < half; ++j) {
+      const float a = scalar(src[D + h * hd + 2 * j]), b = scalar(src[D + h * hd + 2 * j + 1]);
+      const float c = cos[i * half + j], sn = sin[i * half + j];
+      store(kd + 2 * j, a * c - b * sn);
+      store(kd + 2 * j + 1, a * sn + b * c);
+    }
+    for (int64_t d = 0; d < hd; ++d) vd[d] = src[2 * D + h * hd + d];
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    if (PANEL_PAIRS && bf16)  // the dot-product scores read bf16 keys: copied once, in one sequential pass
+      std::memcpy(reinterpret_cast<T*>(kf) + l * hd, kc + l * ks, hd * sizeof(T));
+    else
+      widen(kc + l * ks, kf + l * hd, hd);
+    widen(vc + l * vs, vf + l * hd, hd);
+  }
+  constexpr int DC = W >= 16 ? 16 : 8;  // a chunk of q's dimensions held in registers
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t i0 = blk * W, m = std::min<int64_t>(W, n - i0);
+    std::fill(qt, qt + hd * W, 0.f);
+    for (int64_t r = 0; r < m; ++r) {  // q rotated, rounded to T, scaled, transposed into lanes
+      const T* src = qkv + (i0 + r) * 3 * D + h * hd;
+      for (int64_t j = 0; j < half; ++j) {
+        const float a = scalar(src[2 * j]), b = scalar(src[2 * j + 1]);
+        const float c = cos[(i0 + r) * half + j], sn = sin[(i0 + r) * half + j];
+        qt[(2 * j) * W + r] = round_as(a * c - b * sn, bf16);
+        qt[(2 * j + 1) * W + r] = round_as(a * sn + b * c, bf16);
+      }
+    }
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, uint16_t>) {  // bf16: q's pairs against each key's pairs, dot-product instruction
+      front_scores_pairs(qt, reinterpret_cast<const uint16_t*>(kf), hd, L, hd, sc);
+    } else
+#endif
+    for (int64_t d0 = 0; d0 < hd; d0 += DC) {  // scores, DC dimensions at a time, four keys' sums side by side
+      const int64_t nd = std::min<int64_t>(DC, hd - d0);
+      vec qv[DC];
+      for (int64_t dd = 0; dd < nd; ++dd) qv[dd] = vload(qt + (d0 + dd) * W);
+      int64_t l = 0;
+      for (; l + 4 <= L; l += 4) {
+        vec a0 = d0 ? vload(sc + l * W) : vzero(), a1 = d0 ? vload(sc + (l + 1) * W) : vzero();
+        vec a2 = d0 ? vload(sc + (l + 2) * W) : vzero(), a3 = d0 ? vload(sc + (l + 3) * W) : vzero();
+        const float* k0 = kf + l * hd + d0;
+        if (nd == DC) {
+#pragma GCC unroll 16
+          for (int dd = 0; dd < DC; ++dd) {
+            a0 = vfma(vset(k0[dd]), qv[dd], a0);
+            a1 = vfma(vset(k0[hd + dd]), qv[dd], a1);
+            a2 = vfma(vset(k0[2 * hd + dd]), qv[dd], a2);
+            a3 = vfma(vset(k0[3 * hd + dd]), qv[dd], a3);
+          }
+        } else {
+          for (int64_t dd = 0; dd < nd; ++dd) {
+            a0 = vfma(vset(k0[dd]), qv[dd], a0);
+            a1 = vfma(vset(k0[hd + dd]), qv[dd], a1);
+            a2 = vfma(vset(k0[2 * hd + dd]), qv[dd], a2);
+            a3 = vfma(vset(k0[3 * hd + dd]), qv[dd], a3);
+          }
+        }
+        vstore(sc + l * W, a0); vstore(sc + (l + 1) * W, a1); vstore(sc + (l + 2) * W, a2); vstore(sc + (l + 3) * W, a3);
+      }
+      for (; l < L; ++l) {
+        vec a = d0 ? vload(sc + l * W) : vzero();
+        for (int64_t dd = 0; dd < nd; ++dd) a = vfma(vset(kf[l * hd + d0 + dd]), qv[dd], a);
+        vstore(sc + l * W, a);
+      }
+    }
+    const vec sv = vset(scale);
+    vec best = vset(-INFINITY);
+    for (int64_t l = 0; l < L; ++l) best = vmax(best, vload(sc + l * W));
+    int64_t l = 0;
+    vec total = vzero();
+    const vec shift = vmul(best, vset(-scale));
+    for (l = 0; l < L; ++l) {  // exp(scale * (s - max)), scale > 0
+      const vec e = vexp(vfma(vload(sc + l * W), sv, shift));
+      vstore(sc + l * W, e);
+      total = vadd(total, e);
+    }
+    const vec inv = vdiv(vset(1.f), total);
+    constexpr int R = W >= 16 ? 16 : 8;  // R output dimensions at a time, each a vector over the block's queries
+    float o[R * W];
+    for (int64_t d0 = 0; d0 < hd; d0 += R) {
+      const int64_t nd = std::min<int64_t>(R, hd - d0);
+      vec acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = vzero();
+      for (l = 0; l < L; ++l) {
+        const vec p = vload(sc + l * W);
+        const float* vl = vf + l * hd + d0;
+        if (nd == R) {
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) acc[r] = vfma(vset(vl[r]), p, acc[r]);
+        } else {
+          for (int r = 0; r < nd; ++r) acc[r] = vfma(vset(vl[r]), p, acc[r]);
+        }
+      }
+      for (int r = 0; r < nd; ++r) vstore(o + r * W, vmul(acc[r], inv));
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t dd = 0; dd < nd; ++dd) store(out + (i0 + r) * D + h * hd + d0 + dd, o[dd * W + r]);
+    }
+  }
+}
+
+torch::Tensor front_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc,
+                              int64_t pos, double scale) {
+  TORCH_CHECK(qkv.dim() == 3 && kc.dim() == 4 && vc.dim() == 4 && kc.sizes() == vc.sizes() && !qkv.is_cuda() && !kc.is_cuda(),
+              "varkit front_attention: qkv (B, n, 3 H hd), caches (B, H, max_len, hd) on the CPU");
+  const int64_t B = qkv.size(0), n = qkv.size(1), H = kc.size(1), hd = kc.size(3), D = H * hd;
+  TORCH_CHECK(kc.size(0) == B && qkv.size(2) == 3 * D && hd % 2 == 0 && pos >= 0 && pos + n <= kc.size(2),
+              "varkit front_attention: qkv (", B, ", n, ", 3 * D, ") and room for ", n, " positions after ", pos);
+  TORCH_CHECK(qkv.scalar_type() == kc.scalar_type() && kc.scalar_type() == vc.scalar_type()
+              && (kc.scalar_type() == torch::kFloat32 || kc.scalar_type() == torch::kBFloat16),
+              "varkit front_attention: qkv and caches of one dtype, fp32 or bf16");
+  TORCH_CHECK(kc.stride(3) == 1 && vc.stride(3) == 1, "varkit front_attention: caches with unit stride over hd");
+  auto c = cos.to(torch::kFloat32).contiguous(), sn = sin.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(c.numel() == n * hd / 2 && sn.numel() == n * hd / 2, "varkit front_attention: cos, sin (n, hd / 2)");
+  auto x = qkv.contiguous();
+  auto out = torch::empty({B, n, D}, x.options());
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const int64_t es = x.element_size();
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H;
+      char* kp = static_cast<char*>(kc.data_ptr()) + (b * kc.stride(0) + h * kc.stride(1)) * es;
+      char* vp = static_cast<char*>(vc.data_ptr()) + (b * vc.stride(0) + h * vc.stride(1)) * es;
+      if (bf16)
+        front_head<uint16_t>(bf16_ptr(x) + b * n * 3 * D, n, H, hd, h, c.data_ptr<float>(), sn.data_ptr<float>(),
+                             reinterpret_cast<uint16_t*>(kp), reinterpret_cast<uint16_t*>(vp), kc.stride(2), vc.stride(2), pos,
+                             (float)scale, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + b * n * D, buf);
+      else
+        front_head<float>(x.data_ptr<float>() + b * n * 3 * D, n, H, hd, h, c.data_ptr<float>(), sn.data_ptr<float>(),
+                          reinterpret_cast<float*>(kp), reinterpret_cast<float*>(vp), kc.stride(2), vc.stride(2), pos,
+                          (float)scale, out.data_ptr<float>() + b * n * D, buf);
+    }
+  });
+  return out;
+}
+
 // ---- RMS norm: (x * rsqrt(mean(x^2) + eps)) rounded to x's dtype, times the gain (as varkit.nn.RMSNorm) ----------
 template <typename T>
 void rms_rows(const T* x, const T* g, T* y, int64_t R, int64_t D, float eps) {
@@ -667,7 +875,6 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor g, double eps) {
 }
 
 // ---- a whole LLaMA decode layer (varkit.models.raster.TransformerBlock) for one token a row -------------------
-inline float round_as(float v, bool bf16) { return bf16 ? (float)c10::BFloat16(v) : v; }
 
 // x (R, D) in the model dtype (fp32 or bf16); weights in gemv_blocked's layout; kc, vc this layer's cache
 // (R, H, max_len, hd), written at `pos`; cos, sin (hd / 2) fp32 rotary tables of the position. Every value is
@@ -1135,6 +1342,10 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor 
   return llama_layer(x, g_attn, g_ffn, eps, wqkv, wo, w1, w3, w2, hidden, kc, vc, pos, cos, sin);
 }
 std::vector<torch::Tensor> topk(torch::Tensor x, int64_t k) { return topk_sorted(x, k); }
+torch::Tensor attend_front(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc,
+                           int64_t pos, double scale) {
+  return front_attention(qkv, cos, sin, kc, vc, pos, scale);
+}
 torch::Tensor group_norm_silu(torch::Tensor x, torch::Tensor gamma, torch::Tensor beta, int64_t groups, double eps,
                               bool silu) {
   return group_norm_act(x, gamma, beta, groups, eps, silu);
@@ -1290,7 +1501,7 @@ OPENMP_FLAGS = ["-fopenmp"]
 
 
 #: the extension's functions
-FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "rms_norm_rows", "decode_layer", "topk",
+FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "attend_front", "rms_norm_rows", "decode_layer", "topk",
              "group_norm_silu", "winograd_filters", "winograd_input", "winograd_output",
              "allocator_install", "allocator_installed", "allocator_empty_cache", "allocator_stats")
 
