@@ -126,14 +126,13 @@ class Linear(DerivedState, nn.Linear):
 
     def _takes_onednn(self, x: torch.Tensor) -> bool:
         """Whether :meth:`_linear` would hand ``x`` to oneDNN's packed GEMM (more rows than the C++ kernels take)."""
-        if not (self.prepacked and not torch.compiler.is_compiling() and self._can_use_packed(x)):
+        if not (self.prepacked and self._can_use_packed(x)):
             return False
         rows = x.numel() // max(x.shape[-1], 1)
         return rows > PANEL_MAX_ROWS or (rows > STREAM_MAX_ROWS and self.weight.dtype not in panel_dtypes())
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # compiling first: packable_dtypes() is a graph break, and inductor packs its own weights
-        if self.prepacked and not torch.compiler.is_compiling() and self._can_use_packed(x):
+        if self.prepacked and self._can_use_packed(x):
             rows = x.numel() // max(x.shape[-1], 1)
             if rows <= STREAM_MAX_ROWS and self.weight.is_contiguous() and stream_enabled():  # 1-2 rows: stream the weight
                 y = stream_linear(x, self.weight, bias, self._blocked_weight())
@@ -156,11 +155,14 @@ class Linear(DerivedState, nn.Linear):
         return F.linear(x, self.weight, bias)
 
     def _can_use_packed(self, x: torch.Tensor) -> bool:
+        # compiling first: packable_dtypes() is a graph break, and inductor packs its own weights
+        if torch.compiler.is_compiling():
+            return False
         w = self.weight
         if w.dtype == torch.float32 and x.numel() > self.packed_max_rows_fp32 * x.shape[-1]:
             return False
         return (x.device.type == "cpu" and x.dtype == w.dtype and w.dtype in packable_dtypes()
-                and not (torch.is_grad_enabled() and w.requires_grad) and not torch.compiler.is_compiling())
+                and not (torch.is_grad_enabled() and w.requires_grad))
 
     def _packed_weight(self) -> torch.Tensor:
         """The oneDNN-packed weight, re-packed whenever the weight changed (new storage or in-place edit)."""
