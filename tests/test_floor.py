@@ -145,6 +145,22 @@ def test_trace_counts_var_passes_and_the_tokenizer_decode(tmp_path):
     assert js.totals(4) == tr.totals(4) and js.floor(4, FAKE) == tr.floor(4, FAKE)
 
 
+def test_trace_counts_winograd_products_for_the_3x3_convolutions_it_takes():
+    """A 3x3 convolution Winograd F(4x4, 3x3) takes on a CPU counts its 36 products a 4x4 tile and channel pair
+    (a quarter of the direct product's 144, tiles rounded up at the edges); narrow ones count the direct product."""
+    from varkit.nn.cpu_kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("no C++ toolchain to build the kernels here: no Winograd path to count")
+    wide, narrow = torch.nn.Conv2d(32, 48, 3, padding=1), torch.nn.Conv2d(8, 48, 3, padding=1)
+    with torch.inference_mode(), FL.trace_work(torch.nn.Module(), wide, narrow) as tr:
+        wide(torch.randn(2, 32, 34, 32))
+        narrow(torch.randn(2, 8, 34, 32))
+    direct_narrow = 2.0 * 2 * 48 * 34 * 32 * 8 * 9
+    winograd_wide = 2.0 * 2 * 9 * 8 * 36 * 32 * 48  # ceil(34/4) x 32/4 tiles
+    assert tr.other.flops["float32"] == winograd_wide + direct_narrow
+
+
 def test_attach_floor_adds_the_columns(tiny_gen):
     from varkit.samplers import SamplingParams
 

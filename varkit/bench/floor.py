@@ -423,10 +423,13 @@ def trace_work(gen: nn.Module, *others: nn.Module) -> Iterator[WorkTrace]:
     ``teacher_forcing_logits`` is one pass; GEMMs, convolutions and attention in ``gen`` and ``others`` (a
     tokenizer) outside those calls go to ``other``. Eager only: a compiled decode step is set aside meanwhile.
 
-    Counted: ``2·rows·in·out`` per linear, ``2·out·in/groups·kernel`` per convolution output, ``4·q·keys·dim``
+    Counted: ``2·rows·in·out`` per linear, ``2·out·in/groups·kernel`` per convolution output (a quarter of that,
+    Winograd F(4x4, 3x3)'s products, for the 3x3 convolutions :func:`varkit.nn.winograd.eligible` takes on a CPU,
+    whichever path runs them), ``4·q·keys·dim``
     per attention call (rows of every image), the parameters of each linear/convolution once per pass, and
     ``2·keys·dim`` cached keys/values read per attention call (with a KV cache).
     """
+    from ..nn import winograd
     from ..nn.attention import Attention
     from ..nn.layers import Linear
 
@@ -450,7 +453,13 @@ def trace_work(gen: nn.Module, *others: nn.Module) -> Iterator[WorkTrace]:
     def conv_hook(module, args, out):
         w = module.weight
         current().add_weights(module)
-        current().add_flops(w.dtype, 2.0 * out.numel() * w[0].numel())
+        flops = 2.0 * out.numel() * w[0].numel()
+        if isinstance(module, nn.Conv2d) and winograd.eligible(module, args[0]):
+            # the least arithmetic varkit has for it: Winograd F(4x4, 3x3)'s 36 products a 4x4 tile and channel
+            # pair (the direct product's 144), whichever path the run itself takes
+            b, _, h, wd = out.shape
+            flops = 2.0 * b * math.ceil(h / 4) * math.ceil(wd / 4) * 36 * module.in_channels * module.out_channels
+        current().add_flops(w.dtype, flops)
 
     def attention_hook(module, args, kwargs):
         x = args[0]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -326,16 +327,34 @@ def _known_and_read(gen, num_iter: int) -> tuple[list[int], list[int]]:
 
 
 def decoder_flops(tok, batch: int) -> float:
-    """FLOPs of one VAE decode of ``batch`` latents (torch's FLOP counter on a batch-1 decode, times the batch)."""
+    """FLOPs of one VAE decode of ``batch`` latents (torch's FLOP counter on a batch-1 decode, times the batch), the
+    3x3 convolutions :func:`varkit.nn.winograd.eligible` takes counted at Winograd F(4x4, 3x3)'s products (a quarter
+    of the direct product's), as :func:`varkit.bench.floor.trace_work` counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ..nn import winograd
+
     g = tok.config.latent_dim
-    side = 16  # any grid: FLOPs scale with its area
+    side = 16  # a 16x16 latent grid (MAR's and FlowAR's); callers scale by the area
     z = torch.zeros(1, side, side, g)
-    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-        tok.model.post_quant_conv(z.permute(0, 3, 1, 2))
-        tok.model.decoder(z.permute(0, 3, 1, 2).contiguous())
-    return float(fc.get_total_flops()) * batch
+    saved = []  # FLOPs the eligible convolutions save against the direct product
+
+    def hook(module, args, out):
+        if winograd.eligible(module, args[0]):
+            b, _, h, w = out.shape
+            direct = 2.0 * out.numel() * module.weight[0].numel()
+            saved.append(direct - 2.0 * b * math.ceil(h / 4) * math.ceil(w / 4) * 36 * module.in_channels
+                         * module.out_channels)
+
+    handles = [m.register_forward_hook(hook) for m in tok.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            tok.model.post_quant_conv(z.permute(0, 3, 1, 2))
+            tok.model.decoder(z.permute(0, 3, 1, 2).contiguous())
+    finally:
+        for h in handles:
+            h.remove()
+    return (float(fc.get_total_flops()) - sum(saved)) * batch
 
 
 def make_rows(sides: list[Side], results: list[tuple[Any, float, float, dict, list[int]]], batch: int, gen, tok,
