@@ -16,6 +16,11 @@ oneDNN-packed 10-14 GB/s; SDPA reads a one-query KV cache at ~7 GB/s). Three ker
   with unit stride over D, e.g. a static cache's filled prefix): scores, a vector exp (a degree-7 polynomial after
   range reduction: truncation below fp32's rounding, as the softmax kernels of SIMD libraries), and the
   weighted sum of values, reading each key and value once.
+- ``attend_front(qkv, cos, sin, kc, vc, pos, scale)``: a front of n new tokens a row (NAR's one-front steps): the
+  rotary of q and k, the cache write and the attention over every cached key and the front, in one call a layer,
+  queries in vector lanes (no horizontal sums; bf16 scores through AVX-512-BF16's dot product where it exists).
+- ``gemm_panels`` / ``linear_panels``: 3-128 rows times a weight in panel layout (register-blocked; bf16 weights in
+  k pairs through the dot-product instruction where AVX-512-BF16 exists without AMX).
 - ``decode_layer(...)``: a whole LLaMA block (:class:`varkit.models.raster.TransformerBlock`) for one new token a
   row over a static cache, on the kernels above, in one call from Python: a GPT-B step through the module path
   spends ~4 ms of its ~25 in Python and small ops (norms, rotary, cache writes, gating) on a Zen 4 core.
