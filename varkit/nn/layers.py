@@ -94,8 +94,8 @@ class Linear(DerivedState, nn.Linear):
     through :mod:`varkit.nn.stream_gemv` instead, which reads DRAM 1.5-2x faster than the packed GEMM on a Zen 4
     core; at 3-128 rows (``PANEL_MAX_ROWS``: NAR's fronts, batches with CFG) it runs varkit's panel kernel
     (``gemm_panels``) on a copy in panel layout, 1.1-1.4x faster than the packed GEMM (fp32; bf16 on CPUs
-    without bf16 arithmetic, and with AVX-512-BF16 but no AMX through its dot-product instruction, up to 2x faster
-    at 3-12 rows: :func:`~varkit.nn.stream_gemv.panel_dtypes`). Each copy is made on first use: a model
+    without bf16 arithmetic, and with AVX-512-BF16 but no AMX through its dot-product instruction, 1.1-1.9x faster
+    at 4-12 rows: :func:`~varkit.nn.stream_gemv.panel_dtypes`). Each copy is made on first use: a model
     decoding 1-2, 3-128 and more rows holds three extra copies.
     """
 
