@@ -1,7 +1,8 @@
-"""varkit/nn/cpu_kernels.py: one-query attention, a front's attention, the RMS norm, the fused LLaMA decode layer and top-k, against the module
+"""varkit/nn/cpu_kernels.py: one-query attention, a front's attention, SwiGLU's gate, the RMS norm, the fused LLaMA decode layer and top-k, against the module
 path in float64 (fp32) or in the same dtype (bf16); the ``check_*`` helpers also run on the AVX2 and plain builds
 (tests/test_stream_gemv.py)."""
 import copy
+import math
 import os
 from unittest import mock
 
@@ -98,6 +99,25 @@ def check_front_attention(attend_front) -> None:
             bound = torch.stack([(a * c).abs() + (b * s).abs(), (a * s).abs() + (b * c).abs()], -1).flatten(-2).transpose(1, 2)
             tol = 4 * U * bound + (U_BF16 * exact.abs() if dtype == torch.bfloat16 else 0)
             assert ((kc3[:, :, pos:pos + n].double() - exact).abs() <= tol + 1e-30).all(), (dtype, "rotation")
+
+
+def check_silu_mul(silu_mul_) -> None:
+    """SwiGLU's gate in place, a = round(round(silu(a)) * b), against float64: fp32 within 16 u of the exact value
+    (the exp's few-ulp polynomial, a division, a product); bf16 within its two roundings (2^-8 relative each) and
+    the same fp32 error underneath. Absolute slack: below -87 the exp's input is clamped, so silu(x) comes out as
+    about x e^-88 instead of ~0 (|x| e^-87 |b| allowed; torch's own gives -0 there), and 1e-38 for subnormals."""
+    g = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in (1, 15, 16, 37, 40000):  # scalar tails, whole vectors, more than one thread's chunk
+            a = (6 * torch.randn(n, generator=g)).to(dtype)
+            a[: min(n, 3)] = torch.tensor([-100.0, 0.0, 90.0])[: min(n, 3)].to(dtype)  # exp's clamps, zero
+            b = torch.randn(n, generator=g).to(dtype)
+            exact = F.silu(a.double()) * b.double()
+            got = a.clone()
+            silu_mul_(got, b)
+            rel = 16 * U + (2 * U_BF16 if dtype == torch.bfloat16 else 0)
+            slack = a.double().abs() * math.exp(-87) * b.double().abs() + 1e-38
+            assert ((got.double() - exact).abs() <= rel * exact.abs() + slack).all(), (dtype, n)
 
 
 def check_rms_norm(rms_norm_rows) -> None:
@@ -229,7 +249,7 @@ def check_topk(topk) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("check, name", [(check_attend, "attend"), (check_topk, "topk"),
-                                         (check_front_attention, "attend_front"),
+                                         (check_front_attention, "attend_front"), (check_silu_mul, "silu_mul_"),
                                          (check_rms_norm, "rms_norm_rows"), (check_decode_layer, "decode_layer"),
                                          (check_group_norm_silu, "group_norm_silu")])
 def test_native_kernel(check, name):
@@ -298,6 +318,41 @@ def test_nar_fronts_take_the_front_kernel_and_equal_the_module_path(monkeypatch,
         att(x, rope, torch.ones(3, 3, dtype=torch.bool), gen.new_cache(2), 0)  # masked: SDPA
     att(x, rope, None, gen.new_cache(2), 0)  # autograd: the module path
     assert len(calls) == sum(n >= 2 for n in fronts) * layers
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gates_in_the_kernel_at_inference_as_torchs_ops_do(monkeypatch, dtype):
+    """Inference gates through silu_mul_ where it applies (fp32; bf16 on builds with AVX-512-BF16), with torch's
+    result up to the exp's few ulp (bf16: one ulp of a rounding that may fall the other way); autograd keeps
+    torch's ops."""
+    from varkit.nn import layers
+    from varkit.nn.layers import SwiGLU
+
+    torch.manual_seed(0)
+    ffn = SwiGLU(32, 96).to(dtype).eval()
+    prepack_linears(ffn)  # as load_pipeline does (contiguous outputs at any row count)
+    x = torch.randn(2, 5, 32).to(dtype)
+    calls = []
+    real = cpu_kernels()
+
+    class Counting:  # the real kernels, silu_mul_ counted
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def silu_mul_(self, *a):
+            calls.append(1)
+            real.silu_mul_(*a)
+
+    monkeypatch.setattr(layers, "cpu_kernels", lambda: Counting())
+    with torch.no_grad():
+        got = ffn(x)
+        want = ffn.w2(F.silu(ffn.w1(x)) * ffn.w3(x))
+    assert len(calls) == (1 if dtype == torch.float32 or real.panel_pairs() else 0)
+    tol = (1e-5 if dtype == torch.float32 else 4 * U_BF16) * float(want.float().abs().max())
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol)
+    ffn(x).sum()  # grad enabled: torch's ops
+    assert len(calls) <= 1
 
 
 @needs_kernels

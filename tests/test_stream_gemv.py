@@ -211,10 +211,11 @@ def test_the_code_paths_of_other_cpus_build_and_agree(march):
                 assert ((got - want).abs() <= tol + 1e-30).all(), (dtype, rows, k, "blocked")
     check_panels(kernel)
     from test_cpu_kernels import (check_attend, check_decode_layer, check_front_attention, check_group_norm_silu,
-                                  check_rms_norm, check_topk)
+                                  check_rms_norm, check_silu_mul, check_topk)
 
     check_attend(kernel.attend)
     check_front_attention(kernel.attend_front)
+    check_silu_mul(kernel.silu_mul_)
     check_topk(kernel.topk)
     check_rms_norm(kernel.rms_norm_rows)
     check_group_norm_silu(kernel.group_norm_silu)

@@ -840,6 +840,45 @@ torch::Tensor front_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tenso
   return out;
 }
 
+// ---- SwiGLU's gate at inference: a = round(round(silu(a)) * b) in place (torch's silu_ then mul_, one pass) -----
+template <typename T>
+void silu_mul_rows(T* a, const T* b, int64_t n) {
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+  int64_t i = 0;
+  if constexpr (!bf16) {
+    for (; i + W <= n; i += W) {
+      const vec v = vload(a + i);
+      vstore(a + i, vmul(vdiv(v, vadd(vset(1.f), vexp(vmul(v, vset(-1.f))))), vload(b + i)));
+    }
+  }
+#if defined(__AVX512BF16__)
+  if constexpr (bf16) {
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = vload(a + i);
+      const __m512 s = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), vexp(_mm512_mul_ps(v, _mm512_set1_ps(-1.f)))));
+      const __m512 sr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(s)), 16));
+      _mm256_storeu_si256((__m256i*)(a + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sr, vload(b + i))));
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = scalar(a[i]);
+    store(a + i, round_as(v / (1.f + std::exp(-v)), bf16) * scalar(b[i]));
+  }
+}
+
+void silu_mul_inplace(torch::Tensor a, torch::Tensor b) {
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.is_contiguous() && b.is_contiguous()
+              && !a.is_cuda() && !b.is_cuda() && (a.scalar_type() == torch::kFloat32 || a.scalar_type() == torch::kBFloat16),
+              "varkit silu_mul_: two contiguous CPU tensors of one shape, fp32 or bf16");
+  const int64_t n = a.numel();
+  const bool bf16 = a.scalar_type() == torch::kBFloat16;
+  at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
+    if (bf16) silu_mul_rows(reinterpret_cast<uint16_t*>(a.data_ptr()) + i0, bf16_ptr(b) + i0, i1 - i0);
+    else silu_mul_rows(a.data_ptr<float>() + i0, b.data_ptr<float>() + i0, i1 - i0);
+  });
+}
+
 // ---- RMS norm: (x * rsqrt(mean(x^2) + eps)) rounded to x's dtype, times the gain (as varkit.nn.RMSNorm) ----------
 template <typename T>
 void rms_rows(const T* x, const T* g, T* y, int64_t R, int64_t D, float eps) {
@@ -1347,6 +1386,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor 
   return llama_layer(x, g_attn, g_ffn, eps, wqkv, wo, w1, w3, w2, hidden, kc, vc, pos, cos, sin);
 }
 std::vector<torch::Tensor> topk(torch::Tensor x, int64_t k) { return topk_sorted(x, k); }
+void silu_mul_(torch::Tensor a, torch::Tensor b) { silu_mul_inplace(a, b); }
 torch::Tensor attend_front(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc,
                            int64_t pos, double scale) {
   return front_attention(qkv, cos, sin, kc, vc, pos, scale);
@@ -1506,7 +1546,7 @@ OPENMP_FLAGS = ["-fopenmp"]
 
 
 #: the extension's functions
-FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "attend_front", "rms_norm_rows", "decode_layer", "topk",
+FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "attend_front", "silu_mul_", "rms_norm_rows", "decode_layer", "topk",
              "group_norm_silu", "winograd_filters", "winograd_input", "winograd_output",
              "allocator_install", "allocator_installed", "allocator_empty_cache", "allocator_stats")
 
