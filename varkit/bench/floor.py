@@ -455,10 +455,8 @@ def trace_work(gen: nn.Module, *others: nn.Module) -> Iterator[WorkTrace]:
         current().add_weights(module)
         flops = 2.0 * out.numel() * w[0].numel()
         if isinstance(module, nn.Conv2d) and winograd.eligible(module, args[0]):
-            # the least arithmetic varkit has for it: Winograd F(4x4, 3x3)'s 36 products a 4x4 tile and channel
-            # pair (the direct product's 144), whichever path the run itself takes
-            b, _, h, wd = out.shape
-            flops = 2.0 * b * math.ceil(h / 4) * math.ceil(wd / 4) * 36 * module.in_channels * module.out_channels
+            # the least arithmetic varkit has for it, whichever path the run itself takes
+            flops = winograd.flops(module, out)
         current().add_flops(w.dtype, flops)
 
     def attention_hook(module, args, kwargs):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -341,10 +340,7 @@ def decoder_flops(tok, batch: int) -> float:
 
     def hook(module, args, out):
         if winograd.eligible(module, args[0]):
-            b, _, h, w = out.shape
-            direct = 2.0 * out.numel() * module.weight[0].numel()
-            saved.append(direct - 2.0 * b * math.ceil(h / 4) * math.ceil(w / 4) * 36 * module.in_channels
-                         * module.out_channels)
+            saved.append(2.0 * out.numel() * module.weight[0].numel() - winograd.flops(module, out))
 
     handles = [m.register_forward_hook(hook) for m in tok.model.modules() if isinstance(m, torch.nn.Conv2d)]
     try:

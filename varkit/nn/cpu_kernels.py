@@ -170,6 +170,13 @@ inline vec vexp(vec x) {
   return vmul(p, vpow2(n));
 }
 
+// silu(v) = v / (1 + exp(-v)): SwiGLU's gate, the decoders' GroupNorm + SiLU
+inline vec vsilu(vec v) { return vdiv(v, vadd(vset(1.f), vexp(vmul(v, vset(-1.f))))); }
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+// (a, b) rotated by the angle of (c, s): an interleaved rotary pair (varkit.nn.rope.apply_rope)
+inline void rotate(float a, float b, float c, float s, float& x, float& y) { x = a * c - b * s; y = a * s + b * c; }
+
 // ---- plain weight: y[m, n] = sum_k x[m, k] * w[n, k], W rows in order (any K) --------------------------------
 template <int M, typename T>
 __attribute__((noinline)) void rows(const float* x, const T* w, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
@@ -640,7 +647,8 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, doub
 // sees itself and everything before it). Rotated q and k are rounded to T, as the module path rounds them.
 // Queries sit in the W lanes of a vector (blocks of W): scores are sums over d of a broadcast key element times the
 // queries' d-th elements, the softmax runs lane-wise down the keys, the values' weighted sums likewise, so no
-// horizontal sums; keys and values are widened to fp32 once per (row, head). Returns (B, n, H hd) in T.
+// horizontal sums; keys and values are read once per (row, head) into a scratch copy (widened to fp32, except
+// the keys of bf16 scores on the dot product). Returns (B, n, H hd) in T.
 #if defined(__AVX512BF16__)
 // sc[l][lane] = q_lane . k_l for the 16 queries of qt ([hd][16] fp32 holding bf16 values) and L bf16 keys (rows ks
 // apart): q packed as bf16 pairs in lanes, each key's pair (k[2j], k[2j+1]) broadcast, 32 products per instruction
@@ -697,7 +705,7 @@ void front_head(const T* qkv, int64_t n, int64_t H, int64_t hd, int64_t h, const
   if (buf.size() < need) buf.resize(need);
   float* kf = buf.data();         // keys, fp32 [L][hd]
   float* vf = kf + L * hd;        // values, fp32 [L][hd]
-  float* qt = vf + L * hd;        // one query block, [hd][W], scaled
+  float* qt = vf + L * hd;        // one query block, [hd][W] (the scale goes on the scores)
   float* sc = qt + hd * W;        // scores / weights of the block, [L][W]
   for (int64_t i = 0; i < n; ++i) {  // rotate k, write k and v at pos + i
     const T* src = qkv + i * 3 * D;
@@ -705,9 +713,10 @@ void front_head(const T* qkv, int64_t n, int64_t H, int64_t hd, int64_t h, const
     T* vd = vc + (pos + i) * vs;
     for (int64_t j = 0; j < half; ++j) {
       const float a = scalar(src[D + h * hd + 2 * j]), b = scalar(src[D + h * hd + 2 * j + 1]);
-      const float c = cos[i * half + j], sn = sin[i * half + j];
-      store(kd + 2 * j, a * c - b * sn);
-      store(kd + 2 * j + 1, a * sn + b * c);
+      float x, y;
+      rotate(a, b, cos[i * half + j], sin[i * half + j], x, y);
+      store(kd + 2 * j, x);
+      store(kd + 2 * j + 1, y);
     }
     for (int64_t d = 0; d < hd; ++d) vd[d] = src[2 * D + h * hd + d];
   }
@@ -722,13 +731,14 @@ void front_head(const T* qkv, int64_t n, int64_t H, int64_t hd, int64_t h, const
   for (int64_t blk = 0; blk < nb; ++blk) {
     const int64_t i0 = blk * W, m = std::min<int64_t>(W, n - i0);
     std::fill(qt, qt + hd * W, 0.f);
-    for (int64_t r = 0; r < m; ++r) {  // q rotated, rounded to T, scaled, transposed into lanes
+    for (int64_t r = 0; r < m; ++r) {  // q rotated, rounded to T, transposed into lanes
       const T* src = qkv + (i0 + r) * 3 * D + h * hd;
       for (int64_t j = 0; j < half; ++j) {
         const float a = scalar(src[2 * j]), b = scalar(src[2 * j + 1]);
-        const float c = cos[(i0 + r) * half + j], sn = sin[(i0 + r) * half + j];
-        qt[(2 * j) * W + r] = round_as(a * c - b * sn, bf16);
-        qt[(2 * j + 1) * W + r] = round_as(a * sn + b * c, bf16);
+        float x, y;
+        rotate(a, b, cos[(i0 + r) * half + j], sin[(i0 + r) * half + j], x, y);
+        qt[(2 * j) * W + r] = round_as(x, bf16);
+        qt[(2 * j + 1) * W + r] = round_as(y, bf16);
       }
     }
 #if defined(__AVX512BF16__)
@@ -848,22 +858,20 @@ void silu_mul_rows(T* a, const T* b, int64_t n) {
   if constexpr (!bf16) {
     for (; i + W <= n; i += W) {
       const vec v = vload(a + i);
-      vstore(a + i, vmul(vdiv(v, vadd(vset(1.f), vexp(vmul(v, vset(-1.f))))), vload(b + i)));
+      vstore(a + i, vmul(vsilu(v), vload(b + i)));
     }
   }
 #if defined(__AVX512BF16__)
   if constexpr (bf16) {
     for (; i + 16 <= n; i += 16) {
-      const __m512 v = vload(a + i);
-      const __m512 s = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), vexp(_mm512_mul_ps(v, _mm512_set1_ps(-1.f)))));
+      const __m512 s = vsilu(vload(a + i));
       const __m512 sr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(s)), 16));
       _mm256_storeu_si256((__m256i*)(a + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sr, vload(b + i))));
     }
   }
 #endif
   for (; i < n; ++i) {
-    const float v = scalar(a[i]);
-    store(a + i, round_as(v / (1.f + std::exp(-v)), bf16) * scalar(b[i]));
+    store(a + i, round_as(silu(scalar(a[i])), bf16) * scalar(b[i]));
   }
 }
 
@@ -937,8 +945,10 @@ void split_qkv(const float* qkv, T* q, T* kc, T* vc, const torch::Tensor& k_cach
       for (int part = 0; part < 2; ++part) {  // q and k: interleaved pairs rotated by the position's angles
         for (int64_t i = 0; i < hd / 2; ++i) {
           const float a = round_as(src[part][2 * i], bf16), b = round_as(src[part][2 * i + 1], bf16);
-          store(dst[part] + 2 * i, a * c[i] - b * s[i]);
-          store(dst[part] + 2 * i + 1, a * s[i] + b * c[i]);
+          float x, y;
+          rotate(a, b, c[i], s[i], x, y);
+          store(dst[part] + 2 * i, x);
+          store(dst[part] + 2 * i + 1, y);
         }
       }
       for (int64_t d = 0; d < hd; ++d) store(dst[2] + d, src[2][d]);
@@ -957,11 +967,8 @@ template <typename T>
 void silu_gate(float* a, const float* b, T* g, int64_t n, bool bf16) {
   if (bf16) for (int64_t i = 0; i < n; ++i) a[i] = round_as(a[i], true);
   int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    vec v = vload(a + i);
-    vstore(a + i, vdiv(v, vadd(vset(1.f), vexp(vmul(v, vset(-1.f))))));
-  }
-  for (; i < n; ++i) a[i] = a[i] / (1.f + std::exp(-a[i]));
+  for (; i + W <= n; i += W) vstore(a + i, vsilu(vload(a + i)));
+  for (; i < n; ++i) a[i] = silu(a[i]);
   for (i = 0; i < n; ++i) store(g + i, round_as(a[i], bf16) * round_as(b[i], bf16));
 }
 
@@ -1155,8 +1162,9 @@ double chunked_sum(const float* x, int64_t n, float shift, bool squares) {
   return total;
 }
 
+// act: SiLU after the norm
 torch::Tensor group_norm_act(const torch::Tensor& x, const torch::Tensor& gamma, const torch::Tensor& beta, int64_t G,
-                             double eps, bool silu) {
+                             double eps, bool act) {
   TORCH_CHECK(x.dim() >= 2 && !x.is_cuda() && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && G > 0
               && x.size(1) % G == 0 && gamma.scalar_type() == torch::kFloat32 && beta.scalar_type() == torch::kFloat32
               && gamma.is_contiguous() && beta.is_contiguous() && gamma.numel() == x.size(1) && beta.numel() == x.size(1),
@@ -1181,16 +1189,16 @@ torch::Tensor group_norm_act(const torch::Tensor& x, const torch::Tensor& gamma,
         const float scale = gp[g * cg + c] * rstd, shift = bp[g * cg + c] - mean * scale;
         const float* xc = xs + c * HW;
         float* yc = ys + c * HW;
-        const vec vs = vset(scale), vb = vset(shift), one = vset(1.f), minus = vset(-1.f);
+        const vec vs = vset(scale), vb = vset(shift);
         int64_t j = 0;
         for (; j + W <= HW; j += W) {
           vec v = vfma(vload(xc + j), vs, vb);
-          if (silu) v = vdiv(v, vadd(one, vexp(vmul(v, minus))));
+          if (act) v = vsilu(v);
           vstore(yc + j, v);
         }
         for (; j < HW; ++j) {
           float v = xc[j] * scale + shift;
-          yc[j] = silu ? v / (1.f + std::exp(-v)) : v;
+          yc[j] = act ? silu(v) : v;
         }
       }
     }

@@ -16,6 +16,7 @@ equal to the official code.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from .cpu_kernels import cpu_kernels
 
-__all__ = ["G", "BT", "AT", "MIN_CHANNELS", "MIN_PIXELS", "transform_weight", "conv3x3", "eligible"]
+__all__ = ["G", "BT", "AT", "MIN_CHANNELS", "MIN_PIXELS", "transform_weight", "conv3x3", "eligible", "flops"]
 
 #: F(4x4, 3x3) with interpolation points 0, ±1, ±2 (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks")
 BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0),
@@ -65,6 +66,14 @@ def eligible(conv: torch.nn.Conv2d, x: Tensor) -> bool:
             and x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
             and x.dim() == 4 and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and cpu_kernels() is not None)
+
+
+def flops(conv: torch.nn.Conv2d, out: Tensor) -> float:
+    """The multiply-adds (x2) of ``conv``'s output ``out`` (B, Cout, H, W) as F(4x4, 3x3) computes it: 36 products a
+    4x4 tile (tiles rounded up at the edges) and channel pair, where the direct product takes 144 (the benches'
+    floors count this for the convolutions :func:`eligible` takes)."""
+    b, _, h, w = out.shape
+    return 2.0 * b * math.ceil(h / 4) * math.ceil(w / 4) * 36 * conv.in_channels * conv.out_channels
 
 
 def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None, kernels: Any = None) -> Tensor:
