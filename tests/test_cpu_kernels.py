@@ -217,6 +217,50 @@ def check_decode_layer(decode_layer) -> None:
                 assert torch.equal(mine[:, :, :length].double(), theirs[:, :, :length].double())  # untouched
 
 
+def check_front_layer(kernel) -> None:
+    """``front_layer`` (a LLaMA block for a front of n >= 2 tokens a row) against the same build's parts composed as
+    the module path composes them (rms_norm_rows, linear_panels, attend_front, silu_mul_ where SwiGLU uses it, torch's
+    residual adds): the same roundings in the same places, so bit for bit, output and cache writes; x untouched."""
+    from varkit.nn.stream_gemv import panel_weight
+
+    width, pairs = kernel.panel_width(), kernel.panel_pairs()
+    for dtype in (torch.float32, torch.bfloat16):
+        block, rope = _block(dtype)
+        att, ffn = block.attention, block.feed_forward
+        lins = (att.wqkv, att.wo, ffn.w1, ffn.w3, ffn.w2)
+        panels = [panel_weight(lin.weight, width, pairs and dtype == torch.bfloat16) for lin in lins]
+        for B, n, length in ((1, 3, 0), (2, 2, 13), (2, 7, 20), (3, 5, 35)):  # 3-21 rows: one to two row groups
+            x = torch.randn(B, n, 64, generator=torch.Generator().manual_seed(n)).to(dtype)
+            x0 = x.clone()
+            cos, sin = rope(slice(length, length + n))
+            ref_cache, cache = _filled_cache(dtype, B, length), _filled_cache(dtype, B, length)
+            g_att, g_ffn = block.attention_norm.weight.detach(), block.ffn_norm.weight.detach()
+            with torch.no_grad():
+                r = x.reshape(B * n, 64)
+                qkv = kernel.linear_panels(kernel.rms_norm_rows(r, g_att, 1e-5), panels[0], 192, None)
+                y = kernel.attend_front(qkv.view(B, n, 192), cos, sin, ref_cache.k[0], ref_cache.v[0], length, 0.25)
+                h = r + kernel.linear_panels(y.reshape(B * n, 64), panels[1], 64, None)
+                b = kernel.rms_norm_rows(h, g_ffn, 1e-5)
+                a, u = kernel.linear_panels(b, panels[2], 256, None), kernel.linear_panels(b, panels[3], 256, None)
+                if dtype == torch.float32 or pairs:
+                    kernel.silu_mul_(a, u)
+                else:  # where SwiGLU keeps torch's ops (bf16 without AVX-512-BF16), the kernel still gates in one pass
+                    a = (a.float() * torch.sigmoid(a.float())).to(dtype).float().mul(u.float()).to(dtype)
+                want = (h + kernel.linear_panels(a, panels[4], 64, None)).view(B, n, 64)
+                got = kernel.front_layer(x, g_att, g_ffn, 1e-5, *panels, 256, cos, sin, cache.k[0], cache.v[0],
+                                         length, 0.25)
+            assert got.dtype == dtype and got.shape == (B, n, 64) and torch.equal(x, x0)
+            if dtype == torch.float32 or pairs:
+                assert torch.equal(got, want), (dtype, B, n, length)
+            else:  # the gate's exp may round the other way than torch's sigmoid: an ulp of a gate moves the output
+                tol = 8 * U_BF16 * float(want.float().abs().max())  # by about an ulp of the largest value
+                assert (got.float() - want.float()).abs().max() <= tol, (dtype, B, n, length)
+            for mine, theirs in ((cache.k[0], ref_cache.k[0]), (cache.v[0], ref_cache.v[0])):
+                assert torch.equal(mine, theirs), (dtype, B, n, length)
+    with pytest.raises(RuntimeError, match="front_layer: x"):
+        kernel.front_layer(torch.randn(4, 64), g_att, g_ffn, 1e-5, *panels, 256, cos, sin, cache.k[0], cache.v[0], 0, 0.25)
+
+
 def check_topk(topk) -> None:
     """The k largest of each row, largest first: torch.topk's values and the same words (where values tie, the lower
     index first); the strided sample's threshold too high for a row (the fallback); ties, infinities, NaN; short rows."""
@@ -254,6 +298,11 @@ def check_topk(topk) -> None:
                                          (check_group_norm_silu, "group_norm_silu")])
 def test_native_kernel(check, name):
     check(getattr(cpu_kernels(), name))
+
+
+@needs_kernels
+def test_native_front_layer():
+    check_front_layer(cpu_kernels())
 
 
 @needs_kernels
@@ -379,7 +428,8 @@ def test_blocks_fuse_one_token_steps_and_equal_the_module_path(monkeypatch, dtyp
     calls = []
     real = R.cpu_kernels()
     monkeypatch.setattr(R, "cpu_kernels", lambda: type("K", (), {
-        "decode_layer": lambda *a: calls.append(1) or real.decode_layer(*a)}))
+        "decode_layer": lambda *a: calls.append(1) or real.decode_layer(*a), "panel_pairs": real.panel_pairs,
+        "front_layer": real.front_layer}))
     x = torch.randn(2, 1, 64).to(dtype)
     cos, sin = rope(slice(7, 8))
     outs = {}
@@ -402,6 +452,73 @@ def test_blocks_fuse_one_token_steps_and_equal_the_module_path(monkeypatch, dtyp
     with torch.no_grad():
         block(x, (cos, sin), None, _filled_cache(dtype, 2, 7), 0)
     assert len(calls) == 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nar_fronts_run_each_block_in_one_call_with_the_module_paths_numbers(monkeypatch, dtype):
+    """Prepacked, NAR's one-front steps of 2+ tokens a row (3-128 rows) run each block as one front_layer call, with
+    the module path's logits and cache bit for bit (the same kernels and roundings; bf16 where SwiGLU gates in the
+    kernel too). Not prepacked, VARKIT_FUSED_DECODE=0, masked calls and autograd keep the module path."""
+    import varkit.models.raster as R
+    from varkit.models.neighbors import NeighborsConfig, NeighborsGenerator
+    from varkit.nn.layers import gate_kernel_serves
+
+    real = cpu_kernels()
+    if not gate_kernel_serves(dtype, real):
+        pytest.skip("bf16 blocks keep the module path on builds without AVX-512-BF16 (SwiGLU gates in torch there)")
+    torch.manual_seed(0)
+    gen = NeighborsGenerator(NeighborsConfig(vocab_size=64, num_classes=4, dim=64, n_layer=2, n_head=4, grid=6)).eval()
+    gen = gen.to(dtype)
+    prepack_linears(gen)
+    calls = []
+
+    class Counting:  # the real kernels, front_layer counted
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def front_layer(self, *a):
+            calls.append(a[0].shape[1])
+            return real.front_layer(*a)
+
+    monkeypatch.setattr(R, "cpu_kernels", lambda: Counting())
+    tokens = torch.randint(0, 64, (2, 36), generator=torch.Generator().manual_seed(1))
+
+    def run() -> tuple[torch.Tensor, KVCache]:
+        with torch.inference_mode():
+            cache = gen.new_cache(2)
+            first, state = gen.prefill(torch.tensor([1, 4]), cache)
+            out = [first]
+            starts = gen.layout.step_starts
+            for step in range(1, gen.layout.num_steps):
+                out.append(gen(tokens[:, starts[step - 1]:starts[step]], step, cache, state))
+            return torch.cat(out, 1), cache
+
+    fused, cache = run()
+    fronts = [gen.layout.step_starts[s] - gen.layout.step_starts[s - 1] for s in range(1, gen.layout.num_steps)]
+    layers = len(gen.layers)  # NAR's own layers and its vertical head's
+    assert calls == [n for n in fronts for _ in range(layers) if n >= 2]  # CFG-less batch 2: 4-12 rows a call
+    monkeypatch.setattr(R.TransformerBlock, "_fused_front", lambda self, *a: None)
+    plain, plain_cache = run()
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(cache.k + cache.v, plain_cache.k + plain_cache.v))
+    monkeypatch.undo()
+    monkeypatch.setattr(R, "cpu_kernels", lambda: Counting())
+    count = len(calls)
+    monkeypatch.setenv("VARKIT_FUSED_DECODE", "0")
+    run()
+    monkeypatch.delenv("VARKIT_FUSED_DECODE")
+    block, x = gen.layers[0], torch.randn(2, 3, 64).to(dtype)
+    rope = gen.rope(slice(0, 3))
+    with torch.no_grad():
+        block(x, rope, torch.ones(3, 3, dtype=torch.bool), gen.new_cache(2), 0)  # masked
+    block(x, rope, None, gen.new_cache(2), 0)  # autograd
+    prepack_linears(gen, enabled=False)
+    run()
+    assert len(calls) == count
+    prepack_linears(gen)
+    run()
+    assert len(calls) > count
 
 
 def test_the_build_falls_back_to_one_thread_without_openmp_and_warns_when_nothing_builds(monkeypatch):

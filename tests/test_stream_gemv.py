@@ -210,8 +210,8 @@ def test_the_code_paths_of_other_cpus_build_and_agree(march):
                 got = kernel.gemv_blocked(x, block_weight(w), 130).double()
                 assert ((got - want).abs() <= tol + 1e-30).all(), (dtype, rows, k, "blocked")
     check_panels(kernel)
-    from test_cpu_kernels import (check_attend, check_decode_layer, check_front_attention, check_group_norm_silu,
-                                  check_rms_norm, check_silu_mul, check_topk)
+    from test_cpu_kernels import (check_attend, check_decode_layer, check_front_attention, check_front_layer,
+                                  check_group_norm_silu, check_rms_norm, check_silu_mul, check_topk)
 
     check_attend(kernel.attend)
     check_front_attention(kernel.attend_front)
@@ -223,3 +223,4 @@ def test_the_code_paths_of_other_cpus_build_and_agree(march):
 
     check_winograd(kernel)
     check_decode_layer(kernel.decode_layer)
+    check_front_layer(kernel)

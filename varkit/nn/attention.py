@@ -143,6 +143,16 @@ class Attention(nn.Module):
         y = attention(q, k, v, mask, drop, scale)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, n, -1)))
 
+    def front_kernel_applies(self, x: torch.Tensor, rope, mask, cache) -> bool:
+        """Whether ``attend_front`` serves this call (see :meth:`_fused_front`; also asked by a block that runs whole
+        in one call, :meth:`varkit.models.raster.TransformerBlock._fused_front`)."""
+        n = x.shape[1]
+        return not (n < 2 or mask is not None or rope is None or type(cache) is not KVCache or x.device.type != "cpu"
+                    or x.dtype not in (torch.float32, torch.bfloat16) or cache.dtype != x.dtype or self.qk_l2norm
+                    or self.q_bias is not None or self.head_dim % 2 or rope[0].dim() != 2
+                    or cache.length + n > cache.max_len or self.training or torch.is_grad_enabled()
+                    or torch.compiler.is_compiling() or not one_query_kernel_enabled())
+
     def _fused_front(self, x: torch.Tensor, rope, mask, cache, layer: int) -> torch.Tensor | None:
         """Rotary, cache write and attention in one C++ call (``cpu_kernels.attend_front``) where it applies: 2 or
         more new tokens a row that see every cached key and each other (no mask: NAR's fronts), RoPE, a plain
@@ -150,12 +160,7 @@ class Attention(nn.Module):
         layer, NAR-B bf16 at a 16-token front over 257 keys, one Zen 4 core: rotary, transposes and cache writes
         ~0.2 ms, SDPA 0.52 ms; the kernel 0.29 ms for all of it (fp32 0.36). With the projections, at 4-256 tokens
         over 14-680 keys: 1.1-1.3x the module path in bf16, 1.1-1.4x in fp32."""
-        n = x.shape[1]
-        if (n < 2 or mask is not None or rope is None or type(cache) is not KVCache or x.device.type != "cpu"
-                or x.dtype not in (torch.float32, torch.bfloat16) or cache.dtype != x.dtype or self.qk_l2norm
-                or self.q_bias is not None or self.head_dim % 2 or rope[0].dim() != 2 or cache.length + n > cache.max_len
-                or self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or not one_query_kernel_enabled()):
+        if not self.front_kernel_applies(x, rope, mask, cache):
             return None
         kernels = cpu_kernels()
         if kernels is None:

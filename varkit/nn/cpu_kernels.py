@@ -299,21 +299,35 @@ constexpr int MR_MAX = 4;
 #endif
 
 // a tile's MR x NB sums, plus the bias (padded to whole panels; null: none), into y (rows ldy apart, fp32 or bf16
-// rounded once), the first `valid` columns
+// rounded once), the first `valid` columns. res (rows ldy apart, y's dtype; null: none): a residual stream added to
+// the rounded result and rounded again (y = x + linear(...) as two ops in the model dtype: torch's rounding)
 template <int MR, typename O>
-inline void store_tile(const vec* a0, const vec* a1, O* y, int64_t ldy, int64_t valid, const float* bias) {
+inline void store_tile(const vec* a0, const vec* a1, O* y, int64_t ldy, int64_t valid, const float* bias, const O* res) {
+  constexpr bool BF = std::is_same_v<O, uint16_t>;
   for (int m = 0; m < MR; ++m) {
     vec v0 = a0[m], v1 = a1[m];
     if (bias != nullptr) { v0 = vadd(v0, vload(bias)); v1 = vadd(v1, vload(bias + W)); }
     O* row = y + m * ldy;
-    if constexpr (std::is_same_v<O, float>) {
-      if (valid == NB) { vstore(row, v0); vstore(row + W, v1); continue; }
+    const O* rrow = res == nullptr ? nullptr : res + m * ldy;
+    if constexpr (!BF) {
+      if (valid == NB) {
+        if (rrow != nullptr) { v0 = vadd(v0, vload(rrow)); v1 = vadd(v1, vload(rrow + W)); }
+        vstore(row, v0);
+        vstore(row + W, v1);
+        continue;
+      }
     }
 #if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<O, uint16_t>) {
+    if constexpr (BF) {
       if (valid == NB) {  // round to nearest even, as c10::BFloat16
-        _mm256_storeu_si256((__m256i*)row, (__m256i)_mm512_cvtneps_pbh(v0));
-        _mm256_storeu_si256((__m256i*)(row + W), (__m256i)_mm512_cvtneps_pbh(v1));
+        __m256i h0 = (__m256i)_mm512_cvtneps_pbh(v0), h1 = (__m256i)_mm512_cvtneps_pbh(v1);
+        if (rrow != nullptr) {
+          const auto widen = [](__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); };
+          h0 = (__m256i)_mm512_cvtneps_pbh(vadd(widen(h0), vload(rrow)));
+          h1 = (__m256i)_mm512_cvtneps_pbh(vadd(widen(h1), vload(rrow + W)));
+        }
+        _mm256_storeu_si256((__m256i*)row, h0);
+        _mm256_storeu_si256((__m256i*)(row + W), h1);
         continue;
       }
     }
@@ -321,22 +335,29 @@ inline void store_tile(const vec* a0, const vec* a1, O* y, int64_t ldy, int64_t 
     float tmp[NB];
     vstore(tmp, v0);
     vstore(tmp + W, v1);
-    for (int64_t i = 0; i < valid; ++i) store(row + i, tmp[i]);
+    if (rrow != nullptr) for (int64_t i = 0; i < valid; ++i) store(row + i, round_as(tmp[i], BF) + scalar(rrow[i]));
+    else for (int64_t i = 0; i < valid; ++i) store(row + i, tmp[i]);
   }
 }
 
 // where a tile's sums go: y's element (row, col) at y + (row * ldy + col) * size, bf16 or fp32, plus the bias
-// (fp32, padded to whole panels; null: none)
+// (fp32, padded to whole panels; null: none), plus the residual res (y's dtype and strides; null: none; may be y)
 struct PanelOut {
   char* y;
   int64_t ldy;
   bool bf16;
   const float* bias;
+  const char* res = nullptr;
   template <int MR>
   void put(const vec* a0, const vec* a1, int64_t row, int64_t col, int64_t valid) const {
     const float* b = bias == nullptr ? nullptr : bias + col;
-    if (bf16) store_tile<MR>(a0, a1, reinterpret_cast<uint16_t*>(y) + row * ldy + col, ldy, valid, b);
-    else store_tile<MR>(a0, a1, reinterpret_cast<float*>(y) + row * ldy + col, ldy, valid, b);
+    const int64_t at = row * ldy + col;
+    if (bf16)
+      store_tile<MR>(a0, a1, reinterpret_cast<uint16_t*>(y) + at, ldy, valid, b,
+                     res == nullptr ? nullptr : reinterpret_cast<const uint16_t*>(res) + at);
+    else
+      store_tile<MR>(a0, a1, reinterpret_cast<float*>(y) + at, ldy, valid, b,
+                     res == nullptr ? nullptr : reinterpret_cast<const float*>(res) + at);
   }
 };
 
@@ -414,71 +435,133 @@ void tile_rows(int mr, const X* xt, const T* wp, const PanelOut& out, int64_t ro
   }
 }
 
-// PAIRS: bf16 rows in bf16 pairs over the pair layout; else fp32 rows (bf16 ones widened) over [P][K][NB].
-// y (M, N): fp32 or bf16 (one rounding of sum + bias); bias: fp32 or bf16 (N), or undefined
-template <bool PAIRS, typename T>
-void panels_t(const torch::Tensor& x, const T* wp, int64_t N, torch::Tensor& y, const torch::Tensor& bias) {
-  using X = std::conditional_t<PAIRS, uint32_t, float>;
-  const int64_t M = x.size(0), K = x.size(1), P = (N + NB - 1) / NB;
-  const int64_t KS = PAIRS ? (K + 1) / 2 : K;  // steps of k: single k, or k pairs
-  const int64_t stride = (PAIRS ? 2 * KS : K) * NB;  // elements of one panel
-  const int G = (int)((M + MR_MAX - 1) / MR_MAX);
-  std::vector<int64_t> r0(G + 1, 0);  // groups of balanced sizes: rows [r0[g], r0[g+1])
-  for (int g = 0; g < G; ++g) r0[g + 1] = r0[g] + M / G + (g < M % G);
+// x's rows packed for the tiles: groups of at most MR_MAX rows of balanced sizes (rows [r0[g], r0[g+1])), group g
+// at r0[g] * KS as [KS][mr]; X = uint32_t: bf16 k pairs (the pair tile), float: fp32 (bf16 rows widened)
+template <typename X>
+struct PanelRows {
+  using value_type = X;
+  int64_t M = 0, K = 0, KS = 0;
+  int G = 0;
+  std::vector<int64_t> r0;
+  std::vector<X> xt;
+};
+
+template <typename X>
+PanelRows<X> pack_panel_rows(const torch::Tensor& x) {
+  constexpr bool PAIRS = std::is_same_v<X, uint32_t>;
+  PanelRows<X> p;
+  p.M = x.size(0);
+  p.K = x.size(1);
+  p.KS = PAIRS ? (p.K + 1) / 2 : p.K;  // steps of k: single k, or k pairs
+  p.G = (int)((p.M + MR_MAX - 1) / MR_MAX);
+  p.r0.assign(p.G + 1, 0);
+  for (int g = 0; g < p.G; ++g) p.r0[g + 1] = p.r0[g] + p.M / p.G + (g < p.M % p.G);
   auto xc = x.to(PAIRS ? torch::kBFloat16 : torch::kFloat32).contiguous();
-  std::vector<X> xt(M * KS);  // group g at r0[g] * KS, as [KS][mr]
-  for (int g = 0; g < G; ++g) {
-    const int64_t mr = r0[g + 1] - r0[g];
-    X* dst = xt.data() + r0[g] * KS;
+  const int64_t K = p.K, KS = p.KS;
+  p.xt.resize(p.M * KS);
+  for (int g = 0; g < p.G; ++g) {
+    const int64_t mr = p.r0[g + 1] - p.r0[g];
+    X* dst = p.xt.data() + p.r0[g] * KS;
     for (int64_t m = 0; m < mr; ++m) {
       if constexpr (PAIRS) {
-        const uint16_t* xs = bf16_ptr(xc) + (r0[g] + m) * K;
+        const uint16_t* xs = bf16_ptr(xc) + (p.r0[g] + m) * K;
         for (int64_t k = 0; k < KS; ++k)
           dst[k * mr + m] = (uint32_t)xs[2 * k] | (2 * k + 1 < K ? (uint32_t)xs[2 * k + 1] << 16 : 0u);
       } else {
-        const float* xs = xc.data_ptr<float>() + (r0[g] + m) * K;
+        const float* xs = xc.data_ptr<float>() + (p.r0[g] + m) * K;
         for (int64_t k = 0; k < K; ++k) dst[k * mr + m] = xs[k];
       }
     }
   }
-  std::vector<float> b;  // the bias in fp32, zero-padded to whole panels
-  if (bias.defined()) {
-    auto bf = bias.to(torch::kFloat32).contiguous();
-    b.assign(P * NB, 0.0f);
-    std::memcpy(b.data(), bf.data_ptr<float>(), N * sizeof(float));
-  }
-  const PanelOut out{static_cast<char*>(y.data_ptr()), N, y.scalar_type() == torch::kBFloat16, b.empty() ? nullptr : b.data()};
+  return p;
+}
+
+// the packed rows times the N columns of a weight in panel layout (wp: [P][K][NB], or pairs [P][KS][NB][2]) into out
+template <typename X, typename T>
+void run_panels(const PanelRows<X>& rows, const T* wp, int64_t N, const PanelOut& out) {
+  constexpr bool PAIRS = std::is_same_v<X, uint32_t>;
+  const int64_t P = (N + NB - 1) / NB, KS = rows.KS;
+  const int64_t stride = (PAIRS ? 2 * KS : KS) * NB;  // elements of one panel
+  const int G = rows.G;
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const T* w = wp + p * stride;
       const char* pf = p + PF_AHEAD < p1 ? reinterpret_cast<const char*>(w + PF_AHEAD * stride) : nullptr;
       const int64_t valid = std::min<int64_t>(NB, N - p * NB);
       for (int g = 0; g < G; ++g)
-        tile_rows<X, T>((int)(r0[g + 1] - r0[g]), xt.data() + r0[g] * KS, w, out, r0[g], p * NB, KS, valid, pf, g, G);
+        tile_rows<X, T>((int)(rows.r0[g + 1] - rows.r0[g]), rows.xt.data() + rows.r0[g] * KS, w, out, rows.r0[g],
+                        p * NB, KS, valid, pf, g, G);
     }
   });
 }
 
-// y = x @ w.T (+ bias) over w's panel layout (wp), into a new (M, N) tensor of `out_dtype`
-torch::Tensor panel_product(torch::Tensor x, torch::Tensor wp, int64_t N, const torch::Tensor& bias, at::ScalarType out_dtype) {
-  const int64_t P = (N + NB - 1) / NB, K = x.dim() == 2 ? x.size(1) : 0;
+// one product of packed rows over a weight in panel layout: y (M, N) = x @ w.T, each output rounded once to y's dtype
+// (fp32 or bf16) after the bias (fp32 or bf16 (N), or undefined) and then, where res is defined (y's dtype and
+// shape, contiguous; may be y itself: each output reads its residual just before it is written), rounded again
+// after adding res
+struct PanelJob {
+  const torch::Tensor& wp;
+  torch::Tensor& y;
+  const torch::Tensor& bias;
+  const torch::Tensor& res;
+};
+
+// the jobs' products of x (M, K) with their weights of N columns each (wp: 3-d [P][K][NB] of fp32/bf16, or 4-d bf16
+// pairs, one layout for all), x packed once
+void panels_into(const torch::Tensor& x, int64_t N, std::initializer_list<PanelJob> jobs) {
+  const int64_t P = (N + NB - 1) / NB, K = x.size(1);
+  const bool pairs = jobs.begin()->wp.dim() == 4;
+  for (const PanelJob& j : jobs) {
+    if (pairs) {
+      TORCH_CHECK(PANEL_PAIRS, "varkit gemm_panels: the pair layout needs AVX-512-BF16 (panel_pairs() is false here)");
+      TORCH_CHECK(j.wp.dim() == 4 && j.wp.scalar_type() == torch::kBFloat16 && j.wp.size(0) == P
+                  && j.wp.size(1) == (K + 1) / 2 && j.wp.size(2) == NB && j.wp.size(3) == 2,
+                  "varkit gemm_panels: a bf16 weight in the pair layout of (", N, ", ", K, ")");
+    } else {
+      TORCH_CHECK(j.wp.dim() == 3 && j.wp.numel() == P * NB * K,
+                  "varkit gemm_panels: a weight in the panel layout of (", N, ", ", K, ")");
+    }
+  }
+  const auto run = [&](const auto& rows) {
+    for (const PanelJob& j : jobs) {
+      std::vector<float> b;  // the bias in fp32, zero-padded to whole panels
+      if (j.bias.defined()) {
+        auto bf = j.bias.to(torch::kFloat32).contiguous();
+        b.assign(P * NB, 0.0f);
+        std::memcpy(b.data(), bf.data_ptr<float>(), N * sizeof(float));
+      }
+      const PanelOut out{static_cast<char*>(j.y.data_ptr()), N, j.y.scalar_type() == torch::kBFloat16,
+                         b.empty() ? nullptr : b.data(), j.res.defined() ? static_cast<const char*>(j.res.data_ptr()) : nullptr};
+      if (j.wp.scalar_type() == torch::kFloat32) {
+        if constexpr (std::is_same_v<typename std::decay_t<decltype(rows)>::value_type, float>)
+          run_panels(rows, j.wp.data_ptr<float>(), N, out);
+      } else {
+        run_panels(rows, bf16_ptr(j.wp), N, out);
+      }
+    }
+  };
+  if (pairs) {
+    if constexpr (PANEL_PAIRS) run(pack_panel_rows<uint32_t>(x));
+  } else {
+    run(pack_panel_rows<float>(x));
+  }
+}
+
+void check_panel_args(const torch::Tensor& x, const torch::Tensor& wp, int64_t N, const torch::Tensor& bias,
+                      at::ScalarType out_dtype) {
   TORCH_CHECK(x.dim() == 2 && !x.is_cuda() && !wp.is_cuda() && wp.is_contiguous()
               && (wp.scalar_type() == torch::kFloat32 || wp.scalar_type() == torch::kBFloat16)
               && (out_dtype == torch::kFloat32 || out_dtype == torch::kBFloat16),
               "varkit gemm_panels: 2-d CPU rows, an fp32/bf16 weight in a panel layout, fp32/bf16 output");
   TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == N), "varkit gemm_panels: a bias of ", N, " values");
+}
+
+// y = x @ w.T (+ bias) over w's panel layout (wp), into a new (M, N) tensor of `out_dtype`
+torch::Tensor panel_product(torch::Tensor x, torch::Tensor wp, int64_t N, const torch::Tensor& bias, at::ScalarType out_dtype) {
+  check_panel_args(x, wp, N, bias, out_dtype);
   auto y = torch::empty({x.size(0), N}, x.options().dtype(out_dtype));
-  if (wp.dim() == 4) {  // the pair layout
-    TORCH_CHECK(PANEL_PAIRS, "varkit gemm_panels: the pair layout needs AVX-512-BF16 (panel_pairs() is false here)");
-    TORCH_CHECK(wp.scalar_type() == torch::kBFloat16 && wp.size(0) == P && wp.size(1) == (K + 1) / 2
-                && wp.size(2) == NB && wp.size(3) == 2,
-                "varkit gemm_panels: a bf16 weight in the pair layout of (", N, ", ", K, ")");
-    if constexpr (PANEL_PAIRS) panels_t<true, uint16_t>(x, bf16_ptr(wp), N, y, bias);
-    return y;
-  }
-  TORCH_CHECK(wp.numel() == P * NB * K, "varkit gemm_panels: a weight in the panel layout of (", N, ", ", K, ")");
-  if (wp.scalar_type() == torch::kFloat32) panels_t<false, float>(x, wp.data_ptr<float>(), N, y, bias);
-  else panels_t<false, uint16_t>(x, bf16_ptr(wp), N, y, bias);
+  const torch::Tensor none;
+  panels_into(x, N, {{wp, y, bias, none}});
   return y;
 }
 
@@ -1019,6 +1102,37 @@ torch::Tensor llama_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g
 }
 
 
+// ---- a whole LLaMA block for a front of n >= 2 new tokens a row (NAR's one-front steps) -------------------------
+// x (B, n, D) contiguous in the model dtype (fp32 or bf16); the five weights in the panel layout (pairs where
+// panel_pairs()), without biases; kc, vc this layer's cache (B, H, max_len, hd), written at pos .. pos + n - 1;
+// cos, sin (n, hd / 2). The module path's ops (RMSNorm, the linears, attend_front, silu_mul_, the residual sums) in
+// one call, with the same roundings; x for w1 and w3 packed once. Returns a new (B, n, D) tensor.
+torch::Tensor llama_front_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g_ffn, double eps,
+                                torch::Tensor wqkv, torch::Tensor wo, torch::Tensor w1, torch::Tensor w3, torch::Tensor w2,
+                                int64_t hidden, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc,
+                                int64_t pos, double scale) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && !x.is_cuda()
+              && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "varkit front_layer: x (B, n, D) contiguous on the CPU, fp32 or bf16");
+  const int64_t B = x.size(0), n = x.size(1), D = x.size(2), R = B * n;
+  const auto dt = x.scalar_type();
+  const torch::Tensor none;
+  auto x2 = x.view({R, D});
+  for (const torch::Tensor* w : {&wqkv, &wo, &w1, &w3, &w2}) check_panel_args(x2, *w, 1, none, dt);
+  auto a = rms_norm(x2, g_attn, eps);
+  auto qkv = torch::empty({R, 3 * D}, x.options());
+  panels_into(a, 3 * D, {{wqkv, qkv, none, none}});
+  auto att = front_attention(qkv.view({B, n, 3 * D}), cos, sin, kc, vc, pos, scale);
+  auto h = torch::empty({R, D}, x.options());
+  panels_into(att.view({R, D}), D, {{wo, h, none, x2}});  // h = x + wo(att)
+  auto b = rms_norm(h, g_ffn, eps);
+  auto g = torch::empty({R, hidden}, x.options()), u = torch::empty({R, hidden}, x.options());
+  panels_into(b, hidden, {{w1, g, none, none}, {w3, u, none, none}});
+  silu_mul_inplace(g, u);
+  panels_into(g, D, {{w2, h, none, h}});  // h += w2(g), in place
+  return h.view({B, n, D});
+}
+
 // ---- top-k: the k largest of each row, sorted descending (ties: the lower index first) --------------------------
 // torch.topk on a CPU spends ~200 us a row of a 16384-word vocabulary (a selection by comparisons). Here: a
 // threshold from an evenly strided sample of the row that at least k words reach (almost always: the sample's rank
@@ -1399,6 +1513,11 @@ torch::Tensor attend_front(torch::Tensor qkv, torch::Tensor cos, torch::Tensor s
                            int64_t pos, double scale) {
   return front_attention(qkv, cos, sin, kc, vc, pos, scale);
 }
+torch::Tensor front_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g_ffn, double eps, torch::Tensor wqkv,
+                          torch::Tensor wo, torch::Tensor w1, torch::Tensor w3, torch::Tensor w2, int64_t hidden,
+                          torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, int64_t pos, double scale) {
+  return llama_front_layer(x, g_attn, g_ffn, eps, wqkv, wo, w1, w3, w2, hidden, cos, sin, kc, vc, pos, scale);
+}
 torch::Tensor group_norm_silu(torch::Tensor x, torch::Tensor gamma, torch::Tensor beta, int64_t groups, double eps,
                               bool silu) {
   return group_norm_act(x, gamma, beta, groups, eps, silu);
@@ -1554,7 +1673,7 @@ OPENMP_FLAGS = ["-fopenmp"]
 
 
 #: the extension's functions
-FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "attend_front", "silu_mul_", "rms_norm_rows", "decode_layer", "topk",
+FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "attend_front", "silu_mul_", "rms_norm_rows", "decode_layer", "front_layer", "topk",
              "group_norm_silu", "winograd_filters", "winograd_input", "winograd_output",
              "allocator_install", "allocator_installed", "allocator_empty_cache", "allocator_stats")
 

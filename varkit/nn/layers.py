@@ -154,6 +154,16 @@ class Linear(DerivedState, nn.Linear):
             return y.reshape(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.weight, bias)
 
+    def panels_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The panel kernel's copy of the weight where :meth:`_linear` would hand ``x`` (without a bias) to the panel
+        kernel, else None: for callers that run several products in one C++ call with the same numbers."""
+        if not (self.prepacked and self._can_use_packed(x)):
+            return None
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows <= STREAM_MAX_ROWS or rows > PANEL_MAX_ROWS or self.weight.dtype not in panel_dtypes():
+            return None
+        return self._panel_weight()
+
     def _can_use_packed(self, x: torch.Tensor) -> bool:
         # compiling first: packable_dtypes() is a graph break, and inductor packs its own weights
         if torch.compiler.is_compiling():
@@ -184,13 +194,18 @@ class Linear(DerivedState, nn.Linear):
         return derived_copy(self, "_panels", lambda w: panel_weight(w, kernel.panel_width(), panel_pairs(w.dtype)))
 
 
+def weight_key(w: torch.Tensor) -> tuple:
+    """What identifies a weight's values for its derived copies: storage, version counter (in-place edits) and dtype.
+    An inference tensor (a model built or copied under torch.inference_mode) has no version counter: its storage and
+    dtype are the key then (in-place edits under inference mode are not seen)."""
+    return (w.data_ptr(), None if w.is_inference() else w._version, w.dtype)
+
+
 def derived_copy(module: nn.Module, attr: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``make(module.weight)``, cached in ``module.__dict__[attr]`` until the weight changes (new storage or in-place
     edit): the kernels' own layouts of a weight (packed, blocked, panels, Winograd-transformed)."""
     w = module.weight
-    # an inference tensor (a model built or copied under torch.inference_mode) has no version counter: its
-    # storage and dtype are the key then (in-place edits under inference mode are not seen)
-    key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype)
+    key = weight_key(w)
     cached = module.__dict__.get(attr)
     if cached is None or cached[0] != key:
         cached = (key, make(w))
@@ -276,8 +291,13 @@ def _gate_in_kernel(a: torch.Tensor, b: torch.Tensor) -> bool:
             or a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()) or torch.compiler.is_compiling()):
         return False
     kernel = cpu_kernels()
-    # panel_pairs(): the build has AVX-512-BF16 (the same instructions round bf16 here)
-    if kernel is None or (a.dtype == torch.bfloat16 and not kernel.panel_pairs()):
+    if kernel is None or not gate_kernel_serves(a.dtype, kernel):
         return False
     kernel.silu_mul_(a, b)
     return True
+
+
+def gate_kernel_serves(dtype: torch.dtype, kernel) -> bool:
+    """Whether SwiGLU's gate runs in ``kernel.silu_mul_`` for ``dtype`` at inference (:func:`_gate_in_kernel`): fp32;
+    bf16 where the build has AVX-512-BF16 (``panel_pairs()``: the same instructions round bf16 there)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and kernel.panel_pairs())
