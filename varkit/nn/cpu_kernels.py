@@ -18,9 +18,13 @@ oneDNN-packed 10-14 GB/s; SDPA reads a one-query KV cache at ~7 GB/s). Three ker
   weighted sum of values, reading each key and value once.
 - ``attend_front(qkv, cos, sin, kc, vc, pos, scale)``: a front of n new tokens a row (NAR's one-front steps): the
   rotary of q and k, the cache write and the attention over every cached key and the front, in one call a layer,
-  queries in vector lanes (no horizontal sums; bf16 scores through AVX-512-BF16's dot product where it exists).
+  keys in vector lanes for the scores and head dimensions for the values' sums (no horizontal sums, each query
+  paying for itself only); bf16 scores and values' sums through AVX-512-BF16's dot product where it exists.
 - ``gemm_panels`` / ``linear_panels``: 3-128 rows times a weight in panel layout (register-blocked; bf16 weights in
   k pairs through the dot-product instruction where AVX-512-BF16 exists without AMX).
+- ``front_layer(...)``: a whole LLaMA block for such a front (NAR's fronts at 3-128 rows): RMSNorm, the five
+  linears on the panel kernel, ``attend_front``, the SwiGLU gate and the residual sums (added in the linears' tile
+  stores), one call from Python a layer, the module path's roundings.
 - ``decode_layer(...)``: a whole LLaMA block (:class:`varkit.models.raster.TransformerBlock`) for one new token a
   row over a static cache, on the kernels above, in one call from Python: a GPT-B step through the module path
   spends ~4 ms of its ~25 in Python and small ops (norms, rotary, cache writes, gating) on a Zen 4 core.
@@ -728,43 +732,216 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, doub
 // rotary tables of the n positions (interleaved pairs, as varkit.nn.rope.apply_rope); kc, vc (B, H, max_len, hd)
 // this layer's cache, written at [pos, pos + n); every query attends to every key in [0, pos + n) (no mask: a front
 // sees itself and everything before it). Rotated q and k are rounded to T, as the module path rounds them.
-// Queries sit in the W lanes of a vector (blocks of W): scores are sums over d of a broadcast key element times the
-// queries' d-th elements, the softmax runs lane-wise down the keys, the values' weighted sums likewise, so no
-// horizontal sums; keys and values are read once per (row, head) into a scratch copy (widened to fp32, except
-// the keys of bf16 scores on the dot product). Returns (B, n, H hd) in T.
-#if defined(__AVX512BF16__)
-// sc[l][lane] = q_lane . k_l for the 16 queries of qt ([hd][16] fp32 holding bf16 values) and L bf16 keys (rows ks
-// apart): q packed as bf16 pairs in lanes, each key's pair (k[2j], k[2j+1]) broadcast, 32 products per instruction
-inline void front_scores_pairs(const float* qt, const uint16_t* k, int64_t ks, int64_t L, int64_t hd, float* sc) {
-  constexpr int PC = 16;  // pairs of q held in registers at a time
-  const int64_t hp = hd / 2;
-  for (int64_t p0 = 0; p0 < hp; p0 += PC) {
-    const int64_t np = std::min<int64_t>(PC, hp - p0);
-    __m512bh qv[PC];
-    for (int64_t j = 0; j < np; ++j)
-      qv[j] = (__m512bh)_mm512_or_si512(  // lane r: (q_r[2j], q_r[2j+1]), values already bf16 in fp32 form
-          _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(qt + 2 * (p0 + j) * 16)), 16),
-          _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(qt + (2 * (p0 + j) + 1) * 16)), _mm512_set1_epi32((int)0xFFFF0000)));
-    int64_t l = 0;
-    for (; l + 4 <= L; l += 4) {
-      __m512 a[4];
-      for (int u = 0; u < 4; ++u) a[u] = p0 ? _mm512_loadu_ps(sc + (l + u) * 16) : _mm512_setzero_ps();
-      for (int64_t j = 0; j < np; ++j)
-        for (int u = 0; u < 4; ++u) {
-          int32_t pair;
-          std::memcpy(&pair, k + (l + u) * ks + 2 * (p0 + j), 4);
-          a[u] = _mm512_dpbf16_ps(a[u], qv[j], (__m512bh)_mm512_set1_epi32(pair));
-        }
-      for (int u = 0; u < 4; ++u) _mm512_storeu_ps(sc + (l + u) * 16, a[u]);
+// Keys sit in the W lanes of a vector: per (row, head) the keys are transposed once (16 x 16 blocks on AVX-512; bf16
+// keys as k pairs for AVX-512-BF16's dot product, else fp32), so a query's scores against W keys are a sum over d
+// of its broadcast d-th element times a row of the transposed keys; the softmax runs along each query's scores; the
+// values' weighted sums have the head's dimensions in lanes (values widened to fp32 once). No horizontal sums in
+// the products, and each query costs its own work only (queries in lanes paid for 16 whatever the front: 2-4x more
+// at NAR's 2-8 token fronts). Returns (B, n, H hd) in T.
+
+#if defined(__AVX512F__)
+// r[0..15] (16 rows of 16 fp32 or 32-bit values) transposed in place
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  const auto lo = [](__m512 a, __m512 b) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); };
+  const auto hi = [](__m512 a, __m512 b) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); };
+  for (int i = 0; i < 4; ++i) {  // r[4i + k]: in 128-bit lane j, rows 4i..4i+3 at column 4j + k
+    r[4 * i] = lo(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = hi(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = lo(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = hi(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    t[k] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
+    t[4 + k] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xdd);
+    t[8 + k] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    t[12 + k] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xdd);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);
+    r[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xdd);
+    r[4 + k] = _mm512_shuffle_f32x4(t[4 + k], t[12 + k], 0x88);
+    r[12 + k] = _mm512_shuffle_f32x4(t[4 + k], t[12 + k], 0xdd);
+  }
+}
+#endif
+
+// the L keys (rows ks apart) transposed into kt [KR][Lp]: PAIRS (bf16 keys, KR = hd / 2): each entry the 32-bit pair
+// (k[2r], k[2r + 1]); else (KR = hd): k[r] widened to fp32. Lanes [L, Lp) are zero.
+template <bool PAIRS, typename T>
+void transpose_keys(const T* k, int64_t ks, int64_t L, int64_t Lp, int64_t KR, float* kt) {
+  const auto entry = [&](int64_t l, int64_t r) -> float {
+    if constexpr (PAIRS) {
+      float f;
+      std::memcpy(&f, reinterpret_cast<const uint32_t*>(k + l * ks) + r, 4);
+      return f;
+    } else {
+      return scalar(k[l * ks + r]);
     }
-    for (; l < L; ++l) {
-      __m512 a = p0 ? _mm512_loadu_ps(sc + l * 16) : _mm512_setzero_ps();
-      for (int64_t j = 0; j < np; ++j) {
-        int32_t pair;
-        std::memcpy(&pair, k + l * ks + 2 * (p0 + j), 4);
-        a = _mm512_dpbf16_ps(a, qv[j], (__m512bh)_mm512_set1_epi32(pair));
+  };
+  int64_t l0 = 0;
+#if defined(__AVX512F__)
+  for (; l0 + 16 <= L; l0 += 16) {
+    int64_t r0 = 0;
+    for (; r0 + 16 <= KR; r0 += 16) {
+      __m512 rows[16];
+      for (int i = 0; i < 16; ++i) {
+        const T* src = k + (l0 + i) * ks;
+        if constexpr (PAIRS) rows[i] = _mm512_loadu_ps(reinterpret_cast<const float*>(reinterpret_cast<const uint32_t*>(src) + r0));
+        else rows[i] = vload(src + r0);
       }
-      _mm512_storeu_ps(sc + l * 16, a);
+      transpose16(rows);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (r0 + i) * Lp + l0, rows[i]);
+    }
+    for (; r0 < KR; ++r0)
+      for (int64_t l = l0; l < l0 + 16; ++l) kt[r0 * Lp + l] = entry(l, r0);
+  }
+#endif
+  for (int64_t r = 0; r < KR; ++r) {
+    for (int64_t l = l0; l < L; ++l) kt[r * Lp + l] = entry(l, r);
+    for (int64_t l = L; l < Lp; ++l) kt[r * Lp + l] = 0.f;
+  }
+}
+
+// scores sc[i][l] (rows Lp apart) of queries [i0, i0 + QG) against the keys of one block of W lanes at l0: a sum over
+// the KR rows of kt of the query's broadcast entry times the row (PAIRS: bf16 pairs through the dot product)
+template <bool PAIRS, int QG>
+__attribute__((noinline)) void front_scores(const float* qs, int64_t KR, const float* kt, int64_t Lp, int64_t l0, float* sc) {
+  vec a[QG];
+  for (int i = 0; i < QG; ++i) a[i] = vzero();
+  for (int64_t r = 0; r < KR; ++r) {
+#if defined(__AVX512BF16__)
+    if constexpr (PAIRS) {
+      const __m512bh kv = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(kt + r * Lp + l0));
+#pragma GCC unroll 16
+      for (int i = 0; i < QG; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, qs + i * KR + r, 4);
+        a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_set1_epi32(pair), kv);
+      }
+      continue;
+    }
+#endif
+    if constexpr (!PAIRS) {
+      const vec kv = vload(kt + r * Lp + l0);
+#pragma GCC unroll 16
+      for (int i = 0; i < QG; ++i) a[i] = vfma(vset(qs[i * KR + r]), kv, a[i]);
+    }
+  }
+  for (int i = 0; i < QG; ++i) vstore(sc + i * Lp + l0, a[i]);
+}
+
+// front_scores for a run-time group of 1..QG queries
+template <bool PAIRS, int QG = (W >= 16 ? 16 : 8)>
+void scores_group(int qg, const float* qs, int64_t KR, const float* kt, int64_t Lp, int64_t l0, float* sc) {
+  if (qg == QG) front_scores<PAIRS, QG>(qs, KR, kt, Lp, l0, sc);
+  else if constexpr (QG > 1) scores_group<PAIRS, QG - 1>(qg, qs, KR, kt, Lp, l0, sc);
+}
+
+// o[i][d] = sum_l p[i][l] v[l][d] for QP queries (p rows Lp apart), v fp32 [L][DV W]: the head's dimensions in the
+// lanes of DV vectors, one broadcast weight per (query, key)
+template <int DV, int QP>
+__attribute__((noinline)) void front_values(const float* p, int64_t Lp, const float* vf, int64_t L, float* o) {
+  vec a[QP][DV];
+  for (int i = 0; i < QP; ++i)
+    for (int d = 0; d < DV; ++d) a[i][d] = vzero();
+  for (int64_t l = 0; l < L; ++l) {
+    vec v[DV];
+    for (int d = 0; d < DV; ++d) v[d] = vload(vf + (l * DV + d) * W);
+#pragma GCC unroll 16
+    for (int i = 0; i < QP; ++i) {
+      const vec w = vset(p[i * Lp + l]);
+      for (int d = 0; d < DV; ++d) a[i][d] = vfma(w, v[d], a[i][d]);
+    }
+  }
+  for (int i = 0; i < QP; ++i)
+    for (int d = 0; d < DV; ++d) vstore(o + (i * DV + d) * W, a[i][d]);
+}
+
+// accumulators the value sums may hold in registers: 24 of AVX-512's 32, 12 of AVX2's 16
+constexpr int VALUE_REGS = W >= 16 ? 24 : 12;
+
+template <int DV, int QP = (VALUE_REGS / DV > 0 ? VALUE_REGS / DV : 1)>
+void values_group(int qp, const float* p, int64_t Lp, const float* vf, int64_t L, float* o) {
+  if (qp == QP) front_values<DV, QP>(p, Lp, vf, L, o);
+  else if constexpr (QP > 1) values_group<DV, QP - 1>(qp, p, Lp, vf, L, o);
+}
+
+// the value sums of n queries, DV vectors a value row: groups of as many queries as the registers hold
+template <int DV>
+void values_rows(int64_t n, const float* p, int64_t Lp, const float* vf, int64_t L, float* o) {
+  constexpr int QP = VALUE_REGS / DV > 0 ? VALUE_REGS / DV : 1;
+  for (int64_t i0 = 0; i0 < n; i0 += QP)
+    values_group<DV>((int)std::min<int64_t>(QP, n - i0), p + i0 * Lp, Lp, vf, L, o + i0 * DV * W);
+}
+
+// any DV (wide heads on narrow vectors): the same sums, one query and one vector at a time
+void values_any(int64_t n, int64_t DV, const float* p, int64_t Lp, const float* vf, int64_t L, float* o) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < DV; ++d) {
+      vec a = vzero();
+      for (int64_t l = 0; l < L; ++l) a = vfma(vset(p[i * Lp + l]), vload(vf + (l * DV + d) * W), a);
+      vstore(o + (i * DV + d) * W, a);
+    }
+}
+
+#if defined(__AVX512BF16__)
+// the value sums with bf16 weights (as SDPA's bf16 CPU kernel rounds them before its second product): per pair of
+// keys m, the weights (p[2m], p[2m + 1]) of a query broadcast against DV vectors of the values' pairs
+// vp [ceil(L/2)][DV][16][2] (v[2m][d], v[2m + 1][d]) through the dot product; pb rows of bf16 weights, Lh2 pairs apart
+template <int DV, int QP>
+__attribute__((noinline)) void front_values_pairs(const uint32_t* pb, int64_t Lh2, const uint16_t* vp, int64_t Lh, float* o) {
+  __m512 a[QP][DV];
+  for (int i = 0; i < QP; ++i)
+    for (int d = 0; d < DV; ++d) a[i][d] = _mm512_setzero_ps();
+  for (int64_t m = 0; m < Lh; ++m) {
+    __m512bh v[DV];
+    for (int d = 0; d < DV; ++d) v[d] = (__m512bh)_mm512_loadu_si512(vp + (m * DV + d) * 32);
+#pragma GCC unroll 16
+    for (int i = 0; i < QP; ++i) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pb[i * Lh2 + m]);
+      for (int d = 0; d < DV; ++d) a[i][d] = _mm512_dpbf16_ps(a[i][d], w, v[d]);
+    }
+  }
+  for (int i = 0; i < QP; ++i)
+    for (int d = 0; d < DV; ++d) _mm512_storeu_ps(o + (i * DV + d) * 16, a[i][d]);
+}
+
+template <int DV, int QP = (VALUE_REGS / DV > 0 ? VALUE_REGS / DV : 1)>
+void values_pairs_group(int qp, const uint32_t* pb, int64_t Lh2, const uint16_t* vp, int64_t Lh, float* o) {
+  if (qp == QP) front_values_pairs<DV, QP>(pb, Lh2, vp, Lh, o);
+  else if constexpr (QP > 1) values_pairs_group<DV, QP - 1>(qp, pb, Lh2, vp, Lh, o);
+}
+
+template <int DV>
+void values_pairs_rows(int64_t n, const uint32_t* pb, int64_t Lh2, const uint16_t* vp, int64_t Lh, float* o) {
+  constexpr int QP = VALUE_REGS / DV > 0 ? VALUE_REGS / DV : 1;
+  for (int64_t i0 = 0; i0 < n; i0 += QP)
+    values_pairs_group<DV>((int)std::min<int64_t>(QP, n - i0), pb + i0 * Lh2, Lh2, vp, Lh, o + i0 * DV * 16);
+}
+
+// values of keys 2m and 2m + 1 (rows vs apart; the second absent when 2m + 1 = L: zeros) interleaved into the pair
+// layout, DV chunks of 16 dimensions (zero past hd)
+inline void pair_values(const uint16_t* vc, int64_t vs, int64_t L, int64_t hd, int64_t DV, uint16_t* vp) {
+  const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                       39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  for (int64_t m = 0; 2 * m < L; ++m) {
+    const uint16_t* a = vc + 2 * m * vs;
+    const uint16_t* b = 2 * m + 1 < L ? a + vs : nullptr;
+    uint16_t* dst = vp + m * DV * 32;
+    int64_t d = 0;
+    for (; d + 16 <= hd; d += 16) {
+      const __m512i va = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(a + d)));
+      const __m512i vb = b ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(b + d))) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + 2 * d, _mm512_permutex2var_epi16(va, idx, vb));
+    }
+    for (; d < DV * 16; ++d) {
+      dst[2 * d] = d < hd ? a[d] : 0;
+      dst[2 * d + 1] = d < hd && b ? b[d] : 0;
     }
   }
 }
@@ -781,120 +958,113 @@ inline void widen(const T* src, float* dst, int64_t n) {
 template <typename T>
 void front_head(const T* qkv, int64_t n, int64_t H, int64_t hd, int64_t h, const float* cos, const float* sin,
                 T* kc, T* vc, int64_t ks, int64_t vs, int64_t pos, float scale, T* out, std::vector<float>& buf) {
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+  constexpr bool PAIRS = bf16 && PANEL_PAIRS;  // bf16 scores through the dot product
   const int64_t D = H * hd, L = pos + n, half = hd / 2;
-  const bool bf16 = std::is_same_v<T, uint16_t>;
-  const int64_t nb = (n + W - 1) / W;  // query blocks of W lanes
-  const size_t need = 2 * L * hd + hd * W + L * W;
+  const int64_t Lp = (L + W - 1) / W * W;     // keys padded to whole vectors
+  // the values' products on bf16 pairs too where a value row fits 8 vectors (vectors of a row: 1-4 or 8, zero-padded)
+  const bool VP = PAIRS && hd <= 8 * W;
+  const int64_t DV = VP && hd > 4 * W ? 8 : (hd + W - 1) / W;  // vectors of one value row (zero-padded)
+  const int64_t KR = PAIRS ? half : hd;       // rows of the transposed keys (k pairs, or dimensions)
+  const int64_t Lh = (L + 1) / 2;            // pairs of keys (PAIRS: the values' products take key pairs)
+  const size_t need = KR * Lp + L * DV * W + n * KR + n * Lp + n * DV * W + (VP ? n * Lh : 0);
   if (buf.size() < need) buf.resize(need);
-  float* kf = buf.data();         // keys, fp32 [L][hd]
-  float* vf = kf + L * hd;        // values, fp32 [L][hd]
-  float* qt = vf + L * hd;        // one query block, [hd][W] (the scale goes on the scores)
-  float* sc = qt + hd * W;        // scores / weights of the block, [L][W]
-  for (int64_t i = 0; i < n; ++i) {  // rotate k, write k and v at pos + i
-    const T* src = qkv + i * 3 * D;
+  float* kt = buf.data();      // keys transposed, [KR][Lp]
+  float* vf = kt + KR * Lp;    // values: fp32 [L][DV W]; VP: bf16 key pairs [Lh][DV W][2] (fewer bytes)
+  float* qs = vf + L * DV * W; // queries rotated and rounded to T, [n][KR] (PAIRS: bf16 pairs in 32 bits)
+  float* sc = qs + n * KR;     // scores, then weights, [n][Lp]
+  float* o = sc + n * Lp;      // value sums, [n][DV W]
+  float* pw = o + n * DV * W;  // VP: the weights in bf16, [n][Lh] key pairs
+  for (int64_t i = 0; i < n; ++i) {  // rotate q and k; write k and v at pos + i
+    const T* src = qkv + i * 3 * D + h * hd;
     T* kd = kc + (pos + i) * ks;
     T* vd = vc + (pos + i) * vs;
     for (int64_t j = 0; j < half; ++j) {
-      const float a = scalar(src[D + h * hd + 2 * j]), b = scalar(src[D + h * hd + 2 * j + 1]);
+      const float* cs = cos + i * half + j;
+      const float* sn = sin + i * half + j;
       float x, y;
-      rotate(a, b, cos[i * half + j], sin[i * half + j], x, y);
+      rotate(scalar(src[D + 2 * j]), scalar(src[D + 2 * j + 1]), *cs, *sn, x, y);
       store(kd + 2 * j, x);
       store(kd + 2 * j + 1, y);
-    }
-    for (int64_t d = 0; d < hd; ++d) vd[d] = src[2 * D + h * hd + d];
-  }
-  for (int64_t l = 0; l < L; ++l) {
-    if (PANEL_PAIRS && bf16)  // the dot-product scores read bf16 keys: copied once, in one sequential pass
-      std::memcpy(reinterpret_cast<T*>(kf) + l * hd, kc + l * ks, hd * sizeof(T));
-    else
-      widen(kc + l * ks, kf + l * hd, hd);
-    widen(vc + l * vs, vf + l * hd, hd);
-  }
-  constexpr int DC = W >= 16 ? 16 : 8;  // a chunk of q's dimensions held in registers
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    const int64_t i0 = blk * W, m = std::min<int64_t>(W, n - i0);
-    std::fill(qt, qt + hd * W, 0.f);
-    for (int64_t r = 0; r < m; ++r) {  // q rotated, rounded to T, transposed into lanes
-      const T* src = qkv + (i0 + r) * 3 * D + h * hd;
-      for (int64_t j = 0; j < half; ++j) {
-        const float a = scalar(src[2 * j]), b = scalar(src[2 * j + 1]);
-        float x, y;
-        rotate(a, b, cos[(i0 + r) * half + j], sin[(i0 + r) * half + j], x, y);
-        qt[(2 * j) * W + r] = round_as(x, bf16);
-        qt[(2 * j + 1) * W + r] = round_as(y, bf16);
+      rotate(scalar(src[2 * j]), scalar(src[2 * j + 1]), *cs, *sn, x, y);
+      if constexpr (PAIRS) {
+        const uint32_t pair = (uint32_t)c10::BFloat16(x).x | ((uint32_t)c10::BFloat16(y).x << 16);
+        std::memcpy(qs + i * KR + j, &pair, 4);
+      } else {
+        qs[i * KR + 2 * j] = round_as(x, bf16);
+        qs[i * KR + 2 * j + 1] = round_as(y, bf16);
       }
     }
+    for (int64_t d = 0; d < hd; ++d) vd[d] = src[2 * D + d];
+  }
+  transpose_keys<PAIRS>(kc, ks, L, Lp, KR, kt);
 #if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, uint16_t>) {  // bf16: q's pairs against each key's pairs, dot-product instruction
-      front_scores_pairs(qt, reinterpret_cast<const uint16_t*>(kf), hd, L, hd, sc);
-    } else
+  if (VP) pair_values(reinterpret_cast<const uint16_t*>(vc), vs, L, hd, DV, reinterpret_cast<uint16_t*>(vf));
+  else
 #endif
-    for (int64_t d0 = 0; d0 < hd; d0 += DC) {  // scores, DC dimensions at a time, four keys' sums side by side
-      const int64_t nd = std::min<int64_t>(DC, hd - d0);
-      vec qv[DC];
-      for (int64_t dd = 0; dd < nd; ++dd) qv[dd] = vload(qt + (d0 + dd) * W);
-      int64_t l = 0;
-      for (; l + 4 <= L; l += 4) {
-        vec a0 = d0 ? vload(sc + l * W) : vzero(), a1 = d0 ? vload(sc + (l + 1) * W) : vzero();
-        vec a2 = d0 ? vload(sc + (l + 2) * W) : vzero(), a3 = d0 ? vload(sc + (l + 3) * W) : vzero();
-        const float* k0 = kf + l * hd + d0;
-        if (nd == DC) {
-#pragma GCC unroll 16
-          for (int dd = 0; dd < DC; ++dd) {
-            a0 = vfma(vset(k0[dd]), qv[dd], a0);
-            a1 = vfma(vset(k0[hd + dd]), qv[dd], a1);
-            a2 = vfma(vset(k0[2 * hd + dd]), qv[dd], a2);
-            a3 = vfma(vset(k0[3 * hd + dd]), qv[dd], a3);
-          }
-        } else {
-          for (int64_t dd = 0; dd < nd; ++dd) {
-            a0 = vfma(vset(k0[dd]), qv[dd], a0);
-            a1 = vfma(vset(k0[hd + dd]), qv[dd], a1);
-            a2 = vfma(vset(k0[2 * hd + dd]), qv[dd], a2);
-            a3 = vfma(vset(k0[3 * hd + dd]), qv[dd], a3);
-          }
-        }
-        vstore(sc + l * W, a0); vstore(sc + (l + 1) * W, a1); vstore(sc + (l + 2) * W, a2); vstore(sc + (l + 3) * W, a3);
-      }
-      for (; l < L; ++l) {
-        vec a = d0 ? vload(sc + l * W) : vzero();
-        for (int64_t dd = 0; dd < nd; ++dd) a = vfma(vset(kf[l * hd + d0 + dd]), qv[dd], a);
-        vstore(sc + l * W, a);
-      }
-    }
-    const vec sv = vset(scale);
-    vec best = vset(-INFINITY);
-    for (int64_t l = 0; l < L; ++l) best = vmax(best, vload(sc + l * W));
+  for (int64_t l = 0; l < L; ++l) {
+    float* row = vf + l * DV * W;
+    widen(vc + l * vs, row, hd);
+    std::fill(row + hd, row + DV * W, 0.f);
+  }
+  constexpr int QG = W >= 16 ? 16 : 8;  // queries a score tile holds in registers
+  for (int64_t l0 = 0; l0 < Lp; l0 += W)
+    for (int64_t i0 = 0; i0 < n; i0 += QG)
+      scores_group<PAIRS>((int)std::min<int64_t>(QG, n - i0), qs + i0 * KR, KR, kt, Lp, l0, sc + i0 * Lp);
+  const vec sv = vset(scale);
+  std::vector<float> inv(n);
+  for (int64_t i = 0; i < n; ++i) {  // weights exp(scale * (s - max)), scale > 0, and their sum
+    float* s = sc + i * Lp;
+    float best = -INFINITY;
     int64_t l = 0;
+    vec m = vset(-INFINITY);
+    for (; l + W <= L; l += W) m = vmax(m, vload(s + l));
+    best = vhmax(m);
+    for (; l < L; ++l) best = std::max(best, s[l]);
+    const vec shift = vset(-scale * best);
     vec total = vzero();
-    const vec shift = vmul(best, vset(-scale));
-    for (l = 0; l < L; ++l) {  // exp(scale * (s - max)), scale > 0
-      const vec e = vexp(vfma(vload(sc + l * W), sv, shift));
-      vstore(sc + l * W, e);
+    for (l = 0; l + W <= L; l += W) {
+      const vec e = vexp(vfma(vload(s + l), sv, shift));
+      vstore(s + l, e);
       total = vadd(total, e);
     }
-    const vec inv = vdiv(vset(1.f), total);
-    constexpr int R = W >= 16 ? 16 : 8;  // R output dimensions at a time, each a vector over the block's queries
-    float o[R * W];
-    for (int64_t d0 = 0; d0 < hd; d0 += R) {
-      const int64_t nd = std::min<int64_t>(R, hd - d0);
-      vec acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = vzero();
-      for (l = 0; l < L; ++l) {
-        const vec p = vload(sc + l * W);
-        const float* vl = vf + l * hd + d0;
-        if (nd == R) {
-#pragma GCC unroll 16
-          for (int r = 0; r < R; ++r) acc[r] = vfma(vset(vl[r]), p, acc[r]);
-        } else {
-          for (int r = 0; r < nd; ++r) acc[r] = vfma(vset(vl[r]), p, acc[r]);
-        }
-      }
-      for (int r = 0; r < nd; ++r) vstore(o + r * W, vmul(acc[r], inv));
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t dd = 0; dd < nd; ++dd) store(out + (i0 + r) * D + h * hd + d0 + dd, o[dd * W + r]);
+    float t = vsum(total);
+    for (; l < L; ++l) {
+      float e[W];
+      vstore(e, vexp(vfma(vset(s[l]), sv, shift)));  // a broadcast's lane: the same exp as the vector loop
+      s[l] = e[0];
+      t += e[0];
+    }
+    inv[i] = 1.f / t;
+    if (VP) {  // the weights rounded to bf16 (the sum above is of the unrounded ones), a zero pad
+      uint16_t* row = reinterpret_cast<uint16_t*>(pw + i * Lh);
+      for (l = 0; l < L; ++l) row[l] = c10::BFloat16(s[l]).x;
+      if (L % 2) row[L] = 0;
     }
   }
+#if defined(__AVX512BF16__)
+  if (VP) {
+    const auto* pb = reinterpret_cast<const uint32_t*>(pw);
+    const auto* vp = reinterpret_cast<const uint16_t*>(vf);
+    switch (DV) {
+      case 1: values_pairs_rows<1>(n, pb, Lh, vp, Lh, o); break;
+      case 2: values_pairs_rows<2>(n, pb, Lh, vp, Lh, o); break;
+      case 3: values_pairs_rows<3>(n, pb, Lh, vp, Lh, o); break;
+      case 4: values_pairs_rows<4>(n, pb, Lh, vp, Lh, o); break;
+      default: values_pairs_rows<8>(n, pb, Lh, vp, Lh, o);  // DV = 8 (VP: hd <= 8 W)
+    }
+  } else
+#endif
+  switch (DV) {
+    case 1: values_rows<1>(n, sc, Lp, vf, L, o); break;
+    case 2: values_rows<2>(n, sc, Lp, vf, L, o); break;
+    case 3: values_rows<3>(n, sc, Lp, vf, L, o); break;
+    case 4: values_rows<4>(n, sc, Lp, vf, L, o); break;
+    case 8: values_rows<8>(n, sc, Lp, vf, L, o); break;
+    default: values_any(n, DV, sc, Lp, vf, L, o);
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < hd; ++d) store(out + i * D + h * hd + d, o[i * DV * W + d] * inv[i]);
 }
 
 torch::Tensor front_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc,
