@@ -60,15 +60,33 @@ def test_a_quick_cache_serves_quick_requests_only(cache, monkeypatch):
     assert FL.get_floor() is not None and calls and not calls[0]["quick"]
 
 
-def test_bandwidth_for_takes_the_largest_size_not_above():
+def test_bandwidth_for_interpolates_a_passs_time_between_measured_sizes():
+    """A set up to the smallest size: its rate. Larger: the time through the measured times linearly (so a measured
+    size gets its measured rate), past the largest at the last segment's cost per byte; best of read and copy at
+    each size; continuous and non-increasing."""
     assert FL.bandwidth_for(FAKE, 1000) == 100e9  # below every size: the smallest
-    assert FL.bandwidth_for(FAKE, (1 << 20) - 1) == 100e9
-    assert FL.bandwidth_for(FAKE, 1 << 30) == 10e9  # best of read and copy
+    assert FL.bandwidth_for(FAKE, 1 << 16) == 100e9
+    assert FL.bandwidth_for(FAKE, 1 << 20) == pytest.approx(10e9, rel=1e-12)  # measured: copy's 10e9 beats read's 8e9
+    t0, t1 = (1 << 16) / 100e9, (1 << 20) / 10e9
+    per_byte = (t1 - t0) / ((1 << 20) - (1 << 16))
+    n = 1 << 19
+    assert FL.bandwidth_for(FAKE, n) == pytest.approx(n / (t0 + (n - (1 << 16)) * per_byte), rel=1e-12)
+    n = 1 << 30  # beyond the largest: the last segment's cost a byte (just under 10e9 a second here)
+    assert FL.bandwidth_for(FAKE, n) == pytest.approx(n / (t0 + (n - (1 << 16)) * per_byte), rel=1e-12)
+    three = {"bandwidth": FAKE["bandwidth"] + [{"bytes": 1 << 28, "read_Bps": 5e9, "copy_Bps": 1e9}]}
+    sizes = [1 << 15, 1 << 16, 1 << 18, 1 << 20, 1 << 24, 1 << 28, 1 << 32]
+    rates = [FL.bandwidth_for(three, s) for s in sizes]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert FL.bandwidth_for(three, 1 << 28) == pytest.approx(5e9, rel=1e-12)
+    for s in (1 << 16, 1 << 20, 1 << 28):  # continuous at the measured sizes
+        assert FL.bandwidth_for(three, s * (1 + 1e-9)) == pytest.approx(FL.bandwidth_for(three, s), rel=1e-6)
 
 
 def test_floor_seconds_is_the_larger_bound():
-    # 1 GB at 10 GB/s = 0.1 s against 1 GFLOP at 100 GFLOP/s = 0.01 s: bandwidth-bound
-    assert FL.floor_seconds(0.9e9, 0.1e9, 1e9, "float32", FAKE) == pytest.approx(0.1, rel=1e-12)
+    # 1 GB at bandwidth_for's rate (~9.4 GB/s: past 1 MiB at the last segment's cost) ~ 0.106 s against 1 GFLOP at
+    # 100 GFLOP/s = 0.01 s: bandwidth-bound
+    assert FL.floor_seconds(0.9e9, 0.1e9, 1e9, "float32", FAKE) == pytest.approx(1e9 / FL.bandwidth_for(FAKE, 1e9), rel=1e-12)
+    assert 0.1 < FL.floor_seconds(0.9e9, 0.1e9, 1e9, "float32", FAKE) < 0.11
     # compute-bound: 100 GFLOP fp32 = 1 s; in bf16 0.25 s; per-dtype FLOPs add up
     assert FL.floor_seconds(1e6, 0, 100e9, torch.float32, FAKE) == pytest.approx(1.0, rel=1e-12)
     assert FL.floor_seconds(1e6, 0, 100e9, torch.bfloat16, FAKE) == pytest.approx(0.25, rel=1e-12)

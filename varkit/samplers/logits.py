@@ -126,7 +126,11 @@ def mix_cfg(logits: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
     ``weight``: a number, or one weight per position (a tensor broadcasting against (B, n, ...)).
     """
     cond, uncond = logits.chunk(2, dim=0)
-    return uncond + (cond - uncond) * weight
+    guided = cond - uncond  # then in place: the same three roundings as uncond + (cond - uncond) * weight, one tensor
+    if torch.is_tensor(weight) and (torch.broadcast_shapes(guided.shape, weight.shape) != guided.shape
+                                    or torch.result_type(guided, weight) != guided.dtype or weight.requires_grad):
+        return uncond + guided * weight  # a weight that widens or promotes the result, or needs its grad: out of place
+    return guided.mul_(weight).add_(uncond)
 
 
 def _kept(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -135,7 +139,8 @@ def _kept(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.
     With top-k only the k best are sorted (no full-vocabulary sort); ids is None when the
     candidates are the whole vocabulary in its own order (no top-k, no top-p).
     """
-    logits = logits / p.temperature
+    if p.temperature != 1:  # x / 1 is x: no copy of the logits at the default temperature
+        logits = logits / p.temperature
     V = logits.shape[-1]
     k = p.top_k if p.top_k and p.top_k < V else None
     top_p = p.top_p if p.top_p is not None and p.top_p < 1 else None
