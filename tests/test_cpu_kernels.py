@@ -330,6 +330,19 @@ def test_attention_takes_the_kernel_for_one_unmasked_query_and_sdpa_otherwise(mo
     assert len(calls) == 1 and q.grad is not None
 
 
+def _every_front(gen, tokens: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+    """A NAR generator's logits of every front for classes 1 and 4, teacher-forced on ``tokens`` (2, grid²), and its
+    cache."""
+    with torch.inference_mode():
+        cache = gen.new_cache(2)
+        first, state = gen.prefill(torch.tensor([1, 4]), cache)
+        out = [first]
+        starts = gen.layout.step_starts
+        for step in range(1, gen.layout.num_steps):
+            out.append(gen(tokens[:, starts[step - 1]:starts[step]], step, cache, state))
+        return torch.cat(out, 1), cache
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nar_fronts_take_the_front_kernel_and_equal_the_module_path(monkeypatch, dtype):
@@ -348,14 +361,7 @@ def test_nar_fronts_take_the_front_kernel_and_equal_the_module_path(monkeypatch,
     tokens = torch.randint(0, 64, (2, 36), generator=torch.Generator().manual_seed(1))
 
     def run() -> torch.Tensor:
-        with torch.inference_mode():
-            cache = gen.new_cache(2)
-            first, state = gen.prefill(torch.tensor([1, 4]), cache)
-            out = [first]
-            starts = gen.layout.step_starts
-            for step in range(1, gen.layout.num_steps):
-                out.append(gen(tokens[:, starts[step - 1]:starts[step]], step, cache, state))
-            return torch.cat(out, 1).double()
+        return _every_front(gen, tokens)[0].double()
 
     fused = run()
     fronts = [gen.layout.step_starts[s] - gen.layout.step_starts[s - 1] for s in range(1, gen.layout.num_steps)]
@@ -491,14 +497,7 @@ def test_nar_fronts_run_each_block_in_one_call_with_the_module_paths_numbers(mon
     tokens = torch.randint(0, 64, (2, 36), generator=torch.Generator().manual_seed(1))
 
     def run() -> tuple[torch.Tensor, KVCache]:
-        with torch.inference_mode():
-            cache = gen.new_cache(2)
-            first, state = gen.prefill(torch.tensor([1, 4]), cache)
-            out = [first]
-            starts = gen.layout.step_starts
-            for step in range(1, gen.layout.num_steps):
-                out.append(gen(tokens[:, starts[step - 1]:starts[step]], step, cache, state))
-            return torch.cat(out, 1), cache
+        return _every_front(gen, tokens)
 
     fused, cache = run()
     fronts = [gen.layout.step_starts[s] - gen.layout.step_starts[s - 1] for s in range(1, gen.layout.num_steps)]

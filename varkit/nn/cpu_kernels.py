@@ -835,11 +835,12 @@ __attribute__((noinline)) void front_scores(const float* qs, int64_t KR, const f
   for (int i = 0; i < QG; ++i) vstore(sc + i * Lp + l0, a[i]);
 }
 
-// front_scores for a run-time group of 1..QG queries
-template <bool PAIRS, int QG = (W >= 16 ? 16 : 8)>
-void scores_group(int qg, const float* qs, int64_t KR, const float* kt, int64_t Lp, int64_t l0, float* sc) {
-  if (qg == QG) front_scores<PAIRS, QG>(qs, KR, kt, Lp, l0, sc);
-  else if constexpr (QG > 1) scores_group<PAIRS, QG - 1>(qg, qs, KR, kt, Lp, l0, sc);
+// f(std::integral_constant<int, n>) for a run-time n in 1..N: a kernel templated on its group size, called for the
+// group at hand (the attention's query groups)
+template <int N, typename F>
+void with_count(int n, F&& f) {
+  if (n == N) f(std::integral_constant<int, N>{});
+  else if constexpr (N > 1) with_count<N - 1>(n, f);
 }
 
 // o[i][d] = sum_l p[i][l] v[l][d] for QP queries (p rows Lp apart), v fp32 [L][DV W]: the head's dimensions in the
@@ -865,18 +866,18 @@ __attribute__((noinline)) void front_values(const float* p, int64_t Lp, const fl
 // accumulators the value sums may hold in registers: 24 of AVX-512's 32, 12 of AVX2's 16
 constexpr int VALUE_REGS = W >= 16 ? 24 : 12;
 
-template <int DV, int QP = (VALUE_REGS / DV > 0 ? VALUE_REGS / DV : 1)>
-void values_group(int qp, const float* p, int64_t Lp, const float* vf, int64_t L, float* o) {
-  if (qp == QP) front_values<DV, QP>(p, Lp, vf, L, o);
-  else if constexpr (QP > 1) values_group<DV, QP - 1>(qp, p, Lp, vf, L, o);
-}
-
-// the value sums of n queries, DV vectors a value row: groups of as many queries as the registers hold
-template <int DV>
-void values_rows(int64_t n, const float* p, int64_t Lp, const float* vf, int64_t L, float* o) {
+// values(qp, i0) over n queries in groups of as many as the registers hold at DV vectors a value row (qp a
+// compile-time count, i0 the group's first query)
+template <int DV, typename F>
+void value_groups(int64_t n, F&& values) {
   constexpr int QP = VALUE_REGS / DV > 0 ? VALUE_REGS / DV : 1;
   for (int64_t i0 = 0; i0 < n; i0 += QP)
-    values_group<DV>((int)std::min<int64_t>(QP, n - i0), p + i0 * Lp, Lp, vf, L, o + i0 * DV * W);
+    with_count<QP>((int)std::min<int64_t>(QP, n - i0), [&](auto qp) { values(qp, i0); });
+}
+
+template <int DV>
+void values_rows(int64_t n, const float* p, int64_t Lp, const float* vf, int64_t L, float* o) {
+  value_groups<DV>(n, [&](auto qp, int64_t i0) { front_values<DV, decltype(qp)::value>(p + i0 * Lp, Lp, vf, L, o + i0 * DV * W); });
 }
 
 // any DV (wide heads on narrow vectors): the same sums, one query and one vector at a time
@@ -911,17 +912,11 @@ __attribute__((noinline)) void front_values_pairs(const uint32_t* pb, int64_t Lh
     for (int d = 0; d < DV; ++d) _mm512_storeu_ps(o + (i * DV + d) * 16, a[i][d]);
 }
 
-template <int DV, int QP = (VALUE_REGS / DV > 0 ? VALUE_REGS / DV : 1)>
-void values_pairs_group(int qp, const uint32_t* pb, int64_t Lh2, const uint16_t* vp, int64_t Lh, float* o) {
-  if (qp == QP) front_values_pairs<DV, QP>(pb, Lh2, vp, Lh, o);
-  else if constexpr (QP > 1) values_pairs_group<DV, QP - 1>(qp, pb, Lh2, vp, Lh, o);
-}
-
 template <int DV>
 void values_pairs_rows(int64_t n, const uint32_t* pb, int64_t Lh2, const uint16_t* vp, int64_t Lh, float* o) {
-  constexpr int QP = VALUE_REGS / DV > 0 ? VALUE_REGS / DV : 1;
-  for (int64_t i0 = 0; i0 < n; i0 += QP)
-    values_pairs_group<DV>((int)std::min<int64_t>(QP, n - i0), pb + i0 * Lh2, Lh2, vp, Lh, o + i0 * DV * 16);
+  value_groups<DV>(n, [&](auto qp, int64_t i0) {
+    front_values_pairs<DV, decltype(qp)::value>(pb + i0 * Lh2, Lh2, vp, Lh, o + i0 * DV * 16);
+  });
 }
 
 // values of keys 2m and 2m + 1 (rows vs apart; the second absent when 2m + 1 = L: zeros) interleaved into the pair
@@ -1010,7 +1005,8 @@ void front_head(const T* qkv, int64_t n, int64_t H, int64_t hd, int64_t h, const
   constexpr int QG = W >= 16 ? 16 : 8;  // queries a score tile holds in registers
   for (int64_t l0 = 0; l0 < Lp; l0 += W)
     for (int64_t i0 = 0; i0 < n; i0 += QG)
-      scores_group<PAIRS>((int)std::min<int64_t>(QG, n - i0), qs + i0 * KR, KR, kt, Lp, l0, sc + i0 * Lp);
+      with_count<QG>((int)std::min<int64_t>(QG, n - i0),
+                     [&](auto qg) { front_scores<PAIRS, decltype(qg)::value>(qs + i0 * KR, KR, kt, Lp, l0, sc + i0 * Lp); });
   const vec sv = vset(scale);
   std::vector<float> inv(n);
   for (int64_t i = 0; i < n; ++i) {  // weights exp(scale * (s - max)), scale > 0, and their sum
