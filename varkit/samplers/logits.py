@@ -127,10 +127,16 @@ def mix_cfg(logits: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
     """
     cond, uncond = logits.chunk(2, dim=0)
     guided = cond - uncond  # then in place: the same three roundings as uncond + (cond - uncond) * weight, one tensor
-    if torch.is_tensor(weight) and (torch.broadcast_shapes(guided.shape, weight.shape) != guided.shape
+    if torch.is_tensor(weight) and (not _fits(weight.shape, guided.shape)
                                     or torch.result_type(guided, weight) != guided.dtype or weight.requires_grad):
         return uncond + guided * weight  # a weight that widens or promotes the result, or needs its grad: out of place
     return guided.mul_(weight).add_(uncond)
+
+
+def _fits(shape: torch.Size, into: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts against ``into`` without widening it (torch.broadcast_shapes would import sympy,
+    which ``generate`` never loads)."""
+    return len(shape) <= len(into) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(into)))
 
 
 def _kept(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
