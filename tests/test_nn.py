@@ -119,12 +119,14 @@ def test_prepacked_linear_matches_nn_linear_and_follows_the_weight():
     import io
 
     from varkit.nn.layers import Linear, prepack_linears
+    from varkit.nn.stream_gemv import panel_max_rows
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(Linear(64, 96, bias=True), torch.nn.GELU(), Linear(96, 32, bias=False))
     assert prepack_linears(model) == 2 and model[0].prepacked
     with torch.no_grad():
-        for rows in (1, 5, 40, 100):  # 2 rows stream, 10 and 80 take the panel kernel, 200 oneDNN's packed GEMM
+        # 2 rows stream, 10 to 200 take the panel kernel (200: AVX2 only), past panel_max_rows() oneDNN's packed GEMM
+        for rows in (1, 5, 40, 100, panel_max_rows() // 2 + 1):
             x = torch.randn(2, rows, 128)[..., :64]  # a strided view, as the heads' inputs are
             ref = F.linear(x, model[0].weight, model[0].bias)
             # fp32, oneDNN's packed GEMM vs MKL's sgemm: K = 64 products (|w| <= 1/8, |x| ~ 1, outputs ~0.5)

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from varkit.nn import layers
 from varkit.nn.layers import Linear, prepack_linears
-from varkit.nn.stream_gemv import (PANEL_MAX_ROWS, STREAM_MAX_ROWS, block_weight, blockable, panel_dtypes, panel_linear,
-                                   panel_weight, stream_kernel, stream_linear)
+from varkit.nn.stream_gemv import (PANEL_MAX_ROWS, PANEL_MAX_ROWS_AVX2, STREAM_MAX_ROWS, block_weight, blockable, panel_dtypes,
+                                   panel_linear, panel_max_rows, panel_weight, stream_kernel, stream_linear)
 
 needs_kernel = pytest.mark.skipif(stream_kernel() is None, reason="no C++ toolchain to build the kernel here")
 
@@ -38,13 +38,15 @@ def test_stream_linear_matches_f_linear(dtype, rows, k, blocked):
 
 def check_panels(kernel) -> None:
     """``kernel.gemm_panels`` against exact products: row counts that fill one group of rows, split into balanced
-    groups, and reach PANEL_MAX_ROWS; K with and without vector tails; N with a zero-padded last panel."""
+    groups, and reach PANEL_MAX_ROWS and PANEL_MAX_ROWS_AVX2; K with and without vector tails; N with a zero-padded
+    last panel."""
     g = torch.Generator().manual_seed(5)
     width = kernel.panel_width()
     # bf16 weights also in the pair layout where this build has AVX-512-BF16's dot product (odd K: a zero pad column)
     layouts = [(torch.float32, False), (torch.bfloat16, False)] + [(torch.bfloat16, True)] * kernel.panel_pairs()
     for dtype, pairs in layouts:
-        for rows, k, n in ((3, 768, 301), (12, 45, 37), (13, 7, 64), (25, 64, 301), (PANEL_MAX_ROWS, 96, 33)):
+        for rows, k, n in ((3, 768, 301), (12, 45, 37), (13, 7, 64), (25, 64, 301), (PANEL_MAX_ROWS, 96, 33),
+                             (PANEL_MAX_ROWS_AVX2, 40, 17)):
             w = torch.randn(n, k, generator=g).to(dtype)
             x = torch.randn(rows, k, generator=g).to(dtype)
             want = x.double() @ w.double().t()
@@ -128,12 +130,13 @@ def _route(monkeypatch, path: str, lin: Linear, rows_list) -> list[int]:
 
 
 @needs_kernel
-def test_prepacked_linears_take_the_panel_kernel_for_3_to_128_rows(monkeypatch):
+def test_prepacked_linears_take_the_panel_kernel_for_3_to_128_rows_or_1024_on_avx2(monkeypatch):
     lin = Linear(96, 80).eval()
     prepack_linears(lin)
-    calls = _route(monkeypatch, "panel_linear", lin,
-                   (STREAM_MAX_ROWS, STREAM_MAX_ROWS + 1, PANEL_MAX_ROWS, PANEL_MAX_ROWS + 1))
-    assert calls == [STREAM_MAX_ROWS + 1, PANEL_MAX_ROWS]  # beyond: oneDNN's packed GEMM
+    most = panel_max_rows()
+    assert most == (PANEL_MAX_ROWS_AVX2 if stream_kernel().panel_width() == 16 else PANEL_MAX_ROWS)
+    calls = _route(monkeypatch, "panel_linear", lin, (STREAM_MAX_ROWS, STREAM_MAX_ROWS + 1, most, most + 1))
+    assert calls == [STREAM_MAX_ROWS + 1, most]  # beyond: oneDNN's packed GEMM
     assert "_panels" not in lin.__getstate__()
     monkeypatch.setenv("VARKIT_PANEL_GEMM", "0")
     assert panel_dtypes() == ()

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..modeling import DerivedState
 from .cpu_kernels import cpu_kernels
-from .stream_gemv import (PANEL_MAX_ROWS, STREAM_MAX_ROWS, block_weight, blockable, panel_dtypes, panel_linear,
+from .stream_gemv import (STREAM_MAX_ROWS, block_weight, blockable, panel_dtypes, panel_linear, panel_max_rows,
                           panel_pairs, panel_weight, stream_linear)
 
 
@@ -92,8 +92,8 @@ class Linear(DerivedState, nn.Linear):
     ``packed_max_rows_fp32`` rows MKL's sgemm is as fast or faster, and ``F.linear`` is used. At 1-2 rows
     (``STREAM_MAX_ROWS``: batch-1 decode steps with CFG) a prepacked linear streams a blocked copy of its weight
     through :mod:`varkit.nn.stream_gemv` instead, which reads DRAM 1.5-2x faster than the packed GEMM on a Zen 4
-    core; at 3-128 rows (``PANEL_MAX_ROWS``: NAR's fronts, batches with CFG) it runs varkit's panel kernel
-    (``gemm_panels``) on a copy in panel layout, 1.1-1.4x faster than the packed GEMM (fp32; bf16 on CPUs
+    core; at 3-128 rows (:func:`~varkit.nn.stream_gemv.panel_max_rows`, 1024 on AVX2: NAR's fronts, batches with
+    CFG, VAR's scales) it runs varkit's panel kernel (``gemm_panels``) on a copy in panel layout, 1.1-1.4x faster than the packed GEMM (fp32; bf16 on CPUs
     without bf16 arithmetic, and with AVX-512-BF16 but no AMX through its dot-product instruction, 1.1-1.9x faster
     at 4-12 rows: :func:`~varkit.nn.stream_gemv.panel_dtypes`). Each copy is made on first use: a model
     decoding 1-2, 3-128 and more rows holds three extra copies.
@@ -129,7 +129,7 @@ class Linear(DerivedState, nn.Linear):
         if not (self.prepacked and self._can_use_packed(x)):
             return False
         rows = x.numel() // max(x.shape[-1], 1)
-        return rows > PANEL_MAX_ROWS or (rows > STREAM_MAX_ROWS and self.weight.dtype not in panel_dtypes())
+        return rows > panel_max_rows() or (rows > STREAM_MAX_ROWS and self.weight.dtype not in panel_dtypes())
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.prepacked and self._can_use_packed(x):
@@ -138,7 +138,7 @@ class Linear(DerivedState, nn.Linear):
                 y = stream_linear(x, self.weight, bias, self._blocked_weight())
                 if y is not None:
                     return y
-            elif rows <= PANEL_MAX_ROWS and self.weight.dtype in panel_dtypes():  # 3-128 rows: the panel kernel
+            elif rows <= panel_max_rows() and self.weight.dtype in panel_dtypes():  # 3-128 rows (AVX2: 1024): panels
                 panels = self._panel_weight()
                 if panels is not None:
                     y = panel_linear(x, self.weight, bias, panels)
@@ -160,7 +160,7 @@ class Linear(DerivedState, nn.Linear):
         if not (self.prepacked and self._can_use_packed(x)):
             return None
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows <= STREAM_MAX_ROWS or rows > PANEL_MAX_ROWS or self.weight.dtype not in panel_dtypes():
+        if rows <= STREAM_MAX_ROWS or rows > panel_max_rows() or self.weight.dtype not in panel_dtypes():
             return None
         return self._panel_weight()
 

@@ -47,6 +47,19 @@ def block_weight(weight: torch.Tensor) -> torch.Tensor:
 #: rows, 38.7/47.0 at 8, 57.2/80.8 at 32 (131 of the core's 165 GFLOP/s), 103/128 at 64, 187/210 at 128, 377/393 at
 #: 256; two threads 31.4/43.6 at 32 rows
 PANEL_MAX_ROWS = 128
+#: the same where the kernels were built for AVX2 (8-lane vectors: 6 x 16 tiles). One Zen 3 core, fp32, VAR-d16's
+#: linear shapes (K 1024-4096, N 1024-6144) at 200-1024 rows: the panel kernel 89-97 GFLOP/s, MKL's sgemm 77-93,
+#: oneDNN's packed GEMM 71-79 (at 32-128 rows 71-95 against oneDNN's 50-74)
+PANEL_MAX_ROWS_AVX2 = 1024
+
+
+@functools.cache
+def panel_max_rows() -> int:
+    """The most rows a prepacked linear hands to the panel kernel on this machine: :data:`PANEL_MAX_ROWS_AVX2` where
+    the kernels' tiles are AVX2's (panel width 16), else :data:`PANEL_MAX_ROWS` (AVX-512's tiles were measured to
+    256 rows only, and only on one Xeon)."""
+    kernel = cpu_kernels()
+    return PANEL_MAX_ROWS_AVX2 if kernel is not None and kernel.panel_width() == 16 else PANEL_MAX_ROWS
 
 
 def panel_weight(weight: torch.Tensor, width: int, pairs: bool = False) -> torch.Tensor:
