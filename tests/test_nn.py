@@ -164,10 +164,12 @@ def test_rotary_tables_stay_fp32_when_the_model_is_cast():
 
 def test_linear_activation_is_onednns_post_op_on_the_packed_path_and_torchs_elsewhere(monkeypatch):
     """``Linear.linear(x, b, "gelu_tanh")`` = GELU-tanh of the product: fused into oneDNN's packed GEMM beyond the C++
-    kernels' 128 rows, torch's GELU after the product at fewer rows or unpacked; an unknown name is a clear error."""
+    kernels' rows (``panel_max_rows()``: 128, 1024 on AVX2), torch's GELU after the product at fewer rows or unpacked;
+    an unknown name is a clear error."""
     import pytest
 
     from varkit.nn.layers import Linear, prepack_linears
+    from varkit.nn.stream_gemv import panel_max_rows
 
     torch.manual_seed(0)
     lin = Linear(64, 96).eval()
@@ -176,7 +178,7 @@ def test_linear_activation_is_onednns_post_op_on_the_packed_path_and_torchs_else
     real = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[3]) or real(*a))
     with torch.no_grad():
-        for rows, fused in ((200, True), (8, False), (1, False)):
+        for rows, fused in ((panel_max_rows() + 72, True), (8, False), (1, False)):
             x = torch.randn(rows, 64)
             want = F.gelu(F.linear(x.double(), lin.weight.double(), lin.bias.double()), approximate="tanh")
             calls.clear()
