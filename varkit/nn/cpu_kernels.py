@@ -741,7 +741,7 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, doub
 
 #if defined(__AVX512F__)
 // r[0..15] (16 rows of 16 fp32 or 32-bit values) transposed in place
-inline void transpose16(__m512* r) {
+inline void transpose_lanes(__m512* r) {
   __m512 t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -770,7 +770,7 @@ inline void transpose16(__m512* r) {
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // r[0..7] (8 rows of 8 fp32) transposed in place
-inline void transpose8(__m256* r) {
+inline void transpose_lanes(__m256* r) {
   __m256 t[8], s[8];
   for (int i = 0; i < 4; ++i) {
     t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);      // per 128-bit lane: a0 b0 a1 b1
@@ -803,35 +803,22 @@ void transpose_keys(const T* k, int64_t ks, int64_t L, int64_t Lp, int64_t KR, f
     }
   };
   int64_t l0 = 0;
-#if defined(__AVX512F__)
-  for (; l0 + 16 <= L; l0 += 16) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  // W x W blocks (element-wise, the strided reads cost ~0.4 ms a NAR-B layer at 240 keys on a Zen 3 core)
+  for (; l0 + W <= L; l0 += W) {
     int64_t r0 = 0;
-    for (; r0 + 16 <= KR; r0 += 16) {
-      __m512 rows[16];
-      for (int i = 0; i < 16; ++i) {
+    for (; r0 + W <= KR; r0 += W) {
+      vec rows[W];
+      for (int i = 0; i < W; ++i) {
         const T* src = k + (l0 + i) * ks;
-        if constexpr (PAIRS) rows[i] = _mm512_loadu_ps(reinterpret_cast<const float*>(reinterpret_cast<const uint32_t*>(src) + r0));
+        if constexpr (PAIRS) rows[i] = vload(reinterpret_cast<const float*>(reinterpret_cast<const uint32_t*>(src) + r0));
         else rows[i] = vload(src + r0);
       }
-      transpose16(rows);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (r0 + i) * Lp + l0, rows[i]);
+      transpose_lanes(rows);
+      for (int i = 0; i < W; ++i) vstore(kt + (r0 + i) * Lp + l0, rows[i]);
     }
     for (; r0 < KR; ++r0)
-      for (int64_t l = l0; l < l0 + 16; ++l) kt[r0 * Lp + l] = entry(l, r0);
-  }
-#elif defined(__AVX2__) && defined(__FMA__)
-  if constexpr (!PAIRS) {  // 8 x 8 blocks (element-wise, the strided reads cost ~0.4 ms a NAR-B layer at 240 keys)
-    for (; l0 + 8 <= L; l0 += 8) {
-      int64_t r0 = 0;
-      for (; r0 + 8 <= KR; r0 += 8) {
-        __m256 rows[8];
-        for (int i = 0; i < 8; ++i) rows[i] = vload(k + (l0 + i) * ks + r0);
-        transpose8(rows);
-        for (int i = 0; i < 8; ++i) vstore(kt + (r0 + i) * Lp + l0, rows[i]);
-      }
-      for (; r0 < KR; ++r0)
-        for (int64_t l = l0; l < l0 + 8; ++l) kt[r0 * Lp + l] = entry(l, r0);
-    }
+      for (int64_t l = l0; l < l0 + W; ++l) kt[r0 * Lp + l] = entry(l, r0);
   }
 #endif
   for (int64_t r = 0; r < KR; ++r) {

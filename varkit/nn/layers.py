@@ -93,10 +93,10 @@ class Linear(DerivedState, nn.Linear):
     (``STREAM_MAX_ROWS``: batch-1 decode steps with CFG) a prepacked linear streams a blocked copy of its weight
     through :mod:`varkit.nn.stream_gemv` instead, which reads DRAM 1.5-2x faster than the packed GEMM on a Zen 4
     core; at 3-128 rows (:func:`~varkit.nn.stream_gemv.panel_max_rows`, 1024 on AVX2: NAR's fronts, batches with
-    CFG, VAR's scales) it runs varkit's panel kernel (``gemm_panels``) on a copy in panel layout, 1.1-1.4x faster than the packed GEMM (fp32; bf16 on CPUs
-    without bf16 arithmetic, and with AVX-512-BF16 but no AMX through its dot-product instruction, 1.1-1.9x faster
-    at 4-12 rows: :func:`~varkit.nn.stream_gemv.panel_dtypes`). Each copy is made on first use: a model
-    decoding 1-2, 3-128 and more rows holds three extra copies.
+    CFG, VAR's scales) it runs varkit's panel kernel (``gemm_panels``) on a copy in panel layout, 1.1-1.4x faster
+    than the packed GEMM (fp32; bf16 on CPUs without bf16 arithmetic, and with AVX-512-BF16 but no AMX through its
+    dot-product instruction, 1.1-1.9x faster at 4-12 rows: :func:`~varkit.nn.stream_gemv.panel_dtypes`). Each copy
+    is made on first use: a model decoding 1-2, 3-128 (or 1024) and more rows holds three extra copies.
     """
 
     # an opaque oneDNN tensor, the streaming kernel's blocked copy and the panel kernel's copy: stale after .to(),
