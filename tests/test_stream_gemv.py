@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from varkit.nn import layers
 from varkit.nn.layers import Linear, prepack_linears
 from varkit.nn.stream_gemv import (PANEL_MAX_ROWS, PANEL_MAX_ROWS_AVX2, STREAM_MAX_ROWS, block_weight, blockable, panel_dtypes,
-                                   panel_linear, panel_max_rows, panel_weight, stream_kernel, stream_linear)
+                                   panel_linear, panel_max_rows, panel_rows, panel_weight, stream_kernel,
+                                   stream_linear)
 
 needs_kernel = pytest.mark.skipif(stream_kernel() is None, reason="no C++ toolchain to build the kernel here")
 
@@ -137,6 +138,10 @@ def test_prepacked_linears_take_the_panel_kernel_for_3_to_128_rows_or_1024_on_av
     assert most == (PANEL_MAX_ROWS_AVX2 if stream_kernel().panel_width() == 16 else PANEL_MAX_ROWS)
     calls = _route(monkeypatch, "panel_linear", lin, (STREAM_MAX_ROWS, STREAM_MAX_ROWS + 1, most, most + 1))
     assert calls == [STREAM_MAX_ROWS + 1, most]  # beyond: oneDNN's packed GEMM
+    # the shared row-range rule (Linear.panels_for and the fused layers' plans) says the same
+    assert [panel_rows(r) for r in (STREAM_MAX_ROWS, STREAM_MAX_ROWS + 1, most, most + 1)] == [False, True, True, False]
+    with torch.inference_mode():
+        assert [lin.panels_for(torch.randn(r, 96)) is not None for r in (STREAM_MAX_ROWS + 1, most + 1)] == [True, False]
     assert "_panels" not in lin.__getstate__()
     monkeypatch.setenv("VARKIT_PANEL_GEMM", "0")
     assert panel_dtypes() == ()

@@ -21,7 +21,7 @@ from ..nn import Attention, RMSNorm, RotaryTable, SwiGLU, block_causal_mask
 from ..nn.cpu_kernels import cpu_kernels, fused_decode_enabled
 from ..nn.layers import gate_kernel_serves, swiglu_hidden_dim, weight_key
 from ..nn.rope import rope_angles_2d
-from ..nn.stream_gemv import MAX_ROWS, STREAM_MAX_ROWS, panel_dtypes, panel_max_rows
+from ..nn.stream_gemv import MAX_ROWS, panel_dtypes, panel_rows
 from .base import Generator, check_class_ids, token_fields_for_tokenizer
 from .heads import HeadConfig, head_from_config
 
@@ -126,7 +126,7 @@ class TransformerBlock(DerivedState, nn.Module):
         linears = (self.attention.wqkv, self.attention.wo, self.feed_forward.w1, self.feed_forward.w3,
                    self.feed_forward.w2)
         rows = x.numel() // x.shape[-1]
-        key = (x.dtype, rows > panel_max_rows(), rows <= STREAM_MAX_ROWS, panel_dtypes(),
+        key = (x.dtype, panel_rows(rows), panel_dtypes(),
                *(weight_key(lin.weight) for lin in linears), *(lin.prepacked for lin in linears))
         cached = self.__dict__.get("_front_plan")
         if cached is None or cached[0] != key:

@@ -13,7 +13,7 @@ from ..errors import InvalidArgumentError
 from ..modeling import DerivedState
 from .cpu_kernels import cpu_kernels
 from .stream_gemv import (STREAM_MAX_ROWS, block_weight, blockable, panel_dtypes, panel_linear, panel_max_rows,
-                          panel_pairs, panel_weight, stream_linear)
+                          panel_pairs, panel_rows, panel_weight, stream_linear)
 
 
 class RMSNorm(nn.Module):
@@ -160,7 +160,7 @@ class Linear(DerivedState, nn.Linear):
         if not (self.prepacked and self._can_use_packed(x)):
             return None
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows <= STREAM_MAX_ROWS or rows > panel_max_rows() or self.weight.dtype not in panel_dtypes():
+        if not panel_rows(rows) or self.weight.dtype not in panel_dtypes():
             return None
         return self._panel_weight()
 

@@ -45,7 +45,9 @@ def block_weight(weight: torch.Tensor) -> torch.Tensor:
 #: the most rows prepacked linears hand to the panel kernel (``gemm_panels``; beyond, oneDNN's GEMM is as fast). One
 #: core of an Intel Xeon with AVX-512 (no AMX), fp32, every linear of NAR-B, panels / oneDNN-packed ms: 33.8/40.1 at 4
 #: rows, 38.7/47.0 at 8, 57.2/80.8 at 32 (131 of the core's 165 GFLOP/s), 103/128 at 64, 187/210 at 128, 377/393 at
-#: 256; two threads 31.4/43.6 at 32 rows
+#: 256; two threads 31.4/43.6 at 32 rows. One Zen 4 core (AVX-512-BF16), VAR-d16's linear shapes, weights in cache,
+#: GFLOP/s panels / oneDNN-packed: fp32 95/86 at 64 rows, 99/99 at 128, 100/104 at 256, 94/112 at 1024; bf16 (pair
+#: tile) 201/190 at 64, equal (205-217) from 128 to 1024, 198/214 at 2048: nothing to gain past 128 rows
 PANEL_MAX_ROWS = 128
 #: the same where the kernels were built for AVX2 (8-lane vectors: 6 x 16 tiles). One Zen 3 core, fp32, VAR-d16's
 #: linear shapes (K 1024-4096, N 1024-6144) at 200-1024 rows: the panel kernel 89-97 GFLOP/s, MKL's sgemm 77-93,
@@ -56,10 +58,17 @@ PANEL_MAX_ROWS_AVX2 = 1024
 @functools.cache
 def panel_max_rows() -> int:
     """The most rows a prepacked linear hands to the panel kernel on this machine: :data:`PANEL_MAX_ROWS_AVX2` where
-    the kernels' tiles are AVX2's (panel width 16), else :data:`PANEL_MAX_ROWS` (AVX-512's tiles were measured to
-    256 rows only, and only on one Xeon)."""
+    the kernels' tiles are AVX2's (panel width 16), else :data:`PANEL_MAX_ROWS` (past 128 rows AVX-512's tiles lose
+    to oneDNN in fp32 and tie in bf16 on a Zen 4 core; on a Xeon they were measured to 256 rows)."""
     kernel = cpu_kernels()
     return PANEL_MAX_ROWS_AVX2 if kernel is not None and kernel.panel_width() == 16 else PANEL_MAX_ROWS
+
+
+def panel_rows(rows: int) -> bool:
+    """Whether a prepacked linear hands a product of ``rows`` rows to the panel kernel rather than the streaming
+    kernel (at most :data:`STREAM_MAX_ROWS`) or oneDNN's GEMM (past :func:`panel_max_rows`): the one row-range rule
+    that :class:`~varkit.nn.layers.Linear` and the fused layers' plans share."""
+    return STREAM_MAX_ROWS < rows <= panel_max_rows()
 
 
 def panel_weight(weight: torch.Tensor, width: int, pairs: bool = False) -> torch.Tensor:
