@@ -13,7 +13,8 @@ compile), varkit's ancestral sampler in fp32, and in bf16; with ``--compile`` al
 compiled decode step (``Generator.compile_decoding``; the compile is timed apart, in a warm-up run); with
 ``--prepack`` also varkit's eager rows on oneDNN-prepacked weights (what ``load_pipeline``'s default
 ``prepack="auto"`` does for GPT-B's weights on a CPU).
-Both sample with LlamaGen's demo settings (top-k 2000, temperature 1). It also decodes greedily
+On a CPU both loops run in this process with varkit's caching allocator installed (:mod:`varkit.nn.cpu_allocator`,
+as ``load_pipeline`` does). Both sample with LlamaGen's demo settings (top-k 2000, temperature 1). It also decodes greedily
 (top-k 1) with varkit fp32 and bf16 and reports the share of identical tokens, and checks varkit
 fp32 greedy tokens against the official greedy tokens.
 
@@ -144,6 +145,11 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
     else:
         basis = "cpu_s" if torch.get_num_threads() == 1 else "wall_s"
         floor = get_floor(threads=torch.get_num_threads())
+        # varkit's caching allocator, as load_pipeline installs it on a CPU (bench nar does the same); LlamaGen's
+        # loop runs in this process and gets it too
+        from varkit.nn import cpu_allocator
+
+        cpu_allocator.install()
     gpt_models, generate = import_official(official_path)
     torch.manual_seed(seed)
     official, fp32, bf = build_models(gpt_models, seed)

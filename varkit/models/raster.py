@@ -17,7 +17,7 @@ from ..cache import IndexedKV, KVCache
 from ..errors import InvalidArgumentError
 from ..layout import Layout, build_layout
 from ..modeling import DerivedState, register_module
-from ..nn import Attention, RMSNorm, RotaryTable, SwiGLU, block_causal_mask
+from ..nn import Attention, RMSNorm, RotaryTable, SwiGLU, block_causal_mask, weight_arena
 from ..nn.cpu_kernels import cpu_kernels, fused_decode_enabled
 from ..nn.layers import gate_kernel_serves, swiglu_hidden_dim, weight_key
 from ..nn.rope import rope_angles_2d
@@ -126,10 +126,11 @@ class TransformerBlock(DerivedState, nn.Module):
         linears = (self.attention.wqkv, self.attention.wo, self.feed_forward.w1, self.feed_forward.w3,
                    self.feed_forward.w2)
         rows = x.numel() // x.shape[-1]
-        key = (x.dtype, panel_rows(rows), panel_dtypes(),
+        key = (x.dtype, panel_rows(rows), panel_dtypes(), weight_arena.generation(),
                *(weight_key(lin.weight) for lin in linears), *(lin.prepacked for lin in linears))
         cached = self.__dict__.get("_front_plan")
-        if cached is None or cached[0] != key:
+        # a copy made since the last gathering is asked for again: panels_for moves them all into one buffer
+        if cached is None or cached[0] != key or weight_arena.is_pending(linears[0], "_panels"):
             panels = None
             if all(lin.bias is None for lin in linears):
                 panels = [lin.panels_for(x) for lin in linears]
