@@ -17,7 +17,7 @@ FAKE = {"key": "cpu-fake-amx-t1", "threads": 1, "cpu": {"model": "fake", "flags"
                              "square": {"flops_per_s": 100e9}},
                  "bfloat16": {"m1": {"flops_per_s": 20e9}, "m8": {"flops_per_s": 200e9},
                               "square": {"flops_per_s": 400e9}}},
-        "peak_gemm_flops": {"float32": 100e9, "bfloat16": 400e9}}
+        "peak_gemm_flops": {"float32": 100e9, "bfloat16": 400e9}, "device": "cpu", "bandwidth_pages": "huge"}
 
 
 @pytest.fixture
@@ -58,6 +58,27 @@ def test_a_quick_cache_serves_quick_requests_only(cache, monkeypatch):
     calls = []
     monkeypatch.setattr(FL, "measure_floor", lambda *a, **k: calls.append(k) or {**FAKE, "key": FL.machine_key()})
     assert FL.get_floor() is not None and calls and not calls[0]["quick"]
+
+
+def test_a_cpu_floor_measured_in_small_pages_is_measured_again(cache, monkeypatch):
+    """Bandwidth buffers are in huge pages (as varkit's weight copies): a cached CPU floor from before, read in 4 KiB
+    pages (slower: a lower floor), no longer serves."""
+    old = {k: v for k, v in FAKE.items() if k != "bandwidth_pages"}
+    FL.save_floor({**old, "key": FL.machine_key()})
+    calls = []
+    monkeypatch.setattr(FL, "measure_floor", lambda *a, **k: calls.append(k) or {**FAKE, "key": FL.machine_key()})
+    assert FL.get_floor(measure=False)["bandwidth"] == FAKE["bandwidth"] and not calls  # kept where not measuring
+    assert FL.get_floor()["bandwidth_pages"] == "huge" and len(calls) == 1
+    assert FL.get_floor()["bandwidth_pages"] == "huge" and len(calls) == 1  # the new one is cached
+
+
+def test_cpu_bandwidth_buffers_start_on_a_huge_page():
+    from varkit.nn.weight_arena import HUGE_PAGE_BYTES
+
+    buf = FL._bandwidth_buffer(1 << 20, torch.device("cpu"))
+    assert buf.dtype == torch.float32 and buf.numel() == 1 << 20
+    if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        assert buf.data_ptr() % HUGE_PAGE_BYTES == 0
 
 
 def test_bandwidth_for_interpolates_a_passs_time_between_measured_sizes():
