@@ -75,7 +75,7 @@ def test_a_cpu_floor_measured_in_small_pages_is_measured_again(cache, monkeypatc
 def test_cpu_bandwidth_buffers_start_on_a_huge_page():
     from varkit.nn.weight_arena import HUGE_PAGE_BYTES
 
-    buf = FL._bandwidth_buffer(1 << 20, torch.device("cpu"))
+    buf = FL.bandwidth_buffer(1 << 20, torch.device("cpu"))
     assert buf.dtype == torch.float32 and buf.numel() == 1 << 20
     if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
         assert buf.data_ptr() % HUGE_PAGE_BYTES == 0

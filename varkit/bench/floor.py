@@ -94,7 +94,7 @@ def clock_for(dev: torch.device) -> Callable[[], float]:
 BANDWIDTH_PAGES = "huge"
 
 
-def _bandwidth_buffer(n: int, device: torch.device) -> torch.Tensor:
+def bandwidth_buffer(n: int, device: torch.device) -> torch.Tensor:
     """``n`` fp32 values for the bandwidth measurements: on a CPU in transparent huge pages
     (:func:`varkit.nn.weight_arena.huge_buffer`), where the machine reads fastest (one Zen 4 core, ``sum`` over 256
     MiB: 30-31 GB/s against 19.6-27 in 4 KiB pages), as varkit's kernels read their weight copies."""
@@ -108,15 +108,15 @@ def _bandwidth_buffer(n: int, device: torch.device) -> torch.Tensor:
 def measure_bandwidth(nbytes: int, device: torch.device, budget_s: float = 0.5) -> dict[str, float]:
     """Bytes/s of reading ``nbytes`` (the better of a ``sum`` and of a matrix-vector product over them, the
     decode step's own access pattern, which BLAS prefetches better) and of a copy of ``nbytes`` into as many
-    (2 x ``nbytes`` moved); on a CPU both buffers in huge pages (:func:`_bandwidth_buffer`)."""
+    (2 x ``nbytes`` moved); on a CPU both buffers in huge pages (:func:`bandwidth_buffer`)."""
     n = max(nbytes // 4 // 1024, 1) * 1024
     kw = {"budget_s": budget_s, "sync": _sync_for(device), "clock": clock_for(device)}
-    src = _bandwidth_buffer(n, device).fill_(1)
+    src = bandwidth_buffer(n, device).fill_(1)
     x = torch.ones(1024, device=device)
     mat = src.view(-1, 1024)
     read_sum = n * 4 / best_seconds(lambda: src.sum(), **kw)
     read_gemv = n * 4 / best_seconds(lambda: torch.mv(mat, x), **kw)
-    dst = _bandwidth_buffer(n, device)
+    dst = bandwidth_buffer(n, device)
     copy = 2 * n * 4 / best_seconds(lambda: dst.copy_(src), **kw)
     return {"bytes": n * 4, "read_Bps": max(read_sum, read_gemv), "read_sum_Bps": read_sum,
             "read_gemv_Bps": read_gemv, "copy_Bps": copy}

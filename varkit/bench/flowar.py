@@ -415,9 +415,11 @@ def cpu_time_rates(dtypes: list[torch.dtype], sizes: dict[str, int], big_bytes: 
     """Copy bandwidths (a ``big_bytes`` copy and one per ``sizes`` entry, read + write counted), GEMM rates per dtype
     (best of an n³ and an (n/2)³ matmul) and the rate of the VAE's dominant layer (a 3x3 128→128 convolution on a
     ``conv_hw``² map), each timed in process CPU time."""
-    def copy_bw(nbytes: int, repeats: int) -> float:
-        src = torch.randn(max(nbytes // 4, 1024))
-        dst = torch.empty_like(src)
+    from .floor import bandwidth_buffer
+
+    def copy_bw(nbytes: int, repeats: int) -> float:  # in huge pages, as varkit bench floor reads
+        n = max(nbytes // 4, 1024)
+        src, dst = bandwidth_buffer(n, torch.device("cpu")).fill_(1), bandwidth_buffer(n, torch.device("cpu"))
         return 2 * src.nbytes / best_cpu_seconds(lambda: dst.copy_(src), repeats)
 
     def gemm(dt: torch.dtype, n: int) -> float:

@@ -58,9 +58,12 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
-    """Bytes/s of ``dst.copy_(src)`` on ``nbytes``-byte fp32 tensors, counting the read and the write (STREAM's copy)."""
+    """Bytes/s of ``dst.copy_(src)`` on ``nbytes``-byte fp32 tensors, counting the read and the write (STREAM's copy);
+    both in huge pages, as ``varkit bench floor`` reads (:func:`varkit.bench.floor.bandwidth_buffer`)."""
+    from .floor import bandwidth_buffer
+
     n = max(nbytes // 4, 1024)
-    src, dst = torch.randn(n), torch.empty(n)
+    src, dst = bandwidth_buffer(n, torch.device("cpu")).fill_(1), bandwidth_buffer(n, torch.device("cpu"))
     return 2 * src.nbytes / _best_time(lambda: dst.copy_(src), repeats)
 
 
