@@ -51,7 +51,10 @@ def huge_buffer(nbytes: int) -> torch.Tensor:
     torch's allocator. The mapping lives as long as the tensor (or a view of it)."""
     if nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(nbytes, dtype=torch.uint8)
-    mm = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared: shmem, no THP
+    try:  # private: a shared anonymous mapping is shmem, which gets no transparent huge pages
+        mm = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # no address space for it: torch's allocator (which raises its own error if it cannot either)
+        return torch.empty(nbytes, dtype=torch.uint8)
     try:
         mm.madvise(mmap.MADV_HUGEPAGE)
     except OSError:  # a kernel without THP: plain pages, still one run
@@ -98,7 +101,10 @@ def gather(kind: str, current_key: Callable[[torch.nn.Module], Any]) -> int:
             total = -(-total // COPY_ALIGN) * COPY_ALIGN
             offsets.append(total)
             total += t.numel() * t.element_size()
-        buf = huge_buffer(total)
+        try:
+            buf = huge_buffer(total)
+        except (RuntimeError, MemoryError):  # no memory for a second copy now: the copies stay where they are
+            return 0
         for (module, (key, t)), at in zip(entries, offsets):
             moved = buf[at:at + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
             moved.copy_(t)
