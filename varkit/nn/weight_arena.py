@@ -29,8 +29,9 @@ HUGE_PAGE_BYTES = 2 << 20
 COPY_ALIGN = 64
 
 _lock = threading.Lock()
-_pending: dict[str, list[weakref.ref]] = {}  # kind -> modules whose new copy of that kind is not in a buffer yet
-_pending_ids: dict[str, set[int]] = {}
+# kind -> {id(module): weakref to it} for the modules whose new copy of that kind is not in a buffer yet, in the
+# order the copies were made
+_pending: dict[str, dict[int, weakref.ref]] = {}
 _generation = 0
 
 
@@ -69,14 +70,12 @@ def note_new(module: torch.nn.Module, kind: str) -> None:
     if not enabled():
         return
     with _lock:
-        _pending.setdefault(kind, []).append(weakref.ref(module))
-        _pending_ids.setdefault(kind, set()).add(id(module))
+        _pending.setdefault(kind, {})[id(module)] = weakref.ref(module)
 
 
 def is_pending(module: torch.nn.Module, kind: str) -> bool:
     """Whether ``module``'s copy of ``kind`` was made since the last buffer of that kind was filled."""
-    ids = _pending_ids.get(kind)
-    return bool(ids) and id(module) in ids
+    return id(module) in _pending.get(kind, ())
 
 
 def gather(kind: str, current_key: Callable[[torch.nn.Module], Any]) -> int:
@@ -85,10 +84,9 @@ def gather(kind: str, current_key: Callable[[torch.nn.Module], Any]) -> int:
     than two are left: one copy is already one run)."""
     global _generation
     with _lock:
-        refs = _pending.pop(kind, [])
-        _pending_ids.pop(kind, None)
+        refs = _pending.pop(kind, {})
         entries = []
-        for ref in refs:
+        for ref in refs.values():
             module = ref()
             cached = None if module is None else module.__dict__.get(kind)
             if cached is None or cached[0] != current_key(module) or not cached[1].is_contiguous():
