@@ -192,9 +192,10 @@ def _filled_cache(dtype: torch.dtype, rows: int, length: int) -> KVCache:
     return cache
 
 
-def check_decode_layer(decode_layer) -> None:
-    """The fused layer against the block's module path: float64 for fp32 (the kernel's error bound), the module path in
-    bf16 for bf16 (the same rounding points), and the cache written at the filled length in both."""
+def check_decode_layer(decode_layers) -> None:
+    """The fused layer (``decode_layers`` over one layer) against the block's module path: float64 for fp32 (the
+    kernel's error bound), the module path in bf16 for bf16 (the same rounding points), and the cache written at the
+    filled length in both."""
     for dtype in (torch.float32, torch.bfloat16):
         for rows, length in ((1, 0), (2, 13), (4, 39)):
             block, rope = _block(dtype)
@@ -209,9 +210,9 @@ def check_decode_layer(decode_layer) -> None:
                 cache = _filled_cache(dtype, rows, length)
                 att, ffn = block.attention, block.feed_forward
                 lins = (att.wqkv, att.wo, ffn.w1, ffn.w3, ffn.w2)
-                got = decode_layer(x.reshape(rows, 64), block.attention_norm.weight, block.ffn_norm.weight, 1e-5,
-                                   *[lin._blocked_weight() for lin in lins], 256, cache.k[0], cache.v[0], length,
-                                   cos[0].contiguous(), sin[0].contiguous()).view(rows, 1, 64)
+                weights = [block.attention_norm.weight, block.ffn_norm.weight, *[lin._blocked_weight() for lin in lins]]
+                got = decode_layers(x.reshape(rows, 64), weights, 1e-5, 256, [cache.k[0]], [cache.v[0]], length,
+                                    cos[0].contiguous(), sin[0].contiguous()).view(rows, 1, 64)
             scale = float(ref.abs().max())
             # fp32: five chained products of at most 256 terms, attention and two norms, each within a few hundred u
             # of the largest value (relative); bf16: sum order may flip one rounding of the module path by an ulp,
@@ -300,7 +301,7 @@ def check_topk(topk) -> None:
 @needs_kernels
 @pytest.mark.parametrize("check, name", [(check_attend, "attend"), (check_topk, "topk"),
                                          (check_front_attention, "attend_front"), (check_silu_mul, "silu_mul_"),
-                                         (check_rms_norm, "rms_norm_rows"), (check_decode_layer, "decode_layer"),
+                                         (check_rms_norm, "rms_norm_rows"), (check_decode_layer, "decode_layers"),
                                          (check_group_norm_silu, "group_norm_silu")])
 def test_native_kernel(check, name):
     check(getattr(cpu_kernels(), name))
@@ -440,7 +441,7 @@ def test_blocks_fuse_one_token_steps_and_equal_the_module_path(monkeypatch, dtyp
     calls = []
     real = R.cpu_kernels()
     monkeypatch.setattr(R, "cpu_kernels", lambda: type("K", (), {
-        "decode_layer": lambda *a: calls.append(1) or real.decode_layer(*a), "panel_pairs": real.panel_pairs,
+        "decode_layers": lambda *a: calls.append(1) or real.decode_layers(*a), "panel_pairs": real.panel_pairs,
         "front_layer": real.front_layer}))
     x = torch.randn(2, 1, 64).to(dtype)
     cos, sin = rope(slice(7, 8))
@@ -464,6 +465,80 @@ def test_blocks_fuse_one_token_steps_and_equal_the_module_path(monkeypatch, dtyp
     with torch.no_grad():
         block(x, (cos, sin), None, _filled_cache(dtype, 2, 7), 0)
     assert len(calls) == 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
+    """A raster generator's one-token steps (prefill of a class token, then decode steps) run all its blocks in one
+    decode_layers call, with a call a block's logits and cache bit for bit (the same kernel code a layer, the same
+    inputs); the kept plan follows an in-place weight edit; a block that cannot fuse sends the step back to the
+    blocks one by one."""
+    import varkit.models.raster as R
+    from varkit.models.raster import RasterGenerator
+
+    torch.manual_seed(0)
+    cfg = RasterConfig(dim=64, n_head=4, n_layer=3, vocab_size=32, grid=4, num_classes=2, resid_dropout=0,
+                       ffn_dropout=0, token_dropout=0)
+    gen = RasterGenerator(cfg).eval()
+    with torch.no_grad():
+        gen.output.weight.normal_(0, 0.1)
+    gen = gen.to(dtype)
+    prepack_linears(gen)
+    real = cpu_kernels()
+    calls = []
+
+    class Counting:  # the real kernels, decode_layers counted by layers a call
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def decode_layers(self, *a):
+            calls.append(len(a[4]))
+            return real.decode_layers(*a)
+
+    monkeypatch.setattr(R, "cpu_kernels", lambda: Counting())
+    tokens = torch.randint(0, 32, (2, 4), generator=torch.Generator().manual_seed(1))
+
+    def run(edit: bool = False) -> tuple[list[torch.Tensor], KVCache]:
+        cache = gen.new_cache(2)
+        with torch.no_grad():
+            logits, state = gen.prefill(torch.tensor([0, 1]), cache)
+            out = [logits]
+            for step in range(1, 5):
+                if edit and step == 3:  # an in-place edit between steps: the plan's copy is stale
+                    gen.layers[1].feed_forward.w2.weight.mul_(1.5)
+                out.append(gen(tokens[:, step - 1:step], step, cache, state))
+        return out, cache
+
+    stacked, cache = run()
+    assert calls == [3] * 5
+    monkeypatch.setattr(R.RasterGenerator, "_fused_decode_stack", lambda self, *a: None)
+    calls.clear()
+    blocks, block_cache = run()
+    assert calls == [1] * 15
+    assert all(torch.equal(a, b) for a, b in zip(stacked, blocks))
+    assert all(torch.equal(a, b) for a, b in zip(cache.k + cache.v, block_cache.k + block_cache.v))
+    monkeypatch.undo()
+    monkeypatch.setattr(R, "cpu_kernels", lambda: Counting())
+    weight = gen.layers[1].feed_forward.w2.weight.detach().clone()
+    edited, _ = run(edit=True)
+    with torch.no_grad():
+        gen.layers[1].feed_forward.w2.weight.copy_(weight)
+    monkeypatch.setattr(R.RasterGenerator, "_fused_decode_stack", lambda self, *a: None)
+    edited_blocks, _ = run(edit=True)
+    assert all(torch.equal(a, b) for a, b in zip(edited, edited_blocks))
+    assert not torch.equal(edited[-1], stacked[-1])
+    monkeypatch.undo()
+    monkeypatch.setattr(R, "cpu_kernels", lambda: Counting())
+    with torch.no_grad():
+        gen.layers[1].feed_forward.w2.weight.copy_(weight)
+    prepack_linears(gen.layers[2], enabled=False)  # the last block keeps the module path
+    calls.clear()
+    mixed, _ = run()
+    assert calls == [1, 1] * 5
+    tol = 0 if dtype == torch.bfloat16 else 1e-5  # the module path's last block: fp32 to sum order, bf16 bit for bit
+    for a, b in zip(mixed, stacked):
+        torch.testing.assert_close(a, b, rtol=0, atol=tol * float(b.abs().max()))
 
 
 @needs_kernels

@@ -231,5 +231,5 @@ def test_the_code_paths_of_other_cpus_build_and_agree(march):
     from test_winograd import check_winograd
 
     check_winograd(kernel)
-    check_decode_layer(kernel.decode_layer)
+    check_decode_layer(kernel.decode_layers)
     check_front_layer(kernel)

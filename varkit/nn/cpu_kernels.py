@@ -25,9 +25,10 @@ oneDNN-packed 10-14 GB/s; SDPA reads a one-query KV cache at ~7 GB/s). Three ker
 - ``front_layer(...)``: a whole LLaMA block for such a front (NAR's fronts at 3-128 rows): RMSNorm, the five
   linears on the panel kernel, ``attend_front``, the SwiGLU gate and the residual sums (added in the linears' tile
   stores), one call from Python a layer, the module path's roundings.
-- ``decode_layer(...)``: a whole LLaMA block (:class:`varkit.models.raster.TransformerBlock`) for one new token a
-  row over a static cache, on the kernels above, in one call from Python: a GPT-B step through the module path
-  spends ~4 ms of its ~25 in Python and small ops (norms, rotary, cache writes, gating) on a Zen 4 core.
+- ``decode_layers(...)``: whole LLaMA blocks (:class:`varkit.models.raster.TransformerBlock`), one after another,
+  for one new token a row over a static cache, on the kernels above, in one call from Python with no tensor made
+  between the layers: a GPT-B step through the module path spends ~4 ms of its ~25 in Python and small ops (norms,
+  rotary, cache writes, gating) on a Zen 4 core, a call a layer still ~0.1 ms a layer.
 - ``rms_norm_rows(x, g, eps)``: :class:`varkit.nn.RMSNorm` in one call (torch's CPU path is seven ops, ~24 us at
   a decode step's two rows on a Zen 4 core, of which the work is well under a microsecond).
 - ``topk(x, k)``: the k largest of each fp32 row, sorted (:func:`varkit.samplers.topk.top_k`): a threshold from a
@@ -697,6 +698,21 @@ void attend_head(const float* q, const T* k, const T* v, int64_t ks, int64_t vs,
   }
 }
 
+// every (row, head) of q (B, H, D) fp32 already scaled: out (B, H, D) fp32; head (b, h)'s keys at
+// k + (b * kb + h * kh) elements, key l at l * kl from there (values likewise with v's strides)
+template <typename T>
+void attend_heads(const float* q, const T* k, const T* v, const int64_t* ks, const int64_t* vs, int64_t B, int64_t H,
+                  int64_t L, int64_t D, float* out) {
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s(L + W);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      attend_head(q + i * D, k + b * ks[0] + h * ks[1], v + b * vs[0] + h * vs[1], ks[2], vs[2], L, D, s.data(),
+                  out + i * D);
+    }
+  });
+}
+
 // q (B, H, 1, D); k, v (B, H, L, D) with unit stride over D -> (B, H, 1, D) in q's dtype
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "varkit attend_one: q (B, H, 1, D)");
@@ -708,22 +724,11 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, doub
   const int64_t B = q.size(0), H = q.size(1), L = k.size(2), D = q.size(3);
   auto qf = (q.to(torch::kFloat32) * scale).contiguous();
   auto out = torch::empty({B, H, 1, D}, qf.options());
-  const float* qp = qf.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const bool bf16 = k.scalar_type() == torch::kBFloat16;
-  const char* kp = (const char*)k.data_ptr();
-  const char* vp = (const char*)v.data_ptr();
-  const int64_t es = k.element_size();
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> s(L + W);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H;
-      const char* kb = kp + (b * k.stride(0) + h * k.stride(1)) * es;
-      const char* vb = vp + (b * v.stride(0) + h * v.stride(1)) * es;
-      if (bf16) attend_head((const float*)(qp + i * D), (const uint16_t*)kb, (const uint16_t*)vb, k.stride(2), v.stride(2), L, D, s.data(), op + i * D);
-      else attend_head(qp + i * D, (const float*)kb, (const float*)vb, k.stride(2), v.stride(2), L, D, s.data(), op + i * D);
-    }
-  });
+  const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  if (k.scalar_type() == torch::kBFloat16)
+    attend_heads(qf.data_ptr<float>(), bf16_ptr(k), bf16_ptr(v), ks, vs, B, H, L, D, out.data_ptr<float>());
+  else
+    attend_heads(qf.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), ks, vs, B, H, L, D, out.data_ptr<float>());
   return out.to(q.scalar_type());
 }
 
@@ -1244,47 +1249,135 @@ void silu_gate(float* a, const float* b, T* g, int64_t n, bool bf16) {
 template <typename T>
 T* data_as(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
+// y (M, N) fp32 = x (M, K) w^T with w in gemv_blocked's layout of (N, K) and x contiguous in w's dtype T: gemv_blocked's
+// kernels and order of sums (bf16 rows go through fp32 where the build has no AVX-512-BF16, as gemv_blocked's x.to())
 template <typename T>
-torch::Tensor llama_layer_t(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g_ffn, double eps,
-                            torch::Tensor wqkv, torch::Tensor wo, torch::Tensor w1, torch::Tensor w3, torch::Tensor w2,
-                            int64_t hidden, torch::Tensor kc, torch::Tensor vc, int64_t pos, torch::Tensor cos,
-                            torch::Tensor sin) {
-  const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  const int64_t R = x.size(0), D = x.size(1), H = kc.size(1), hd = kc.size(3);
-  auto h = rms_norm(x, g_attn, eps);
-  auto qkv = product(h, wqkv, 3 * D, true);
-  auto q = torch::empty({R, H, 1, hd}, x.options());
-  split_qkv<T>(qkv.data_ptr<float>(), data_as<T>(q), data_as<T>(kc), data_as<T>(vc), kc, vc, R, H, hd, pos,
-               cos.data_ptr<float>(), sin.data_ptr<float>(), bf16);
-  auto att = attend_one(q, kc.narrow(2, 0, pos + 1), vc.narrow(2, 0, pos + 1), 1.0 / std::sqrt((double)hd));
-  auto o = product(att.view({R, D}), wo, D, true);
-  auto x1 = torch::empty_like(x);
-  residual<T>(data_as<T>(x), o.data_ptr<float>(), data_as<T>(x1), R * D, bf16);
-  auto h2 = rms_norm(x1, g_ffn, eps);
-  auto a = product(h2, w1, hidden, true), b = product(h2, w3, hidden, true);
-  auto g = torch::empty({R, hidden}, x.options());
-  silu_gate<T>(a.data_ptr<float>(), b.data_ptr<float>(), data_as<T>(g), R * hidden, bf16);
-  auto d = product(g, w2, D, true);
-  auto out = torch::empty_like(x);
-  residual<T>(data_as<T>(x1), d.data_ptr<float>(), data_as<T>(out), R * D, bf16);
-  return out;
+void blocked_product(const T* x, int64_t M, int64_t K, const torch::Tensor& w, int64_t N, float* y, float* xf) {
+  const int64_t count = (N + NR - 1) / NR;
+  TORCH_CHECK(w.is_contiguous() && K % (CHUNK / (int64_t)sizeof(T)) == 0 && w.numel() == count * NR * K
+              && w.element_size() == (int64_t)sizeof(T), "varkit decode_layers: a weight of ", w.numel(),
+              " elements is not the blocked layout of (", N, ", ", K, ") in the rows' dtype");
+  if constexpr (std::is_same<T, float>::value) {
+    by_rows<Blocked<float>::F>(M, count, 64, x, w.data_ptr<float>(), y, N, K);
+  } else {
+#if defined(__AVX512BF16__)
+    by_rows<BlockedDp>(M, count, 64, x, bf16_ptr(w), y, N, K);
+#else
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = scalar(x[i]);
+    by_rows<Blocked<uint16_t>::F>(M, count, 64, (const float*)xf, bf16_ptr(w), y, N, K);
+#endif
+  }
 }
 
-torch::Tensor llama_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g_ffn, double eps,
-                          torch::Tensor wqkv, torch::Tensor wo, torch::Tensor w1, torch::Tensor w3, torch::Tensor w2,
-                          int64_t hidden, torch::Tensor kc, torch::Tensor vc, int64_t pos, torch::Tensor cos,
-                          torch::Tensor sin) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.size(0) == x.size(0)
-              && kc.size(1) * kc.size(3) == x.size(1) && kc.stride(3) == 1 && vc.stride(3) == 1
-              && kc.scalar_type() == x.scalar_type() && vc.scalar_type() == x.scalar_type()
-              && 0 <= pos && pos < kc.size(2) && cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32
-              && cos.is_contiguous() && sin.is_contiguous() && cos.numel() == kc.size(3) / 2 && sin.numel() == cos.numel()
-              && kc.size(3) % 2 == 0, "varkit llama_layer: x (R, D), caches (R, H, max_len, D / H) of x's dtype, "
-              "a position inside them, fp32 rotary tables (D / H / 2)");
-  if (x.scalar_type() == torch::kFloat32)
-    return llama_layer_t<float>(x, g_attn, g_ffn, eps, wqkv, wo, w1, w3, w2, hidden, kc, vc, pos, cos, sin);
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "varkit llama_layer: fp32 or bf16");
-  return llama_layer_t<uint16_t>(x, g_attn, g_ffn, eps, wqkv, wo, w1, w3, w2, hidden, kc, vc, pos, cos, sin);
+// one layer's weights: the two RMSNorm gains and the five linears in the blocked layout
+struct LayerWeights {
+  const torch::Tensor *g_attn, *g_ffn, *wqkv, *wo, *w1, *w3, *w2;
+};
+
+// the scratch of one layer call, in floats and in the model dtype T, sized for R rows once per stack
+template <typename T>
+struct LayerScratch {
+  torch::Tensor fbuf, tbuf;
+  float *qkv, *qf, *att_f, *o, *a, *b, *d, *xf;
+  T *h, *q, *att, *x1, *h2, *g;
+  LayerScratch(int64_t R, int64_t D, int64_t hidden, const torch::TensorOptions& opts) {
+    const int64_t nf[8] = {R * 3 * D, R * D, R * D, R * D, R * hidden, R * hidden, R * D, R * std::max(D, hidden)};
+    const int64_t nt[6] = {R * D, R * D, R * D, R * D, R * D, R * hidden};
+    int64_t tf = 0, tt = 0;
+    for (int64_t n : nf) tf += n;
+    for (int64_t n : nt) tt += n;
+    fbuf = torch::empty({tf}, opts.dtype(torch::kFloat32));
+    tbuf = torch::empty({tt}, opts);
+    float* pf = fbuf.data_ptr<float>();
+    float** fs[8] = {&qkv, &qf, &att_f, &o, &a, &b, &d, &xf};
+    for (int i = 0; i < 8; ++i) { *fs[i] = pf; pf += nf[i]; }
+    T* pt = data_as<T>(tbuf);
+    T** ts[6] = {&h, &q, &att, &x1, &h2, &g};
+    for (int i = 0; i < 6; ++i) { *ts[i] = pt; pt += nt[i]; }
+  }
+};
+
+// out (R, D) = the layer on x (R, D), both in T, the cache written at `pos` (see decode_layers)
+template <typename T>
+void llama_layer_rows(const T* x, T* out, const LayerWeights& lw, float eps, int64_t hidden, const torch::Tensor& kc,
+                      const torch::Tensor& vc, int64_t pos, const float* c, const float* s, int64_t R, int64_t D,
+                      LayerScratch<T>& ws) {
+  constexpr bool bf16 = !std::is_same<T, float>::value;
+  const int64_t H = kc.size(1), hd = kc.size(3);
+  rms_rows(x, data_as<T>(*lw.g_attn), ws.h, R, D, eps);
+  blocked_product(ws.h, R, D, *lw.wqkv, 3 * D, ws.qkv, ws.xf);
+  split_qkv<T>(ws.qkv, ws.q, data_as<T>(kc), data_as<T>(vc), kc, vc, R, H, hd, pos, c, s, bf16);
+  // attend_one's steps: q in fp32 times the scale (a float, as torch's mul by a double), heads in fp32, rounded to T
+  const float scale = (float)(1.0 / std::sqrt((double)hd));
+  for (int64_t i = 0; i < R * D; ++i) ws.qf[i] = scalar(ws.q[i]) * scale;
+  const int64_t ks[3] = {kc.stride(0), kc.stride(1), kc.stride(2)}, vs[3] = {vc.stride(0), vc.stride(1), vc.stride(2)};
+  attend_heads(ws.qf, (const T*)data_as<T>(kc), (const T*)data_as<T>(vc), ks, vs, R, H, pos + 1, hd, ws.att_f);
+  for (int64_t i = 0; i < R * D; ++i) store(ws.att + i, ws.att_f[i]);
+  blocked_product(ws.att, R, D, *lw.wo, D, ws.o, ws.xf);
+  residual<T>(x, ws.o, ws.x1, R * D, bf16);
+  rms_rows(ws.x1, data_as<T>(*lw.g_ffn), ws.h2, R, D, eps);
+  blocked_product(ws.h2, R, D, *lw.w1, hidden, ws.a, ws.xf);
+  blocked_product(ws.h2, R, D, *lw.w3, hidden, ws.b, ws.xf);
+  silu_gate<T>(ws.a, ws.b, ws.g, R * hidden, bf16);
+  blocked_product(ws.g, R, hidden, *lw.w2, D, ws.d, ws.xf);
+  residual<T>(ws.x1, ws.d, out, R * D, bf16);
+}
+
+// x (R, D) in the model dtype (fp32 or bf16); weights: per layer its attention and FFN gains and wqkv, wo, w1, w3, w2
+// in gemv_blocked's layout, 7 a layer; kc, vc: per layer its cache (R, H, max_len, D / H), written at `pos`; cos, sin
+// (hd / 2) fp32 rotary tables of the position. The layers one after another in one call, with no tensor made
+// between them: every value is rounded to the model dtype where varkit's module path rounds it (each linear's
+// output, the rotated q and k, the attention output, silu, the gated product, each residual sum), so bf16 agrees
+// with it up to fp32 sum order.
+torch::Tensor decode_stack(torch::Tensor x, const std::vector<torch::Tensor>& weights, double eps, int64_t hidden,
+                           const std::vector<torch::Tensor>& kcs, const std::vector<torch::Tensor>& vcs, int64_t pos,
+                           torch::Tensor cos, torch::Tensor sin) {
+  const int64_t n = (int64_t)kcs.size();
+  TORCH_CHECK(n >= 1 && (int64_t)vcs.size() == n && (int64_t)weights.size() == 7 * n,
+              "varkit decode_layers: 7 weights and a key and value cache a layer");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && !x.is_cuda()
+              && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "varkit decode_layers: x (R, D) contiguous fp32 or bf16 CPU rows");
+  const int64_t R = x.size(0), D = x.size(1);
+  TORCH_CHECK(R >= 1 && R <= 4, "varkit decode_layers: 1-4 rows, got ", R);
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous()
+              && sin.is_contiguous() && sin.numel() == cos.numel(), "varkit decode_layers: fp32 rotary tables");
+  for (int64_t l = 0; l < n; ++l) {
+    const auto &kc = kcs[l], &vc = vcs[l];
+    TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.size(0) == R && kc.size(1) * kc.size(3) == D
+                && kc.stride(3) == 1 && vc.stride(3) == 1 && kc.scalar_type() == x.scalar_type()
+                && vc.scalar_type() == x.scalar_type() && !kc.is_cuda() && !vc.is_cuda() && 0 <= pos && pos < kc.size(2)
+                && cos.numel() == kc.size(3) / 2 && kc.size(3) % 2 == 0,
+                "varkit decode_layers: caches (R, H, max_len, D / H) of x's dtype with a position inside them, "
+                "rotary tables of D / H / 2");
+    for (int i = 0; i < 2; ++i) {
+      const auto& g = weights[7 * l + i];
+      TORCH_CHECK(g.dim() == 1 && g.numel() == D && g.is_contiguous() && g.scalar_type() == x.scalar_type(),
+                  "varkit decode_layers: RMSNorm gains (D) of x's dtype");
+    }
+    for (int i = 2; i < 7; ++i)
+      TORCH_CHECK(!weights[7 * l + i].is_cuda() && weights[7 * l + i].scalar_type() == x.scalar_type(),
+                  "varkit decode_layers: CPU weights of x's dtype");
+  }
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    LayerScratch<T> ws(R, D, hidden, x.options());
+    auto out = torch::empty_like(x);
+    auto tmp = n > 1 ? torch::empty_like(x) : out;
+    const T* src = data_as<T>(x);
+    for (int64_t l = 0; l < n; ++l) {
+      // ping-pong so that the last layer writes `out`
+      T* dst = data_as<T>(((n - 1 - l) % 2 == 0) ? out : tmp);
+      const LayerWeights lw{&weights[7 * l], &weights[7 * l + 1], &weights[7 * l + 2], &weights[7 * l + 3],
+                            &weights[7 * l + 4], &weights[7 * l + 5], &weights[7 * l + 6]};
+      llama_layer_rows<T>(src, dst, lw, (float)eps, hidden, kcs[l], vcs[l], pos, cos.data_ptr<float>(),
+                          sin.data_ptr<float>(), R, D, ws);
+      src = dst;
+    }
+    return out;
+  };
+  if (x.scalar_type() == torch::kFloat32) return run(float{});
+  return run(uint16_t{});
 }
 
 
@@ -1688,10 +1781,10 @@ int64_t panel_width() { return NB; }
 bool panel_pairs() { return PANEL_PAIRS; }
 torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) { return attend_one(q, k, v, scale); }
 torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor g, double eps) { return rms_norm(x, g, eps); }
-torch::Tensor decode_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g_ffn, double eps, torch::Tensor wqkv,
-                           torch::Tensor wo, torch::Tensor w1, torch::Tensor w3, torch::Tensor w2, int64_t hidden,
-                           torch::Tensor kc, torch::Tensor vc, int64_t pos, torch::Tensor cos, torch::Tensor sin) {
-  return llama_layer(x, g_attn, g_ffn, eps, wqkv, wo, w1, w3, w2, hidden, kc, vc, pos, cos, sin);
+torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights, double eps, int64_t hidden,
+                            std::vector<torch::Tensor> kcs, std::vector<torch::Tensor> vcs, int64_t pos, torch::Tensor cos,
+                            torch::Tensor sin) {
+  return decode_stack(x, weights, eps, hidden, kcs, vcs, pos, cos, sin);
 }
 std::vector<torch::Tensor> topk(torch::Tensor x, int64_t k) { return topk_sorted(x, k); }
 void silu_mul_(torch::Tensor a, torch::Tensor b) { silu_mul_inplace(a, b); }
@@ -1859,13 +1952,13 @@ OPENMP_FLAGS = ["-fopenmp"]
 
 
 #: the extension's functions
-FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "attend_front", "silu_mul_", "rms_norm_rows", "decode_layer", "front_layer", "topk",
+FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "attend_front", "silu_mul_", "rms_norm_rows", "decode_layers", "front_layer", "topk",
              "group_norm_silu", "winograd_filters", "winograd_input", "winograd_output",
              "allocator_install", "allocator_installed", "allocator_empty_cache", "allocator_stats")
 
 
 def fused_decode_enabled() -> bool:
-    """Whether eligible decode layers run as one ``decode_layer`` call (``VARKIT_FUSED_DECODE=0``: the module path,
+    """Whether eligible decode layers run in one ``decode_layers`` call (``VARKIT_FUSED_DECODE=0``: the module path,
     for benches and checks)."""
     return os.environ.get("VARKIT_FUSED_DECODE", "1") != "0"
 
