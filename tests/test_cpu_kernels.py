@@ -14,7 +14,7 @@ from varkit.cache import KVCache
 from varkit.models.raster import RasterConfig, TransformerBlock
 from varkit.nn import attention as A
 from varkit.nn.cpu_kernels import cpu_kernels
-from varkit.nn.layers import RMSNorm, prepack_linears
+from varkit.nn.layers import Linear, RMSNorm, prepack_linears
 from varkit.nn.rope import RotaryTable, rope_angles_1d
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ toolchain to build the kernels here")
@@ -539,6 +539,30 @@ def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
     tol = 0 if dtype == torch.bfloat16 else 1e-5  # the module path's last block: fp32 to sum order, bf16 bit for bit
     for a, b in zip(mixed, stacked):
         torch.testing.assert_close(a, b, rtol=0, atol=tol * float(b.abs().max()))
+    # a linear swapped in after a plan was kept: the next step's plan holds the new one's copy
+    prepack_linears(gen)
+    assert all(torch.equal(a, b) for a, b in zip(run()[0], stacked))
+    swapped = Linear(256, 64, bias=False).to(dtype)
+    prepack_linears(swapped)
+    gen.layers[0].feed_forward.w2 = swapped
+    calls.clear()
+    with_swap, _ = run()
+    assert calls == [3] * 5 and not torch.equal(with_swap[-1], stacked[-1])
+    monkeypatch.setattr(R.RasterGenerator, "_fused_decode_stack", lambda self, *a: None)
+    assert all(torch.equal(a, b) for a, b in zip(with_swap, run()[0]))
+    # a forward hook on a block (or a global one) sees every call of it: the blocks one by one while it is there
+    monkeypatch.undo()
+    monkeypatch.setattr(R, "cpu_kernels", lambda: Counting())
+    seen = []
+    for register in (gen.layers[1].register_forward_hook, torch.nn.modules.module.register_module_forward_hook):
+        handle = register(lambda m, i, o: seen.append(1))
+        calls.clear()
+        assert all(torch.equal(a, b) for a, b in zip(run()[0], with_swap)) and calls == [1] * 15 and seen
+        handle.remove()
+        seen.clear()
+    calls.clear()
+    run()
+    assert calls == [3] * 5 and not seen
 
 
 @needs_kernels

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..cache import IndexedKV, KVCache
 from ..errors import InvalidArgumentError
@@ -84,6 +85,14 @@ def fused_decode_applies(x: torch.Tensor, rope, mask, cache, training: bool) -> 
             and not torch.compiler.is_compiling() and fused_decode_enabled() and cpu_kernels() is not None)
 
 
+def _param_key(module: nn.Module, name: str) -> tuple | None:
+    """:func:`~varkit.nn.layers.weight_key` of ``module``'s parameter ``name`` (None when it is None), taken from its
+    ``_parameters`` dict where it is registered there, else through the attribute (a plain tensor set in its place)."""
+    params = module._parameters
+    t = params[name] if name in params else getattr(module, name, None)
+    return None if t is None else weight_key(t)
+
+
 class TransformerBlock(DerivedState, nn.Module):
     # the linears' panel copies for whole-layer front calls (_front_panels): stale after .to(), never pickled
     derived_attrs = ("_front_plan",)
@@ -126,6 +135,19 @@ class TransformerBlock(DerivedState, nn.Module):
         att, ffn = self.attention, self.feed_forward
         return att.wqkv, att.wo, ffn.w1, ffn.w3, ffn.w2
 
+    def decode_state(self) -> list:
+        """What :meth:`decode_weights` depends on besides the dtype: each linear's weight key, prepacked switch and
+        bias key, and each norm gain's key. Read from the modules' own dicts (``_modules``, ``_parameters``): a step
+        asks this of every block, and through ``nn.Module.__getattr__`` (~20 lookups a block) LlamaGen-B's 12 took
+        ~0.2-0.4 ms a step, against ~30 us here."""
+        mods = self._modules
+        att, ffn = mods["attention"]._modules, mods["feed_forward"]._modules
+        state: list = [(_param_key(lin, "weight"), getattr(lin, "prepacked", False), _param_key(lin, "bias"))
+                       for lin in (att["wqkv"], att["wo"], ffn["w1"], ffn["w3"], ffn["w2"])]
+        state += [_param_key(mods["attention_norm"], "weight"), _param_key(mods["ffn_norm"], "weight"),
+                  bool(self._forward_hooks or self._forward_pre_hooks)]
+        return state
+
     def decode_weights(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
         """The seven tensors ``decode_layers`` takes for this block (the two norm gains, the five linears' blocked
         copies) where its fused decode serves rows of ``dtype``: every linear prepacked, without a bias, of that
@@ -134,7 +156,8 @@ class TransformerBlock(DerivedState, nn.Module):
         att = self.attention
         linears = self.decode_linears()
         if (att.q_bias is not None or att.qk_l2norm
-                or any(not lin.prepacked or lin.bias is not None or lin.weight.dtype != dtype for lin in linears)
+                or any(not getattr(lin, "prepacked", False) or lin.bias is not None or lin.weight.dtype != dtype
+                       for lin in linears)
                 or self.attention_norm.weight.dtype != dtype or self.ffn_norm.weight.dtype != dtype
                 or self.ffn_norm.eps != self.attention_norm.eps):  # the kernel takes one eps
             return None
@@ -324,23 +347,20 @@ class RasterGenerator(Generator):
         return h
 
     def _decode_key(self, dtype: torch.dtype) -> tuple:
-        """What the blocks' fused decode weights depend on: the rows' dtype, the arena's generation, and every
-        block's linears (weight storage, version and dtype, prepacked switch, bias) and norm gains (~0.2 ms a step
-        for LlamaGen-B: the modules are listed afresh, so a block or linear swapped in is seen too)."""
-        parts = []
-        for block in self.layers:
-            parts += [(weight_key(lin.weight), lin.prepacked, lin.bias is None) for lin in block.decode_linears()]
-            parts.append((weight_key(block.attention_norm.weight), weight_key(block.ffn_norm.weight)))
-        return dtype, weight_arena.generation(), parts
+        """What the blocks' fused decode weights depend on: the rows' dtype, the arena's generation, and every block's
+        :meth:`~TransformerBlock.decode_state` (the blocks listed afresh, so a block or linear swapped in is seen)."""
+        return dtype, weight_arena.generation(), [block.decode_state() for block in self.layers._modules.values()]
 
     def _fused_decode_stack(self, h: torch.Tensor, rope, mask, cache) -> torch.Tensor | None:
         """Every block of a decode step in one C++ call (``cpu_kernels.decode_layers``) where each block's fused
-        decode applies (:func:`fused_decode_applies`, :meth:`TransformerBlock.decode_weights`) and the blocks share
-        their norms' eps and FFN width; else None (the blocks one by one). The same kernels and roundings as a
+        decode applies (:func:`fused_decode_applies`, :meth:`TransformerBlock.decode_weights`), the blocks share
+        their norms' eps and FFN width and no forward hook is registered on a block or globally (a hook sees the
+        block's call); else None (the blocks one by one). The same kernels and roundings as a
         block's own fused call, so the same numbers, without ~0.1 ms of Python and tensor bookkeeping a layer
         (LlamaGen-B fp32 batch 1, one Zen 4 core). The weights are kept as a plan until a key (:meth:`_decode_key`)
         changes; a plan over copies that are about to be gathered into the weight arena is not kept."""
-        if not fused_decode_applies(h, rope, mask, cache, self.training):
+        if (not fused_decode_applies(h, rope, mask, cache, self.training) or _global_forward_hooks
+                or _global_forward_pre_hooks):
             return None
         key = self._decode_key(h.dtype)
         plan = self.__dict__.get("_decode_plan")
@@ -367,6 +387,8 @@ class RasterGenerator(Generator):
         first = self.layers[0]
         weights = []
         for block in self.layers:
+            if block._forward_hooks or block._forward_pre_hooks:  # a hook on a block sees its call: the blocks one by one
+                return None
             w = block.decode_weights(dtype)
             if (w is None or block.attention_norm.eps != first.attention_norm.eps
                     or block.feed_forward.w1.weight.shape[0] != first.feed_forward.w1.weight.shape[0]):
