@@ -16,7 +16,8 @@ needs_kernel = pytest.mark.skipif(stream_kernel() is None, reason="no C++ toolch
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("k", [768, 45, 7, 64])  # whole vectors, a vector tail, scalar tails, one bf16 chunk
+# whole vectors, a vector tail, scalar tails, one bf16 chunk, a long K (x of 2 rows no longer fits L1 beside the stream)
+@pytest.mark.parametrize("k", [768, 45, 7, 64, 2112])
 @pytest.mark.parametrize("blocked", [False, True])
 def test_stream_linear_matches_f_linear(dtype, rows, k, blocked):
     g = torch.Generator().manual_seed(rows * 100 + k)
@@ -208,7 +209,7 @@ def test_the_code_paths_of_other_cpus_build_and_agree(march):
     assert kernel is not None, f"-march={march} did not build"
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):
-        for rows, k in ((1, 768), (2, 45), (4, 7), (3, 64)):
+        for rows, k in ((1, 768), (2, 45), (4, 7), (3, 64), (2, 2112)):
             w = torch.randn(130, k, generator=g).to(dtype)
             x = torch.randn(rows, k, generator=g).to(dtype)
             want = x.double() @ w.double().t()
