@@ -563,6 +563,12 @@ def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
     calls.clear()
     run()
     assert calls == [3] * 5 and not seen
+    # a cache with more layers than the generator (one made for a deeper model): the blocks one by one, as before
+    cache = KVCache(4, 2, 4, gen.max_cache_len(), 16, dtype=dtype)
+    calls.clear()
+    with torch.no_grad():
+        gen.prefill(torch.tensor([0, 1]), cache)
+    assert calls == [1] * 3
 
 
 @needs_kernels

@@ -359,8 +359,8 @@ class RasterGenerator(Generator):
         block's own fused call, so the same numbers, without ~0.1 ms of Python and tensor bookkeeping a layer
         (LlamaGen-B fp32 batch 1, one Zen 4 core). The weights are kept as a plan until a key (:meth:`_decode_key`)
         changes; a plan over copies that are about to be gathered into the weight arena is not kept."""
-        if (not fused_decode_applies(h, rope, mask, cache, self.training) or _global_forward_hooks
-                or _global_forward_pre_hooks):
+        if (not fused_decode_applies(h, rope, mask, cache, self.training) or len(cache.k) != len(self.layers)
+                or _global_forward_hooks or _global_forward_pre_hooks):
             return None
         key = self._decode_key(h.dtype)
         plan = self.__dict__.get("_decode_plan")
