@@ -512,7 +512,7 @@ def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
 
     stacked, cache = run()
     assert calls == [3] * 5
-    monkeypatch.setattr(R.RasterGenerator, "_fused_decode_stack", lambda self, *a: None)
+    monkeypatch.setattr(R.RasterGenerator, "_fused_blocks", lambda self, *a: None)
     calls.clear()
     blocks, block_cache = run()
     assert calls == [1] * 15
@@ -524,7 +524,7 @@ def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
     edited, _ = run(edit=True)
     with torch.no_grad():
         gen.layers[1].feed_forward.w2.weight.copy_(weight)
-    monkeypatch.setattr(R.RasterGenerator, "_fused_decode_stack", lambda self, *a: None)
+    monkeypatch.setattr(R.RasterGenerator, "_fused_blocks", lambda self, *a: None)
     edited_blocks, _ = run(edit=True)
     assert all(torch.equal(a, b) for a, b in zip(edited, edited_blocks))
     assert not torch.equal(edited[-1], stacked[-1])
@@ -548,7 +548,7 @@ def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
     calls.clear()
     with_swap, _ = run()
     assert calls == [3] * 5 and not torch.equal(with_swap[-1], stacked[-1])
-    monkeypatch.setattr(R.RasterGenerator, "_fused_decode_stack", lambda self, *a: None)
+    monkeypatch.setattr(R.RasterGenerator, "_fused_blocks", lambda self, *a: None)
     assert all(torch.equal(a, b) for a, b in zip(with_swap, run()[0]))
     # a forward hook on a block (or a global one) sees every call of it: the blocks one by one while it is there
     monkeypatch.undo()
@@ -574,9 +574,10 @@ def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nar_fronts_run_each_block_in_one_call_with_the_module_paths_numbers(monkeypatch, dtype):
-    """Prepacked, NAR's one-front steps of 2+ tokens a row (3-128 rows) run each block as one front_layer call, with
-    the module path's logits and cache bit for bit (the same kernels and roundings; bf16 where SwiGLU gates in the
-    kernel too). Not prepacked, VARKIT_FUSED_DECODE=0, masked calls and autograd keep the module path."""
+    """Prepacked, NAR's one-front steps of 2+ tokens a row (3-128 rows) run NAR's own blocks in one front_layers call
+    and its vertical head's in another, with a front_layer call a block's logits and cache and with the module
+    path's, bit for bit (the same kernels and roundings; bf16 where SwiGLU gates in the kernel too). Not prepacked,
+    VARKIT_FUSED_DECODE=0, masked calls and autograd keep the module path."""
     import varkit.models.raster as R
     from varkit.models.neighbors import NeighborsConfig, NeighborsGenerator
     from varkit.nn.layers import gate_kernel_serves
@@ -590,13 +591,17 @@ def test_nar_fronts_run_each_block_in_one_call_with_the_module_paths_numbers(mon
     prepack_linears(gen)
     calls = []
 
-    class Counting:  # the real kernels, front_layer counted
+    class Counting:  # the real kernels; front_layer and front_layers counted: (tokens a row, blocks a call)
         def __getattr__(self, name):
             return getattr(real, name)
 
         def front_layer(self, *a):
-            calls.append(a[0].shape[1])
+            calls.append((a[0].shape[1], 1))
             return real.front_layer(*a)
+
+        def front_layers(self, *a):
+            calls.append((a[0].shape[1], len(a[6])))
+            return real.front_layers(*a)
 
     monkeypatch.setattr(R, "cpu_kernels", lambda: Counting())
     tokens = torch.randint(0, 64, (2, 36), generator=torch.Generator().manual_seed(1))
@@ -606,12 +611,18 @@ def test_nar_fronts_run_each_block_in_one_call_with_the_module_paths_numbers(mon
 
     fused, cache = run()
     fronts = [gen.layout.step_starts[s] - gen.layout.step_starts[s - 1] for s in range(1, gen.layout.num_steps)]
-    layers = len(gen.layers)  # NAR's own layers and its vertical head's
-    assert calls == [n for n in fronts for _ in range(layers) if n >= 2]  # CFG-less batch 2: 4-12 rows a call
+    own, head = gen.config.n_layer, len(gen.layers) - gen.config.n_layer  # NAR's own blocks, its vertical head's
+    # CFG-less batch 2: 4-12 rows a call
+    assert calls == [c for n in fronts if n >= 2 for c in ((n, own), (n, head))]
+    monkeypatch.setattr(R.RasterGenerator, "_fused_blocks", lambda self, *a: None)
+    calls.clear()
+    per_block, per_block_cache = run()
+    assert calls == [(n, 1) for n in fronts if n >= 2 for _ in range(own + head)]
     monkeypatch.setattr(R.TransformerBlock, "_fused_front", lambda self, *a: None)
     plain, plain_cache = run()
-    assert torch.equal(fused, plain)
-    assert all(torch.equal(a, b) for a, b in zip(cache.k + cache.v, plain_cache.k + plain_cache.v))
+    for out, kv in ((fused, cache), (per_block, per_block_cache)):
+        assert torch.equal(out, plain)
+        assert all(torch.equal(a, b) for a, b in zip(kv.k + kv.v, plain_cache.k + plain_cache.v))
     monkeypatch.undo()
     monkeypatch.setattr(R, "cpu_kernels", lambda: Counting())
     count = len(calls)

@@ -122,12 +122,9 @@ class NeighborsGenerator(RasterGenerator):
         """Run every layer; return ``[horizontal hidden | vertical hidden]`` (B, n, 2·dim)."""
         h = self.tok_dropout(h)
         rope = self.rope(positions)
-        last_main = self.config.n_layer - 1
-        main = h
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask, cache, i)
-            if i == last_main:
-                main = h
+        n_main = self.config.n_layer
+        main = self._run_blocks(h, rope, mask, cache, 0, n_main)
+        h = self._run_blocks(main, rope, mask, cache, n_main, len(self.layers))
         if cache is not None:
             cache.advance(h.shape[1])
         return torch.cat([main, h], -1)

@@ -117,8 +117,8 @@ class TransformerBlock(DerivedState, nn.Module):
     def _fused_decode(self, x, rope, mask, cache, layer) -> torch.Tensor | None:
         """The whole block in one C++ call (``cpu_kernels.decode_layers`` over this one layer) where it applies (see
         :func:`fused_decode_applies` and :meth:`decode_weights`), else None (the module path). A generator's decode
-        step runs all its blocks in one such call instead (:meth:`RasterGenerator._fused_decode_stack`); this serves
-        a block called on its own."""
+        step runs all its blocks in one such call instead (:meth:`RasterGenerator._fused_blocks`); this serves a
+        block called on its own."""
         if not fused_decode_applies(x, rope, mask, cache, self.training):
             return None
         weights = self.decode_weights(x.dtype)
@@ -166,6 +166,18 @@ class TransformerBlock(DerivedState, nn.Module):
         if any(b is None for b in blocked):
             return None
         return [self.attention_norm.weight, self.ffn_norm.weight, *blocked]
+
+    def front_weights(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """The seven tensors ``front_layers`` takes for this block (the two norm gains, the five linears' panel copies)
+        where :meth:`_fused_front` would run ``x`` in one call, leaving the step's own conditions aside (those the
+        caller checks once: ``Attention.front_kernel_applies``, the gate kernel). Else None."""
+        att = self.attention
+        if (att.q_bias is not None or att.qk_l2norm or att.head_dim % 2
+                or self.attention_norm.weight.dtype != x.dtype or self.ffn_norm.weight.dtype != x.dtype
+                or self.ffn_norm.eps != self.attention_norm.eps):
+            return None
+        panels = self._front_panels(x)
+        return None if panels is None else [self.attention_norm.weight, self.ffn_norm.weight, *panels]
 
     def _front_panels(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         """The five linears' panel copies (wqkv, wo, w1, w3, w2) when each would run ``x``'s rows on the panel kernel
@@ -227,8 +239,8 @@ class RasterGenerator(Generator):
     """LlamaGen-architecture generator on a raster (or, for NAR's backbone, another) layout."""
 
     config_class = RasterConfig
-    # the blocks' fused decode weights (_fused_decode_stack): stale after .to(), never pickled
-    derived_attrs = Generator.derived_attrs + ("_decode_plan",)
+    # the blocks' one-call plans (_fused_blocks): stale after .to(), never pickled
+    derived_attrs = Generator.derived_attrs + ("_block_plans",)
 
     def __init__(self, config: RasterConfig):
         super().__init__(config)
@@ -336,60 +348,87 @@ class RasterGenerator(Generator):
         """Run the blocks on embeddings ``h`` placed at cache ``positions``; return final hidden."""
         h = self.tok_dropout(h)
         rope = self.rope(positions)
-        fused = self._fused_decode_stack(h, rope, mask, cache)
-        if fused is not None:
-            h = fused
-        else:
-            for i, layer in enumerate(self.layers):
-                h = layer(h, rope, mask, cache, i)
+        h = self._run_blocks(h, rope, mask, cache, 0, len(self.layers))
         if cache is not None:
             cache.advance(h.shape[1])
         return h
 
-    def _decode_key(self, dtype: torch.dtype) -> tuple:
-        """What the blocks' fused decode weights depend on: the rows' dtype, the arena's generation, and every block's
-        :meth:`~TransformerBlock.decode_state` (the blocks listed afresh, so a block or linear swapped in is seen)."""
-        return dtype, weight_arena.generation(), [block.decode_state() for block in self.layers._modules.values()]
+    def _run_blocks(self, h: torch.Tensor, rope, mask, cache, start: int, stop: int) -> torch.Tensor:
+        """Blocks ``start .. stop - 1`` on ``h``: in one C++ call where :meth:`_fused_blocks` applies, else one by one."""
+        fused = self._fused_blocks(h, rope, mask, cache, start, stop)
+        if fused is not None:
+            return fused
+        for i in range(start, stop):
+            h = self.layers[i](h, rope, mask, cache, i)
+        return h
 
-    def _fused_decode_stack(self, h: torch.Tensor, rope, mask, cache) -> torch.Tensor | None:
-        """Every block of a decode step in one C++ call (``cpu_kernels.decode_layers``) where each block's fused
-        decode applies (:func:`fused_decode_applies`, :meth:`TransformerBlock.decode_weights`), the blocks share
-        their norms' eps and FFN width and no forward hook is registered on a block or globally (a hook sees the
-        block's call); else None (the blocks one by one). The same kernels and roundings as a
-        block's own fused call, so the same numbers, without ~0.1 ms of Python and tensor bookkeeping a layer
-        (LlamaGen-B fp32 batch 1, one Zen 4 core). The weights are kept as a plan until a key (:meth:`_decode_key`)
-        changes; a plan over copies that are about to be gathered into the weight arena is not kept."""
-        if (not fused_decode_applies(h, rope, mask, cache, self.training) or len(cache.k) != len(self.layers)
-                or _global_forward_hooks or _global_forward_pre_hooks):
+    def _fused_blocks(self, h: torch.Tensor, rope, mask, cache, start: int, stop: int) -> torch.Tensor | None:
+        """Blocks ``start .. stop - 1`` of a step in one C++ call where each block's own fused call applies: a decode
+        step of one token a row (``cpu_kernels.decode_layers``: :func:`fused_decode_applies`,
+        :meth:`TransformerBlock.decode_weights`) or a front of 2+ tokens a row that sees the whole cache
+        (``front_layers``: NAR's one-front steps, :meth:`TransformerBlock.front_weights`); the blocks share their
+        norms' eps and FFN width, and no forward hook is set on a block or globally (a hook sees its block's call).
+        Else None. The same kernel code a layer as a block's own call, so the same numbers, without the Python and
+        checks between layers: in a decode loop a block's call cost ~0.1 ms of it (LlamaGen-B, its objects out of
+        cache after the weights streamed). The weights are kept as a plan per (kind, blocks) until its key changes
+        (:meth:`_plan_key`); a plan over copies about to be gathered into the weight arena is not kept."""
+        if (cache is None or len(cache.k) != len(self.layers) or _global_forward_hooks or _global_forward_pre_hooks
+                or stop <= start):
             return None
-        key = self._decode_key(h.dtype)
-        plan = self.__dict__.get("_decode_plan")
+        blocks = list(self.layers._modules.values())[start:stop]
+        if h.shape[1] == 1:
+            if not fused_decode_applies(h, rope, mask, cache, self.training):
+                return None
+            kind = "decode"
+        else:
+            kernels = cpu_kernels()
+            if (h.dim() != 3 or not fused_decode_enabled() or not h.is_contiguous() or kernels is None
+                    or not blocks[0].attention.front_kernel_applies(h, rope, mask, cache)
+                    or not gate_kernel_serves(h.dtype, kernels)):
+                return None
+            kind = ("front", panel_rows(h.numel() // h.shape[-1]), panel_dtypes())
+        plans = self.__dict__.setdefault("_block_plans", {})
+        key = self._plan_key(kind, h.dtype, blocks)
+        plan = plans.get((kind, start, stop))
         if plan is None or plan[0] != key:
-            plan = (key, self._decode_plan_weights(h.dtype))
-            key = self._decode_key(h.dtype)  # asking for the copies may have gathered them (a new generation)
-            pending = any(weight_arena.is_pending(lin, "_blocked") for b in self.layers for lin in b.decode_linears())
-            if plan[0] == key and not pending:
-                self.__dict__["_decode_plan"] = plan
-            plan = (key, plan[1])
+            weights = self._plan_weights(blocks, h)
+            key = self._plan_key(kind, h.dtype, blocks)  # asking for the copies may have gathered them
+            copies = "_blocked" if kind == "decode" else "_panels"
+            if not any(weight_arena.is_pending(lin, copies) for b in blocks for lin in b.decode_linears()):
+                plans[(kind, start, stop)] = (key, weights)
+            plan = (key, weights)
         weights = plan[1]
         if weights is None:
             return None
         cos, sin = rope
-        first = self.layers[0]
-        out = cpu_kernels().decode_layers(h.reshape(h.shape[0], -1), weights, first.attention_norm.eps,
-                                          first.feed_forward.w1.weight.shape[0], cache.k, cache.v, cache.length,
-                                          cos[0].contiguous(), sin[0].contiguous())
-        return out.view_as(h)
+        first = blocks[0]
+        eps, hidden = first.attention_norm.eps, first.feed_forward.w1.weight.shape[0]
+        if kind == "decode":
+            out = cpu_kernels().decode_layers(h.reshape(h.shape[0], -1), weights, eps, hidden, cache.k[start:stop],
+                                              cache.v[start:stop], cache.length, cos[0].contiguous(),
+                                              sin[0].contiguous())
+            return out.view_as(h)
+        return cpu_kernels().front_layers(h, weights, eps, hidden, cos, sin, cache.k[start:stop], cache.v[start:stop],
+                                          cache.length, first.attention.head_dim ** -0.5)
 
-    def _decode_plan_weights(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
-        """All blocks' :meth:`TransformerBlock.decode_weights` end to end, or None where one block has none or the
-        blocks differ in norm eps or FFN width (one call takes one of each)."""
-        first = self.layers[0]
+    @staticmethod
+    def _plan_key(kind, dtype: torch.dtype, blocks: list) -> tuple:
+        """What a plan of :meth:`_fused_blocks` depends on: the kind of step, the rows' dtype, the arena's
+        generation, and each block's :meth:`~TransformerBlock.decode_state` (the blocks listed afresh, so a block or
+        linear swapped in is seen)."""
+        return kind, dtype, weight_arena.generation(), [block.decode_state() for block in blocks]
+
+    @staticmethod
+    def _plan_weights(blocks: list, h: torch.Tensor) -> list[torch.Tensor] | None:
+        """The blocks' :meth:`~TransformerBlock.decode_weights` (one token a row) or
+        :meth:`~TransformerBlock.front_weights` end to end, or None where one block has none or the blocks differ in
+        norm eps or FFN width (one call takes one of each)."""
+        first = blocks[0]
         weights = []
-        for block in self.layers:
-            if block._forward_hooks or block._forward_pre_hooks:  # a hook on a block sees its call: the blocks one by one
+        for block in blocks:
+            if block._forward_hooks or block._forward_pre_hooks:
                 return None
-            w = block.decode_weights(dtype)
+            w = block.decode_weights(h.dtype) if h.shape[1] == 1 else block.front_weights(h)
             if (w is None or block.attention_norm.eps != first.attention_norm.eps
                     or block.feed_forward.w1.weight.shape[0] != first.feed_forward.w1.weight.shape[0]):
                 return None

@@ -24,7 +24,8 @@ oneDNN-packed 10-14 GB/s; SDPA reads a one-query KV cache at ~7 GB/s). Three ker
   k pairs through the dot-product instruction where AVX-512-BF16 exists without AMX).
 - ``front_layer(...)``: a whole LLaMA block for such a front (NAR's fronts at 3-128 rows): RMSNorm, the five
   linears on the panel kernel, ``attend_front``, the SwiGLU gate and the residual sums (added in the linears' tile
-  stores), one call from Python a layer, the module path's roundings.
+  stores), one call from Python a layer, the module path's roundings; ``front_layers(...)`` runs several blocks so,
+  one after another, in one call.
 - ``decode_layers(...)``: whole LLaMA blocks (:class:`varkit.models.raster.TransformerBlock`), one after another,
   for one new token a row over a static cache, on the kernels above, in one call from Python with no tensor made
   between the layers: a GPT-B step through the module path spends ~4 ms of its ~25 in Python and small ops (norms,
@@ -1797,6 +1798,20 @@ torch::Tensor front_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g
                           torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, int64_t pos, double scale) {
   return llama_front_layer(x, g_attn, g_ffn, eps, wqkv, wo, w1, w3, w2, hidden, cos, sin, kc, vc, pos, scale);
 }
+// front_layer over several blocks one after another (the blocks of a step, without Python between them): weights 7 a
+// layer (its two gains, its five panel copies), kc, vc a layer
+torch::Tensor front_layers(torch::Tensor x, std::vector<torch::Tensor> weights, double eps, int64_t hidden,
+                           torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> kcs,
+                           std::vector<torch::Tensor> vcs, int64_t pos, double scale) {
+  const size_t n = kcs.size();
+  TORCH_CHECK(n >= 1 && vcs.size() == n && weights.size() == 7 * n,
+              "varkit front_layers: 7 weights and a key and value cache a layer");
+  for (size_t l = 0; l < n; ++l)
+    x = llama_front_layer(x, weights[7 * l], weights[7 * l + 1], eps, weights[7 * l + 2], weights[7 * l + 3],
+                          weights[7 * l + 4], weights[7 * l + 5], weights[7 * l + 6], hidden, cos, sin, kcs[l], vcs[l],
+                          pos, scale);
+  return x;
+}
 torch::Tensor group_norm_silu(torch::Tensor x, torch::Tensor gamma, torch::Tensor beta, int64_t groups, double eps,
                               bool silu) {
   return group_norm_act(x, gamma, beta, groups, eps, silu);
@@ -1952,7 +1967,7 @@ OPENMP_FLAGS = ["-fopenmp"]
 
 
 #: the extension's functions
-FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "attend_front", "silu_mul_", "rms_norm_rows", "decode_layers", "front_layer", "topk",
+FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "attend_front", "silu_mul_", "rms_norm_rows", "decode_layers", "front_layer", "front_layers", "topk",
              "group_norm_silu", "winograd_filters", "winograd_input", "winograd_output",
              "allocator_install", "allocator_installed", "allocator_empty_cache", "allocator_stats")
 
