@@ -372,8 +372,8 @@ class RasterGenerator(Generator):
         checks between layers: in a decode loop a block's call cost ~0.1 ms of it (LlamaGen-B, its objects out of
         cache after the weights streamed). The weights are kept as a plan per (kind, blocks) until its key changes
         (:meth:`_plan_key`); a plan over copies about to be gathered into the weight arena is not kept."""
-        if (cache is None or len(cache.k) != len(self.layers) or _global_forward_hooks or _global_forward_pre_hooks
-                or stop <= start):
+        if (torch.compiler.is_compiling() or type(cache) is not KVCache or len(cache.k) != len(self.layers)
+                or _global_forward_hooks or _global_forward_pre_hooks or stop <= start):
             return None
         blocks = list(self.layers._modules.values())[start:stop]
         if h.shape[1] == 1:
@@ -381,10 +381,11 @@ class RasterGenerator(Generator):
                 return None
             kind = "decode"
         else:
+            if (h.dim() != 3 or not fused_decode_enabled() or not h.is_contiguous()
+                    or not blocks[0].attention.front_kernel_applies(h, rope, mask, cache)):
+                return None
             kernels = cpu_kernels()
-            if (h.dim() != 3 or not fused_decode_enabled() or not h.is_contiguous() or kernels is None
-                    or not blocks[0].attention.front_kernel_applies(h, rope, mask, cache)
-                    or not gate_kernel_serves(h.dtype, kernels)):
+            if kernels is None or not gate_kernel_serves(h.dtype, kernels):
                 return None
             kind = ("front", panel_rows(h.numel() // h.shape[-1]), panel_dtypes())
         plans = self.__dict__.setdefault("_block_plans", {})
