@@ -212,7 +212,7 @@ def check_decode_layer(decode_layers) -> None:
                 lins = (att.wqkv, att.wo, ffn.w1, ffn.w3, ffn.w2)
                 weights = [block.attention_norm.weight, block.ffn_norm.weight, *[lin._blocked_weight() for lin in lins]]
                 got = decode_layers(x.reshape(rows, 64), weights, 1e-5, 256, [cache.k[0]], [cache.v[0]], length,
-                                    cos[0].contiguous(), sin[0].contiguous()).view(rows, 1, 64)
+                                    cos[0].contiguous(), sin[0].contiguous(), False).view(rows, 1, 64)
             scale = float(ref.abs().max())
             # fp32: five chained products of at most 256 terms, attention and two norms, each within a few hundred u
             # of the largest value (relative); bf16: sum order may flip one rounding of the module path by an ulp,
@@ -569,6 +569,57 @@ def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
     with torch.no_grad():
         gen.prefill(torch.tensor([0, 1]), cache)
     assert calls == [1] * 3
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_of_more_rows_run_every_block_in_one_call_on_the_panels(monkeypatch, dtype):
+    """Past the streaming kernel's 4 rows (batch 3+ with CFG) a decode step still runs all blocks in one
+    decode_layers call, its linears on the panel kernel as the module path runs them at those rows: the module path's
+    logits and cache, bit for bit in bf16 (the same kernels and rounding points), to sum order in fp32."""
+    import varkit.models.raster as R
+    from varkit.models.raster import RasterGenerator
+    from varkit.nn.stream_gemv import panel_dtypes
+
+    if dtype not in panel_dtypes():
+        pytest.skip("bf16 linears take oneDNN's GEMM here (AMX), not the panel kernel")
+    torch.manual_seed(0)
+    cfg = RasterConfig(dim=64, n_head=4, n_layer=3, vocab_size=32, grid=4, num_classes=2, resid_dropout=0,
+                       ffn_dropout=0, token_dropout=0)
+    gen = RasterGenerator(cfg).eval()
+    with torch.no_grad():
+        gen.output.weight.normal_(0, 0.1)
+    gen = gen.to(dtype)
+    prepack_linears(gen)
+    real = cpu_kernels()
+    calls = []
+
+    class Counting:  # the real kernels, decode_layers counted: (rows, layers, panels)
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def decode_layers(self, *a):
+            calls.append((a[0].shape[0], len(a[4]), a[9]))
+            return real.decode_layers(*a)
+
+    monkeypatch.setattr(R, "cpu_kernels", lambda: Counting())
+    tokens = torch.randint(0, 32, (6, 4), generator=torch.Generator().manual_seed(1))
+
+    def run() -> tuple[list[torch.Tensor], KVCache]:
+        cache = gen.new_cache(6)
+        with torch.no_grad():
+            logits, state = gen.prefill(torch.tensor([0, 1, 1, 0, 1, 0]), cache)
+            out = [logits] + [gen(tokens[:, step - 1:step], step, cache, state) for step in range(1, 5)]
+        return out, cache
+
+    fused, cache = run()
+    assert calls == [(6, 3, True)] * 5
+    monkeypatch.setenv("VARKIT_FUSED_DECODE", "0")
+    plain, plain_cache = run()
+    assert len(calls) == 5
+    tol = 0 if dtype == torch.bfloat16 else 1e-5
+    for a, b in zip(fused + cache.k + cache.v, plain + plain_cache.k + plain_cache.v):
+        torch.testing.assert_close(a, b, rtol=0, atol=tol * float(b.abs().max()))
 
 
 @needs_kernels

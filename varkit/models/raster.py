@@ -22,7 +22,7 @@ from ..nn import Attention, RMSNorm, RotaryTable, SwiGLU, block_causal_mask, wei
 from ..nn.cpu_kernels import cpu_kernels, fused_decode_enabled
 from ..nn.layers import gate_kernel_serves, swiglu_hidden_dim, weight_key
 from ..nn.rope import rope_angles_2d
-from ..nn.stream_gemv import MAX_ROWS, panel_dtypes, panel_rows
+from ..nn.stream_gemv import MAX_ROWS, panel_dtypes, panel_max_rows, panel_rows
 from .base import Generator, check_class_ids, token_fields_for_tokenizer
 from .heads import HeadConfig, head_from_config
 
@@ -73,13 +73,13 @@ class CaptionEmbedder(nn.Module):
         return self.cap_proj(captions)
 
 
-def fused_decode_applies(x: torch.Tensor, rope, mask, cache, training: bool) -> bool:
+def fused_decode_applies(x: torch.Tensor, rope, mask, cache, training: bool, max_rows: int = MAX_ROWS) -> bool:
     """Whether a step's inputs suit ``cpu_kernels.decode_layers``: a CPU inference decode step of one token a row
-    (no mask), 1-4 rows (batch 1-2 with CFG; the kernel's MAX_ROWS), fp32 or bf16, one position's rotary tables,
-    a plain static cache of the rows' dtype with room left, and the kernels built. The caller advances the
-    cache, as on the module path."""
+    (no mask), at most ``max_rows`` rows (by default the streaming kernel's MAX_ROWS: batch 1-2 with CFG), fp32 or
+    bf16, one position's rotary tables, a plain static cache of the rows' dtype with room left, and the kernels
+    built. The caller advances the cache, as on the module path."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 3
-            and x.shape[1] == 1 and x.shape[0] <= MAX_ROWS and mask is None and rope is not None
+            and x.shape[1] == 1 and x.shape[0] <= max_rows and mask is None and rope is not None
             and rope[0].dim() == 2 and type(cache) is KVCache and cache.dtype == x.dtype
             and cache.length < cache.max_len and not training and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and fused_decode_enabled() and cpu_kernels() is not None)
@@ -127,7 +127,7 @@ class TransformerBlock(DerivedState, nn.Module):
         cos, sin = rope
         out = cpu_kernels().decode_layers(x.reshape(x.shape[0], -1), weights, self.attention_norm.eps,
                                           self.feed_forward.w1.weight.shape[0], [cache.k[layer]], [cache.v[layer]],
-                                          cache.length, cos[0].contiguous(), sin[0].contiguous())
+                                          cache.length, cos[0].contiguous(), sin[0].contiguous(), False)
         return out.view_as(x)
 
     def decode_linears(self) -> tuple:
@@ -168,9 +168,9 @@ class TransformerBlock(DerivedState, nn.Module):
         return [self.attention_norm.weight, self.ffn_norm.weight, *blocked]
 
     def front_weights(self, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """The seven tensors ``front_layers`` takes for this block (the two norm gains, the five linears' panel copies)
-        where :meth:`_fused_front` would run ``x`` in one call, leaving the step's own conditions aside (those the
-        caller checks once: ``Attention.front_kernel_applies``, the gate kernel). Else None."""
+        """The seven tensors ``front_layers`` (and ``decode_layers`` over panels) takes for this block: the two norm
+        gains and the five linears' panel copies for ``x``'s rows, where each linear would run them on the panel
+        kernel, leaving the step's own conditions aside (those the caller checks once). Else None."""
         att = self.attention
         if (att.q_bias is not None or att.qk_l2norm or att.head_dim % 2
                 or self.attention_norm.weight.dtype != x.dtype or self.ffn_norm.weight.dtype != x.dtype
@@ -354,7 +354,8 @@ class RasterGenerator(Generator):
         return h
 
     def _run_blocks(self, h: torch.Tensor, rope, mask, cache, start: int, stop: int) -> torch.Tensor:
-        """Blocks ``start .. stop - 1`` on ``h``: in one C++ call where :meth:`_fused_blocks` applies, else one by one."""
+        """Blocks ``start .. stop - 1`` on ``h``: in one C++ call where :meth:`_fused_blocks` applies, else one by
+        one."""
         fused = self._fused_blocks(h, rope, mask, cache, start, stop)
         if fused is not None:
             return fused
@@ -365,21 +366,30 @@ class RasterGenerator(Generator):
     def _fused_blocks(self, h: torch.Tensor, rope, mask, cache, start: int, stop: int) -> torch.Tensor | None:
         """Blocks ``start .. stop - 1`` of a step in one C++ call where each block's own fused call applies: a decode
         step of one token a row (``cpu_kernels.decode_layers``: :func:`fused_decode_applies`,
-        :meth:`TransformerBlock.decode_weights`) or a front of 2+ tokens a row that sees the whole cache
-        (``front_layers``: NAR's one-front steps, :meth:`TransformerBlock.front_weights`); the blocks share their
-        norms' eps and FFN width, and no forward hook is set on a block or globally (a hook sees its block's call).
-        Else None. The same kernel code a layer as a block's own call, so the same numbers, without the Python and
-        checks between layers: in a decode loop a block's call cost ~0.1 ms of it (LlamaGen-B, its objects out of
-        cache after the weights streamed). The weights are kept as a plan per (kind, blocks) until its key changes
-        (:meth:`_plan_key`); a plan over copies about to be gathered into the weight arena is not kept."""
+        :meth:`TransformerBlock.decode_weights`; past 4 rows, batch 3+ with CFG, the linears on the panel kernel as on
+        the module path at those rows, :meth:`TransformerBlock.front_weights`) or a front of 2+ tokens a row that sees
+        the whole cache (``front_layers``: NAR's one-front steps, :meth:`TransformerBlock.front_weights`); the blocks
+        share their norms' eps and FFN width, and no forward hook is set on a block or globally (a hook sees its
+        block's call). Else None. The same kernel code a layer as a block's own call (and, on the panels, as the
+        module path), so the same numbers, without the Python and checks between layers: in a decode loop a block's
+        call cost ~0.1 ms of it (LlamaGen-B, its objects out of cache after the weights streamed); at batch 8 the
+        module path's ~40 small ops a block too (LlamaGen-B batch 8: bf16 14-17 % faster, fp32 14 %). The weights
+        are kept as a plan per (kind, blocks) until its key changes (:meth:`_plan_key`); a plan over copies about
+        to be gathered into the weight arena is not kept."""
         if (torch.compiler.is_compiling() or type(cache) is not KVCache or len(cache.k) != len(self.layers)
                 or _global_forward_hooks or _global_forward_pre_hooks or stop <= start):
             return None
         blocks = list(self.layers._modules.values())[start:stop]
+        rows = h.numel() // h.shape[-1]
         if h.shape[1] == 1:
-            if not fused_decode_applies(h, rope, mask, cache, self.training):
+            if not fused_decode_applies(h, rope, mask, cache, self.training, max_rows=max(MAX_ROWS, panel_max_rows())):
                 return None
-            kind = "decode"
+            if rows <= MAX_ROWS:
+                kind = "decode"
+            elif panel_rows(rows) and h.dtype in panel_dtypes():  # batch 3+ with CFG: the linears on the panels
+                kind = ("decode", panel_rows(rows), panel_dtypes())
+            else:
+                return None
         else:
             if (h.dim() != 3 or not fused_decode_enabled() or not h.is_contiguous()
                     or not blocks[0].attention.front_kernel_applies(h, rope, mask, cache)):
@@ -387,12 +397,12 @@ class RasterGenerator(Generator):
             kernels = cpu_kernels()
             if kernels is None or not gate_kernel_serves(h.dtype, kernels):
                 return None
-            kind = ("front", panel_rows(h.numel() // h.shape[-1]), panel_dtypes())
+            kind = ("front", panel_rows(rows), panel_dtypes())
         plans = self.__dict__.setdefault("_block_plans", {})
         key = self._plan_key(kind, h.dtype, blocks)
         plan = plans.get((kind, start, stop))
         if plan is None or plan[0] != key:
-            weights = self._plan_weights(blocks, h)
+            weights = self._plan_weights(blocks, h, blocked=kind == "decode")
             key = self._plan_key(kind, h.dtype, blocks)  # asking for the copies may have gathered them
             copies = "_blocked" if kind == "decode" else "_panels"
             if not any(weight_arena.is_pending(lin, copies) for b in blocks for lin in b.decode_linears()):
@@ -404,10 +414,10 @@ class RasterGenerator(Generator):
         cos, sin = rope
         first = blocks[0]
         eps, hidden = first.attention_norm.eps, first.feed_forward.w1.weight.shape[0]
-        if kind == "decode":
+        if h.shape[1] == 1:
             out = cpu_kernels().decode_layers(h.reshape(h.shape[0], -1), weights, eps, hidden, cache.k[start:stop],
                                               cache.v[start:stop], cache.length, cos[0].contiguous(),
-                                              sin[0].contiguous())
+                                              sin[0].contiguous(), kind != "decode")
             return out.view_as(h)
         return cpu_kernels().front_layers(h, weights, eps, hidden, cos, sin, cache.k[start:stop], cache.v[start:stop],
                                           cache.length, first.attention.head_dim ** -0.5)
@@ -420,16 +430,17 @@ class RasterGenerator(Generator):
         return kind, dtype, weight_arena.generation(), [block.decode_state() for block in blocks]
 
     @staticmethod
-    def _plan_weights(blocks: list, h: torch.Tensor) -> list[torch.Tensor] | None:
-        """The blocks' :meth:`~TransformerBlock.decode_weights` (one token a row) or
-        :meth:`~TransformerBlock.front_weights` end to end, or None where one block has none or the blocks differ in
-        norm eps or FFN width (one call takes one of each)."""
+    def _plan_weights(blocks: list, h: torch.Tensor, blocked: bool) -> list[torch.Tensor] | None:
+        """The blocks' :meth:`~TransformerBlock.decode_weights` (``blocked``: one token a row, 1-4 rows) or
+        :meth:`~TransformerBlock.front_weights` (the panel copies for ``h``'s rows: fronts, and decode steps of more
+        rows) end to end, or None where one block has none or the blocks differ in norm eps or FFN width (one call
+        takes one of each)."""
         first = blocks[0]
         weights = []
         for block in blocks:
             if block._forward_hooks or block._forward_pre_hooks:
                 return None
-            w = block.decode_weights(h.dtype) if h.shape[1] == 1 else block.front_weights(h)
+            w = block.decode_weights(h.dtype) if blocked else block.front_weights(h)
             if (w is None or block.attention_norm.eps != first.attention_norm.eps
                     or block.feed_forward.w1.weight.shape[0] != first.feed_forward.w1.weight.shape[0]):
                 return None

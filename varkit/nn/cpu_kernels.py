@@ -1274,7 +1274,18 @@ void blocked_product(const T* x, int64_t M, int64_t K, const torch::Tensor& w, i
   }
 }
 
-// one layer's weights: the two RMSNorm gains and the five linears in the blocked layout
+// y (M, N) fp32 = x (M, K) w^T over w's panel layout (gemm_panels' kernel and order of sums), x contiguous in T
+template <typename T>
+void panel_rows_product(const T* x, int64_t M, int64_t K, const torch::Tensor& wp, int64_t N, float* y) {
+  const auto dt = std::is_same<T, float>::value ? torch::kFloat32 : torch::kBFloat16;
+  const auto xt = torch::from_blob(const_cast<T*>(x), {M, K}, torch::TensorOptions().dtype(dt));
+  auto yt = torch::from_blob(y, {M, N}, torch::TensorOptions().dtype(torch::kFloat32));
+  const torch::Tensor none;
+  check_panel_args(xt, wp, N, none, torch::kFloat32);
+  panels_into(xt, N, {{wp, yt, none, none}});
+}
+
+// one layer's weights: the two RMSNorm gains and the five linears in the blocked layout (or the panel layout)
 struct LayerWeights {
   const torch::Tensor *g_attn, *g_ffn, *wqkv, *wo, *w1, *w3, *w2;
 };
@@ -1306,11 +1317,15 @@ struct LayerScratch {
 template <typename T>
 void llama_layer_rows(const T* x, T* out, const LayerWeights& lw, float eps, int64_t hidden, const torch::Tensor& kc,
                       const torch::Tensor& vc, int64_t pos, const float* c, const float* s, int64_t R, int64_t D,
-                      LayerScratch<T>& ws) {
+                      LayerScratch<T>& ws, bool panels) {
   constexpr bool bf16 = !std::is_same<T, float>::value;
   const int64_t H = kc.size(1), hd = kc.size(3);
+  const auto product = [&](const T* in, int64_t K, const torch::Tensor& w, int64_t N, float* y) {
+    if (panels) panel_rows_product(in, R, K, w, N, y);
+    else blocked_product(in, R, K, w, N, y, ws.xf);
+  };
   rms_rows(x, data_as<T>(*lw.g_attn), ws.h, R, D, eps);
-  blocked_product(ws.h, R, D, *lw.wqkv, 3 * D, ws.qkv, ws.xf);
+  product(ws.h, D, *lw.wqkv, 3 * D, ws.qkv);
   split_qkv<T>(ws.qkv, ws.q, data_as<T>(kc), data_as<T>(vc), kc, vc, R, H, hd, pos, c, s, bf16);
   // attend_one's steps: q in fp32 times the scale (a float, as torch's mul by a double), heads in fp32, rounded to T
   const float scale = (float)(1.0 / std::sqrt((double)hd));
@@ -1318,25 +1333,26 @@ void llama_layer_rows(const T* x, T* out, const LayerWeights& lw, float eps, int
   const int64_t ks[3] = {kc.stride(0), kc.stride(1), kc.stride(2)}, vs[3] = {vc.stride(0), vc.stride(1), vc.stride(2)};
   attend_heads(ws.qf, (const T*)data_as<T>(kc), (const T*)data_as<T>(vc), ks, vs, R, H, pos + 1, hd, ws.att_f);
   for (int64_t i = 0; i < R * D; ++i) store(ws.att + i, ws.att_f[i]);
-  blocked_product(ws.att, R, D, *lw.wo, D, ws.o, ws.xf);
+  product(ws.att, D, *lw.wo, D, ws.o);
   residual<T>(x, ws.o, ws.x1, R * D, bf16);
   rms_rows(ws.x1, data_as<T>(*lw.g_ffn), ws.h2, R, D, eps);
-  blocked_product(ws.h2, R, D, *lw.w1, hidden, ws.a, ws.xf);
-  blocked_product(ws.h2, R, D, *lw.w3, hidden, ws.b, ws.xf);
+  product(ws.h2, D, *lw.w1, hidden, ws.a);
+  product(ws.h2, D, *lw.w3, hidden, ws.b);
   silu_gate<T>(ws.a, ws.b, ws.g, R * hidden, bf16);
-  blocked_product(ws.g, R, hidden, *lw.w2, D, ws.d, ws.xf);
+  product(ws.g, hidden, *lw.w2, D, ws.d);
   residual<T>(ws.x1, ws.d, out, R * D, bf16);
 }
 
 // x (R, D) in the model dtype (fp32 or bf16); weights: per layer its attention and FFN gains and wqkv, wo, w1, w3, w2
-// in gemv_blocked's layout, 7 a layer; kc, vc: per layer its cache (R, H, max_len, D / H), written at `pos`; cos, sin
-// (hd / 2) fp32 rotary tables of the position. The layers one after another in one call, with no tensor made
-// between them: every value is rounded to the model dtype where varkit's module path rounds it (each linear's
+// in gemv_blocked's layout (1-4 rows) or, with `panels`, in the panel layout gemm_panels takes (any rows), 7 a layer;
+// kc, vc: per layer its cache (R, H, max_len, D / H), written at `pos`; cos, sin (hd / 2) fp32 rotary tables of the
+// position. The layers one after another in one call, with no tensor made between them (but the panel kernel's
+// packed rows): every value is rounded to the model dtype where varkit's module path rounds it (each linear's
 // output, the rotated q and k, the attention output, silu, the gated product, each residual sum), so bf16 agrees
-// with it up to fp32 sum order.
+// with it up to fp32 sum order (and bit for bit with panels, the module path's own kernel at those rows).
 torch::Tensor decode_stack(torch::Tensor x, const std::vector<torch::Tensor>& weights, double eps, int64_t hidden,
                            const std::vector<torch::Tensor>& kcs, const std::vector<torch::Tensor>& vcs, int64_t pos,
-                           torch::Tensor cos, torch::Tensor sin) {
+                           torch::Tensor cos, torch::Tensor sin, bool panels) {
   const int64_t n = (int64_t)kcs.size();
   TORCH_CHECK(n >= 1 && (int64_t)vcs.size() == n && (int64_t)weights.size() == 7 * n,
               "varkit decode_layers: 7 weights and a key and value cache a layer");
@@ -1344,7 +1360,7 @@ torch::Tensor decode_stack(torch::Tensor x, const std::vector<torch::Tensor>& we
               && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
               "varkit decode_layers: x (R, D) contiguous fp32 or bf16 CPU rows");
   const int64_t R = x.size(0), D = x.size(1);
-  TORCH_CHECK(R >= 1 && R <= 4, "varkit decode_layers: 1-4 rows, got ", R);
+  TORCH_CHECK(R >= 1 && (panels || R <= 4), "varkit decode_layers: 1-4 rows over blocked weights, got ", R);
   TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous()
               && sin.is_contiguous() && sin.numel() == cos.numel(), "varkit decode_layers: fp32 rotary tables");
   for (int64_t l = 0; l < n; ++l) {
@@ -1376,7 +1392,7 @@ torch::Tensor decode_stack(torch::Tensor x, const std::vector<torch::Tensor>& we
       const LayerWeights lw{&weights[7 * l], &weights[7 * l + 1], &weights[7 * l + 2], &weights[7 * l + 3],
                             &weights[7 * l + 4], &weights[7 * l + 5], &weights[7 * l + 6]};
       llama_layer_rows<T>(src, dst, lw, (float)eps, hidden, kcs[l], vcs[l], pos, cos.data_ptr<float>(),
-                          sin.data_ptr<float>(), R, D, ws);
+                          sin.data_ptr<float>(), R, D, ws, panels);
       src = dst;
     }
     return out;
@@ -1788,8 +1804,8 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, double s
 torch::Tensor rms_norm_rows(torch::Tensor x, torch::Tensor g, double eps) { return rms_norm(x, g, eps); }
 torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights, double eps, int64_t hidden,
                             std::vector<torch::Tensor> kcs, std::vector<torch::Tensor> vcs, int64_t pos, torch::Tensor cos,
-                            torch::Tensor sin) {
-  return decode_stack(x, weights, eps, hidden, kcs, vcs, pos, cos, sin);
+                            torch::Tensor sin, bool panels) {
+  return decode_stack(x, weights, eps, hidden, kcs, vcs, pos, cos, sin, panels);
 }
 std::vector<torch::Tensor> topk(torch::Tensor x, int64_t k) { return topk_sorted(x, k); }
 void silu_mul_(torch::Tensor a, torch::Tensor b) { silu_mul_inplace(a, b); }
