@@ -573,10 +573,11 @@ def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_steps_of_more_rows_run_every_block_in_one_call_on_the_panels(monkeypatch, dtype):
-    """Past the streaming kernel's 4 rows (batch 3+ with CFG) a decode step still runs all blocks in one
-    decode_layers call, its linears on the panel kernel as the module path runs them at those rows: the module path's
-    logits and cache, bit for bit in bf16 (the same kernels and rounding points), to sum order in fp32."""
+@pytest.mark.parametrize("rows", [4, 6])
+def test_decode_steps_of_more_rows_run_every_block_in_one_call_on_the_panels(monkeypatch, dtype, rows):
+    """Past 2 rows (batch 2+ with CFG) a decode step runs all blocks in one decode_layers call with its linears on the
+    panel kernel, as prepacked linears run them at those rows: the module path's logits and cache, bit for bit in
+    bf16 (the same kernels and rounding points), to sum order in fp32."""
     import varkit.models.raster as R
     from varkit.models.raster import RasterGenerator
     from varkit.nn.stream_gemv import panel_dtypes
@@ -603,17 +604,17 @@ def test_decode_steps_of_more_rows_run_every_block_in_one_call_on_the_panels(mon
             return real.decode_layers(*a)
 
     monkeypatch.setattr(R, "cpu_kernels", lambda: Counting())
-    tokens = torch.randint(0, 32, (6, 4), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 32, (rows, 4), generator=torch.Generator().manual_seed(1))
 
     def run() -> tuple[list[torch.Tensor], KVCache]:
-        cache = gen.new_cache(6)
+        cache = gen.new_cache(rows)
         with torch.no_grad():
-            logits, state = gen.prefill(torch.tensor([0, 1, 1, 0, 1, 0]), cache)
+            logits, state = gen.prefill(torch.tensor([0, 1, 1, 0, 1, 0][:rows]), cache)
             out = [logits] + [gen(tokens[:, step - 1:step], step, cache, state) for step in range(1, 5)]
         return out, cache
 
     fused, cache = run()
-    assert calls == [(6, 3, True)] * 5
+    assert calls == [(rows, 3, True)] * 5
     monkeypatch.setenv("VARKIT_FUSED_DECODE", "0")
     plain, plain_cache = run()
     assert len(calls) == 5

@@ -22,7 +22,7 @@ from ..nn import Attention, RMSNorm, RotaryTable, SwiGLU, block_causal_mask, wei
 from ..nn.cpu_kernels import cpu_kernels, fused_decode_enabled
 from ..nn.layers import gate_kernel_serves, swiglu_hidden_dim, weight_key
 from ..nn.rope import rope_angles_2d
-from ..nn.stream_gemv import MAX_ROWS, panel_dtypes, panel_max_rows, panel_rows
+from ..nn.stream_gemv import MAX_ROWS, STREAM_MAX_ROWS, panel_dtypes, panel_max_rows, panel_rows
 from .base import Generator, check_class_ids, token_fields_for_tokenizer
 from .heads import HeadConfig, head_from_config
 
@@ -366,7 +366,7 @@ class RasterGenerator(Generator):
     def _fused_blocks(self, h: torch.Tensor, rope, mask, cache, start: int, stop: int) -> torch.Tensor | None:
         """Blocks ``start .. stop - 1`` of a step in one C++ call where each block's own fused call applies: a decode
         step of one token a row (``cpu_kernels.decode_layers``: :func:`fused_decode_applies`,
-        :meth:`TransformerBlock.decode_weights`; past 4 rows, batch 3+ with CFG, the linears on the panel kernel as on
+        :meth:`TransformerBlock.decode_weights`; past 2 rows, batch 2+ with CFG, the linears on the panel kernel as on
         the module path at those rows, :meth:`TransformerBlock.front_weights`) or a front of 2+ tokens a row that sees
         the whole cache (``front_layers``: NAR's one-front steps, :meth:`TransformerBlock.front_weights`); the blocks
         share their norms' eps and FFN width, and no forward hook is set on a block or globally (a hook sees its
@@ -384,9 +384,12 @@ class RasterGenerator(Generator):
         if h.shape[1] == 1:
             if not fused_decode_applies(h, rope, mask, cache, self.training, max_rows=max(MAX_ROWS, panel_max_rows())):
                 return None
-            if rows <= MAX_ROWS:
+            # 1-2 rows on the blocked copies, more on the panels, as prepacked linears split them. LlamaGen-B batch 2
+            # with CFG (4 rows), same process: fp32 5.21-5.70 s an image pair on the panels against 6.39-7.21 on the
+            # blocked copies (two rows of x of K = 2048 already fill 16 KiB of L1), bf16 2.71-3.60 against 3.00-3.47
+            if rows <= STREAM_MAX_ROWS:
                 kind = "decode"
-            elif panel_rows(rows) and h.dtype in panel_dtypes():  # batch 3+ with CFG: the linears on the panels
+            elif panel_rows(rows) and h.dtype in panel_dtypes():
                 kind = ("decode", panel_rows(rows), panel_dtypes())
             else:
                 return None
