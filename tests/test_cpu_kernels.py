@@ -467,14 +467,8 @@ def test_blocks_fuse_one_token_steps_and_equal_the_module_path(monkeypatch, dtyp
     assert len(calls) == 1
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
-    """A raster generator's one-token steps (prefill of a class token, then decode steps) run all its blocks in one
-    decode_layers call, with a call a block's logits and cache bit for bit (the same kernel code a layer, the same
-    inputs); the kept plan follows an in-place weight edit; a block that cannot fuse sends the step back to the
-    blocks one by one."""
-    import varkit.models.raster as R
+def _small_generator(dtype: torch.dtype):
+    """A prepacked 3-block raster generator (dim 64, 4 heads) with a non-zero output head."""
     from varkit.models.raster import RasterGenerator
 
     torch.manual_seed(0)
@@ -485,6 +479,19 @@ def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
         gen.output.weight.normal_(0, 0.1)
     gen = gen.to(dtype)
     prepack_linears(gen)
+    return gen
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
+    """A raster generator's one-token steps (prefill of a class token, then decode steps) run all its blocks in one
+    decode_layers call, with a call a block's logits and cache bit for bit (the same kernel code a layer, the same
+    inputs); the kept plan follows an in-place weight edit; a block that cannot fuse sends the step back to the
+    blocks one by one."""
+    import varkit.models.raster as R
+
+    gen = _small_generator(dtype)
     real = cpu_kernels()
     calls = []
 
@@ -579,19 +586,11 @@ def test_decode_steps_of_more_rows_run_every_block_in_one_call_on_the_panels(mon
     panel kernel, as prepacked linears run them at those rows: the module path's logits and cache, bit for bit in
     bf16 (the same kernels and rounding points), to sum order in fp32."""
     import varkit.models.raster as R
-    from varkit.models.raster import RasterGenerator
     from varkit.nn.stream_gemv import panel_dtypes
 
     if dtype not in panel_dtypes():
         pytest.skip("bf16 linears take oneDNN's GEMM here (AMX), not the panel kernel")
-    torch.manual_seed(0)
-    cfg = RasterConfig(dim=64, n_head=4, n_layer=3, vocab_size=32, grid=4, num_classes=2, resid_dropout=0,
-                       ffn_dropout=0, token_dropout=0)
-    gen = RasterGenerator(cfg).eval()
-    with torch.no_grad():
-        gen.output.weight.normal_(0, 0.1)
-    gen = gen.to(dtype)
-    prepack_linears(gen)
+    gen = _small_generator(dtype)
     real = cpu_kernels()
     calls = []
 
