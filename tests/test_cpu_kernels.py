@@ -225,9 +225,10 @@ def check_decode_layer(decode_layers) -> None:
 
 
 def check_front_layer(kernel) -> None:
-    """``front_layer`` (a LLaMA block for a front of n >= 2 tokens a row) against the same build's parts composed as
-    the module path composes them (rms_norm_rows, linear_panels, attend_front, silu_mul_ where SwiGLU uses it, torch's
-    residual adds): the same roundings in the same places, so bit for bit, output and cache writes; x untouched."""
+    """``front_layers`` over one block (a LLaMA block for a front of n >= 2 tokens a row) against the same build's
+    parts composed as the module path composes them (rms_norm_rows, linear_panels, attend_front, silu_mul_ where
+    SwiGLU uses it, torch's residual adds): the same roundings in the same places, so bit for bit, output and cache
+    writes; x untouched."""
     from varkit.nn.stream_gemv import panel_weight
 
     width, pairs = kernel.panel_width(), kernel.panel_pairs()
@@ -254,8 +255,8 @@ def check_front_layer(kernel) -> None:
                 else:  # where SwiGLU keeps torch's ops (bf16 without AVX-512-BF16), the kernel still gates in one pass
                     a = (a.float() * torch.sigmoid(a.float())).to(dtype).float().mul(u.float()).to(dtype)
                 want = (h + kernel.linear_panels(a, panels[4], 64, None)).view(B, n, 64)
-                got = kernel.front_layer(x, g_att, g_ffn, 1e-5, *panels, 256, cos, sin, cache.k[0], cache.v[0],
-                                         length, 0.25)
+                got = kernel.front_layers(x, [g_att, g_ffn, *panels], 1e-5, 256, cos, sin, [cache.k[0]],
+                                          [cache.v[0]], length, 0.25)
             assert got.dtype == dtype and got.shape == (B, n, 64) and torch.equal(x, x0)
             if dtype == torch.float32 or pairs:
                 assert torch.equal(got, want), (dtype, B, n, length)
@@ -265,7 +266,8 @@ def check_front_layer(kernel) -> None:
             for mine, theirs in ((cache.k[0], ref_cache.k[0]), (cache.v[0], ref_cache.v[0])):
                 assert torch.equal(mine, theirs), (dtype, B, n, length)
     with pytest.raises(RuntimeError, match="front_layer: x"):
-        kernel.front_layer(torch.randn(4, 64), g_att, g_ffn, 1e-5, *panels, 256, cos, sin, cache.k[0], cache.v[0], 0, 0.25)
+        kernel.front_layers(torch.randn(4, 64), [g_att, g_ffn, *panels], 1e-5, 256, cos, sin, [cache.k[0]],
+                            [cache.v[0]], 0, 0.25)
 
 
 def check_topk(topk) -> None:
@@ -442,7 +444,7 @@ def test_blocks_fuse_one_token_steps_and_equal_the_module_path(monkeypatch, dtyp
     real = R.cpu_kernels()
     monkeypatch.setattr(R, "cpu_kernels", lambda: type("K", (), {
         "decode_layers": lambda *a: calls.append(1) or real.decode_layers(*a), "panel_pairs": real.panel_pairs,
-        "front_layer": real.front_layer}))
+        "front_layers": real.front_layers}))
     x = torch.randn(2, 1, 64).to(dtype)
     cos, sin = rope(slice(7, 8))
     outs = {}
@@ -626,7 +628,7 @@ def test_decode_steps_of_more_rows_run_every_block_in_one_call_on_the_panels(mon
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nar_fronts_run_each_block_in_one_call_with_the_module_paths_numbers(monkeypatch, dtype):
     """Prepacked, NAR's one-front steps of 2+ tokens a row (3-128 rows) run NAR's own blocks in one front_layers call
-    and its vertical head's in another, with a front_layer call a block's logits and cache and with the module
+    and its vertical head's in another, with a call a block's logits and cache and with the module
     path's, bit for bit (the same kernels and roundings; bf16 where SwiGLU gates in the kernel too). Not prepacked,
     VARKIT_FUSED_DECODE=0, masked calls and autograd keep the module path."""
     import varkit.models.raster as R
@@ -642,13 +644,9 @@ def test_nar_fronts_run_each_block_in_one_call_with_the_module_paths_numbers(mon
     prepack_linears(gen)
     calls = []
 
-    class Counting:  # the real kernels; front_layer and front_layers counted: (tokens a row, blocks a call)
+    class Counting:  # the real kernels; front_layers counted: (tokens a row, blocks a call)
         def __getattr__(self, name):
             return getattr(real, name)
-
-        def front_layer(self, *a):
-            calls.append((a[0].shape[1], 1))
-            return real.front_layer(*a)
 
         def front_layers(self, *a):
             calls.append((a[0].shape[1], len(a[6])))

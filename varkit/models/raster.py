@@ -85,6 +85,17 @@ def fused_decode_applies(x: torch.Tensor, rope, mask, cache, training: bool, max
             and not torch.compiler.is_compiling() and fused_decode_enabled() and cpu_kernels() is not None)
 
 
+def fused_front_applies(x: torch.Tensor, rope, mask, cache, attention: Attention) -> bool:
+    """Whether a step's inputs suit ``cpu_kernels.front_layers``: a front of 2+ tokens a row that sees the whole cache
+    (``attention.front_kernel_applies``), contiguous, the fused path on, and the kernels built with SwiGLU's gate in
+    them for the rows' dtype (the gate as the module path computes it: ``silu_mul_`` where SwiGLU takes it)."""
+    if (x.dim() != 3 or not fused_decode_enabled() or not x.is_contiguous()
+            or not attention.front_kernel_applies(x, rope, mask, cache)):
+        return False
+    kernels = cpu_kernels()
+    return kernels is not None and gate_kernel_serves(x.dtype, kernels)
+
+
 def _param_key(module: nn.Module, name: str) -> tuple | None:
     """:func:`~varkit.nn.layers.weight_key` of ``module``'s parameter ``name`` (None when it is None), taken from its
     ``_parameters`` dict where it is registered there, else through the attribute (a plain tensor set in its place)."""
@@ -200,26 +211,23 @@ class TransformerBlock(DerivedState, nn.Module):
         return cached[1]
 
     def _fused_front(self, x, rope, mask, cache, layer) -> torch.Tensor | None:
-        """The whole block in one C++ call (``cpu_kernels.front_layer``) where it applies: a front of 2+ new tokens a
-        row that sees the whole cache (NAR's one-front steps: the attention's ``attend_front``) with every linear on
-        the panel kernel (:meth:`~varkit.nn.layers.Linear.panels_for`), no biases. Same ops and roundings as the
-        module path (RMSNorm, the five linears, ``attend_front``, ``silu_mul_``, the residual sums, these added in
-        the linears' stores), so the same numbers, without the ~0.1 ms of Python and small ops a layer of the module
-        path and with w1's and w3's input packed once (NAR-B bf16 batch 1, one Zen 4 core: ~7 % faster). Else None
-        (the module path)."""
-        att, ffn = self.attention, self.feed_forward
-        if (x.dim() != 3 or not fused_decode_enabled() or not att.front_kernel_applies(x, rope, mask, cache)
-                or not x.is_contiguous() or self.attention_norm.weight.dtype != x.dtype
-                or self.ffn_norm.weight.dtype != x.dtype):
+        """The whole block in one C++ call (``cpu_kernels.front_layers`` over this one layer) where it applies
+        (:func:`fused_front_applies`, :meth:`front_weights`): a front of 2+ new tokens a row that sees the whole cache
+        (NAR's one-front steps: the attention's ``attend_front``) with every linear on the panel kernel
+        (:meth:`~varkit.nn.layers.Linear.panels_for`), no biases. Same ops and roundings as the module path
+        (RMSNorm, the five linears, ``attend_front``, ``silu_mul_``, the residual sums, these added in the linears'
+        stores), so the same numbers, without the ~0.1 ms of Python and small ops a layer of the module path and
+        with w1's and w3's input packed once (NAR-B bf16 batch 1, one Zen 4 core: ~7 % faster). Else None (the
+        module path). A generator's front step runs its blocks in one such call instead
+        (:meth:`RasterGenerator._fused_blocks`); this serves a block called on its own."""
+        if not fused_front_applies(x, rope, mask, cache, self.attention):
             return None
-        panels = self._front_panels(x)
-        kernels = cpu_kernels()
-        # the gate as the module path computes it (silu_mul_ where SwiGLU takes it; elsewhere torch's two ops)
-        if panels is None or kernels is None or not gate_kernel_serves(x.dtype, kernels):
+        weights = self.front_weights(x)
+        if weights is None:
             return None
-        return kernels.front_layer(x, self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps, *panels,
-                                   ffn.w1.weight.shape[0], rope[0], rope[1], cache.k[layer], cache.v[layer],
-                                   cache.length, att.head_dim ** -0.5)
+        return cpu_kernels().front_layers(x, weights, self.attention_norm.eps, self.feed_forward.w1.weight.shape[0],
+                                          rope[0], rope[1], [cache.k[layer]], [cache.v[layer]], cache.length,
+                                          self.attention.head_dim ** -0.5)
 
 
 class _StaticRowsStep(nn.Module):
@@ -382,7 +390,7 @@ class RasterGenerator(Generator):
         blocks = list(self.layers._modules.values())[start:stop]
         rows = h.numel() // h.shape[-1]
         if h.shape[1] == 1:
-            if not fused_decode_applies(h, rope, mask, cache, self.training, max_rows=max(MAX_ROWS, panel_max_rows())):
+            if not fused_decode_applies(h, rope, mask, cache, self.training, max_rows=panel_max_rows()):
                 return None
             # 1-2 rows on the blocked copies, more on the panels, as prepacked linears split them. LlamaGen-B batch 2
             # with CFG (4 rows), same process: fp32 5.21-5.70 s an image pair on the panels against 6.39-7.21 on the
@@ -394,11 +402,7 @@ class RasterGenerator(Generator):
             else:
                 return None
         else:
-            if (h.dim() != 3 or not fused_decode_enabled() or not h.is_contiguous()
-                    or not blocks[0].attention.front_kernel_applies(h, rope, mask, cache)):
-                return None
-            kernels = cpu_kernels()
-            if kernels is None or not gate_kernel_serves(h.dtype, kernels):
+            if not fused_front_applies(h, rope, mask, cache, blocks[0].attention):
                 return None
             kind = ("front", panel_rows(rows), panel_dtypes())
         plans = self.__dict__.setdefault("_block_plans", {})
@@ -434,7 +438,7 @@ class RasterGenerator(Generator):
 
     @staticmethod
     def _plan_weights(blocks: list, h: torch.Tensor, blocked: bool) -> list[torch.Tensor] | None:
-        """The blocks' :meth:`~TransformerBlock.decode_weights` (``blocked``: one token a row, 1-4 rows) or
+        """The blocks' :meth:`~TransformerBlock.decode_weights` (``blocked``: one token a row, 1-2 rows) or
         :meth:`~TransformerBlock.front_weights` (the panel copies for ``h``'s rows: fronts, and decode steps of more
         rows) end to end, or None where one block has none or the blocks differ in norm eps or FFN width (one call
         takes one of each)."""

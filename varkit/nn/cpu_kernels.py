@@ -22,10 +22,9 @@ oneDNN-packed 10-14 GB/s; SDPA reads a one-query KV cache at ~7 GB/s). Three ker
   paying for itself only); bf16 scores and values' sums through AVX-512-BF16's dot product where it exists.
 - ``gemm_panels`` / ``linear_panels``: 3-128 rows times a weight in panel layout (register-blocked; bf16 weights in
   k pairs through the dot-product instruction where AVX-512-BF16 exists without AMX).
-- ``front_layer(...)``: a whole LLaMA block for such a front (NAR's fronts at 3-128 rows): RMSNorm, the five
-  linears on the panel kernel, ``attend_front``, the SwiGLU gate and the residual sums (added in the linears' tile
-  stores), one call from Python a layer, the module path's roundings; ``front_layers(...)`` runs several blocks so,
-  one after another, in one call.
+- ``front_layers(...)``: whole LLaMA blocks for such a front (NAR's fronts at 3-128 rows), one after another:
+  RMSNorm, the five linears on the panel kernel, ``attend_front``, the SwiGLU gate and the residual sums (added in
+  the linears' tile stores), one call from Python for one block or a step's blocks, the module path's roundings.
 - ``decode_layers(...)``: whole LLaMA blocks (:class:`varkit.models.raster.TransformerBlock`), one after another,
   for one new token a row over a static cache, on the kernels above, in one call from Python with no tensor made
   between the layers: a GPT-B step through the module path spends ~4 ms of its ~25 in Python and small ops (norms,
@@ -1813,13 +1812,8 @@ torch::Tensor attend_front(torch::Tensor qkv, torch::Tensor cos, torch::Tensor s
                            int64_t pos, double scale) {
   return front_attention(qkv, cos, sin, kc, vc, pos, scale);
 }
-torch::Tensor front_layer(torch::Tensor x, torch::Tensor g_attn, torch::Tensor g_ffn, double eps, torch::Tensor wqkv,
-                          torch::Tensor wo, torch::Tensor w1, torch::Tensor w3, torch::Tensor w2, int64_t hidden,
-                          torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, int64_t pos, double scale) {
-  return llama_front_layer(x, g_attn, g_ffn, eps, wqkv, wo, w1, w3, w2, hidden, cos, sin, kc, vc, pos, scale);
-}
-// front_layer over several blocks one after another (the blocks of a step, without Python between them): weights 7 a
-// layer (its two gains, its five panel copies), kc, vc a layer
+// llama_front_layer over one or several blocks one after another (a block, or the blocks of a step, without Python
+// between them): weights 7 a layer (its two gains, its five panel copies), kc, vc a layer
 torch::Tensor front_layers(torch::Tensor x, std::vector<torch::Tensor> weights, double eps, int64_t hidden,
                            torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> kcs,
                            std::vector<torch::Tensor> vcs, int64_t pos, double scale) {
@@ -1987,7 +1981,7 @@ OPENMP_FLAGS = ["-fopenmp"]
 
 
 #: the extension's functions
-FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "attend_front", "silu_mul_", "rms_norm_rows", "decode_layers", "front_layer", "front_layers", "topk",
+FUNCTIONS = ("gemv", "gemv_blocked", "gemm_panels", "linear_panels", "panel_width", "panel_pairs", "attend", "attend_front", "silu_mul_", "rms_norm_rows", "decode_layers", "front_layers", "topk",
              "group_norm_silu", "winograd_filters", "winograd_input", "winograd_output",
              "allocator_install", "allocator_installed", "allocator_empty_cache", "allocator_stats")
 
