@@ -469,6 +469,18 @@ def test_blocks_fuse_one_token_steps_and_equal_the_module_path(monkeypatch, dtyp
     assert len(calls) == 1
 
 
+def _module_path_tol(dtype: torch.dtype, kernel) -> float:
+    """Relative bound (times a tensor's largest value) between a fused decode step and the module path. fp32: sum
+    order (the suite's 1e-5). bf16: bit for bit where SwiGLU's gate runs in the kernel on the module path too
+    (AVX-512-BF16); elsewhere the module path gates with torch's silu, whose exp may round a gate the other way, and an
+    ulp of a gate moves the outputs by about an ulp of the largest value (8: room, as in check_front_layer)."""
+    from varkit.nn.layers import gate_kernel_serves
+
+    if dtype == torch.float32:
+        return 1e-5
+    return 0.0 if gate_kernel_serves(dtype, kernel) else 8 * U_BF16
+
+
 def _small_generator(dtype: torch.dtype):
     """A prepacked 3-block raster generator (dim 64, 4 heads) with a non-zero output head."""
     from varkit.models.raster import RasterGenerator
@@ -545,7 +557,7 @@ def test_generator_decode_steps_run_every_block_in_one_call(monkeypatch, dtype):
     calls.clear()
     mixed, _ = run()
     assert calls == [1, 1] * 5
-    tol = 0 if dtype == torch.bfloat16 else 1e-5  # the module path's last block: fp32 to sum order, bf16 bit for bit
+    tol = _module_path_tol(dtype, real)  # the module path's last block
     for a, b in zip(mixed, stacked):
         torch.testing.assert_close(a, b, rtol=0, atol=tol * float(b.abs().max()))
     # a linear swapped in after a plan was kept: the next step's plan holds the new one's copy
@@ -619,7 +631,7 @@ def test_decode_steps_of_more_rows_run_every_block_in_one_call_on_the_panels(mon
     monkeypatch.setenv("VARKIT_FUSED_DECODE", "0")
     plain, plain_cache = run()
     assert len(calls) == 5
-    tol = 0 if dtype == torch.bfloat16 else 1e-5
+    tol = _module_path_tol(dtype, real)
     for a, b in zip(fused + cache.k + cache.v, plain + plain_cache.k + plain_cache.v):
         torch.testing.assert_close(a, b, rtol=0, atol=tol * float(b.abs().max()))
 
