@@ -18,7 +18,8 @@ def _write(d, stem, rows, settings=None):
 
 def test_rows_are_normalised_per_image(tmp_path):
     _write(tmp_path, "nar_side_by_side", [
-        {"impl": "varkit", "layout": "neighbors", "batch": 8, "cpu_s": 4.0, "cpu_vs_official": 2.5, "fraction_of_floor": 0.7},
+        {"impl": "varkit", "layout": "neighbors", "batch": 8, "cpu_s": 4.0, "cpu_vs_official": 2.5, "fraction_of_floor": 0.7,
+         "fraction_of_live_floor": 0.8125},
         {"impl": "varkit", "layout": "raster", "batch": 8, "cpu_s": 9.0},  # NAR's raster comparison: not a NAR row
     ], {"dtype": "bfloat16"})
     _write(tmp_path, "flowar", [{"impl": "varkit", "dtype": "float32", "batch": 1, "cpu_s_per_image": 3.0, "x_floor": 2.0,
@@ -28,9 +29,10 @@ def test_rows_are_normalised_per_image(tmp_path):
     nar, flow = rows
     assert nar["s/image"] == 0.5 and nar["dtype"] == "bfloat16" and nar["vs official"] == 2.5  # 4 s over 8 images
     assert flow["fraction of floor"] == 0.5 and "head_steps=25:5" in flow["notes"]  # 1 / x_floor
+    assert nar["of live floor"] == 0.8125 and flow["of live floor"] is None  # probed rows only
     assert "Some CPU (avx2), 1 thread(s)" == nar["cpu"]
     table = markdown(rows)
-    assert table.count("\n") == 3 and "| 0.5 s |" in table and "2.50×" in table
+    assert table.count("\n") == 3 and "| 0.5 s |" in table and "2.50×" in table and "| 0.70 | 0.81 |" in table
 
 
 def test_decode_keeps_the_cached_rows_only(tmp_path):

@@ -213,6 +213,58 @@ def test_attach_floor_adds_the_columns(tiny_gen):
     assert rows[0]["floor_bound"] in ("bandwidth", "compute") and rows[0]["floor_passes"] == len(tr.passes)
 
 
+def test_live_floor_scales_the_dram_rate_only():
+    """The live floor: the largest measured size's read and copy rates times the probed rate over the floor's read
+    rate there; the cache-sized rates and the floor itself untouched."""
+    live = FL.live_floor(FAKE, 4e9)  # the host reads half as fast as when the floor was measured (8e9)
+    assert live["bandwidth"][0] == FAKE["bandwidth"][0]
+    assert live["bandwidth"][1]["read_Bps"] == pytest.approx(4e9, rel=1e-12)
+    assert live["bandwidth"][1]["copy_Bps"] == pytest.approx(5e9, rel=1e-12)
+    assert FAKE["bandwidth"][1]["read_Bps"] == 8e9
+    assert FL.bandwidth_for(live, 1 << 20) == pytest.approx(FL.bandwidth_for(FAKE, 1 << 20) / 2, rel=1e-12)
+
+
+def test_attach_floor_adds_the_live_floor_of_a_probed_row(tiny_gen):
+    """A row with the host's read rate while it ran gets its floor at that rate as well: a bandwidth-bound run
+    whose host read half as fast as at the floor's measurement has twice the live floor."""
+    from varkit.samplers import SamplingParams
+
+    tr = FL.trace_sampling(tiny_gen, SamplingParams(cfg=1.0))
+    slow = {"bandwidth": [{"bytes": 1 << 16, "read_Bps": 8e9, "copy_Bps": 8e9}],
+            "peak_gemm_flops": {"float32": 1e18}}  # one DRAM size, compute free: every pass bandwidth-bound
+    rows = [{"batch": 1, "wall_s": 1.0, "host_read_GBps": 4.0}, {"batch": 1, "wall_s": 1.0}]
+    FL.attach_floor(rows, tr, slow)
+    assert rows[0]["floor_s"] == rows[1]["floor_s"] > 0
+    assert rows[0]["host_vs_floor_read"] == pytest.approx(0.5, rel=1e-12)
+    assert rows[0]["floor_live_s"] == pytest.approx(2 * rows[0]["floor_s"], rel=1e-9)
+    assert rows[0]["fraction_of_live_floor"] == pytest.approx(2 * rows[0]["fraction_of_floor"], rel=1e-9)
+    assert "fraction_of_live_floor" not in rows[1]
+
+
+def test_host_read_probe_measures_the_floors_largest_size_at_its_thread_count(monkeypatch):
+    """The probe reads a buffer of the floor's largest size, at the floor's thread count (restored after), keeps
+    each rate under its key and gives the best; on a GPU floor it measures nothing."""
+    floor = {**FAKE, "threads": 1, "clock": "perf_counter"}
+    sizes, threads = [], []
+    real_sum = torch.Tensor.sum
+
+    def spy(self, *a, **k):
+        sizes.append(self.numel() * self.element_size())
+        threads.append(torch.get_num_threads())
+        return real_sum(self, *a, **k)
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch.Tensor, "sum", spy)
+    probe = FL.HostReadProbe(floor, budget_s=0.01)
+    a, b = probe("x"), probe("x")
+    monkeypatch.setattr(torch.Tensor, "sum", real_sum)
+    assert a > 0 and b > 0 and probe.best("x") == max(a, b) and probe.best("y") is None
+    assert set(sizes) == {1 << 20} and set(threads) == {1} and torch.get_num_threads() == before
+    probe.close()
+    gpu = FL.HostReadProbe({**FAKE, "device": "cuda"})
+    assert gpu("x") is None and gpu.best("x") is None
+
+
 def test_save_results_stores_the_floor(cache, tmp_path):
     from varkit.bench.report import save_results
 
@@ -240,6 +292,7 @@ def test_bench_floor_command(cache, tmp_path, capsys):
     # a second run reuses the cached measurement
     code, out = _run_cli(["bench", "floor", "--device", "cpu", "--out-dir", str(tmp_path)], capsys)
     assert code == 0 and "cached measurement" in out.out
+    assert re.search(r"the host reads 2 MiB at [0-9.]+ GB/s now, [0-9.]+ of the cached", out.out)  # its drift since
 
 
 @pytest.mark.parametrize("argv, pattern", [

@@ -300,6 +300,9 @@ def test_bench_times_round_robin():
     out = _interleaved([lambda: calls.append("a") or "ra", lambda: calls.append("b") or "rb"], [2, 3])
     assert calls == ["a", "b", "a", "b", "b"]
     assert [o[0] for o in out] == ["ra", "rb"] and all(0 <= o[1] < float("inf") and o[2] >= 0 for o in out)
+    calls.clear()  # before(i): untimed, right before each call of fns[i] (the host's read-rate probe)
+    _interleaved([lambda: calls.append("a"), lambda: calls.append("b")], [2, 1], before=lambda i: calls.append(i))
+    assert calls == [0, "a", 1, "b", 0, "a"]
 
 
 OFFICIAL = "/work/ref/NAR/NAR-images"

@@ -388,6 +388,9 @@ def test_bench_varkit_rows_without_a_checkout(tmp_path):
     rows, settings = bench_var.run_varkit(args)
     assert [(r["impl"], r["batch"]) for r in rows] == [("varkit", 1)]
     assert rows[0]["images_per_s"] > 0 and rows[0]["kv_peak_bytes"] > 0 and rows[0]["floor_s"] > 0
+    # the host's read rate probed before the run, and the floor at that rate
+    assert rows[0]["host_read_GBps"] > 0 and rows[0]["floor_live_s"] > 0
+    assert rows[0]["fraction_of_live_floor"] == pytest.approx(rows[0]["floor_live_s"] / rows[0]["cpu_s"], rel=1e-12)
     assert "official" not in settings and settings["fraction_of_floor_basis"] == "cpu_s"
     assert (tmp_path / "w" / "pipeline" / "config.json").is_file()
 

@@ -43,8 +43,8 @@ from varkit.bench.official import import_checkout, script_main
 
 DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # sample_c2i.py
 COLUMNS = ["impl", "dtype", "compiled", "prepacked", "batch", "tokens", "wall_s", "cpu_s", "ms_per_step", "image_tokens_per_s", "vs_official",
-           "cpu_vs_official", "floor_s", "fraction_of_floor", "target", "met"]
-CUDA_COLUMNS = [c for c in COLUMNS if c not in ("prepacked", "target", "met")] + ["achieved_GBps"]
+           "cpu_vs_official", "floor_s", "fraction_of_floor", "host_read_GBps", "fraction_of_live_floor", "target", "met"]
+CUDA_COLUMNS = [c for c in COLUMNS if c not in ("prepacked", "target", "met", "host_read_GBps", "fraction_of_live_floor")] + ["achieved_GBps"]
 #: LlamaGen's loop on the GPU: autoregressive/sample/sample_c2i.py casts the model to --precision, default bf16
 OFFICIAL_CUDA_PRECISION = ("bfloat16: the model cast to bf16, as LlamaGen's autoregressive/sample/sample_c2i.py does "
                            "by default (--precision bf16, .to(device=device, dtype=precision)); its tf32 switches do "
@@ -131,7 +131,7 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
     ``floor_s`` is the machine's floor for the run (:mod:`varkit.bench.floor`, the same work for both loops:
     the same GPT-B weights and steps) and ``fraction_of_floor`` its share of the CPU seconds at one thread
     (of the wall seconds at more). ``device`` cuda: see the module docstring (wall seconds, bf16 official loop)."""
-    from varkit.bench.floor import attach_floor, get_floor, trace_sampling
+    from varkit.bench.floor import HostReadProbe, attach_floor, get_floor, trace_sampling
     from varkit.device import resolve_device
     from varkit.samplers import SamplingParams
 
@@ -181,6 +181,7 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
     if off_dt not in traces:  # cuda with --no-bf16: the official bf16 loop does the work of varkit's bf16 one
         traces[off_dt] = trace_sampling(bf, SamplingParams(cfg=cfg, top_k=top_k))
     rows, compile_s = [], {}
+    probe = HostReadProbe(floor, dev)  # the host's read rate before each timed run: fraction_of_live_floor
     for b in batches:
         labels = torch.tensor([DEMO_LABELS[i % len(DEMO_LABELS)] for i in range(b)], device=dev)
         for (dt, compiled, _), m in models.items():
@@ -199,6 +200,7 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
         best = {k: (float("inf"), float("inf")) for k in impls}
         for r in range(repeats):  # interleaved and rotated, best of each: fair under a varying machine load
             for k in impls[r % len(impls):] + impls[: r % len(impls)]:
+                probe((b, k))
                 if k[0] == "llamagen":
                     torch.manual_seed(seed)
                     _, t = _official_run(generate, official, labels, cfg, top_k)
@@ -214,12 +216,15 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
                    "wall_s": t, "cpu_s": c, "ms_per_step": 1000 * t / 256,
                    "image_tokens_per_s": b * 256 / t, "vs_official": ratio, "cpu_vs_official": c_off / c, "repeats": repeats,
                    "target": f">={target}x" if target else "", "met": ("yes" if ratio >= target else "NO") if target else ""}
+            if probe.best((b, (impl, dt, compiled, packed))):
+                row["host_read_GBps"] = probe.best((b, (impl, dt, compiled, packed))) / 1e9
             rows.append(attach_floor([row], traces[dt], floor, seconds_key=basis)[0])
             if cuda and "floor_weight_bytes" in row:  # the bytes the floor counts, per wall second
                 row["achieved_GBps"] = (row["floor_weight_bytes"] + row["floor_kv_bytes"]) / t / 1e9
             log(f"  batch {b} {impl:8s} {dt:8s}{' compiled' if compiled else '         '}"
                 f"{' prepacked' if packed else '          '} {1000 * t / 256:7.1f} ms/step"
                 f"  {b * 256 / t:7.1f} tok/s  x{ratio:.2f}")
+    probe.close()
     greedy = {}
     if greedy_batch is None:
         greedy_batch = 2 if cuda else 8

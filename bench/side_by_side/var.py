@@ -219,7 +219,7 @@ def check_official(path: str) -> Path:
 
 
 def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from varkit.bench.floor import WorkTrace, attach_floor, get_floor
+    from varkit.bench.floor import HostReadProbe, WorkTrace, attach_floor, get_floor
 
     if not args.official:
         raise InvalidArgumentError("--official PATH (a FoundationVision/VAR checkout) is required")
@@ -273,6 +273,9 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         settings["fraction_of_floor_basis"] = basis
         settings["loadavg_start"] = _load()
         rows, loads = [], []
+        # the host's read rate before each timed run (fraction_of_live_floor); probed here, in the parent: the
+        # host's memory is the workers' too
+        probe = HostReadProbe(floor, "cuda" if cuda else "cpu")
         for B in args.batch:
             res: dict[str, dict] = {w.label: {"times": [], "cpu": []} for w in workers}
             for w in workers:  # warm-up (varkit's compiled steps compile here), also measures the KV cache
@@ -285,6 +288,7 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 k = rep % len(workers)  # round-robin: each repeat starts with the next worker
                 for w in workers[k:] + workers[:k]:
                     loads.append(_load())
+                    probe((w.label, B))
                     r = w.ask(**req, batch=B, seed=args.seed + rep)
                     res[w.label]["times"].append(r["wall_s"])
                     res[w.label]["cpu"].append(r["cpu_s"])
@@ -295,6 +299,8 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 x = res[w.label]
                 row = make_row("official" if w is off else "varkit", B, x["times"], x["cpu"], x, w.dtype, w.compiled)
                 new.append({**row, **({} if w is off else {"warmup_cpu_s": x["warmup_cpu_s"]})})
+                if probe.best((w.label, B)):
+                    new[-1]["host_read_GBps"] = probe.best((w.label, B)) / 1e9
                 attach_floor(new[-1:], traces[off_trace if w is off else w.dtype], floor, seconds_key=basis)
                 if cuda:
                     add_achieved_bandwidth(new[-1])

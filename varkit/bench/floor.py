@@ -556,19 +556,90 @@ def trace_sampling(gen: nn.Module, params, num_classes: int | None = None, sampl
     return tr
 
 
+class HostReadProbe:
+    """The host's DRAM read rate measured next to each timed run, in the same process.
+
+    A shared machine's memory bandwidth drifts (22-35 GB/s within one session on one Zen 4 core) while the floor is
+    measured once and cached, so a run's ``fraction_of_floor`` moves with the phase of the host it ran in. A bench
+    calls the probe right before each timed run under the row's key; :meth:`best` is the fastest read of the
+    row's runs (the rows' times are best-of runs too: best against best), and :func:`attach_floor` turns it into
+    ``fraction_of_live_floor``, the run against the floor the host allowed while it ran. Each probe is a ``sum``
+    over the floor's largest size (DRAM; a few reads, ~0.1 s) at the floor's thread count and on its clock."""
+
+    def __init__(self, floor: dict[str, Any], device: str | torch.device = "cpu", budget_s: float = 0.1) -> None:
+        dev = torch.device(device)
+        self.enabled = dev.type == "cpu" and floor.get("device", "cpu") == "cpu"
+        self.nbytes = max(r["bytes"] for r in floor["bandwidth"])
+        self.device, self.budget_s = dev, budget_s
+        self.threads = int(floor.get("threads") or torch.get_num_threads())
+        self.clock = time.process_time if floor.get("clock") == "process_time" else time.perf_counter
+        self.rates: dict[Any, list[float]] = {}
+        self._buffer: torch.Tensor | None = None
+
+    def __call__(self, key: Any) -> float | None:
+        """Measure now; the rate (bytes/s) is kept under ``key`` (a row's label)."""
+        if not self.enabled:
+            return None
+        if self._buffer is None:
+            self._buffer = bandwidth_buffer(self.nbytes // 4, self.device).fill_(1)
+        buf, threads = self._buffer, torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # as the floor measured it (a bench's parent may run more threads)
+        try:
+            rate = buf.numel() * 4 / best_seconds(lambda: buf.sum(), budget_s=self.budget_s, min_runs=3,
+                                                  clock=self.clock)
+        finally:
+            torch.set_num_threads(threads)
+        self.rates.setdefault(key, []).append(rate)
+        return rate
+
+    def best(self, key: Any) -> float | None:
+        """The fastest read probed under ``key`` (None if none)."""
+        got = self.rates.get(key)
+        return max(got) if got else None
+
+    def close(self) -> None:
+        """Free the probe's buffer (the floor's largest size)."""
+        self._buffer = None
+
+
+def live_floor(floor: dict[str, Any], read_Bps: float) -> dict[str, Any]:
+    """``floor`` with its DRAM-sized bandwidths (the largest measured size) scaled by ``read_Bps`` over the read
+    rate it measured there: the floor of a host that reads ``read_Bps`` now. Cache-sized rates stay as measured."""
+    top = max(r["bytes"] for r in floor["bandwidth"])
+    out = dict(floor)
+    rows = []
+    for r in floor["bandwidth"]:
+        if r["bytes"] == top:
+            f = read_Bps / r["read_Bps"]
+            r = {**r, "read_Bps": r["read_Bps"] * f, "copy_Bps": r["copy_Bps"] * f}
+        rows.append(r)
+    out["bandwidth"] = rows
+    return out
+
+
 def attach_floor(rows: list[dict[str, Any]], traces: WorkTrace | dict[Any, WorkTrace],
                  floor: dict[str, Any] | None = None, seconds_key: str = "wall_s",
                  key: Callable[[dict], Any] | None = None) -> list[dict[str, Any]]:
     """Add ``floor_s``, ``fraction_of_floor`` (floor / ``row[seconds_key]``), ``floor_bound`` and the work totals
     to every row that has a trace: ``traces`` is one trace for all rows, or a dict looked up by ``key(row)``.
-    Every row needs ``batch`` (images of the run) and ``seconds_key`` (seconds of the whole run)."""
+    Every row needs ``batch`` (images of the run) and ``seconds_key`` (seconds of the whole run).
+
+    A row with ``host_read_GBps`` (:class:`HostReadProbe`: the host's read rate while it ran) also gets
+    ``floor_live_s`` and ``fraction_of_live_floor``: the same against :func:`live_floor` at that rate, and
+    ``host_vs_floor_read``, that rate over the floor's."""
     floor = floor or get_floor()
+    top = max(floor["bandwidth"], key=lambda b: b["bytes"])
     for r in rows:
         tr = traces if isinstance(traces, WorkTrace) else traces.get(key(r) if key else r.get("model"))
         if tr is None or not r.get(seconds_key):
             continue
         r.update(tr.floor(int(r["batch"]), floor))
         r["fraction_of_floor"] = r["floor_s"] / r[seconds_key]
+        if r.get("host_read_GBps"):
+            live = live_floor(floor, r["host_read_GBps"] * 1e9)
+            r["host_vs_floor_read"] = r["host_read_GBps"] * 1e9 / top["read_Bps"]
+            r["floor_live_s"] = tr.floor(int(r["batch"]), live)["floor_s"]
+            r["fraction_of_live_floor"] = r["floor_live_s"] / r[seconds_key]
     return rows
 
 
@@ -621,6 +692,12 @@ def cmd_bench_floor(args) -> None:
             torch.set_num_threads(args.threads)
         print(f"cached measurement {cache_dir() / (cached['key'] + '.json')} (--force measures again)")
         floor = cached
+        now = HostReadProbe(floor, dev)("now")  # how far the host has drifted since (None on a GPU)
+        if now:
+            top = max(floor["bandwidth"], key=lambda b: b["bytes"])
+            print(f"the host reads {top['bytes'] >> 20} MiB at {now / 1e9:.1f} GB/s now, {now / top['read_Bps']:.2f} of "
+                  f"the cached {top['read_Bps'] / 1e9:.1f} (benches report fraction_of_live_floor against the rate "
+                  "while they ran)")
     else:
         floor = measure_floor(dev, args.threads, sizes_mib=args.sizes_mib, dim=args.dim, dtypes=dtypes,
                               budget_s=args.budget, verbose=True)

@@ -40,8 +40,9 @@ from ..nn.layers import prepack_linears
 from .report import add_output_args
 
 COLUMNS = ["model", "impl", "layout", "prepacked", "compiled", "batch", "forward_passes", "wall_s", "cpu_s", "images_per_s", "vs_raster",
-           "vs_official", "cpu_vs_official", "floor_s", "fraction_of_floor"]
-CUDA_COLUMNS = [c for c in COLUMNS if c not in ("prepacked", "cpu_vs_official")] + ["achieved_GBps"]
+           "vs_official", "cpu_vs_official", "floor_s", "fraction_of_floor", "host_read_GBps", "fraction_of_live_floor"]
+CUDA_COLUMNS = [c for c in COLUMNS if c not in ("prepacked", "cpu_vs_official", "host_read_GBps",
+                                                "fraction_of_live_floor")] + ["achieved_GBps"]
 #: NAR's loop on the GPU: autoregressive/sample/sample_c2i.py casts the model to --precision, default bf16
 OFFICIAL_CUDA_PRECISION = ("the model in --dtype (default bfloat16 on cuda, as NAR's autoregressive/sample/sample_c2i.py "
                            "--precision default bf16, .to(device=device, dtype=precision)); its tf32 switches do not "
@@ -79,19 +80,23 @@ def _best(fn, repeats: int):
     return _interleaved([fn], [repeats])[0]
 
 
-def _interleaved(fns: list, repeats: list[int], sync: bool = False) -> list[tuple[Any, float, float]]:
+def _interleaved(fns: list, repeats: list[int], sync: bool = False,
+                 before: Callable[[int], Any] | None = None) -> list[tuple[Any, float, float]]:
     """(result, wall s, CPU s) of the fastest call of each of ``fns``, called round-robin.
 
     Round-robin (A B C A B C, not A A B B C C) so that a burst of load from other processes on
     a shared machine hits every implementation alike; CPU seconds are less sensitive than wall
     time to other processes sharing the cores. ``sync``: the GPU is synchronized before each clock
-    starts and before it stops.
+    starts and before it stops. ``before(i)``: called untimed before each call of ``fns[i]`` (a
+    :class:`~varkit.bench.floor.HostReadProbe`).
     """
     best = [(None, float("inf"), float("inf")) for _ in fns]
     for r in range(max(max(repeats), 1)):
         for i, fn in enumerate(fns):
             if r >= max(repeats[i], 1):
                 continue
+            if before is not None:
+                before(i)
             if sync:
                 torch.cuda.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
@@ -155,7 +160,7 @@ def run_bench(args, official: OfficialLoop | None = None) -> list[dict[str, Any]
     if not args.skip_large:
         nar, raster = b_models(args.seed)
         targets.append(("GPT-B random", nar, raster))
-    from .floor import attach_floor, get_floor, trace_sampling
+    from .floor import HostReadProbe, attach_floor, get_floor, trace_sampling
 
     dtype = resolve_dtype_for(args, dev)  # on a GPU, as NAR's sample_c2i.py default --precision: bf16
     if cuda:
@@ -199,9 +204,14 @@ def run_bench(args, official: OfficialLoop | None = None) -> list[dict[str, Any]
             for (_, _, _, c), fn, _ in runs:
                 if not c:  # compiled ones just ran
                     fn()
-            timed = _interleaved([fn for _, fn, _ in runs], [n for _, _, n in runs], sync=cuda)
+            probe = HostReadProbe(floor, dev)  # the host's read rate before each timed run (fraction_of_live_floor)
+            timed = _interleaved([fn for _, fn, _ in runs], [n for _, _, n in runs], sync=cuda, before=probe)
             group = [_row(name, impl, layout, b, t) | {"prepacked": p, "compiled": c}
                      for ((impl, layout, p, c), _, _), t in zip(runs, timed)]
+            for i, r in enumerate(group):
+                if probe.best(i):
+                    r["host_read_GBps"] = probe.best(i) / 1e9
+            probe.close()
             ras = next((r for r in group if r["layout"] == "raster"), None)
             off = next((r for r in group if r["impl"] == "official"), None)
             for r in group:

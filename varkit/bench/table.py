@@ -3,8 +3,10 @@
 Every speed bench (``decode``, ``llamagen``, ``var``, ``nar``, ``mar``, ``flowar``) stores its rows with their
 floor (:mod:`varkit.bench.floor`) and the machine it ran on. This command reads the latest file of each and prints
 one markdown table: per generator, implementation, dtype and batch, the seconds per image, the ratio to the
-official loop measured in the same run, and the fraction of the machine's floor. It measures nothing itself, so a
-table is only as recent as the runs it quotes: the ``date`` and ``cpu`` columns say which.
+official loop measured in the same run, the fraction of the machine's floor and, where the bench probed the host's
+read rate next to its runs (:class:`varkit.bench.floor.HostReadProbe`), the fraction of the floor at that rate (``of
+live floor``). It measures nothing itself, so a table is only as recent as the runs it quotes: the ``date`` and
+``cpu`` columns say which.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ SPEED_FILES = {
     "mar": "sets + diffusion head (MAR-B)",
     "flowar": "scales + flow head (FlowAR-S)",
 }
-COLUMNS = ["generator", "impl", "dtype", "compiled", "batch", "s/image", "vs official", "fraction of floor", "notes", "cpu", "date"]
+COLUMNS = ["generator", "impl", "dtype", "compiled", "batch", "s/image", "vs official", "fraction of floor",
+           "of live floor", "notes", "cpu", "date"]
 
 
 def _first(row: dict[str, Any], *keys: str) -> Any:
@@ -74,7 +77,8 @@ def speed_rows(doc: dict[str, Any], generator: str) -> list[dict[str, Any]]:
         out.append({"generator": generator, "impl": r.get("impl", "varkit"), "dtype": dtype,
                     "compiled": "yes" if compiled in (True, "yes") else (compiled if isinstance(compiled, str) else ""),
                     "batch": batch, "s/image": per_image, "vs official": ratio,
-                    "fraction of floor": fraction, "cpu": _cpu_name(doc.get("floor")),
+                    "fraction of floor": fraction, "of live floor": r.get("fraction_of_live_floor"),
+                    "cpu": _cpu_name(doc.get("floor")),
                     "notes": ", ".join(notes), "date": str(doc.get("date", ""))[:10]})
     return out
 
@@ -107,7 +111,7 @@ def _fmt(v: Any, col: str) -> str:
         return f"{v:.3g} s"
     if col == "vs official":
         return f"{v:.2f}×"
-    if col == "fraction of floor":
+    if col in ("fraction of floor", "of live floor"):
         return f"{v:.2f}"
     return str(v)
 

@@ -49,8 +49,9 @@ from .report import add_output_args
 LABELS = [980, 437, 22, 562, 207, 360, 388, 88, 979, 417, 279, 971, 1, 130, 94, 33]
 COLUMNS = ["impl", "dtype", "compiled", "batch", "images_per_s", "s_per_image", "best_s", "mean_s", "cpu_s_per_image", "runs",
            "kv_peak_bytes", "kv_transient_bytes", "speedup", "speedup_mean", "speedup_cpu", "floor_s", "fraction_of_floor",
-           "warmup_cpu_s"]
-CUDA_COLUMNS = [c for c in COLUMNS if c not in ("cpu_s_per_image", "speedup_cpu", "warmup_cpu_s")] + ["achieved_GBps"]
+           "host_read_GBps", "fraction_of_live_floor", "warmup_cpu_s"]
+CUDA_COLUMNS = [c for c in COLUMNS if c not in ("cpu_s_per_image", "speedup_cpu", "warmup_cpu_s", "host_read_GBps",
+                                                "fraction_of_live_floor")] + ["achieved_GBps"]
 #: varkit's dtypes when --dtype is not given
 DEFAULT_DTYPES = {"cpu": ["float32"], "cuda": ["bfloat16", "float32"]}
 #: op-name prefixes of each category of ``--profile`` (the rest is "other")
@@ -265,7 +266,7 @@ def load_variant(pipe_dir: Path, dtype: str, compiled: bool, prepack: bool, devi
 def run_varkit(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """varkit's rows: one per (dtype, compiled) and batch size (see the module docstring); (rows, settings with
     ``floor``)."""
-    from .floor import WorkTrace, attach_floor, get_floor
+    from .floor import HostReadProbe, WorkTrace, attach_floor, get_floor
 
     check_args(args)
     device = bench_device(args)
@@ -284,6 +285,7 @@ def run_varkit(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         settings["loadavg_start"] = _load()
         settings["load_s"] = {}
         rows, loads = [], []
+        probe = HostReadProbe(floor, device)  # the host's read rate before each timed run: fraction_of_live_floor
         for dtype, compiled in varkit_variants(args):
             label = variant_label(dtype, compiled)
             t0 = time.perf_counter()
@@ -295,12 +297,15 @@ def run_varkit(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 times, cpu = [], []
                 for rep in range(args.repeats):
                     loads.append(_load())
+                    probe((label, B))
                     r = run_call(pipe, {**req, "batch": B, "seed": args.seed + rep})
                     times.append(r["wall_s"])
                     cpu.append(r["cpu_s"])
                     if args.verbose:
                         print(f"[run] varkit {label} batch {B} rep {rep}: {r['wall_s']:.2f}s", file=sys.stderr)
                 rows.append({**make_row("varkit", B, times, cpu, kv, dtype, compiled), "warmup_cpu_s": kv["cpu_s"]})
+                if probe.best((label, B)):
+                    rows[-1]["host_read_GBps"] = probe.best((label, B)) / 1e9
                 if args.profile:  # one more (untimed) call under the profiler
                     settings.setdefault("profile_s", {})[f"{B} {label}"] = {
                         "varkit": run_call(pipe, {**req, "batch": B, "seed": args.seed, "profile": True})["profile"]}
@@ -308,6 +313,7 @@ def run_varkit(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 if device == "cuda":
                     add_achieved_bandwidth(rows[-1])
             del pipe
+        probe.close()
         settings["loadavg_runs"] = [x for x in loads if x is not None]
         settings["loadavg_end"] = _load()
         settings["floor"] = floor
