@@ -27,6 +27,7 @@ SPEED_FILES = {
     "nar_side_by_side": "neighbors (NAR-B)",
     "nar_side_by_side_auto": "neighbors (NAR-B)",
     "mar": "sets + diffusion head (MAR-B)",
+    "mar_b8": "sets + diffusion head (MAR-B)",
     "flowar": "scales + flow head (FlowAR-S)",
 }
 COLUMNS = ["generator", "impl", "dtype", "compiled", "batch", "s/image", "vs official", "fraction of floor",
