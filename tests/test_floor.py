@@ -321,6 +321,9 @@ def test_bench_decode_rows_have_floor_columns(cache, tmp_path, capsys):
     for r in rows:
         basis = r["cpu_s"] if torch.get_num_threads() == 1 else r["wall_s"]
         assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / basis, rel=1e-12)
+        # the host's read rate probed before the run (the fake floor's largest size, 1 MiB), the floor at that rate
+        assert r["host_read_GBps"] > 0 and r["fraction_of_live_floor"] == pytest.approx(r["floor_live_s"] / basis,
+                                                                                       rel=1e-12)
     assert rows[0]["floor_passes"] == 64 and rows[1]["floor_passes"] == 2
 
 

@@ -7,7 +7,7 @@ from ..device import resolve_device, resolve_dtype
 from .report import add_output_args
 
 COLUMNS = ["model", "mode", "batch", "tokens", "tokens_per_s", "ms_per_step", "forward_passes", "cache_bytes", "peak_rss_mb",
-           "floor_s", "fraction_of_floor"]
+           "floor_s", "fraction_of_floor", "host_read_GBps", "fraction_of_live_floor"]
 
 
 def cmd_bench_decode(args) -> None:
@@ -17,7 +17,7 @@ def cmd_bench_decode(args) -> None:
     from ..pipeline import load_pipeline
     from ..samplers import SamplingParams
     from .decode import bench_decode, decode_traces
-    from .floor import attach_floor, floor_summary, get_floor
+    from .floor import HostReadProbe, attach_floor, floor_summary, get_floor
     from .report import print_table, save_results
 
     dev = resolve_device(args.device)
@@ -34,12 +34,14 @@ def cmd_bench_decode(args) -> None:
     floor = get_floor(dev, verbose=True)
     # one thread: CPU seconds, which other processes on a shared machine inflate far less than wall time
     basis = "cpu_s" if dev.type == "cpu" and torch.get_num_threads() == 1 else "wall_s"
+    probe = HostReadProbe(floor, dev)  # the host's read rate before each timed run: fraction_of_live_floor
     for name, gen in targets:
         params = SamplingParams(cfg=args.cfg, top_k=args.top_k)
         traces = decode_traces(gen, params, args.nocache_steps)  # floors' work; warms the model up
         for b in args.batch:
-            rows += attach_floor(bench_decode(gen, name, b, params, args.nocache_steps), traces, floor,
+            rows += attach_floor(bench_decode(gen, name, b, params, args.nocache_steps, probe=probe), traces, floor,
                                  seconds_key=basis, key=lambda r: r["mode"])
+    probe.close()
     print_table(rows, COLUMNS)
     print(floor_summary(floor))
     print(f"fraction_of_floor = floor_s / {basis}")

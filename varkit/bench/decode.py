@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -33,13 +34,23 @@ def decode_without_cache(gen: Generator, cond: torch.Tensor, params: SamplingPar
 
 
 def bench_decode(gen: Generator, name: str, batch: int, params: SamplingParams, nocache_steps: int,
-                 repeats: int = 1) -> list[dict]:
+                 repeats: int = 1, probe: Callable[[str], float | None] | None = None) -> list[dict]:
     """Rows: cached decode over the whole grid, uncached decode over ``nocache_steps`` tokens; ``wall_s`` and
-    ``cpu_s`` (process CPU seconds, mean over ``repeats``) of the whole run."""
+    ``cpu_s`` (process CPU seconds, mean over ``repeats``) of the whole run. ``probe(mode)``: the host's read rate
+    in bytes/s (:class:`varkit.bench.floor.HostReadProbe`), asked right before each mode's timed run and kept as
+    the row's ``host_read_GBps``."""
     dev = next(gen.parameters()).device
     cond = torch.arange(batch, device=dev) % gen.num_classes
     gens = image_generators(0, batch)
     sampler = get_sampler("ancestral", params)
+    rates = {}
+
+    def read_rate(mode: str) -> None:
+        rate = probe(mode) if probe is not None else None
+        if rate:
+            rates[mode] = {"host_read_GBps": rate / 1e9}
+
+    read_rate("kv-cache")
     c0 = time.process_time()
     res, t_cache = timed(lambda: sampler.sample(gen, cond, gens), repeats=repeats, sync=dev.type == "cuda")
     cpu_cache = (time.process_time() - c0) / repeats
@@ -47,13 +58,15 @@ def bench_decode(gen: Generator, name: str, batch: int, params: SamplingParams, 
     rows = [{"model": name, "mode": "kv-cache", "batch": batch, "tokens": n, "wall_s": t_cache, "cpu_s": cpu_cache,
              "tokens_per_s": batch * n / t_cache, "ms_per_step": 1000 * t_cache / n,
              "forward_passes": res.stats.forward_passes, "cache_bytes": res.stats.cache_bytes,
-             "peak_rss_mb": peak_rss_mb()}]
+             "peak_rss_mb": peak_rss_mb(), **rates.get("kv-cache", {})}]
+    read_rate("no-cache")
     c0 = time.process_time()
     _, t_nc = timed(lambda: decode_without_cache(gen, cond, params, gens, nocache_steps), sync=dev.type == "cuda")
     cpu_nc = time.process_time() - c0
     rows.append({"model": name, "mode": "no-cache", "batch": batch, "tokens": nocache_steps, "wall_s": t_nc, "cpu_s": cpu_nc,
                  "tokens_per_s": batch * nocache_steps / t_nc, "ms_per_step": 1000 * t_nc / nocache_steps,
-                 "forward_passes": nocache_steps, "cache_bytes": 0, "peak_rss_mb": peak_rss_mb()})
+                 "forward_passes": nocache_steps, "cache_bytes": 0, "peak_rss_mb": peak_rss_mb(),
+                 **rates.get("no-cache", {})})
     return rows
 
 
