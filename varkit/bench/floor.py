@@ -25,6 +25,10 @@ attention (:func:`trace_work` counts them on one batch-1 run; they scale with th
 The bandwidth is the one measured at the largest size not above the pass's bytes (small models run from the
 caches), the GEMM rate the best measured in that dtype. ``fraction_of_floor`` = floor / measured seconds: 1.0 is
 as fast as the machine allows, 0.5 twice as slow.
+
+A shared host's DRAM read rate drifts while this measurement stays cached, so the benches also probe the host right
+before each timed run (:class:`HostReadProbe`) and report ``fraction_of_live_floor``: the run against the floor at
+the read rate the host gave while it ran (:func:`live_floor`).
 """
 from __future__ import annotations
 
