@@ -37,6 +37,11 @@ def test_bench_mar_tiny_writes_rows_and_floors(tmp_path, capsys):
         assert key in settings, key
     assert settings["threads"] == 1 and settings["official"] is None and settings["repeats"] == [2, 1]
     assert len(settings["machine_measurements"]) == 3  # before the runs and after each batch size
+    # every rate the best of the bench's own measurements and varkit bench floor's cached one (a quick one here),
+    # so a part's floor is never below the floor the other benches use
+    peaks = settings["floor_cache"]["peak_gemm_flops"]
+    for dt, rate in m["gemm_flops"].items():
+        assert rate == max([peaks[dt]] + [x["gemm_flops"][dt] for x in settings["machine_measurements"]])
     out = capsys.readouterr().out
     assert "transformer" in out and "wrote" in out
 

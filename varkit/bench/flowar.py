@@ -437,32 +437,6 @@ def cpu_time_rates(dtypes: list[torch.dtype], sizes: dict[str, int], big_bytes: 
             "big_copy_bytes": big_bytes}
 
 
-def machine_rates(own: dict[str, Any], floor: dict[str, Any] | None, sizes: dict[str, int]) -> dict[str, Any]:
-    """The best of this bench's CPU-time rates and ``varkit bench floor``'s measurement (each a lower bound of what
-    the machine can do): the denominators of every floor."""
-    from .floor import bandwidth_for, peak_rate
-
-    if floor is None:
-        return own
-    bw = dict(own["bandwidth_Bps"])
-    bw["large"] = max(bw["large"], bandwidth_for(floor, own["big_copy_bytes"]))
-    for k, v in sizes.items():
-        bw[k] = max(bw[k], bandwidth_for(floor, v))
-    gemm = {k: max(v, peak_rate(floor, k)) for k, v in own["gemm_flops"].items()}
-    return {**own, "bandwidth_Bps": bw, "gemm_flops": gemm}
-
-
-def best_rates(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
-    """The faster of two measurements of every rate."""
-    if a is None:
-        return b
-    out = dict(b)
-    for key in ("bandwidth_Bps", "gemm_flops"):
-        out[key] = {k: max(a[key].get(k, 0.0), v) for k, v in b[key].items()}
-    out["conv_flops"] = max(a["conv_flops"], b["conv_flops"])
-    return out
-
-
 # -- one batch size: round-robin runs, rows with floors ------------------------------------------------------------------
 @dataclass
 class Result:
@@ -554,7 +528,6 @@ def run_bench(config: str = "flowar-small", batches: tuple[int, ...] = (1, 8), *
     measurement first if none). ``on_batch(rows, parts, settings)`` is called after each batch size with everything
     so far."""
     from ..samplers import SamplingParams
-    from .floor import get_floor
     from .mar import cpu_model
 
     reps = (repeats,) * len(batches) if isinstance(repeats, int) else tuple(repeats)
@@ -606,10 +579,9 @@ def run_bench(config: str = "flowar-small", batches: tuple[int, ...] = (1, 8), *
     head_sizes = {f"head_{s.bytes_per}": s.head_numel * s.bytes_per for s in sides}
     gemm_dtypes = {getattr(torch, s.gemm_dtype) for s in sides}
 
-    floor = get_floor(quick=True, verbose=verbose) if use_floor_cache else None
-    settings["floor_cache"] = None if floor is None else {
-        "key": floor.get("key"), "date": floor.get("date"), "quick": floor.get("quick"),
-        "peak_gemm_flops": floor.get("peak_gemm_flops")}
+    from .mar import best_machine, floor_cache_rates, machine_rates, run_batch_sizes
+
+    floor = floor_cache_rates(settings, use_floor_cache, verbose)
 
     def measure() -> None:
         """(Re)measure the rates; each batch size's rows use the best measurement so far."""
@@ -617,10 +589,8 @@ def run_bench(config: str = "flowar-small", batches: tuple[int, ...] = (1, 8), *
         m = cpu_time_rates(sorted(gemm_dtypes, key=str), head_sizes, big_copy_bytes,
                            min(256, tok.downsample * gen.config.patch_nums[-1]), gemm_size)
         settings.setdefault("machine_measurements", []).append(m)
-        settings["machine"] = best_rates(settings.get("machine"), machine_rates(m, floor, head_sizes))
+        settings["machine"] = best_machine(settings.get("machine"), machine_rates(m, floor, head_sizes))
         settings["floors_s"] = settings.get("floors_s", 0.0) + time.perf_counter() - t0
-
-    from .mar import run_batch_sizes
 
     return run_batch_sizes(batches, reps, settings, measure,
                            lambda B, R, loads: run_round_robin(sides, B, R, verbose, loads),

@@ -111,6 +111,34 @@ def best_machine(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def machine_rates(own: dict[str, Any], floor: dict[str, Any] | None, sizes: dict[str, int]) -> dict[str, Any]:
+    """The best of this bench's CPU-time rates and ``varkit bench floor``'s measurement (each a lower bound of what
+    the machine can do): the denominators of every floor."""
+    from .floor import bandwidth_for, peak_rate
+
+    if floor is None:
+        return own
+    bw = dict(own["bandwidth_Bps"])
+    bw["large"] = max(bw["large"], bandwidth_for(floor, own["big_copy_bytes"]))
+    for k, v in sizes.items():
+        bw[k] = max(bw[k], bandwidth_for(floor, v))
+    gemm = {k: max(v, peak_rate(floor, k)) for k, v in own["gemm_flops"].items()}
+    return {**own, "bandwidth_Bps": bw, "gemm_flops": gemm}
+
+
+def floor_cache_rates(settings: dict[str, Any], use: bool, verbose: bool) -> dict[str, Any] | None:
+    """``varkit bench floor``'s per-machine measurement (a quick one made first if none is cached) where ``use``, noted
+    in ``settings["floor_cache"]``: :func:`machine_rates` takes the better of its rates and a bench's own, so every
+    part-wise floor is at least as high as the floor the other benches use."""
+    from .floor import get_floor
+
+    floor = get_floor(quick=True, verbose=verbose) if use else None
+    settings["floor_cache"] = None if floor is None else {
+        "key": floor.get("key"), "date": floor.get("date"), "quick": floor.get("quick"),
+        "peak_gemm_flops": floor.get("peak_gemm_flops")}
+    return floor
+
+
 # -- work: FLOPs and bytes of MAR's algorithm -------------------------------------------------------------
 def _block_flops(tokens: int, dim: int, hidden: int, queries: int | None = None) -> float:
     """FLOPs of one ViT block over ``tokens`` positions; with ``queries`` only that many rows leave it
@@ -477,11 +505,12 @@ def run_bench(config: str = "mar-base", batches: tuple[int, ...] = (1, 8), *, of
               dtypes: tuple[str, ...] = ("float32", "bfloat16"), prepack: str = "on", official_autocast: bool = False,
               num_iter: int = 64, head_steps: int = 100, cfg: float = 4.0, cfg_schedule: str = "linear",
               temperature: float = 1.0, repeats: int | tuple[int, ...] = 1, seed: int = 0, tokenizer: str = "mar-kl16",
-              big_copy_bytes: int = 1 << 30, gemm_size: int = 2048, verbose: bool = True,
+              big_copy_bytes: int = 1 << 30, gemm_size: int = 2048, use_floor_cache: bool = True, verbose: bool = True,
               on_batch: Callable[[list[dict], list[dict], dict[str, Any]], None] | None = None,
               ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Run the benchmark; (table rows, part rows, settings + machine measurements). ``official``: see
-    :data:`OfficialSides` (the side-by-side script).
+    :data:`OfficialSides` (the side-by-side script). ``use_floor_cache``: also take the rates of ``varkit bench
+    floor``'s per-machine cache (:func:`floor_cache_rates`).
 
     ``on_batch(rows, parts, settings)`` is called after each batch size with everything so far (long runs
     keep their finished batch sizes)."""
@@ -523,13 +552,15 @@ def run_bench(config: str = "mar-base", batches: tuple[int, ...] = (1, 8), *, of
     head_sizes = {f"head_{s.head_bytes_per}": s.head_numel * s.head_bytes_per for s in sides}
     gemm_dtypes = {getattr(torch, n) for s in sides for n in (s.gemm_dtype, s.head_gemm_dtype) if n}
 
+    floor = floor_cache_rates(settings, use_floor_cache, verbose)
+
     def measure() -> None:
         """(Re)measure the floors' rates; each batch size's rows use the best measurement so far."""
         t0 = time.perf_counter()
         m = measure_machine(head_sizes, sorted(gemm_dtypes, key=str), big_copy_bytes,
                             conv_hw=min(256, tok.downsample * gen.config.grid), gemm_size=gemm_size)
         settings.setdefault("machine_measurements", []).append(m)
-        settings["machine"] = best_machine(settings.get("machine"), m)
+        settings["machine"] = best_machine(settings.get("machine"), machine_rates(m, floor, head_sizes))
         settings["floors_s"] = settings.get("floors_s", 0.0) + time.perf_counter() - t0
 
     return run_batch_sizes(batches, reps, settings, measure,
