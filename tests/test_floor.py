@@ -259,6 +259,7 @@ def test_host_read_probe_measures_the_floors_largest_size_at_its_thread_count(mo
     a, b = probe("x"), probe("x")
     monkeypatch.setattr(torch.Tensor, "sum", real_sum)
     assert a > 0 and b > 0 and probe.best("x") == max(a, b) and probe.best("y") is None
+    assert probe.row_fields("x") == {"host_read_GBps": max(a, b) / 1e9} and probe.row_fields("y") == {}
     assert set(sizes) == {1 << 20} and set(threads) == {1} and torch.get_num_threads() == before
     probe.close()
     gpu = FL.HostReadProbe({**FAKE, "device": "cuda"})

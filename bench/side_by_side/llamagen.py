@@ -216,8 +216,7 @@ def run_side_by_side(official_path, batches=(1, 8), cfg: float = 4.0, top_k: int
                    "wall_s": t, "cpu_s": c, "ms_per_step": 1000 * t / 256,
                    "image_tokens_per_s": b * 256 / t, "vs_official": ratio, "cpu_vs_official": c_off / c, "repeats": repeats,
                    "target": f">={target}x" if target else "", "met": ("yes" if ratio >= target else "NO") if target else ""}
-            if probe.best((b, (impl, dt, compiled, packed))):
-                row["host_read_GBps"] = probe.best((b, (impl, dt, compiled, packed))) / 1e9
+            row.update(probe.row_fields((b, (impl, dt, compiled, packed))))
             rows.append(attach_floor([row], traces[dt], floor, seconds_key=basis)[0])
             if cuda and "floor_weight_bytes" in row:  # the bytes the floor counts, per wall second
                 row["achieved_GBps"] = (row["floor_weight_bytes"] + row["floor_kv_bytes"]) / t / 1e9

@@ -299,8 +299,7 @@ def run_side_by_side(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 x = res[w.label]
                 row = make_row("official" if w is off else "varkit", B, x["times"], x["cpu"], x, w.dtype, w.compiled)
                 new.append({**row, **({} if w is off else {"warmup_cpu_s": x["warmup_cpu_s"]})})
-                if probe.best((w.label, B)):
-                    new[-1]["host_read_GBps"] = probe.best((w.label, B)) / 1e9
+                new[-1].update(probe.row_fields((w.label, B)))
                 attach_floor(new[-1:], traces[off_trace if w is off else w.dtype], floor, seconds_key=basis)
                 if cuda:
                     add_achieved_bandwidth(new[-1])

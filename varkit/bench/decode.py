@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -10,6 +10,9 @@ from ..models.base import Generator
 from ..samplers import SamplingParams, get_sampler
 from ..samplers.logits import image_generators, mix_cfg, sample_logits, uniforms
 from .report import peak_rss_mb, timed
+
+if TYPE_CHECKING:
+    from .floor import HostReadProbe
 
 
 @torch.inference_mode()
@@ -34,23 +37,22 @@ def decode_without_cache(gen: Generator, cond: torch.Tensor, params: SamplingPar
 
 
 def bench_decode(gen: Generator, name: str, batch: int, params: SamplingParams, nocache_steps: int,
-                 repeats: int = 1, probe: Callable[[str], float | None] | None = None) -> list[dict]:
+                 repeats: int = 1, probe: HostReadProbe | None = None) -> list[dict]:
     """Rows: cached decode over the whole grid, uncached decode over ``nocache_steps`` tokens; ``wall_s`` and
-    ``cpu_s`` (process CPU seconds, mean over ``repeats``) of the whole run. ``probe(mode)``: the host's read rate
-    in bytes/s (:class:`varkit.bench.floor.HostReadProbe`), asked right before each mode's timed run and kept as
-    the row's ``host_read_GBps``."""
+    ``cpu_s`` (process CPU seconds, mean over ``repeats``) of the whole run. ``probe``: the host's read rate,
+    measured right before each mode's timed run and kept as the row's ``host_read_GBps``."""
     dev = next(gen.parameters()).device
     cond = torch.arange(batch, device=dev) % gen.num_classes
     gens = image_generators(0, batch)
     sampler = get_sampler("ancestral", params)
-    rates = {}
 
-    def read_rate(mode: str) -> None:
-        rate = probe(mode) if probe is not None else None
-        if rate:
-            rates[mode] = {"host_read_GBps": rate / 1e9}
+    def read_rate(mode: str) -> dict[str, float]:
+        if probe is None:
+            return {}
+        probe(mode)
+        return probe.row_fields(mode)
 
-    read_rate("kv-cache")
+    read = read_rate("kv-cache")
     c0 = time.process_time()
     res, t_cache = timed(lambda: sampler.sample(gen, cond, gens), repeats=repeats, sync=dev.type == "cuda")
     cpu_cache = (time.process_time() - c0) / repeats
@@ -58,15 +60,14 @@ def bench_decode(gen: Generator, name: str, batch: int, params: SamplingParams, 
     rows = [{"model": name, "mode": "kv-cache", "batch": batch, "tokens": n, "wall_s": t_cache, "cpu_s": cpu_cache,
              "tokens_per_s": batch * n / t_cache, "ms_per_step": 1000 * t_cache / n,
              "forward_passes": res.stats.forward_passes, "cache_bytes": res.stats.cache_bytes,
-             "peak_rss_mb": peak_rss_mb(), **rates.get("kv-cache", {})}]
-    read_rate("no-cache")
+             "peak_rss_mb": peak_rss_mb(), **read}]
+    read = read_rate("no-cache")
     c0 = time.process_time()
     _, t_nc = timed(lambda: decode_without_cache(gen, cond, params, gens, nocache_steps), sync=dev.type == "cuda")
     cpu_nc = time.process_time() - c0
     rows.append({"model": name, "mode": "no-cache", "batch": batch, "tokens": nocache_steps, "wall_s": t_nc, "cpu_s": cpu_nc,
                  "tokens_per_s": batch * nocache_steps / t_nc, "ms_per_step": 1000 * t_nc / nocache_steps,
-                 "forward_passes": nocache_steps, "cache_bytes": 0, "peak_rss_mb": peak_rss_mb(),
-                 **rates.get("no-cache", {})})
+                 "forward_passes": nocache_steps, "cache_bytes": 0, "peak_rss_mb": peak_rss_mb(), **read})
     return rows
 
 

@@ -560,6 +560,11 @@ def trace_sampling(gen: nn.Module, params, num_classes: int | None = None, sampl
     return tr
 
 
+def dram_bandwidth(floor: dict[str, Any]) -> dict[str, Any]:
+    """The floor's bandwidth measurement at its largest size (DRAM's): what :class:`HostReadProbe` reads again."""
+    return max(floor["bandwidth"], key=lambda r: r["bytes"])
+
+
 class HostReadProbe:
     """The host's DRAM read rate measured next to each timed run, in the same process.
 
@@ -573,7 +578,7 @@ class HostReadProbe:
     def __init__(self, floor: dict[str, Any], device: str | torch.device = "cpu", budget_s: float = 0.1) -> None:
         dev = torch.device(device)
         self.enabled = dev.type == "cpu" and floor.get("device", "cpu") == "cpu"
-        self.nbytes = max(r["bytes"] for r in floor["bandwidth"])
+        self.nbytes = dram_bandwidth(floor)["bytes"]
         self.device, self.budget_s = dev, budget_s
         self.threads = int(floor.get("threads") or torch.get_num_threads())
         self.clock = time.process_time if floor.get("clock") == "process_time" else time.perf_counter
@@ -601,6 +606,12 @@ class HostReadProbe:
         got = self.rates.get(key)
         return max(got) if got else None
 
+    def row_fields(self, key: Any) -> dict[str, float]:
+        """``{"host_read_GBps": best(key) in GB/s}`` for a row (:func:`attach_floor` reads it), or ``{}`` if nothing
+        was probed under ``key``."""
+        best = self.best(key)
+        return {"host_read_GBps": best / 1e9} if best else {}
+
     def close(self) -> None:
         """Free the probe's buffer (the floor's largest size)."""
         self._buffer = None
@@ -609,7 +620,7 @@ class HostReadProbe:
 def live_floor(floor: dict[str, Any], read_Bps: float) -> dict[str, Any]:
     """``floor`` with its DRAM-sized bandwidths (the largest measured size) scaled by ``read_Bps`` over the read
     rate it measured there: the floor of a host that reads ``read_Bps`` now. Cache-sized rates stay as measured."""
-    top = max(r["bytes"] for r in floor["bandwidth"])
+    top = dram_bandwidth(floor)["bytes"]
     out = dict(floor)
     rows = []
     for r in floor["bandwidth"]:
@@ -632,7 +643,7 @@ def attach_floor(rows: list[dict[str, Any]], traces: WorkTrace | dict[Any, WorkT
     ``floor_live_s`` and ``fraction_of_live_floor``: the same against :func:`live_floor` at that rate, and
     ``host_vs_floor_read``, that rate over the floor's."""
     floor = floor or get_floor()
-    top = max(floor["bandwidth"], key=lambda b: b["bytes"])
+    top = dram_bandwidth(floor)
     for r in rows:
         tr = traces if isinstance(traces, WorkTrace) else traces.get(key(r) if key else r.get("model"))
         if tr is None or not r.get(seconds_key):
@@ -698,7 +709,7 @@ def cmd_bench_floor(args) -> None:
         floor = cached
         now = HostReadProbe(floor, dev)("now")  # how far the host has drifted since (None on a GPU)
         if now:
-            top = max(floor["bandwidth"], key=lambda b: b["bytes"])
+            top = dram_bandwidth(floor)
             print(f"the host reads {top['bytes'] >> 20} MiB at {now / 1e9:.1f} GB/s now, {now / top['read_Bps']:.2f} of "
                   f"the cached {top['read_Bps'] / 1e9:.1f} (benches report fraction_of_live_floor against the rate "
                   "while they ran)")

@@ -209,8 +209,7 @@ def run_bench(args, official: OfficialLoop | None = None) -> list[dict[str, Any]
             group = [_row(name, impl, layout, b, t) | {"prepacked": p, "compiled": c}
                      for ((impl, layout, p, c), _, _), t in zip(runs, timed)]
             for i, r in enumerate(group):
-                if probe.best(i):
-                    r["host_read_GBps"] = probe.best(i) / 1e9
+                r.update(probe.row_fields(i))
             probe.close()
             ras = next((r for r in group if r["layout"] == "raster"), None)
             off = next((r for r in group if r["impl"] == "official"), None)

@@ -304,8 +304,7 @@ def run_varkit(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                     if args.verbose:
                         print(f"[run] varkit {label} batch {B} rep {rep}: {r['wall_s']:.2f}s", file=sys.stderr)
                 rows.append({**make_row("varkit", B, times, cpu, kv, dtype, compiled), "warmup_cpu_s": kv["cpu_s"]})
-                if probe.best((label, B)):
-                    rows[-1]["host_read_GBps"] = probe.best((label, B)) / 1e9
+                rows[-1].update(probe.row_fields((label, B)))
                 if args.profile:  # one more (untimed) call under the profiler
                     settings.setdefault("profile_s", {})[f"{B} {label}"] = {
                         "varkit": run_call(pipe, {**req, "batch": B, "seed": args.seed, "profile": True})["profile"]}
