@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from varkit.bench.mar import Side, Split, _counted, _timed, add_mar_arguments, bench_labels, cmd_bench_mar, instrument, \
-    chain_constant_numel, linear_numel
+from varkit.bench.mar import Side, Split, add_mar_arguments, bench_labels, chain_constant_numel, cmd_bench_mar, \
+    linear_numel
+from varkit.bench.partwise import instrument
 from varkit.bench.official import cuda_as_identity, import_checkout, script_main
 from varkit.errors import InvalidArgumentError
 
@@ -62,10 +63,10 @@ def official_mar(mar_module, cfg, sd: dict[str, torch.Tensor], head_steps: int) 
 def official_side(model: nn.Module, vae: nn.Module, settings: dict[str, Any], autocast: bool) -> Side:
     """MAR's loop: ``sample_tokens`` then ``vae.decode(tokens / 0.2325)`` under ``no_grad`` (as its engine)."""
     split = Split()
-    instrument(model, "forward_mae_encoder", lambda f: _timed(f, split, "transformer"))
-    instrument(model, "forward_mae_decoder", lambda f: _timed(f, split, "transformer"))
-    instrument(model.diffloss, "sample", lambda f: _timed(f, split, "head"))
-    instrument(model.diffloss.net, "forward", lambda f: _counted(f, split))
+    instrument(model, "forward_mae_encoder", split.timed("transformer"))
+    instrument(model, "forward_mae_decoder", split.timed("transformer"))
+    instrument(model.diffloss, "sample", split.timed("head"))
+    instrument(model.diffloss.net, "forward", split.count_rows())
 
     def run(batch: int):
         split.reset()

@@ -17,11 +17,11 @@ FlowAR's ``torch.randn``), on the CPU at ``--threads`` threads (1 by default). R
 
 Every run is split into AR (the transformer: encoder + decoder stacks), head (the Euler loops of the flow head),
 decode (VAE) and the rest, timed by wrappers around those calls, and each part is set against its floor on this
-machine, measured at the same thread count: weight bytes over the bandwidth of a copy of that many bytes, FLOPs
-over the rate of a large GEMM (AR, head) or of the VAE's dominant 3x3 convolution (decode). FLOPs are counted
-from the work each side actually did (the head's network calls and their rows, recorded while it runs). Sides
-run round-robin, ``cpu_s`` is the process CPU time of a run, ``x_floor`` CPU seconds over the floor; of
-``--repeats`` runs per side the one with the least CPU time is reported. ``images_max_abs_diff``: the largest
+machine, measured at the same thread count (:mod:`varkit.bench.partwise`): weight bytes over the bandwidth of a
+copy of that many bytes, FLOPs over the rate of a large GEMM (AR, head) or of the VAE's dominant 3x3 convolution
+(decode). FLOPs are counted from the work each side actually did (the head's network calls and their rows,
+recorded while it runs). Sides run round-robin, ``cpu_s`` is the process CPU time of a run, ``x_floor`` CPU seconds
+over the floor; of ``--repeats`` runs per side the one with the least CPU time is reported. ``images_max_abs_diff``: the largest
 pixel difference of each row's images from the official fp32 row's (same weights, same noise).
 """
 from __future__ import annotations
@@ -33,15 +33,16 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
 from .official import cuda_as_identity, import_checkout
+from .partwise import PartTimer, floor_cache_rates, instrument, rate_measurer
 from .report import add_output_args
 
 COLUMNS = ["impl", "dtype", "head_steps", "batch", "s_per_image", "cpu_s_per_image", "vs_official", "cpu_vs_official",
@@ -53,50 +54,23 @@ OFFICIAL_GRID, OFFICIAL_CHANNELS, OFFICIAL_CLASSES = 16, 16, 1000  # what FlowAR
 
 
 # -- timing ------------------------------------------------------------------------------------------------------
-@dataclass
-class Split:
+class Split(PartTimer):
     """Wall and process-CPU seconds per part of one run; the flow network's calls ``(rows, tokens)`` and the
     condition preparations (varkit computes a scale's condition-only work once, FlowAR at every call)."""
 
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
-    cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
-    calls: list[tuple[int, int]] = field(default_factory=list)
-    prepares: list[tuple[int, int]] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.prepares: list[tuple[int, int]] = []
+        super().__init__(PARTS)
 
     def reset(self) -> None:
-        self.seconds, self.cpu = dict.fromkeys(PARTS, 0.0), dict.fromkeys(PARTS, 0.0)
+        super().reset()
         self.calls.clear()  # in place: the counting wrappers hold these lists
         self.prepares.clear()
 
-    @contextlib.contextmanager
-    def part(self, name: str) -> Iterator[None]:
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - t0
-            self.cpu[name] += time.process_time() - c0
-
-    def timed(self, part: str) -> Callable[[Callable], Callable]:
-        def wrap(fn: Callable) -> Callable:
-            def wrapper(*a, **kw):
-                with self.part(part):
-                    return fn(*a, **kw)
-            return wrapper
-        return wrap
-
-    def counted(self, into: list) -> Callable[[Callable], Callable]:
-        def wrap(fn: Callable) -> Callable:
-            def wrapper(x, *a, **kw):
-                into.append((int(x.shape[0]), int(x.shape[1])))
-                return fn(x, *a, **kw)
-            return wrapper
-        return wrap
-
-
-def instrument(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> None:
-    """Replace ``obj.name`` by ``wrap(obj.name)`` as an instance attribute (the class stays untouched)."""
-    setattr(obj, name, wrap(getattr(obj, name)))
+    def count_shapes(self, into: list) -> Callable[[Callable], Callable]:
+        """A wrapper for :func:`instrument` that records each call's ``(rows, tokens)`` in ``into``."""
+        return self.counted(into, lambda x: (int(x.shape[0]), int(x.shape[1])))
 
 
 # -- work: FLOPs of FlowAR's algorithm ------------------------------------------------------------------------------
@@ -308,7 +282,7 @@ def official_side(off: Official, model: nn.Module, vae: nn.Module, gen, settings
     split = Split()
     instrument(model, "forward_mae_encoder", split.timed("ar"))
     instrument(model, "forward_mae_decoder", split.timed("ar"))
-    instrument(model.flownet, "forward", split.counted(split.calls))
+    instrument(model.flownet, "forward", split.count_shapes(split.calls))
     euler = split.timed("head")(off.sampler.euler_sampler)
 
     def run(batch: int) -> torch.Tensor:
@@ -370,8 +344,8 @@ def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack:
     split = Split()
     instrument(gen, "_run", split.timed("ar"))
     instrument(gen.head, "sample", split.timed("head"))
-    instrument(gen.head.net, "forward", split.counted(split.calls))
-    instrument(gen.head.net, "prepare", split.counted(split.prepares))
+    instrument(gen.head.net, "forward", split.count_shapes(split.calls))
+    instrument(gen.head.net, "prepare", split.count_shapes(split.prepares))
     params = SamplingParams(cfg=settings["cfg"], cfg_schedule="linear", head_steps=head_steps,
                             guidance_interval=settings["guidance_interval"])
     sampler = get_sampler("ancestral", params)
@@ -395,46 +369,6 @@ def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack:
     hs = head_steps if isinstance(head_steps, str) else str(head_steps)
     return Side("varkit", name, hs, run, split, head_numel(gen.head.net), ar_numel(gen), size, name, False, prepack,
                 warmup)
-
-
-# -- floors: what this machine can do at this thread count -------------------------------------------------------------
-def best_cpu_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    """Least process CPU time of ``repeats`` calls (after one untimed call): unlike wall time it does not count the
-    time other processes on a shared machine hold the core."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        c0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - c0)
-    return best
-
-
-def cpu_time_rates(dtypes: list[torch.dtype], sizes: dict[str, int], big_bytes: int, conv_hw: int,
-                   gemm_size: int) -> dict[str, Any]:
-    """Copy bandwidths (a ``big_bytes`` copy and one per ``sizes`` entry, read + write counted), GEMM rates per dtype
-    (best of an n³ and an (n/2)³ matmul) and the rate of the VAE's dominant layer (a 3x3 128→128 convolution on a
-    ``conv_hw``² map), each timed in process CPU time."""
-    from .floor import bandwidth_buffer
-
-    def copy_bw(nbytes: int, repeats: int) -> float:  # in huge pages, as varkit bench floor reads
-        n = max(nbytes // 4, 1024)
-        src, dst = bandwidth_buffer(n, torch.device("cpu")).fill_(1), bandwidth_buffer(n, torch.device("cpu"))
-        return 2 * src.nbytes / best_cpu_seconds(lambda: dst.copy_(src), repeats)
-
-    def gemm(dt: torch.dtype, n: int) -> float:
-        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-        return 2 * n ** 3 / best_cpu_seconds(lambda: a @ b, 4)
-
-    conv = nn.Conv2d(128, 128, 3, padding=1)
-    x = torch.randn(1, 128, conv_hw, conv_hw)
-    with torch.inference_mode():
-        conv_s = best_cpu_seconds(lambda: conv(x), 3)
-    return {"bandwidth_Bps": {"large": copy_bw(big_bytes, 4), **{k: copy_bw(v, 10) for k, v in sizes.items()}},
-            "gemm_flops": {str(dt).replace("torch.", ""): max(gemm(dt, gemm_size), gemm(dt, max(gemm_size // 2, 64)))
-                           for dt in dtypes},
-            "conv_flops": 2 * 9 * 128 * 128 * conv_hw * conv_hw / conv_s, "gemm_size": gemm_size,
-            "big_copy_bytes": big_bytes}
 
 
 # -- one batch size: round-robin runs, rows with floors ------------------------------------------------------------------
@@ -579,19 +513,11 @@ def run_bench(config: str = "flowar-small", batches: tuple[int, ...] = (1, 8), *
     head_sizes = {f"head_{s.bytes_per}": s.head_numel * s.bytes_per for s in sides}
     gemm_dtypes = {getattr(torch, s.gemm_dtype) for s in sides}
 
-    from .mar import best_machine, floor_cache_rates, machine_rates, run_batch_sizes
+    from .mar import run_batch_sizes
 
-    floor = floor_cache_rates(settings, use_floor_cache, verbose)
-
-    def measure() -> None:
-        """(Re)measure the rates; each batch size's rows use the best measurement so far."""
-        t0 = time.perf_counter()
-        m = cpu_time_rates(sorted(gemm_dtypes, key=str), head_sizes, big_copy_bytes,
-                           min(256, tok.downsample * gen.config.patch_nums[-1]), gemm_size)
-        settings.setdefault("machine_measurements", []).append(m)
-        settings["machine"] = best_machine(settings.get("machine"), machine_rates(m, floor, head_sizes))
-        settings["floors_s"] = settings.get("floors_s", 0.0) + time.perf_counter() - t0
-
+    measure = rate_measurer(settings, head_sizes, gemm_dtypes, big_copy_bytes,
+                            min(256, tok.downsample * gen.config.patch_nums[-1]), gemm_size,
+                            floor_cache_rates(settings, use_floor_cache, verbose))
     return run_batch_sizes(batches, reps, settings, measure,
                            lambda B, R, loads: run_round_robin(sides, B, R, verbose, loads),
                            lambda results, b: make_rows(sides, results, b, gen, tok, settings["machine"], settings),

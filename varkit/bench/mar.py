@@ -15,28 +15,28 @@ with its sides added (:class:`Side`, :func:`run_bench`'s ``official``).
 
 Every run is split into transformer (encoder + decoder), head (the diffusion sampling loops), decode (VAE) and the
 rest, timed by wrappers around those calls, and each part is set against its floor on this machine, measured at the
-same thread count: weight bytes over the bandwidth of a copy of that many bytes, FLOPs over the rate of a large GEMM
-(transformer, head) or of the VAE's dominant 3x3 convolution (decode). Sides are timed round-robin so that load from
-other processes falls on all of them alike; ``cpu_s`` is the process CPU time of a run (steadier than wall time on a
-shared machine), and ``x_floor`` is CPU seconds over the floor. Of ``--repeats`` runs per side, the one with the
-least CPU time is reported (its wall and CPU seconds); the parts' seconds and floors are per run (the whole batch),
-``s_per_image`` and ``cpu_s_per_image`` per image.
+same thread count (:mod:`varkit.bench.partwise`, in process CPU time): weight bytes over the bandwidth of a copy of
+that many bytes, FLOPs over the rate of a large GEMM (transformer, head) or of the VAE's dominant 3x3 convolution
+(decode). Sides are timed round-robin so that load from other processes falls on all of them alike; ``cpu_s`` is the
+process CPU time of a run (steadier than wall time on a shared machine), and ``x_floor`` is CPU seconds over the
+floor. Of ``--repeats`` runs per side, the one with the least CPU time is reported (its wall and CPU seconds); the
+parts' seconds and floors are per run (the whole batch), ``s_per_image`` and ``cpu_s_per_image`` per image.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from .partwise import PartTimer, floor_cache_rates, instrument, rate_measurer
 from .report import add_output_args
 
 COLUMNS = ["impl", "dtype", "prepacked", "batch", "s_per_image", "cpu_s_per_image", "vs_official", "cpu_vs_official",
@@ -44,99 +44,6 @@ COLUMNS = ["impl", "dtype", "prepacked", "batch", "s_per_image", "cpu_s_per_imag
 PART_COLUMNS = ["impl", "dtype", "prepacked", "batch", "part", "seconds", "cpu_s", "floor_s", "x_floor", "bound", "share"]
 PARTS = ("transformer", "head", "decode")
 LABELS = [207, 360, 388, 113, 355, 980, 323, 979, 88, 22, 437, 562, 1, 130, 94, 33]  # MAR's demo classes first
-
-
-# -- floors: what this machine can do at this thread count ------------------------------------------
-def _best_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
-    """Bytes/s of ``dst.copy_(src)`` on ``nbytes``-byte fp32 tensors, counting the read and the write (STREAM's copy);
-    both in huge pages, as ``varkit bench floor`` reads (:func:`varkit.bench.floor.bandwidth_buffer`)."""
-    from .floor import bandwidth_buffer
-
-    n = max(nbytes // 4, 1024)
-    src, dst = bandwidth_buffer(n, torch.device("cpu")).fill_(1), bandwidth_buffer(n, torch.device("cpu"))
-    return 2 * src.nbytes / _best_time(lambda: dst.copy_(src), repeats)
-
-
-def gemm_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a ``size``³ matmul in ``dtype``."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    return 2 * size ** 3 / _best_time(lambda: a @ b, repeats)
-
-
-def conv_rate(dtype: torch.dtype = torch.float32, channels: int = 128, hw: int = 256, repeats: int = 4) -> float:
-    """FLOP/s of a 3x3 ``channels``→``channels`` convolution on a ``hw``² map: the VAE decoder's dominant layer."""
-    conv = nn.Conv2d(channels, channels, 3, padding=1).to(dtype)
-    x = torch.randn(1, channels, hw, hw).to(dtype)
-    with torch.no_grad():
-        t = _best_time(lambda: conv(x), repeats)
-    return 2 * 9 * channels * channels * hw * hw / t
-
-
-def measure_machine(head_bytes: dict[str, int], dtypes: list[torch.dtype], big_bytes: int = 1 << 30,
-                    conv_hw: int = 256, gemm_size: int = 2048) -> dict[str, Any]:
-    """Bandwidths (a ``big_bytes`` copy; a copy the size of the head's weights in each dtype), GEMM rates per
-    dtype (the best of an n³ and an (n/2)³ matmul), the conv rate (the best at two map sizes): the denominators
-    of every floor. Best-of timings, so that other processes on the machine lower them as little as possible."""
-    bw = {"large": copy_bandwidth(big_bytes, repeats=8)}
-    for name, nbytes in head_bytes.items():
-        bw[name] = copy_bandwidth(nbytes, repeats=20)
-    return {
-        "bandwidth_Bps": bw,
-        "gemm_flops": {str(dt).replace("torch.", ""): max(gemm_rate(dt, gemm_size), gemm_rate(dt, max(gemm_size // 2, 64)))
-                       for dt in dtypes},
-        "gemm_size": gemm_size,
-        "conv_flops": max(conv_rate(hw=conv_hw), conv_rate(hw=max(conv_hw // 2, 8))),
-        "big_copy_bytes": big_bytes,
-    }
-
-
-def best_machine(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
-    """The faster of two measurements of every rate (each is a lower bound of what the machine can do)."""
-    if a is None:
-        return b
-    out = dict(b)
-    for key in ("bandwidth_Bps", "gemm_flops"):
-        out[key] = {k: max(a[key].get(k, 0.0), v) for k, v in b[key].items()}
-    out["conv_flops"] = max(a["conv_flops"], b["conv_flops"])
-    return out
-
-
-def machine_rates(own: dict[str, Any], floor: dict[str, Any] | None, sizes: dict[str, int]) -> dict[str, Any]:
-    """The best of this bench's CPU-time rates and ``varkit bench floor``'s measurement (each a lower bound of what
-    the machine can do): the denominators of every floor."""
-    from .floor import bandwidth_for, peak_rate
-
-    if floor is None:
-        return own
-    bw = dict(own["bandwidth_Bps"])
-    bw["large"] = max(bw["large"], bandwidth_for(floor, own["big_copy_bytes"]))
-    for k, v in sizes.items():
-        bw[k] = max(bw[k], bandwidth_for(floor, v))
-    gemm = {k: max(v, peak_rate(floor, k)) for k, v in own["gemm_flops"].items()}
-    return {**own, "bandwidth_Bps": bw, "gemm_flops": gemm}
-
-
-def floor_cache_rates(settings: dict[str, Any], use: bool, verbose: bool) -> dict[str, Any] | None:
-    """``varkit bench floor``'s per-machine measurement (a quick one made first if none is cached) where ``use``, noted
-    in ``settings["floor_cache"]``: :func:`machine_rates` takes the better of its rates and a bench's own, so every
-    part-wise floor is at least as high as the floor the other benches use."""
-    from .floor import get_floor
-
-    floor = get_floor(quick=True, verbose=verbose) if use else None
-    settings["floor_cache"] = None if floor is None else {
-        "key": floor.get("key"), "date": floor.get("date"), "quick": floor.get("quick"),
-        "peak_gemm_flops": floor.get("peak_gemm_flops")}
-    return floor
 
 
 # -- work: FLOPs and bytes of MAR's algorithm -------------------------------------------------------------
@@ -183,45 +90,20 @@ def transformer_numel(gen) -> int:
 
 
 # -- timing wrappers ---------------------------------------------------------------------------------------
-@dataclass
-class Split:
+class Split(PartTimer):
     """Wall and process-CPU seconds per part of one run, and the diffusion network calls (rows of each)."""
 
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
-    cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
-    net_rows: list[int] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.net_rows: list[int] = []
+        super().__init__(PARTS)
 
     def reset(self) -> None:
-        self.seconds, self.cpu = dict.fromkeys(PARTS, 0.0), dict.fromkeys(PARTS, 0.0)
-        self.net_rows = []
+        super().reset()
+        self.net_rows.clear()  # in place: the counting wrappers hold this list
 
-    @contextlib.contextmanager
-    def part(self, name: str) -> Iterator[None]:
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - t0
-            self.cpu[name] += time.process_time() - c0
-
-
-def _timed(fn: Callable, split: Split, part: str) -> Callable:
-    def wrapper(*a, **kw):
-        with split.part(part):
-            return fn(*a, **kw)
-    return wrapper
-
-
-def _counted(fn: Callable, split: Split) -> Callable:
-    def wrapper(x, *a, **kw):
-        split.net_rows.append(int(x.shape[0]))
-        return fn(x, *a, **kw)
-    return wrapper
-
-
-def instrument(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> None:
-    """Replace ``obj.name`` by ``wrap(obj.name)`` as an instance attribute (the class stays untouched)."""
-    setattr(obj, name, wrap(getattr(obj, name)))
+    def count_rows(self) -> Callable[[Callable], Callable]:
+        """A wrapper for :func:`instrument` that records each call's rows in ``net_rows``."""
+        return self.counted(self.net_rows, lambda x: int(x.shape[0]))
 
 
 # -- weights ---------------------------------------------------------------------------------------------------
@@ -318,11 +200,11 @@ def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack:
     tok = copy.deepcopy(tok)
     use_fast_kernels(tok)  # the decoder's CPU kernels, as load_pipeline's on a CPU (Winograd convs, fused norms)
     split = Split()
-    instrument(gen, "encode", lambda f: _timed(f, split, "transformer"))
-    instrument(gen, "decode", lambda f: _timed(f, split, "transformer"))
-    instrument(gen.head, "sample", lambda f: _timed(f, split, "head"))
-    instrument(gen.head.net, "forward", lambda f: _counted(f, split))
-    instrument(gen.head.net, "step", lambda f: _counted(f, split))  # sampling calls step (condition work hoisted)
+    instrument(gen, "encode", split.timed("transformer"))
+    instrument(gen, "decode", split.timed("transformer"))
+    instrument(gen.head, "sample", split.timed("head"))
+    instrument(gen.head.net, "forward", split.count_rows())
+    instrument(gen.head.net, "step", split.count_rows())  # sampling calls step (condition work hoisted)
     params = SamplingParams(cfg=settings["cfg"], cfg_schedule=settings["cfg_schedule"], temperature=settings["temperature"],
                             head_steps=settings["head_steps"], num_iter=settings["num_iter"])
     sampler = get_sampler("ancestral", params)
@@ -552,17 +434,9 @@ def run_bench(config: str = "mar-base", batches: tuple[int, ...] = (1, 8), *, of
     head_sizes = {f"head_{s.head_bytes_per}": s.head_numel * s.head_bytes_per for s in sides}
     gemm_dtypes = {getattr(torch, n) for s in sides for n in (s.gemm_dtype, s.head_gemm_dtype) if n}
 
-    floor = floor_cache_rates(settings, use_floor_cache, verbose)
-
-    def measure() -> None:
-        """(Re)measure the floors' rates; each batch size's rows use the best measurement so far."""
-        t0 = time.perf_counter()
-        m = measure_machine(head_sizes, sorted(gemm_dtypes, key=str), big_copy_bytes,
-                            conv_hw=min(256, tok.downsample * gen.config.grid), gemm_size=gemm_size)
-        settings.setdefault("machine_measurements", []).append(m)
-        settings["machine"] = best_machine(settings.get("machine"), machine_rates(m, floor, head_sizes))
-        settings["floors_s"] = settings.get("floors_s", 0.0) + time.perf_counter() - t0
-
+    measure = rate_measurer(settings, head_sizes, gemm_dtypes, big_copy_bytes,
+                            min(256, tok.downsample * gen.config.grid), gemm_size,
+                            floor_cache_rates(settings, use_floor_cache, verbose))
     return run_batch_sizes(batches, reps, settings, measure,
                            lambda B, R, loads: run_round_robin(sides, B, R, verbose, loads),
                            lambda results, b: make_rows(sides, results, b, gen, tok, settings["machine"], settings),
