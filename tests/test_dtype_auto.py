@@ -124,19 +124,45 @@ def test_cuda_without_a_gpu_is_one_clear_line():
 
 
 def test_cuda_without_bf16_auto_picks_fp32_and_explicit_bf16_fails(monkeypatch):
-    """A GPU without native bf16 (pre-Ampere): auto is fp32 with no error; bfloat16 asked for is a clear error."""
+    """A GPU without native bf16 (pre-Ampere): auto is fp32 with a one-line warning; bfloat16 asked for is a clear
+    error."""
     import varkit.device as D
 
     monkeypatch.setattr(D, "resolve_device", lambda device: torch.device("cuda", 0))
     monkeypatch.setattr(D, "_cuda_bf16", lambda dev: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "Tesla V100-SXM2-16GB")
-    assert D.resolve_dtype("auto", "cuda") == torch.float32
+    with pytest.warns(UserWarning, match=r"V100.*no native bf16.*float32") as record:
+        assert D.resolve_dtype("auto", "cuda") == torch.float32
+    assert len(record) == 1 and "\n" not in str(record[0].message)
     assert D.resolve_dtype("float32", "cuda") == torch.float32
     with pytest.raises(DeviceError, match="V100.*no native bf16.*--dtype float32") as e:
         D.resolve_dtype("bfloat16", "cuda")
     assert "\n" not in str(e.value)
     monkeypatch.setattr(D, "_cuda_bf16", lambda dev: True)
     assert D.resolve_dtype("auto", "cuda") == torch.bfloat16
+
+
+def test_cli_prints_varkit_warnings_as_one_line(monkeypatch, capsys):
+    """The command line shows varkit's warnings (such as auto's fp32 on a GPU without bf16) as one line."""
+    import sys
+    import warnings
+
+    import varkit.cli as C
+
+    def command(args):
+        warnings.warn("varkit: something happened; do X")
+        warnings.warn("another library's warning")
+
+    monkeypatch.setattr(C, "cmd_models", command)
+    with warnings.catch_warnings():  # pytest records warnings: show them through formatwarning as Python does
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(m, c, f, n, line))
+        assert C.main(["models"]) == 0
+        assert warnings.formatwarning is not C.one_line_warning  # restored after the command
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "varkit: warning: something happened; do X"
+    assert "UserWarning: another library's warning" in err[1]
 
 
 def test_generate_defaults_to_auto(tmp_path, capsys):

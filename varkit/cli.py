@@ -9,6 +9,7 @@ import argparse
 import math
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import InvalidArgumentError, VarkitError
@@ -559,6 +560,18 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` for the command line: varkit's own warnings (``"varkit: ..."``) as one line,
+    ``varkit: warning: ...``, without the source location and line Python adds; others as Python formats them."""
+    text = str(message)
+    if text.startswith("varkit: "):
+        return f"varkit: warning: {text[len('varkit: '):]}\n"
+    return _python_formatwarning(message, category, filename, lineno, line)
+
+
+_python_formatwarning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
@@ -567,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(_command_in(argv)).parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    previous_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
         args.func(args)
     except VarkitError as exc:
@@ -579,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         print("varkit: terminated (SIGTERM); files being written were removed, finished ones kept", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
+        warnings.formatwarning = previous_format
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -137,13 +138,18 @@ def cpu_dtype_choice(info: dict, onednn_bf16: bool = True, floor: dict | None = 
 def auto_dtype(device: str | torch.device | None = "cpu", model: torch.nn.Module | None = None) -> torch.dtype:
     """The generator dtype ``"auto"`` picks: the fastest one whose arithmetic the hardware does natively.
 
-    CUDA: bf16 where the GPU supports it natively (Ampere or newer), else fp32, never an error. CPU:
+    CUDA: bf16 where the GPU supports it natively (Ampere or newer), else fp32 with a one-line warning, never an
+    error. CPU:
     :func:`cpu_dtype_choice` on this machine's CPU, this torch's oneDNN, the cached floor measurement of
     this machine at this thread count, if ``varkit bench floor`` made one, and the ``model``'s size (when given).
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if dev.type == "cuda":
-        return torch.bfloat16 if _cuda_bf16(dev) else torch.float32
+        if _cuda_bf16(dev):
+            return torch.bfloat16
+        warnings.warn(f"varkit: {torch.cuda.get_device_name(dev)} has no native bf16, so dtype auto runs float32 "
+                      "(pass --dtype float32 / dtype='float32' to choose it explicitly)", stacklevel=2)
+        return torch.float32
     info = cpu_info()
     if not native_bf16(info):
         return torch.float32
