@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from .official import cuda_as_identity, import_checkout
-from .partwise import PartTimer, floor_cache_rates, instrument, rate_measurer
+from .partwise import PartTimer, batch_saver, floor_cache_rates, instrument, print_report, rate_measurer
 from .report import add_output_args
 
 COLUMNS = ["impl", "dtype", "head_steps", "batch", "s_per_image", "cpu_s_per_image", "vs_official", "cpu_vs_official",
@@ -525,27 +525,15 @@ def run_bench(config: str = "flowar-small", batches: tuple[int, ...] = (1, 8), *
 
 
 def cmd_bench_flowar(args) -> None:
-    from .report import print_table, save_results
-
     torch.set_num_threads(args.threads)
-
-    def save(rows, parts, settings):
-        path = save_results(args.name, rows, settings | {"parts": parts}, args.out_dir)
-        print(f"wrote {path} (batch sizes {sorted({r['batch'] for r in rows})})", flush=True)
 
     rows, parts, settings = run_bench(
         args.config, tuple(args.batch), official=args.official, dtypes=tuple(args.dtype), prepack=args.prepack == "on",
         official_autocast=args.official_autocast, head_steps=args.head_steps, anneal=tuple(args.anneal), cfg=args.cfg,
         guidance_interval=args.guidance_interval, repeats=tuple(args.repeats), seed=args.seed, tokenizer=args.tokenizer,
-        big_copy_bytes=args.copy_mib << 20, gemm_size=args.gemm_size, on_batch=save)
-    print_table(rows, COLUMNS)
-    print()
-    print_table(parts, PART_COLUMNS)
-    m = settings["machine"]
-    print(f"\nfloors at {settings['threads']} thread(s) on {settings['cpu_model']}: copy bandwidth "
-          + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in m["bandwidth_Bps"].items())
-          + "; GEMM " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in m["gemm_flops"].items())
-          + f"; 3x3 conv {m['conv_flops'] / 1e9:.0f} GFLOP/s")
+        big_copy_bytes=args.copy_mib << 20, gemm_size=args.gemm_size,
+        on_batch=batch_saver(args.name, args.out_dir))
+    print_report(rows, parts, settings, COLUMNS, PART_COLUMNS)
 
 
 def _head_steps_arg(text: str):

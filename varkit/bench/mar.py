@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
-from .partwise import PartTimer, floor_cache_rates, instrument, rate_measurer
+from .partwise import PartTimer, batch_saver, floor_cache_rates, instrument, print_report, rate_measurer
 from .report import add_output_args
 
 COLUMNS = ["impl", "dtype", "prepacked", "batch", "s_per_image", "cpu_s_per_image", "vs_official", "cpu_vs_official",
@@ -475,8 +475,6 @@ def run_batch_sizes(batches, reps, settings: dict[str, Any], measure: Callable[[
 
 def cmd_bench_mar(args, official: OfficialSides | None = None) -> None:
     """Run, print the tables, write the JSON. ``--official``: the side-by-side script does it, with ``official``."""
-    from .report import print_table, save_results
-
     if args.official and official is None:
         from .scripts import load_script
 
@@ -484,26 +482,13 @@ def cmd_bench_mar(args, official: OfficialSides | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
 
-    def save(rows, parts, settings):
-        path = save_results(args.name, rows, settings | {"parts": parts}, args.out_dir)
-        print(f"wrote {path} (batch sizes {sorted({r['batch'] for r in rows})})", flush=True)
-
     rows, parts, settings = run_bench(
         args.config, tuple(args.batch), official=official, dtypes=tuple(args.dtype), prepack=args.prepack,
         official_autocast=args.official_autocast, num_iter=args.num_iter, head_steps=args.head_steps, cfg=args.cfg,
         cfg_schedule=args.cfg_schedule, temperature=args.temperature, repeats=tuple(args.repeats), seed=args.seed,
-        tokenizer=args.tokenizer, big_copy_bytes=args.copy_mib << 20, gemm_size=args.gemm_size, on_batch=save)
-    print_table(rows, COLUMNS)
-    print()
-    print_table(parts, PART_COLUMNS)
-    m = settings["machine"]
-    print(f"\nfloors at {settings['threads']} thread(s) on {settings['cpu_model']}: copy bandwidth "
-          + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in m["bandwidth_Bps"].items())
-          + "; GEMM " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in m["gemm_flops"].items())
-          + f"; 3x3 conv {m['conv_flops'] / 1e9:.0f} GFLOP/s")
-    la = settings.get("loadavg_runs") or []
-    if la:
-        print(f"load average during the runs: {min(la):.2f} .. {max(la):.2f} (machine has {os.cpu_count()} CPUs)")
+        tokenizer=args.tokenizer, big_copy_bytes=args.copy_mib << 20, gemm_size=args.gemm_size,
+        on_batch=batch_saver(args.name, args.out_dir))
+    print_report(rows, parts, settings, COLUMNS, PART_COLUMNS)
 
 
 def add_mar_bench_parser(bench_subparsers) -> argparse.ArgumentParser:

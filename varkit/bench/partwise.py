@@ -171,3 +171,34 @@ def rate_measurer(settings: dict[str, Any], sizes: dict[str, int], dtypes: set[t
         settings["machine"] = best_machine(settings.get("machine"), machine_rates(m, floor, sizes))
         settings["floors_s"] = settings.get("floors_s", 0.0) + time.perf_counter() - t0
     return measure
+
+
+# -- a part-wise bench's output ------------------------------------------------------------------------------------------
+def batch_saver(name: str, out_dir) -> Callable[[list, list, dict], None]:
+    """An ``on_batch`` that writes the rows so far (the part rows in the settings) after every batch size, so that a
+    long bench killed midway keeps what it measured."""
+    from .report import save_results
+
+    def save(rows: list, parts: list, settings: dict) -> None:
+        path = save_results(name, rows, settings | {"parts": parts}, out_dir)
+        print(f"wrote {path} (batch sizes {sorted({r['batch'] for r in rows})})", flush=True)
+    return save
+
+
+def print_report(rows: list, parts: list, settings: dict, columns: list[str], part_columns: list[str]) -> None:
+    """The rows' table, the part rows' table, the rates the floors divide by and the load during the runs."""
+    import os
+
+    from .report import print_table
+
+    print_table(rows, columns)
+    print()
+    print_table(parts, part_columns)
+    m = settings["machine"]
+    print(f"\nfloors at {settings['threads']} thread(s) on {settings['cpu_model']}: copy bandwidth "
+          + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in m["bandwidth_Bps"].items())
+          + "; GEMM " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in m["gemm_flops"].items())
+          + f"; 3x3 conv {m['conv_flops'] / 1e9:.0f} GFLOP/s")
+    la = settings.get("loadavg_runs") or []
+    if la:
+        print(f"load average during the runs: {min(la):.2f} .. {max(la):.2f} (machine has {os.cpu_count()} CPUs)")
