@@ -333,8 +333,8 @@ def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack:
     in fp32 on the decoder's CPU kernels (as a pipeline's on a CPU)."""
     from ..nn.layers import prepack_linears
     from ..nn.ldm import use_fast_kernels
-    from ..samplers import SamplingParams, get_sampler
-    from ..samplers.random import image_generators
+    from ..samplers import SamplingParams
+    from .mar import ancestral_run
 
     gen = copy.deepcopy(gen).to(dtype).eval()
     if prepack:
@@ -348,21 +348,9 @@ def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack:
     instrument(gen.head.net, "prepare", split.count_shapes(split.prepares))
     params = SamplingParams(cfg=settings["cfg"], cfg_schedule="linear", head_steps=head_steps,
                             guidance_interval=settings["guidance_interval"])
-    sampler = get_sampler("ancestral", params)
-
-    def run(batch: int) -> torch.Tensor:
-        split.reset()
-        labels = bench_labels(batch, gen.num_classes)
-        res = sampler.sample(gen, labels, image_generators(settings["seed"], batch))
-        with torch.inference_mode(), split.part("decode"):
-            return tok.decode(gen.layout.to_tokenizer_ids(res.tokens))
-
-    def warmup():
-        """One image at 1 head step: every linear sees a no-grad call (prepacked weights get packed)."""
-        small = SamplingParams(cfg=settings["cfg"], cfg_schedule="linear", head_steps=1,
-                               guidance_interval=settings["guidance_interval"])
-        get_sampler("ancestral", small).sample(gen, bench_labels(1, gen.num_classes), image_generators(0, 1))
-        split.reset()
+    small = SamplingParams(cfg=settings["cfg"], cfg_schedule="linear", head_steps=1,  # warmup: 1 head step
+                           guidance_interval=settings["guidance_interval"])
+    run, warmup = ancestral_run(gen, tok, split, params, small, settings["seed"])
 
     name = str(dtype).replace("torch.", "")
     size = torch.tensor([], dtype=dtype).element_size()

@@ -167,6 +167,29 @@ def bench_labels(batch: int, num_classes: int) -> torch.Tensor:
     return torch.tensor([LABELS[i % len(LABELS)] % num_classes for i in range(batch)])
 
 
+def ancestral_run(gen, tok, split: PartTimer, params, warm_params,
+                  seed: int) -> tuple[Callable[[int], torch.Tensor], Callable[[], None]]:
+    """A varkit side's ``run(batch)`` and ``warmup()`` in the MAR and FlowAR benches: the ancestral sampler with
+    ``params`` on :func:`bench_labels` and per-image seeds, then ``tok.decode`` timed as the part ``decode``; the
+    warmup samples one image with ``warm_params`` (every linear sees a no-grad call: prepacked weights get packed)."""
+    from ..samplers import get_sampler
+    from ..samplers.random import image_generators
+
+    sampler = get_sampler("ancestral", params)
+
+    def run(batch: int) -> torch.Tensor:
+        split.reset()
+        res = sampler.sample(gen, bench_labels(batch, gen.num_classes), image_generators(seed, batch))
+        with torch.inference_mode(), split.part("decode"):
+            return tok.decode(gen.layout.to_tokenizer_ids(res.tokens))
+
+    def warmup() -> None:
+        get_sampler("ancestral", warm_params).sample(gen, bench_labels(1, gen.num_classes), image_generators(0, 1))
+        split.reset()
+
+    return run, warmup
+
+
 def parse_dtype_spec(spec: str) -> tuple[torch.dtype, torch.dtype]:
     """``"bfloat16"`` (generator and head) or ``"bfloat16/float32"`` (generator / head) → torch dtypes."""
     from ..device import resolve_dtype
@@ -189,8 +212,7 @@ def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack:
     then ``tok.decode`` in fp32 on the decoder's CPU kernels (as a pipeline's on a CPU)."""
     from ..nn.layers import prepack_linears
     from ..nn.ldm import use_fast_kernels
-    from ..samplers import SamplingParams, get_sampler
-    from ..samplers.random import image_generators
+    from ..samplers import SamplingParams
 
     head_dtype = head_dtype or dtype
     gen = copy.deepcopy(gen).to(dtype).eval()
@@ -207,20 +229,9 @@ def varkit_side(gen, tok, settings: dict[str, Any], dtype: torch.dtype, prepack:
     instrument(gen.head.net, "step", split.count_rows())  # sampling calls step (condition work hoisted)
     params = SamplingParams(cfg=settings["cfg"], cfg_schedule=settings["cfg_schedule"], temperature=settings["temperature"],
                             head_steps=settings["head_steps"], num_iter=settings["num_iter"])
-    sampler = get_sampler("ancestral", params)
-
-    def run(batch: int):
-        split.reset()
-        labels = bench_labels(batch, gen.num_classes)
-        res = sampler.sample(gen, labels, image_generators(settings["seed"], batch))
-        with torch.inference_mode(), split.part("decode"):
-            return tok.decode(gen.layout.to_tokenizer_ids(res.tokens))
-
-    def warmup():
-        """One 1-step, 2-diffusion-step image: every linear sees a no-grad call (prepacked weights get packed)."""
-        small = SamplingParams(cfg=settings["cfg"], cfg_schedule=settings["cfg_schedule"], head_steps=2, num_iter=1)
-        get_sampler("ancestral", small).sample(gen, bench_labels(1, gen.num_classes), image_generators(0, 1))
-        split.reset()
+    # warmup: one 1-step, 2-diffusion-step image
+    small = SamplingParams(cfg=settings["cfg"], cfg_schedule=settings["cfg_schedule"], head_steps=2, num_iter=1)
+    run, warmup = ancestral_run(gen, tok, split, params, small, settings["seed"])
 
     name, hname = (str(d).replace("torch.", "") for d in (dtype, head_dtype))
     size = torch.tensor([], dtype=dtype).element_size()
