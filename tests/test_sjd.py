@@ -270,5 +270,9 @@ def test_bench_sjd_cli(tiny_pipeline, tmp_path, capsys):
     assert {r["sampler"] for r in data["rows"]} == {"ancestral", "sjd w3", "sjd w16", "sjd w3 mc", "sjd w16 mc"}
     anc = [r for r in data["rows"] if r["sampler"] == "ancestral"]
     assert all(r["passes"] == 16 and r["accepted_per_pass"] == 1 for r in anc)
+    for r in data["rows"]:  # the floor counts the work of the timed calls, replayed with the same draws
+        assert r["floor_passes"] == r["passes"] * r["images"] / r["batch"], r
+        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r["wall_s"], rel=1e-12)
+    assert data["floor"]["peak_gemm_flops"]
     assert (tmp_path / "r" / "sjd_accepted.png").stat().st_size > 0
     assert "sjd w16" in capsys.readouterr().out

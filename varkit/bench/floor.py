@@ -41,7 +41,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -454,11 +454,29 @@ def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
             delattr(obj, name)
 
 
+PASS_METHODS = ("prefill", "forward", "forward_rows", "teacher_forcing_logits", "dd_forward")
+HEAD_NET_METHODS = ("forward", "step")
+
+
+def pass_points(models: Iterable[nn.Module]) -> list[tuple[Any, str]]:
+    """``(object, method name)`` of every call :func:`trace_work` counts as a pass: the generators'
+    :data:`PASS_METHODS` and their heads' networks' :data:`HEAD_NET_METHODS` (a diffusion or flow head calls its
+    network many times a token, each call reading its weights again)."""
+    points = []
+    for m in models:
+        points += [(m, n) for n in PASS_METHODS if callable(getattr(m, n, None))]
+        net = getattr(getattr(m, "head", None), "net", None)
+        if isinstance(net, nn.Module):
+            points += [(net, n) for n in HEAD_NET_METHODS if callable(getattr(net, n, None))]
+    return points
+
+
 @contextlib.contextmanager
-def trace_work(gen: nn.Module, *others: nn.Module) -> Iterator[WorkTrace]:
-    """Count the work of whatever runs inside the block: every call of ``gen``'s ``prefill``/``forward``/
-    ``teacher_forcing_logits`` is one pass; GEMMs, convolutions and attention in ``gen`` and ``others`` (a
-    tokenizer) outside those calls go to ``other``. Eager only: a compiled decode step is set aside meanwhile.
+def trace_work(gen: nn.Module, *others: nn.Module, drafts: Sequence[nn.Module] = ()) -> Iterator[WorkTrace]:
+    """Count the work of whatever runs inside the block: every call of a :func:`pass_points` method of ``gen`` and
+    of the ``drafts`` (draft models of speculative samplers) that is not inside another is one pass; GEMMs,
+    convolutions and attention in these and ``others`` (a tokenizer) outside those calls go to ``other``. Eager
+    only: a compiled decode step is set aside meanwhile.
 
     Counted: ``2·rows·in·out`` per linear, ``2·out·in/groups·kernel`` per convolution output (a quarter of that,
     Winograd F(4x4, 3x3)'s products, for the 3x3 convolutions :func:`varkit.nn.winograd.eligible` takes on a CPU,
@@ -472,7 +490,8 @@ def trace_work(gen: nn.Module, *others: nn.Module) -> Iterator[WorkTrace]:
 
     trace = WorkTrace(passes=[], other=PassWork())
     state = {"depth": 0}
-    mods = {id(m) for root in (gen, *others) for m in root.modules()}
+    roots = (gen, *drafts, *others)
+    mods = {id(m) for root in roots for m in root.modules()}
 
     def current() -> PassWork:
         return trace.passes[-1] if state["depth"] > 0 else trace.other
@@ -525,7 +544,7 @@ def trace_work(gen: nn.Module, *others: nn.Module) -> Iterator[WorkTrace]:
         return run
 
     handles = []
-    for root in (gen, *others):
+    for root in roots:
         for m in root.modules():
             if isinstance(m, nn.Linear):
                 handles.append(m.register_forward_hook(linear_hook))
@@ -533,19 +552,33 @@ def trace_work(gen: nn.Module, *others: nn.Module) -> Iterator[WorkTrace]:
                 handles.append(m.register_forward_hook(conv_hook))
             elif isinstance(m, Attention):
                 handles.append(m.register_forward_pre_hook(attention_hook, with_kwargs=True))
-    compiled = gen.__dict__.pop("_compiled_step", None)
+    compiled = {id(m): (m, m.__dict__.pop("_compiled_step")) for m in (gen, *drafts) if "_compiled_step" in m.__dict__}
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_patched(Linear, "linear", counting_linear))
-            for name in ("prefill", "forward", "teacher_forcing_logits"):
-                if hasattr(gen, name):
-                    stack.enter_context(_patched(gen, name, pass_method(getattr(gen, name))))
+            for obj, name in pass_points((gen, *drafts)):
+                stack.enter_context(_patched(obj, name, pass_method(getattr(obj, name))))
             yield trace
     finally:
         for h in handles:
             h.remove()
-        if compiled is not None:
-            gen.__dict__["_compiled_step"] = compiled
+        for m, step in compiled.values():
+            m.__dict__["_compiled_step"] = step
+
+
+def run_floor(run: Callable[[], Any], models: Sequence[nn.Module], images: int, seconds: float | None,
+              floor: dict[str, Any] | None = None, others: Sequence[nn.Module] = ()) -> dict[str, Any]:
+    """A timed bench row's floor: ``run()``, the timed work done again with the same seeds (so the same passes),
+    under :func:`trace_work` of ``models`` (the generator, then any draft models) and ``others`` (a tokenizer whose
+    decode was timed too). Returns ``floor_s`` of those ``images`` images, ``floor_bound``, the work totals and
+    ``fraction_of_floor``: ``floor_s`` over ``seconds`` (the timed run's wall seconds; None without them)."""
+    gen, *drafts = models
+    with torch.inference_mode(), trace_work(gen, *others, drafts=drafts) as tr:
+        run()
+    tr.batch = images
+    out = tr.floor(images, floor)
+    out["fraction_of_floor"] = out["floor_s"] / seconds if seconds else None
+    return out
 
 
 def trace_sampling(gen: nn.Module, params, num_classes: int | None = None, sampler: str = "ancestral") -> WorkTrace:

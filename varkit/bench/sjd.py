@@ -27,10 +27,11 @@ from ..samplers import SamplingParams, get_sampler
 from ..samplers.logits import image_generators
 from ..samplers.sjd import SJDSampler
 from .continuous import add_continuous_args
+from .floor import get_floor, run_floor
 from .report import add_output_args, add_sampler_run_args, machine, print_table
 
 COLUMNS = ["model", "sampler", "batch", "images", "passes", "pass_reduction", "accepted_per_pass", "images_per_s",
-           "speedup", "cpu_ms_per_image", "accuracy"]
+           "speedup", "cpu_ms_per_image", "fraction_of_floor", "accuracy"]
 
 
 def _sync(dev: torch.device) -> None:
@@ -40,11 +41,13 @@ def _sync(dev: torch.device) -> None:
 
 def bench_sjd(gen, name: str, batch: int, params: SamplingParams, windows: list[int], images: int,
               init: str = "repeat_horizon", decode=None, score=None, seed: int = 0,
-              coupling: bool = False) -> tuple[list[dict], dict]:
+              coupling: bool = False, floor: dict | None = None) -> tuple[list[dict], dict]:
     """Rows for ancestral and SJD at each window (and with ``coupling``, MC-SJD too, "mc"),
     and the per-pass traces of the SJD runs.
 
-    ``decode`` (tokens → images) and ``score`` (images, labels → accuracy) are optional.
+    ``decode`` (tokens → images) and ``score`` (images, labels → accuracy) are optional. Each row's floor
+    (:func:`varkit.bench.floor.run_floor` against ``floor``, this machine's measurement by default) is the work of
+    its sampling calls, counted in a run of the same calls after the timed ones.
     """
     dev = next(gen.parameters()).device
     n = max(images, batch)
@@ -79,10 +82,15 @@ def bench_sjd(gen, name: str, batch: int, params: SamplingParams, windows: list[
     base = acc["ancestral"]
     rows, traces = [], {}
     for k, a in acc.items():
+        def again(smp=methods[k]) -> None:  # the timed calls, same draws: the floor's work
+            for i in range(0, n, batch):
+                smp.sample(gen, labels[i:i + batch], [torch.Generator().manual_seed(sd) for sd in seeds[i:i + batch]])
+
         row = {"model": name, "sampler": k, "batch": batch, "images": n,
                "passes": a["passes"] / calls, "pass_reduction": base["passes"] / a["passes"],
                "accepted_per_pass": sum(a["accepted"]) / calls, "images_per_s": n / a["wall"],
-               "speedup": base["wall"] / a["wall"], "cpu_ms_per_image": 1000 * a["cpu"] / n, "accuracy": ""}
+               "speedup": base["wall"] / a["wall"], "cpu_ms_per_image": 1000 * a["cpu"] / n, "wall_s": a["wall"],
+               **run_floor(again, [gen], n, a["wall"], floor), "accuracy": ""}
         if decode is not None and score is not None:
             row["accuracy"] = score(decode(torch.cat(a["tokens"]).to(dev)), labels.tolist())
         rows.append(row)
@@ -161,10 +169,11 @@ def cmd_bench_sjd(args) -> None:
     if args.continuous_only:
         return
     rows, curves = [], {}
+    floor = get_floor(dev, quick=True, verbose=True)
     for name, gen, decode, score, images in targets:
         for b in args.batch:
             r, traces = bench_sjd(gen, name, b, params, args.windows, images, args.init, decode, score, args.seed,
-                                  args.coupling)
+                                  args.coupling, floor)
             rows += r
             if b == min(args.batch):
                 curves[name] = {k: accepted_by_position(*t, gen.layout.num_tokens) for k, t in traces.items()}
@@ -173,7 +182,7 @@ def cmd_bench_sjd(args) -> None:
     path = out / f"{args.name}.json"
     settings = {k: v for k, v in vars(args).items() if k != "func"} | {"dtype": str(dtype)}
     write_json(path, {"benchmark": args.name, "machine": machine(), "settings": settings, "rows": rows,
-                      "accepted_by_position": curves, "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+                      "accepted_by_position": curves, "floor": floor, "date": time.strftime("%Y-%m-%d %H:%M:%S")})
     png = out / f"{args.name}_accepted.png"
     plot_accepted(curves, png)
     print(f"wrote {path} and {png}")
