@@ -111,3 +111,21 @@ def test_speculative_bench_rows_say_whether_the_target_is_met():
            "too lossy": {"target_passes": 16.0, "accuracy": 0.88}}
     met = {r["method"]: r["met"] for r in rows_for("digits", res)}
     assert met == {"ancestral": "", "fast": "yes", "too slow": "no", "too lossy": "no"}
+
+
+def test_bench_speculative_rows_carry_floors(tmp_path):
+    """Every timed row of ``varkit bench speculative`` has the floor of its own calls: the target's and the
+    drafter's passes, replayed with the same draws (so as many as the timed run made)."""
+    import json
+
+    from varkit.cli import main
+
+    assert main(["bench", "speculative", "--skip-large", "--images", "2", "--deltas", "--gamma", "4",
+                 "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "speculative.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert {"ancestral", "sjd", "speculative"} <= set(rows)
+    for r in rows.values():
+        assert r["floor_passes"] == r["images"] * (r["target_passes"] + r["draft_passes"]), r
+        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r["wall_s"], rel=1e-12)
+    assert rows["speculative"]["draft_passes"] > 0 and data["floor"]["peak_gemm_flops"]

@@ -566,6 +566,13 @@ def trace_work(gen: nn.Module, *others: nn.Module, drafts: Sequence[nn.Module] =
             m.__dict__["_compiled_step"] = step
 
 
+def sampler_models(gen: nn.Module, sampler: Any) -> list[nn.Module]:
+    """``gen`` and the draft model a speculative sampler runs beside it (``sampler.draft``), if any: the models whose
+    passes a run of ``sampler`` on ``gen`` does (:func:`run_floor`'s ``models``)."""
+    draft = getattr(sampler, "draft", None)
+    return [gen] + ([draft] if isinstance(draft, nn.Module) else [])
+
+
 def run_floor(run: Callable[[], Any], models: Sequence[nn.Module], images: int, seconds: float | None,
               floor: dict[str, Any] | None = None, others: Sequence[nn.Module] = ()) -> dict[str, Any]:
     """A timed bench row's floor: ``run()``, the timed work done again with the same seeds (so the same passes),

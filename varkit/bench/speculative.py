@@ -40,10 +40,11 @@ from ..samplers.logits import image_generators, mix_cfg, processed_probs
 from ..samplers.sjd import SJDSampler
 from ..samplers.speculative import SpeculativeSampler
 from .continuous import add_continuous_args
+from .floor import get_floor, run_floor, sampler_models
 from .report import add_output_args, add_sampler_run_args, machine, print_table
 
 COLUMNS = ["model", "method", "images", "target_passes", "pass_reduction", "draft_passes", "accepted_len",
-           "images_per_s", "accuracy", "met"]
+           "images_per_s", "fraction_of_floor", "accuracy", "met"]
 TARGET_REDUCTION, TARGET_ACCURACY_DROP = 3.0, 0.05  # issue #7
 
 
@@ -74,8 +75,9 @@ def make_methods(params: SamplingParams, draft, codebook, gamma: int, window: in
 
 
 def run_methods(gen, methods: dict, n: int, seed: int = 0, decode=None, score=None,
-                tokens_out: dict | None = None) -> dict[str, dict]:
-    """Sample ``n`` images at batch 1 with every method, interleaved; per-method totals.
+                tokens_out: dict | None = None, floor: dict | None = None) -> dict[str, dict]:
+    """Sample ``n`` images at batch 1 with every method, interleaved; per-method totals, with the floor of each
+    method's timed calls (:func:`varkit.bench.floor.run_floor`: target and draft passes, against ``floor``).
     ``tokens_out`` (if given) receives every method's (labels, sampled tokens)."""
     dev = next(gen.parameters()).device
     labels = torch.arange(n, device=dev) % gen.num_classes
@@ -100,8 +102,14 @@ def run_methods(gen, methods: dict, n: int, seed: int = 0, decode=None, score=No
     for k, a in acc.items():
         if tokens_out is not None:
             tokens_out[k] = (labels, torch.cat(a["tokens"]).to(dev))
+
+        def again(smp=methods[k]) -> None:  # the timed calls, same draws: the floor's work
+            for i in range(n):
+                smp.sample(gen, labels[i:i + 1], [torch.Generator().manual_seed(seeds[i])])
+
         r = {"images": n, "target_passes": a["passes"] / n, "draft_passes": a["draft"] / n,
-             "accepted_len": a["accepted"] / n, "images_per_s": n / a["wall"], "accuracy": ""}
+             "accepted_len": a["accepted"] / n, "images_per_s": n / a["wall"], "wall_s": a["wall"],
+             **run_floor(again, sampler_models(gen, methods[k]), n, a["wall"], floor), "accuracy": ""}
         if decode is not None and score is not None:
             r["accuracy"] = score(decode(torch.cat(a["tokens"]).to(dev)), labels.tolist())
         out[k] = r
@@ -224,6 +232,7 @@ def cmd_bench_speculative(args) -> None:
     dtype = resolve_dtype(args.dtype) or torch.float32
     params = SamplingParams(cfg=args.cfg, top_k=args.top_k, temperature=args.temperature)
     rows, curves, settings = [], {}, {k: v for k, v in vars(args).items() if k != "func"} | {"dtype": str(dtype)}
+    floor = get_floor(dev, quick=True, verbose=True)
     if not sjd_relaxes():
         print("note: this SJD has no relax= hook: SJD + LANTERN rows are skipped", flush=True)
     reference, tv_report = {}, None
@@ -250,7 +259,7 @@ def cmd_bench_speculative(args) -> None:
                 smp.bind_tokenizer(pipe.tokenizer)
         print(f"{args.bundled}: {len(methods)} methods x {args.images} images at batch 1", flush=True)
         sampled: dict = {}
-        reference = run_methods(pipe.generator, methods, args.images, args.seed, pipe.decode, score, sampled)
+        reference = run_methods(pipe.generator, methods, args.images, args.seed, pipe.decode, score, sampled, floor)
         rows += rows_for(args.bundled, reference)
         print_table(rows, COLUMNS)
         tv = draft_tv(pipe.generator, dpipe.generator, params, *sampled["ancestral"])
@@ -266,12 +275,12 @@ def cmd_bench_speculative(args) -> None:
         gen, draft, codebook = _random_large(args.large, args.large_draft_layers, args.large_draft_dim, dev, dtype)
         methods = make_methods(params, draft, codebook, args.gamma, args.window, args.k, args.delta, args.paper)
         print(f"{args.large}-random: {len(methods)} methods x {args.large_images} images at batch 1", flush=True)
-        rows += rows_for(args.large + "-random", run_methods(gen, methods, args.large_images, args.seed))
+        rows += rows_for(args.large + "-random", run_methods(gen, methods, args.large_images, args.seed, floor=floor))
     print_table(rows, COLUMNS)
     out = Path(args.out_dir)
     path = out / f"{args.name}.json"
     write_json(path, {"benchmark": args.name, "machine": machine(), "settings": settings, "rows": rows,
-                      "delta_sweep": curves, "sjd_lantern": sjd_relaxes(), "draft_tv": tv_report,
+                      "delta_sweep": curves, "sjd_lantern": sjd_relaxes(), "draft_tv": tv_report, "floor": floor,
                       "date": time.strftime("%Y-%m-%d %H:%M:%S")})
     print(f"wrote {path}")
     if curves:
