@@ -208,3 +208,22 @@ def test_bench_continuous_flags_one_line(flags, capsys, tmp_path):
     assert main(["bench", "cspd", "--continuous-only", "--out-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert "--continuous-batch" in err and "\n" not in err and not list(tmp_path.iterdir())
+
+
+def test_bench_cspd_rows_carry_floors(tmp_path):
+    """Every timed row of ``varkit bench cspd`` has the floor of its own calls, replayed with the same draws: the
+    target's and the drafter's passes and every call of their diffusion heads' networks."""
+    import json
+
+    from varkit.cli import main
+
+    assert main(["bench", "cspd", "--skip-large", "--skip-quality", "--images", "1", "--continuous-images", "0",
+                 "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "cspd.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert {"target alone", "cspd exact"} <= set(rows) and data["floor"]["peak_gemm_flops"]
+    for r in rows.values():
+        # more passes than the transformers' alone: each head network call is one
+        assert r["floor_passes"] > r["images"] * (r["target_passes"] + r["draft_passes"]), r
+        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r["wall_s"], rel=1e-12)
+        assert r["floor_flops"] > 0 and r["floor_weight_bytes"] > 0

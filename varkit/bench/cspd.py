@@ -39,10 +39,12 @@ from ..samplers.ancestral import AncestralSampler
 from ..samplers.cspd import CSpDSampler
 from ..samplers.random import image_generators
 from .continuous import add_continuous_args
+from .floor import get_floor, run_floor, sampler_models
 from .report import add_output_args, machine, print_table
 
 COLUMNS = ["model", "method", "images", "target_passes", "pass_reduction", "draft_passes", "target_prefixes",
-           "token_accept", "step_accept", "shift_sigmas", "s_per_image", "cpu_s_per_image", "accuracy", "digits_fid", "met"]
+           "token_accept", "step_accept", "shift_sigmas", "s_per_image", "cpu_s_per_image", "fraction_of_floor", "accuracy",
+           "digits_fid", "met"]
 TARGET_REDUCTION = 2.0  # issue 16: exact mode, batch 1
 
 RELAXED = {"cspd T=42": {"inner_temperature": 42.0}, "cspd merged": {"merged_window": True},
@@ -63,8 +65,10 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_batch1(gen, methods: dict, n: int, seed: int) -> dict[str, dict]:
-    """Sample ``n`` images one at a time with every method, interleaved; per-method means and acceptance counts."""
+def run_batch1(gen, methods: dict, n: int, seed: int, floor: dict | None = None) -> dict[str, dict]:
+    """Sample ``n`` images one at a time with every method, interleaved; per-method means and acceptance counts, and
+    the floor of each method's timed calls (:func:`varkit.bench.floor.run_floor`: target, drafter and diffusion
+    head passes, against ``floor``)."""
     dev = next(gen.parameters()).device
     labels = torch.arange(n, device=dev) % gen.num_classes
     gens = image_generators(seed, n)
@@ -94,8 +98,13 @@ def run_batch1(gen, methods: dict, n: int, seed: int) -> dict[str, dict]:
         print(f"  image {i + 1}/{n}: " + ", ".join(f"{k} {acc[k]['passes'] / (i + 1):.1f} passes" for k in methods), flush=True)
     out = {}
     for k, a in acc.items():
+        def again(smp=methods[k]) -> None:  # the timed calls, same draws: the floor's work
+            for i in range(n):
+                smp.sample(gen, labels[i:i + 1], [torch.Generator().manual_seed(seeds[i])])
+
         r = {"images": n, "target_passes": a["passes"] / n, "draft_passes": a["draft"] / n,
              "target_prefixes": a["prefixes"] / n, "s_per_image": a["wall"] / n, "cpu_s_per_image": a["cpu"] / n,
+             "wall_s": a["wall"], **run_floor(again, sampler_models(gen, methods[k]), n, a["wall"], floor),
              "token_accept": "", "step_accept": "", "shift_sigmas": "", "by_position": None}
         if a["tokens_verified"] is not None:
             tv, ta, sv, sa = (a[c].double() for c in keys)
@@ -178,6 +187,7 @@ def cmd_bench_cspd(args) -> None:
     dtype = resolve_dtype(args.dtype) or torch.float32
     settings = {k: v for k, v in vars(args).items() if k != "func"} | {"dtype": str(dtype)}
     rows, by_position = [], {}
+    floor = None if args.continuous_only else get_floor(dev, quick=True, verbose=True)
     if not args.skip_bundled:
         pipe = load_pipeline(args.bundled, device=dev)
         pipe.generator.to(dtype)
@@ -196,7 +206,7 @@ def cmd_bench_cspd(args) -> None:
             if hasattr(smp, "bind_tokenizer"):
                 smp.bind_tokenizer(pipe.tokenizer)
         print(f"{args.bundled} drafted by {args.draft}: {len(methods)} methods x {args.images} images at batch 1", flush=True)
-        speed = run_batch1(pipe.generator, methods, args.images, args.seed)
+        speed = run_batch1(pipe.generator, methods, args.images, args.seed, floor)
         qual = None
         if not args.skip_quality:
             print(f"{args.bundled}: quality, {args.quality_per_class} images per class", flush=True)
@@ -214,13 +224,13 @@ def cmd_bench_cspd(args) -> None:
         methods = make_methods(params, draft, args.large_gamma, args.prefill, ["cspd official"])
         name = f"{args.large}-random (draft {args.large_draft}-random)"
         print(f"{name}: {len(methods)} methods x {args.large_images} images at batch 1", flush=True)
-        speed = run_batch1(gen, methods, args.large_images, args.seed)
+        speed = run_batch1(gen, methods, args.large_images, args.seed, floor)
         rows += rows_for(name, speed)
         by_position[name] = {k: r["by_position"] for k, r in speed.items() if r["by_position"]}
     print_table(rows, COLUMNS)
     path = Path(args.out_dir) / f"{args.name}.json"
     write_json(path, {"benchmark": args.name, "machine": machine(), "settings": settings, "rows": rows,
-                      "acceptance_by_position": by_position, "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+                      "acceptance_by_position": by_position, "floor": floor, "date": time.strftime("%Y-%m-%d %H:%M:%S")})
     print(f"wrote {path}")
 
 
