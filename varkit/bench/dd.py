@@ -18,7 +18,7 @@ from ..cli import add_device_argument
 from .report import add_output_args, print_table, save_results
 
 SPEED_COLUMNS = ["model", "mode", "batch", "images", "forward_passes", "images_per_cpu_s", "cpu_ms_per_image",
-                 "decode_cpu_ms_per_image", "speedup"]
+                 "decode_cpu_ms_per_image", "speedup", "fraction_of_floor"]
 QUALITY_COLUMNS = ["model", "mode", "images", "forward_passes", "accuracy", "digits_fid"]
 
 
@@ -35,23 +35,31 @@ def _modes(student, mid_from: int | None) -> list[tuple[str, str, str | None, di
 
 def run_mode(pipe, sampler: str, options: dict, labels: list[int], batch: int, seed: int,
              decode: bool = False) -> dict[str, Any]:
-    """Sample ``labels`` in batches of ``batch``: CPU and wall seconds of the sampler (and of decoding), passes."""
+    """Sample ``labels`` in batches of ``batch``: CPU and wall seconds of the sampler (and of decoding), passes;
+    ``floor()``: the floor of those sampling calls (:func:`varkit.bench.floor.run_floor`, replayed with the same
+    draws; the student's, and the teacher's where it takes part)."""
     from ..samplers import get_sampler
     from ..samplers.logits import image_generators
+    from .floor import run_floor, sampler_models
 
     name, opts = pipe.sampler_choice(sampler, None, options)
     smp = get_sampler(name, pipe.sampling_params(), **opts)
     if hasattr(smp, "bind_tokenizer"):
         smp.bind_tokenizer(pipe.tokenizer)
     cond = torch.tensor(labels, device=pipe.device)
-    gens = image_generators(seed, len(labels))
+
+    def sample_all(timed: bool = False):
+        gens = image_generators(seed, len(labels))
+        for i in range(0, len(labels), batch):
+            c0, w0 = time.process_time(), time.perf_counter()
+            res = smp.sample(pipe.generator, cond[i:i + batch], gens[i:i + batch])
+            if timed:
+                yield res, time.process_time() - c0, time.perf_counter() - w0
+
     cpu = wall = dec_cpu = 0.0
     passes, tokens, images = [], [], []
-    for i in range(0, len(labels), batch):
-        c0, w0 = time.process_time(), time.perf_counter()
-        res = smp.sample(pipe.generator, cond[i:i + batch], gens[i:i + batch])
-        cpu += time.process_time() - c0
-        wall += time.perf_counter() - w0
+    for res, c, w in sample_all(timed=True):
+        cpu, wall = cpu + c, wall + w
         passes.append(res.stats.forward_passes)
         tokens.append(res.tokens)
     if decode:  # after sampling, so that the decoder's working set does not evict the generator's between batches
@@ -60,7 +68,9 @@ def run_mode(pipe, sampler: str, options: dict, labels: list[int], batch: int, s
             images += pipe.decode(t)
             dec_cpu += time.process_time() - d0
     return {"cpu_s": cpu, "wall_s": wall, "decode_cpu_s": dec_cpu, "forward_passes": max(passes),
-            "tokens": torch.cat(tokens), "images": images}
+            "tokens": torch.cat(tokens), "images": images,
+            "floor": lambda: run_floor(lambda: list(sample_all()), sampler_models(pipe.generator, smp), len(labels),
+                                       wall)}
 
 
 def cmd_bench_dd(args) -> None:
@@ -98,7 +108,8 @@ def cmd_bench_dd(args) -> None:
             speed.append({"model": names[which], "mode": label, "batch": b, "images": n,
                           "forward_passes": r["forward_passes"], "images_per_cpu_s": 1 / per,
                           "cpu_ms_per_image": 1e3 * per, "wall_ms_per_image": 1e3 * r["wall_s"] / n,
-                          "decode_cpu_ms_per_image": 1e3 * r["decode_cpu_s"] / n, "speedup": base / per})
+                          "decode_cpu_ms_per_image": 1e3 * r["decode_cpu_s"] / n, "speedup": base / per,
+                          "wall_s": r["wall_s"], **r["floor"]()})
     labels = [c for c in range(teacher.num_classes) for _ in range(args.per_class)]
     for label, which, sampler, opts in modes:
         opts = {k: (args.teacher if v == "<teacher>" else v) for k, v in opts.items()}

@@ -567,10 +567,11 @@ def trace_work(gen: nn.Module, *others: nn.Module, drafts: Sequence[nn.Module] =
 
 
 def sampler_models(gen: nn.Module, sampler: Any) -> list[nn.Module]:
-    """``gen`` and the draft model a speculative sampler runs beside it (``sampler.draft``), if any: the models whose
-    passes a run of ``sampler`` on ``gen`` does (:func:`run_floor`'s ``models``)."""
-    draft = getattr(sampler, "draft", None)
-    return [gen] + ([draft] if isinstance(draft, nn.Module) else [])
+    """``gen`` and the models a sampler runs beside it (a speculative sampler's ``draft``, a distilled one's
+    ``teacher``), if any: the models whose passes a run of ``sampler`` on ``gen`` does (:func:`run_floor`'s
+    ``models``)."""
+    beside = [getattr(sampler, name, None) for name in ("draft", "teacher")]
+    return [gen] + [m for m in beside if isinstance(m, nn.Module) and m is not gen]
 
 
 def run_floor(run: Callable[[], Any], models: Sequence[nn.Module], images: int, seconds: float | None,
