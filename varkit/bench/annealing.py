@@ -22,7 +22,7 @@ from ..errors import InvalidArgumentError
 from .report import add_output_args
 
 COLUMNS = ["model", "head_steps", "per_step", "images", "cpu_s_per_image", "speedup", "head_evals_per_image",
-           "head_work", "digits_fid", "accuracy"]
+           "head_work", "fraction_of_floor", "digits_fid", "accuracy"]
 DEFAULT_MODELS = ("digits-mar", "digits-flowar")
 DEFAULT_STEPS = ("50", "25", "50:5", "25:5", "10", "5")
 
@@ -61,6 +61,7 @@ def run_annealing(models: list[str], steps: list[str], per_class: int = 50, batc
     """Rows (one per model and setting) and settings of the sweep."""
     from ..eval.digits import digits_fid
     from ..pipeline import load_pipeline
+    from .floor import get_floor, run_floor
 
     if per_class < 1:
         raise InvalidArgumentError(f"--per-class must be >= 1, got {per_class}")
@@ -73,6 +74,7 @@ def run_annealing(models: list[str], steps: list[str], per_class: int = 50, batc
     for m in missing:
         print(f"[annealing] {m}: not bundled yet (still training?); skipped", flush=True)
     rows: list[dict] = []
+    floor = get_floor(quick=True, verbose=verbose) if names else None
     for name in names:
         pipe = load_pipeline(name)
         gen = pipe.generator
@@ -103,7 +105,10 @@ def run_annealing(models: list[str], steps: list[str], per_class: int = 50, batc
             row = {"model": name, "head_steps": steps_label(spec), "images": len(labels), "seed": seed,
                    "per_step": per_step(pipe, spec), "cpu_s_per_image": cpu / len(labels), "s_per_image": wall / len(labels),
                    "head_evals_per_image": evals[0] / len(labels), "forward_passes": out.stats.forward_passes,
-                   "digits_fid": m["fid"], "accuracy": m["accuracy"], "is_default": spec == default}
+                   "digits_fid": m["fid"], "accuracy": m["accuracy"], "is_default": spec == default, "wall_s": wall}
+            # the floor of the timed call (sampling and decoding), replayed with the same seeds
+            row |= run_floor(lambda: pipe(labels, head_steps=spec, seed=seed, batch_size=batch_size), [gen],
+                             len(labels), wall, floor, others=[pipe.tokenizer])
             model_rows.append(row)
             if verbose:
                 print(f"[annealing] {name} head_steps {row['head_steps']}: {row['cpu_s_per_image']:.4f} CPU s/image, "
