@@ -232,3 +232,23 @@ def test_bench_large_drafter_is_a_random_var_in_its_dtype():
     assert float(gen.blocks[0].attn.wo.weight.float().std()) > 0.01  # N(0, 0.02) matrices, not zeros
     with pytest.raises(InvalidArgumentError, match="--large-drafter must be a VAR config .*'raster-tiny'"):
         random_generator("raster-tiny", torch.bfloat16, seed=0)
+
+
+def test_bench_var_accel_rows_carry_floors(tmp_path):
+    """Every timed row of ``varkit bench var-accel`` has the floor of its own calls, replayed with the same draws:
+    the drafter's passes and the refiner's (one ``prefill_steps`` pass, then its own scales) both counted."""
+    import json
+
+    from varkit.cli import main
+
+    assert main(["bench", "var-accel", "--skip-large", "--images", "4", "--batch", "4", "--repeats", "1",
+                 "--oracle-budgets", "--budgets", "0.5", "--out-dir", str(tmp_path)]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "var_accel.json").read_text())["rows"]}
+    code = [r for k, r in rows.items() if k.startswith("code-k")]
+    assert code and all(r["refiner_passes"] > 0 for r in code)
+    for k, r in rows.items():
+        if r["s_per_image"] is None:  # untimed (plain-bf16): no floor
+            assert "floor_s" not in r, k
+            continue
+        assert r["floor_passes"] == r["forward_passes"], (k, r)  # one call of 4 images
+        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r["wall_s"], rel=1e-12)

@@ -454,7 +454,7 @@ def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
             delattr(obj, name)
 
 
-PASS_METHODS = ("prefill", "forward", "forward_rows", "teacher_forcing_logits", "dd_forward")
+PASS_METHODS = ("prefill", "prefill_steps", "forward", "forward_rows", "teacher_forcing_logits", "dd_forward")
 HEAD_NET_METHODS = ("forward", "step")
 
 
@@ -568,9 +568,9 @@ def trace_work(gen: nn.Module, *others: nn.Module, drafts: Sequence[nn.Module] =
 
 def sampler_models(gen: nn.Module, sampler: Any) -> list[nn.Module]:
     """``gen`` and the models a sampler runs beside it (a speculative sampler's ``draft``, a distilled one's
-    ``teacher``), if any: the models whose passes a run of ``sampler`` on ``gen`` does (:func:`run_floor`'s
-    ``models``)."""
-    beside = [getattr(sampler, name, None) for name in ("draft", "teacher")]
+    ``teacher``, a collaborative one's ``refiner``), if any: the models whose passes a run of ``sampler`` on ``gen``
+    does (:func:`run_floor`'s ``models``)."""
+    beside = [getattr(sampler, name, None) for name in ("draft", "teacher", "refiner")]
     return [gen] + [m for m in beside if isinstance(m, nn.Module) and m is not gen]
 
 

@@ -42,11 +42,12 @@ import torch
 
 from ..samplers import get_sampler
 from ..samplers.random import image_generators
+from .floor import get_floor, run_floor, sampler_models
 from .report import add_output_args, machine, print_table
 
-COLUMNS = ["model", "method", "images", "s_per_image", "cpu_s_per_image", "speedup_cpu", "drafter_passes",
-           "refiner_passes", "cache_bytes", "cache_ratio", "transient_ratio", "psnr_db", "tokens_same", "accuracy",
-           "accuracy_drop", "met"]
+COLUMNS = ["model", "method", "images", "s_per_image", "cpu_s_per_image", "speedup_cpu", "fraction_of_floor",
+           "drafter_passes", "refiner_passes", "cache_bytes", "cache_ratio", "transient_ratio", "psnr_db", "tokens_same",
+           "accuracy", "accuracy_drop", "met"]
 CODE_SPEEDUP, CODE_ACCURACY_DROP = 1.5, 2.0  # issue #19: >= 1.5x at <= 2 points of digits accuracy
 SCALEKV_BYTES, SCALEKV_PSNR = 0.15, 30.0  # issue #19: ScaleKV at 10 %: <= 15 % of the bytes, PSNR >= 30 dB
 PSNR_IDENTICAL = 100.0
@@ -111,6 +112,13 @@ class Method:
                 self.transient = max(self.transient, policy.last_trace.get("transient_bytes", 0))
         self.wall, self.cpu = min(self.wall, wall), min(self.cpu, cpu)
         self.tokens, self.stats = torch.cat(tokens), stats
+
+        def replay() -> None:  # the timed calls again, same draws: the work the row's floor counts
+            again = image_generators(seed, cond.shape[0])
+            for i in range(0, cond.shape[0], batch):
+                smp.sample(pipe.generator, cond[i:i + batch], again[i:i + batch])
+
+        self.replay, self.models = replay, sampler_models(pipe.generator, smp)
 
 
 def oracle_policy(budget: float):
@@ -208,8 +216,10 @@ class OracleMethod(Method):
         self.tokens, self.stats = torch.cat(tokens), stats
 
 
-def bench_model(model: str, pipe, refiner, labels: list[int], args, code_ks: list[int], digits: bool) -> list[dict]:
-    """Every method on one pipeline; rows as :data:`COLUMNS`."""
+def bench_model(model: str, pipe, refiner, labels: list[int], args, code_ks: list[int], digits: bool,
+                floor: dict | None = None) -> list[dict]:
+    """Every method on one pipeline; rows as :data:`COLUMNS`, each timed one with the floor of its calls
+    (:func:`varkit.bench.floor.run_floor` against ``floor``; a KV budget's floor counts the keys the cache holds)."""
     from ..cache_policies import calibrate
 
     params = pipe.sampling_params(cfg=args.cfg)
@@ -254,6 +264,8 @@ def bench_model(model: str, pipe, refiner, labels: list[int], args, code_ks: lis
                "cache_bytes": m.stats.cache_bytes, "cache_ratio": m.stats.cache_bytes / plain.stats.cache_bytes,
                "transient_ratio": m.transient / plain.stats.cache_bytes if m.transient else None,
                "psnr_db": psnr(ref_images, images), "tokens_same": float((m.tokens == plain.tokens).float().mean())}
+        if timed:
+            row |= {"wall_s": m.wall, **run_floor(m.replay, m.models, len(labels), m.wall, floor)}
         if m.sampler == "collaborative":
             row |= {"drafter_cache_bytes": m.stats.drafter_cache_bytes, "refiner_cache_bytes": m.stats.refiner_cache_bytes}
         if m.name.startswith(("scalekv", "hack")):
@@ -340,13 +352,14 @@ def cmd_bench_var_accel(args) -> None:
         torch.set_num_threads(args.threads)
     rows: list[dict] = []
     notes: dict[str, str] = {}
+    floor = get_floor(quick=True, verbose=True)
     if not args.skip_bundled:
         pipe = load_pipeline(args.bundled)
         labels = [i % pipe.num_classes for i in range(args.images)]
         ks = code_scales(pipe.generator.config.patch_nums, args.code_k)
         notes["digits_k"] = (f"{args.bundled} has {pipe.generator.layout.num_steps} scales: CoDe's k = {args.code_k} of 10 "
                              f"become {ks} (the refiner makes the last {[pipe.generator.layout.num_steps - k for k in ks]})")
-        rows += bench_model(args.bundled, pipe, args.refiner, labels, args, ks, digits=True)
+        rows += bench_model(args.bundled, pipe, args.refiner, labels, args, ks, digits=True, floor=floor)
     if not args.skip_large:
         with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
             pipe = random_var_pipeline(args.large, Path(tmp), args.seed)
@@ -356,7 +369,7 @@ def cmd_bench_var_accel(args) -> None:
                                   budgets=args.large_budgets)
             notes["large"] = LARGE_NOTE
             rows += bench_model(f"{args.large}-random", pipe, refiner, labels, small,
-                                code_scales(pipe.generator.config.patch_nums, args.code_k), digits=False)
+                                code_scales(pipe.generator.config.patch_nums, args.code_k), digits=False, floor=floor)
             del pipe, refiner
     if args.large_drafter:  # CoDe's own pair: a random large drafter over the random large model as the refiner
         from ..pipeline import Pipeline
@@ -372,7 +385,7 @@ def cmd_bench_var_accel(args) -> None:
             pair = argparse_copy(args, batch=1, repeats=args.large_repeats, policies=[])
             model = f"{args.large_drafter}-random/{args.large}-refiner-{args.large_dtype}"
             rows += bench_model(model, big, pipe.generator, labels, pair,
-                                code_scales(big.generator.config.patch_nums, args.code_k), digits=False)
+                                code_scales(big.generator.config.patch_nums, args.code_k), digits=False, floor=floor)
             params = sum(p.numel() for p in drafter.parameters())
             notes["large_pair"] = (f"{model}: a random {args.large_drafter} drafter ({params / 1e9:.2f} B parameters, "
                                    f"{args.large_dtype}, made in {build_s:.0f} CPU s) over a random {args.large} refiner, "
@@ -382,7 +395,7 @@ def cmd_bench_var_accel(args) -> None:
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     path = Path(args.out_dir) / f"{args.name}.json"
     runs = [{"models": sorted({r["model"] for r in rows}), "settings": settings, "machine": machine(),
-             "date": time.strftime("%Y-%m-%d %H:%M:%S")}]
+             "floor": floor, "date": time.strftime("%Y-%m-%d %H:%M:%S")}]
     if args.update and path.is_file():  # keep the rows (and their run's record) of the models not run this time
         import json
 
