@@ -578,13 +578,14 @@ def run_floor(run: Callable[[], Any], models: Sequence[nn.Module], images: int, 
               floor: dict[str, Any] | None = None, others: Sequence[nn.Module] = ()) -> dict[str, Any]:
     """A timed bench row's floor: ``run()``, the timed work done again with the same seeds (so the same passes),
     under :func:`trace_work` of ``models`` (the generator, then any draft models) and ``others`` (a tokenizer whose
-    decode was timed too). Returns ``floor_s`` of those ``images`` images, ``floor_bound``, the work totals and
+    decode was timed too). Returns ``floor_s`` of those ``images`` images against ``floor`` (default: this machine's
+    cached measurement, a quick one made first if there is none), ``floor_bound``, the work totals and
     ``fraction_of_floor``: ``floor_s`` over ``seconds`` (the timed run's wall seconds; None without them)."""
     gen, *drafts = models
     with torch.inference_mode(), trace_work(gen, *others, drafts=drafts) as tr:
         run()
     tr.batch = images
-    out = tr.floor(images, floor)
+    out = tr.floor(images, floor if floor is not None else get_floor(quick=True, verbose=True))
     out["fraction_of_floor"] = out["floor_s"] / seconds if seconds else None
     return out
 
