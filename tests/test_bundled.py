@@ -77,6 +77,8 @@ def test_bench_quality_writes_a_table_and_json(tmp_path, capsys):
     assert main(["bench", "quality", "--models", "digits", "--per-class", "2", "--out-dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
     assert rows[0]["model"] == "digits" and rows[0]["images"] == 20 and rows[0]["forward_passes"] == 64
+    assert rows[0]["floor_passes"] == 64 and rows[0]["floor_s"] > 0  # one batch of 20: 64 passes, replayed
+    assert rows[0]["fraction_of_floor"] == pytest.approx(rows[0]["floor_s"] / rows[0]["generate_s"], rel=1e-12)
     assert "digits_fid" in capsys.readouterr().out
 
 

@@ -3,7 +3,8 @@
 Each model samples at its stored defaults (CFG, schedule, temperature, ``num_iter``, ``head_steps``)
 unless ``--cfg`` overrides the scale, so the table shows what ``varkit generate`` gives. Cost is
 reported per image: generator forward passes one image needs (passes of one batch: every image
-of a batch advances together) and wall seconds over the whole run divided by the images made.
+of a batch advances together) and wall seconds over the whole run divided by the images made; and against the
+floor of that run's work (:func:`varkit.bench.floor.run_floor`).
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import time
 from ..cli import add_device_argument
 from ..eval.digits import digits_fid
 from ..pipeline import bundled_models, load_pipeline
+from .floor import run_floor
 from .report import add_output_args, print_table, save_results
 
 COLUMNS = ["model", "dtype", "sampler", "cfg", "cfg_schedule", "num_iter", "head_steps", "temperature", "images", "passes_per_image",
-           "digits_fid", "accuracy", "s_per_image"]
+           "digits_fid", "accuracy", "s_per_image", "fraction_of_floor"]
 
 
 def settings_used(pipe, sampler: str, cfg: float | None) -> dict:
@@ -35,8 +37,11 @@ def cmd_bench_quality(args) -> None:
     for name, dtype in runs:
         pipe = load_pipeline(name, device=args.device, dtype=dtype)
         labels = [c for c in range(pipe.num_classes) for _ in range(args.per_class)]
+        def generate():
+            return pipe(labels, sampler=args.sampler, cfg=args.cfg, seed=args.seed, batch_size=args.batch_size)
+
         t0 = time.perf_counter()
-        out = pipe(labels, sampler=args.sampler, cfg=args.cfg, seed=args.seed, batch_size=args.batch_size)
+        out = generate()
         t1 = time.perf_counter()
         m = digits_fid(out.images, labels)
         batches = math.ceil(len(labels) / (args.batch_size or len(labels)))
@@ -44,7 +49,9 @@ def cmd_bench_quality(args) -> None:
                      **settings_used(pipe, pipe.sampler_choice(args.sampler)[0], args.cfg), "images": len(labels),
                      "forward_passes": out.stats.forward_passes, "passes_per_image": out.stats.forward_passes / batches,
                      "digits_fid": m["fid"], "accuracy": m["accuracy"], "generate_s": t1 - t0,
-                     "s_per_image": (t1 - t0) / len(labels), "eval_s": time.perf_counter() - t1})
+                     "s_per_image": (t1 - t0) / len(labels), "eval_s": time.perf_counter() - t1,
+                     # the floor of the timed call (sampling and decoding), replayed with the same seeds
+                     **run_floor(generate, [pipe.generator], len(labels), t1 - t0, others=[pipe.tokenizer])})
     print_table(rows, COLUMNS)
     print(f"wrote {save_results(args.name, rows, {k: v for k, v in vars(args).items() if k != 'func'}, args.out_dir)}")
 
