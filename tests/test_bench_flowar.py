@@ -56,6 +56,7 @@ def test_bench_flowar_tiny_without_official(tmp_path, capsys):
                     "ar_flops", "decode_flops"):
             assert isinstance(r[key], (int, float)) and r[key] >= 0, key
         assert r["floor_s"] > 0 and r["images_max_abs_diff"] is None and "vs_official" not in r
+        assert r["fraction_of_floor"] == pytest.approx(1 / r["x_floor"], rel=1e-12)
         B = r["batch"]
         if r["head_steps"] == "3":
             # scales 1, 2, 4 at 3 Euler steps (t = 1, 2/3, 1/3; interval 0.9): scale 0 unguided (its CFG weight is 1),

@@ -46,7 +46,8 @@ from .partwise import PartTimer, batch_saver, floor_cache_rates, instrument, pri
 from .report import add_output_args
 
 COLUMNS = ["impl", "dtype", "head_steps", "batch", "s_per_image", "cpu_s_per_image", "vs_official", "cpu_vs_official",
-           "ar_cpu_s", "head_cpu_s", "decode_cpu_s", "other_cpu_s", "floor_s", "x_floor", "images_max_abs_diff"]
+           "ar_cpu_s", "head_cpu_s", "decode_cpu_s", "other_cpu_s", "floor_s", "x_floor", "fraction_of_floor",
+           "images_max_abs_diff"]
 PART_COLUMNS = ["impl", "dtype", "head_steps", "batch", "part", "seconds", "cpu_s", "floor_s", "x_floor", "bound", "share"]
 PARTS = ("ar", "head", "decode")
 VAE_SCALE = 0.2325  # FlowAR's (MAR's) KL-16 latent scale: sample_tokens' output is divided by it before decoding
@@ -417,6 +418,7 @@ def make_rows(sides: list[Side], results: list[Result], batch: int, gen, tok, ma
                **{f"{p}_cpu_s": res.cpu_parts[p] for p in PARTS},
                "other_cpu_s": max(res.cpu - sum(res.cpu_parts.values()), 0.0),
                **{f"{p}_floor_s": floors[p][0] for p in PARTS}, "floor_s": floor, "x_floor": res.cpu / floor,
+               "fraction_of_floor": floor / res.cpu,  # as every bench reports it (varkit.bench.floor): 1 / x_floor
                "head_calls": len(res.calls), "head_rows": sum(r * n for r, n in res.calls),
                "head_prepares": len(prepares), "head_flops": h_flops, "head_weight_bytes_per_call": side.head_numel * side.bytes_per,
                "ar_flops": a_flops, "ar_weight_bytes": side.ar_numel * side.bytes_per, "decode_flops": dec_flops,
