@@ -153,7 +153,7 @@ def test_bench_annealing_tiny(tmp_path, capsys, monkeypatch):
     assert rows[1]["head_work"] < 1 and rows[2]["head_work"] < 1
     for r in rows:
         assert r["images"] == 8 and 0 <= r["accuracy"] <= 1 and r["digits_fid"] >= 0 and r["cpu_s_per_image"] > 0
-        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r["wall_s"], rel=1e-12)
+        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r[r["fraction_of_floor_basis"]], rel=1e-12)
     # each row's floor counts its own head steps: fewer steps, fewer head-network passes and FLOPs; per scale
     # 4+4+4 steps, 4+2+1 (one step on the largest scale) and 2+2+2, the largest scale's tokens weighing most
     passes, flops = [r["floor_passes"] for r in rows], [r["floor_flops"] for r in rows]

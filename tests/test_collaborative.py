@@ -251,4 +251,4 @@ def test_bench_var_accel_rows_carry_floors(tmp_path):
             assert "floor_s" not in r, k
             continue
         assert r["floor_passes"] == r["forward_passes"], (k, r)  # one call of 4 images
-        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r["wall_s"], rel=1e-12)
+        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r[r["fraction_of_floor_basis"]], rel=1e-12)

@@ -225,5 +225,5 @@ def test_bench_cspd_rows_carry_floors(tmp_path):
     for r in rows.values():
         # more passes than the transformers' alone: each head network call is one
         assert r["floor_passes"] > r["images"] * (r["target_passes"] + r["draft_passes"]), r
-        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r["wall_s"], rel=1e-12)
+        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r[r["fraction_of_floor_basis"]], rel=1e-12)
         assert r["floor_flops"] > 0 and r["floor_weight_bytes"] > 0

@@ -60,5 +60,5 @@ def test_bench_dd_writes_speed_and_quality_rows(tmp_path):
     assert [r["forward_passes"] for r in speed] == [64, 1, 2]
     for r in speed:  # each row's floor: the work of its own sampling calls, replayed (one call an image here)
         assert r["floor_passes"] == r["forward_passes"] * r["images"], r
-        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r["wall_s"], rel=1e-12)
+        assert r["floor_s"] > 0 and r["fraction_of_floor"] == pytest.approx(r["floor_s"] / r[r["fraction_of_floor_basis"]], rel=1e-12)
     assert {r["mode"] for r in rows if "accuracy" in r} == {"ancestral", "dd 1-step", "dd 2-step"}

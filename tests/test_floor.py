@@ -348,3 +348,44 @@ def test_measuring_again_keeps_the_best_of_each_rate():
     assert got["bandwidth"][1]["read_Bps"] == 8e9 and got["gemm"]["float32"]["square"]["flops_per_s"] == 200e9
     assert got["peak_gemm_flops"]["float32"] == 200e9 and got["measurements"] == 2
     assert FL.merge_floors(None, slow) is slow and FL.merge_floors({**FAKE, "key": "other"}, slow) is slow
+
+
+def test_run_floor_counts_drafter_and_head_network_passes_and_picks_its_basis(monkeypatch):
+    """``run_floor`` replays a run under ``trace_work``: a speculative run's passes are the target's and the
+    drafter's (each reading its own weights), a MAR run's every diffusion-network call is a pass too; the fraction
+    divides by CPU seconds at one CPU thread when the bench measured them, else by wall seconds."""
+    import varkit
+    from varkit.samplers import SamplingParams, get_sampler
+    from varkit.samplers.random import image_generators
+    from varkit.samplers.speculative import SpeculativeSampler
+
+    target, draft = varkit.load_pipeline("digits").generator, varkit.load_pipeline("digits-draft").generator
+    smp = SpeculativeSampler(SamplingParams(cfg=2.0), draft=draft, gamma=3)
+    assert FL.sampler_models(target, smp) == [target, draft]
+    labels = torch.tensor([1, 7])
+    res = smp.sample(target, labels, image_generators(0, 2))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    out = FL.run_floor(lambda: smp.sample(target, labels, image_generators(0, 2)), [target, draft], 2, 4.0, FAKE,
+                       cpu_s=2.0)
+    assert out["floor_passes"] == res.stats.forward_passes + res.stats.draft_passes
+    nbytes = {id(m): sum(p.numel() * p.element_size() for p in m.parameters()) for m in (target, draft)}
+    assert out["floor_weight_bytes"] <= (res.stats.forward_passes * nbytes[id(target)]
+                                         + res.stats.draft_passes * nbytes[id(draft)])
+    assert out["floor_weight_bytes"] > res.stats.forward_passes * nbytes[id(target)] / 2
+    assert out["fraction_of_floor_basis"] == "cpu_s" and out["fraction_of_floor"] == out["floor_s"] / 2.0
+    wall = FL.run_floor(lambda: smp.sample(target, labels, image_generators(0, 2)), [target, draft], 2, 4.0, FAKE)
+    assert wall["fraction_of_floor_basis"] == "wall_s" and wall["fraction_of_floor"] == wall["floor_s"] / 4.0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert FL.floor_basis("cpu") == "wall_s"
+
+    mar = varkit.load_pipeline("digits-mar").generator
+    net, calls = mar.head.net, []
+    sampler = get_sampler("ancestral", SamplingParams(cfg=1.0, num_iter=4, head_steps=5))
+    for name in ("forward", "step"):  # count the network's calls the sampler makes (instance attributes)
+        setattr(net, name, (lambda fn: lambda *a, **kw: calls.append(1) or fn(*a, **kw))(getattr(net, name)))
+    res = sampler.sample(mar, torch.tensor([3]), image_generators(0, 1))
+    n_calls = len(calls)
+    del net.forward, net.step
+    out = FL.run_floor(lambda: sampler.sample(mar, torch.tensor([3]), image_generators(0, 1)), [mar], 1, 1.0, FAKE)
+    assert n_calls > 0 and out["floor_passes"] == res.stats.forward_passes + n_calls
+    assert "forward" not in vars(net) and "step" not in vars(net)  # trace_work restored the network

@@ -17,7 +17,7 @@ def cmd_bench_decode(args) -> None:
     from ..pipeline import load_pipeline
     from ..samplers import SamplingParams
     from .decode import bench_decode, decode_traces
-    from .floor import HostReadProbe, attach_floor, floor_summary, get_floor
+    from .floor import HostReadProbe, attach_floor, floor_basis, floor_summary, get_floor
     from .report import print_table, save_results
 
     dev = resolve_device(args.device)
@@ -33,7 +33,7 @@ def cmd_bench_decode(args) -> None:
         targets.append((args.large + "-random", gen))
     floor = get_floor(dev, verbose=True)
     # one thread: CPU seconds, which other processes on a shared machine inflate far less than wall time
-    basis = "cpu_s" if dev.type == "cpu" and torch.get_num_threads() == 1 else "wall_s"
+    basis = floor_basis(dev)
     probe = HostReadProbe(floor, dev)  # the host's read rate before each timed run: fraction_of_live_floor
     for name, gen in targets:
         params = SamplingParams(cfg=args.cfg, top_k=args.top_k)

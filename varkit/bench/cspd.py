@@ -104,7 +104,8 @@ def run_batch1(gen, methods: dict, n: int, seed: int, floor: dict | None = None)
 
         r = {"images": n, "target_passes": a["passes"] / n, "draft_passes": a["draft"] / n,
              "target_prefixes": a["prefixes"] / n, "s_per_image": a["wall"] / n, "cpu_s_per_image": a["cpu"] / n,
-             "wall_s": a["wall"], **run_floor(again, sampler_models(gen, methods[k]), n, a["wall"], floor),
+             "wall_s": a["wall"], "cpu_s": a["cpu"],
+             **run_floor(again, sampler_models(gen, methods[k]), n, a["wall"], floor, cpu_s=a["cpu"]),
              "token_accept": "", "step_accept": "", "shift_sigmas": "", "by_position": None}
         if a["tokens_verified"] is not None:
             tv, ta, sv, sa = (a[c].double() for c in keys)

@@ -70,7 +70,7 @@ def run_mode(pipe, sampler: str, options: dict, labels: list[int], batch: int, s
     return {"cpu_s": cpu, "wall_s": wall, "decode_cpu_s": dec_cpu, "forward_passes": max(passes),
             "tokens": torch.cat(tokens), "images": images,
             "floor": lambda: run_floor(lambda: list(sample_all()), sampler_models(pipe.generator, smp), len(labels),
-                                       wall)}
+                                       wall, cpu_s=cpu)}
 
 
 def cmd_bench_dd(args) -> None:
@@ -109,7 +109,7 @@ def cmd_bench_dd(args) -> None:
                           "forward_passes": r["forward_passes"], "images_per_cpu_s": 1 / per,
                           "cpu_ms_per_image": 1e3 * per, "wall_ms_per_image": 1e3 * r["wall_s"] / n,
                           "decode_cpu_ms_per_image": 1e3 * r["decode_cpu_s"] / n, "speedup": base / per,
-                          "wall_s": r["wall_s"], **r["floor"]()})
+                          "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], **r["floor"]()})
     labels = [c for c in range(teacher.num_classes) for _ in range(args.per_class)]
     for label, which, sampler, opts in modes:
         opts = {k: (args.teacher if v == "<teacher>" else v) for k, v in opts.items()}

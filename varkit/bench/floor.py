@@ -574,19 +574,31 @@ def sampler_models(gen: nn.Module, sampler: Any) -> list[nn.Module]:
     return [gen] + [m for m in beside if isinstance(m, nn.Module) and m is not gen]
 
 
-def run_floor(run: Callable[[], Any], models: Sequence[nn.Module], images: int, seconds: float | None,
-              floor: dict[str, Any] | None = None, others: Sequence[nn.Module] = ()) -> dict[str, Any]:
+def floor_basis(device: str | torch.device = "cpu") -> str:
+    """Which seconds a row's ``fraction_of_floor`` divides by: process CPU seconds on a CPU at one thread (steadier
+    than wall time on a shared machine), wall seconds otherwise."""
+    return "cpu_s" if torch.device(device).type == "cpu" and torch.get_num_threads() == 1 else "wall_s"
+
+
+def run_floor(run: Callable[[], Any], models: Sequence[nn.Module], images: int, wall_s: float | None,
+              floor: dict[str, Any] | None = None, others: Sequence[nn.Module] = (),
+              cpu_s: float | None = None) -> dict[str, Any]:
     """A timed bench row's floor: ``run()``, the timed work done again with the same seeds (so the same passes),
     under :func:`trace_work` of ``models`` (the generator, then any draft models) and ``others`` (a tokenizer whose
     decode was timed too). Returns ``floor_s`` of those ``images`` images against ``floor`` (default: this machine's
     cached measurement, a quick one made first if there is none), ``floor_bound``, the work totals and
-    ``fraction_of_floor``: ``floor_s`` over ``seconds`` (the timed run's wall seconds; None without them)."""
+    ``fraction_of_floor``: ``floor_s`` over the timed run's seconds, ``cpu_s`` where :func:`floor_basis` says so
+    and the bench measured them, else ``wall_s`` (None without either); ``fraction_of_floor_basis`` names which."""
     gen, *drafts = models
     with torch.inference_mode(), trace_work(gen, *others, drafts=drafts) as tr:
         run()
     tr.batch = images
     out = tr.floor(images, floor if floor is not None else get_floor(quick=True, verbose=True))
+    device = next(gen.parameters()).device
+    basis = "cpu_s" if cpu_s is not None and floor_basis(device) == "cpu_s" else "wall_s"
+    seconds = cpu_s if basis == "cpu_s" else wall_s
     out["fraction_of_floor"] = out["floor_s"] / seconds if seconds else None
+    out["fraction_of_floor_basis"] = basis
     return out
 
 

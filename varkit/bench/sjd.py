@@ -90,7 +90,7 @@ def bench_sjd(gen, name: str, batch: int, params: SamplingParams, windows: list[
                "passes": a["passes"] / calls, "pass_reduction": base["passes"] / a["passes"],
                "accepted_per_pass": sum(a["accepted"]) / calls, "images_per_s": n / a["wall"],
                "speedup": base["wall"] / a["wall"], "cpu_ms_per_image": 1000 * a["cpu"] / n, "wall_s": a["wall"],
-               **run_floor(again, [gen], n, a["wall"], floor), "accuracy": ""}
+               "cpu_s": a["cpu"], **run_floor(again, [gen], n, a["wall"], floor, cpu_s=a["cpu"]), "accuracy": ""}
         if decode is not None and score is not None:
             row["accuracy"] = score(decode(torch.cat(a["tokens"]).to(dev)), labels.tolist())
         rows.append(row)

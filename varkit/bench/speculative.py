@@ -82,18 +82,19 @@ def run_methods(gen, methods: dict, n: int, seed: int = 0, decode=None, score=No
     dev = next(gen.parameters()).device
     labels = torch.arange(n, device=dev) % gen.num_classes
     seeds = [g.initial_seed() for g in image_generators(seed, n)]
-    acc = {k: {"wall": 0.0, "passes": 0, "draft": 0, "accepted": 0.0, "tokens": []} for k in methods}
+    acc = {k: {"wall": 0.0, "cpu": 0.0, "passes": 0, "draft": 0, "accepted": 0.0, "tokens": []} for k in methods}
     for smp in methods.values():  # warm-up
         smp.sample(gen, labels[:1], image_generators(seed + 1, 1))
     for i in range(n):
         for k, smp in methods.items():
             g = [torch.Generator().manual_seed(seeds[i])]
             _sync(dev)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = smp.sample(gen, labels[i:i + 1], g)
             _sync(dev)
             a = acc[k]
             a["wall"] += time.perf_counter() - t0
+            a["cpu"] += time.process_time() - c0
             a["passes"] += res.stats.forward_passes
             a["draft"] += smp.trace["draft_passes"] if isinstance(smp, SpeculativeSampler) else 0
             a["accepted"] += res.stats.mean_accepted
@@ -109,7 +110,8 @@ def run_methods(gen, methods: dict, n: int, seed: int = 0, decode=None, score=No
 
         r = {"images": n, "target_passes": a["passes"] / n, "draft_passes": a["draft"] / n,
              "accepted_len": a["accepted"] / n, "images_per_s": n / a["wall"], "wall_s": a["wall"],
-             **run_floor(again, sampler_models(gen, methods[k]), n, a["wall"], floor), "accuracy": ""}
+             "cpu_s": a["cpu"], **run_floor(again, sampler_models(gen, methods[k]), n, a["wall"], floor, cpu_s=a["cpu"]),
+             "accuracy": ""}
         if decode is not None and score is not None:
             r["accuracy"] = score(decode(torch.cat(a["tokens"]).to(dev)), labels.tolist())
         out[k] = r
