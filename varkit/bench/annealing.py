@@ -61,7 +61,7 @@ def run_annealing(models: list[str], steps: list[str], per_class: int = 50, batc
     """Rows (one per model and setting) and settings of the sweep."""
     from ..eval.digits import digits_fid
     from ..pipeline import load_pipeline
-    from .floor import get_floor, run_floor
+    from .floor import run_floor
 
     if per_class < 1:
         raise InvalidArgumentError(f"--per-class must be >= 1, got {per_class}")
@@ -74,7 +74,6 @@ def run_annealing(models: list[str], steps: list[str], per_class: int = 50, batc
     for m in missing:
         print(f"[annealing] {m}: not bundled yet (still training?); skipped", flush=True)
     rows: list[dict] = []
-    floor = get_floor(quick=True, verbose=verbose) if names else None
     for name in names:
         pipe = load_pipeline(name)
         gen = pipe.generator
@@ -109,7 +108,7 @@ def run_annealing(models: list[str], steps: list[str], per_class: int = 50, batc
                    "cpu_s": cpu}
             # the floor of the timed call (sampling and decoding), replayed with the same seeds
             row |= run_floor(lambda: pipe(labels, head_steps=spec, seed=seed, batch_size=batch_size), [gen],
-                             len(labels), wall, floor, others=[pipe.tokenizer], cpu_s=cpu)
+                             len(labels), wall, others=[pipe.tokenizer], cpu_s=cpu)
             model_rows.append(row)
             if verbose:
                 print(f"[annealing] {name} head_steps {row['head_steps']}: {row['cpu_s_per_image']:.4f} CPU s/image, "

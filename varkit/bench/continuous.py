@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..device import resolve_device
 from ..io import write_json
 from ..samplers.logits import image_generators
 from .floor import get_floor
@@ -73,7 +74,8 @@ def write_continuous(args, rows: list[dict]) -> Path:
     path = Path(args.out_dir) / f"{args.name}-continuous.json"
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     write_json(path, {"benchmark": f"{args.name}-continuous", "machine": machine(), "settings": settings, "rows": rows,
-                      "floor": get_floor(quick=True), "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+                      "floor": get_floor(resolve_device(getattr(args, "device", "cpu")), quick=True),
+                      "date": time.strftime("%Y-%m-%d %H:%M:%S")})
     print(f"wrote {path}")
     return path
 

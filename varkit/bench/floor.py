@@ -585,16 +585,16 @@ def run_floor(run: Callable[[], Any], models: Sequence[nn.Module], images: int, 
               cpu_s: float | None = None) -> dict[str, Any]:
     """A timed bench row's floor: ``run()``, the timed work done again with the same seeds (so the same passes),
     under :func:`trace_work` of ``models`` (the generator, then any draft models) and ``others`` (a tokenizer whose
-    decode was timed too). Returns ``floor_s`` of those ``images`` images against ``floor`` (default: this machine's
-    cached measurement, a quick one made first if there is none), ``floor_bound``, the work totals and
+    decode was timed too). Returns ``floor_s`` of those ``images`` images against ``floor`` (default: the cached
+    measurement of the models' device, a quick one made first if there is none), ``floor_bound``, the work totals and
     ``fraction_of_floor``: ``floor_s`` over the timed run's seconds, ``cpu_s`` where :func:`floor_basis` says so
     and the bench measured them, else ``wall_s`` (None without either); ``fraction_of_floor_basis`` names which."""
     gen, *drafts = models
     with torch.inference_mode(), trace_work(gen, *others, drafts=drafts) as tr:
         run()
     tr.batch = images
-    out = tr.floor(images, floor if floor is not None else get_floor(quick=True, verbose=True))
     device = next(gen.parameters()).device
+    out = tr.floor(images, floor if floor is not None else get_floor(device, quick=True, verbose=True))
     basis = "cpu_s" if cpu_s is not None and floor_basis(device) == "cpu_s" else "wall_s"
     seconds = cpu_s if basis == "cpu_s" else wall_s
     out["fraction_of_floor"] = out["floor_s"] / seconds if seconds else None
