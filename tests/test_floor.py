@@ -389,3 +389,30 @@ def test_run_floor_counts_drafter_and_head_network_passes_and_picks_its_basis(mo
     out = FL.run_floor(lambda: sampler.sample(mar, torch.tensor([3]), image_generators(0, 1)), [mar], 1, 1.0, FAKE)
     assert n_calls > 0 and out["floor_passes"] == res.stats.forward_passes + n_calls
     assert "forward" not in vars(net) and "step" not in vars(net)  # trace_work restored the network
+
+
+def test_trace_counts_a_prepacked_model_on_the_fused_path_the_same(monkeypatch):
+    """A prepacked raster model decodes its blocks in one C++ call (``decode_layers``), out of the hooks' sight: the
+    trace runs it on the module path, so its work is the unpacked model's, and the switch is restored after."""
+    import copy
+
+    from varkit.models import create_model
+    from varkit.nn.cpu_kernels import cpu_kernels
+    from varkit.nn.layers import prepack_linears
+    from varkit.samplers import SamplingParams, get_sampler
+    from varkit.samplers.random import image_generators
+
+    if cpu_kernels() is None:
+        pytest.skip("no C++ toolchain to build the kernels here: no fused path to set aside")
+    monkeypatch.delenv("VARKIT_FUSED_DECODE", raising=False)
+    torch.manual_seed(0)
+    plain = create_model("raster-tiny").eval()
+    packed = copy.deepcopy(plain)
+    prepack_linears(packed)
+    with torch.inference_mode():
+        get_sampler("ancestral", SamplingParams(cfg=1.0)).sample(packed, torch.tensor([0]), image_generators(0, 1))
+    assert any(w is not None for _, w in packed.__dict__["_block_plans"].values())  # it does run fused
+    want = FL.trace_sampling(plain, SamplingParams(cfg=1.0)).totals(1)
+    got = FL.trace_sampling(packed, SamplingParams(cfg=1.0)).totals(1)
+    assert got == want and got["kv_bytes"] > 0
+    assert "VARKIT_FUSED_DECODE" not in __import__("os").environ

@@ -441,6 +441,19 @@ class WorkTrace:
 
 
 @contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
 def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
     had = name in vars(obj)
     old = vars(obj).get(name)
@@ -476,7 +489,8 @@ def trace_work(gen: nn.Module, *others: nn.Module, drafts: Sequence[nn.Module] =
     """Count the work of whatever runs inside the block: every call of a :func:`pass_points` method of ``gen`` and
     of the ``drafts`` (draft models of speculative samplers) that is not inside another is one pass; GEMMs,
     convolutions and attention in these and ``others`` (a tokenizer) outside those calls go to ``other``. Eager
-    only: a compiled decode step is set aside meanwhile.
+    only: a compiled decode step is set aside meanwhile, and so are the fused C++ block steps (the same work on the
+    module path, where the hooks see it).
 
     Counted: ``2·rows·in·out`` per linear, ``2·out·in/groups·kernel`` per convolution output (a quarter of that,
     Winograd F(4x4, 3x3)'s products, for the 3x3 convolutions :func:`varkit.nn.winograd.eligible` takes on a CPU,
@@ -555,6 +569,9 @@ def trace_work(gen: nn.Module, *others: nn.Module, drafts: Sequence[nn.Module] =
     compiled = {id(m): (m, m.__dict__.pop("_compiled_step")) for m in (gen, *drafts) if "_compiled_step" in m.__dict__}
     try:
         with contextlib.ExitStack() as stack:
+            # blocks run on the module path, whose linears and attention calls the hooks see; the fused C++ steps
+            # (decode_layers, front_layers) do the same work in one call the hooks would miss
+            stack.enter_context(_environ("VARKIT_FUSED_DECODE", "0"))
             stack.enter_context(_patched(Linear, "linear", counting_linear))
             for obj, name in pass_points((gen, *drafts)):
                 stack.enter_context(_patched(obj, name, pass_method(getattr(obj, name))))
