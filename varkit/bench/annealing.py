@@ -104,8 +104,7 @@ def run_annealing(models: list[str], steps: list[str], per_class: int = 50, batc
             row = {"model": name, "head_steps": steps_label(spec), "images": len(labels), "seed": seed,
                    "per_step": per_step(pipe, spec), "cpu_s_per_image": cpu / len(labels), "s_per_image": wall / len(labels),
                    "head_evals_per_image": evals[0] / len(labels), "forward_passes": out.stats.forward_passes,
-                   "digits_fid": m["fid"], "accuracy": m["accuracy"], "is_default": spec == default, "wall_s": wall,
-                   "cpu_s": cpu}
+                   "digits_fid": m["fid"], "accuracy": m["accuracy"], "is_default": spec == default}
             # the floor of the timed call (sampling and decoding), replayed with the same seeds
             row |= run_floor(lambda: pipe(labels, head_steps=spec, seed=seed, batch_size=batch_size), [gen],
                              len(labels), wall, others=[pipe.tokenizer], cpu_s=cpu)

@@ -61,8 +61,8 @@ def continuous_rows(model: str, label: str, make: Callable, gen, images: int, ba
         rows.append({"model": model, "sampler": label, "mode": mode, "batch": b, "images": images,
                      "passes_per_image": ppi, "tokens_per_pass": T / ppi, "vs_batch1": "",
                      "slot_passes_per_image": slot_passes / images, "calls": calls,
-                     "cpu_ms_per_image": 1000 * cpu / images, "images_per_s": images / wall, "wall_s": wall,
-                     "cpu_s": cpu, **run_floor(lambda: run(mode, b), models, images, wall, floor, cpu_s=cpu)})
+                     "cpu_ms_per_image": 1000 * cpu / images, "images_per_s": images / wall,
+                     **run_floor(lambda: run(mode, b), models, images, wall, floor, cpu_s=cpu)})
     for r in rows:
         r["vs_batch1"] = r["passes_per_image"] / rows[0]["passes_per_image"]
     return rows

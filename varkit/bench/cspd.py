@@ -39,7 +39,7 @@ from ..samplers.ancestral import AncestralSampler
 from ..samplers.cspd import CSpDSampler
 from ..samplers.random import image_generators
 from .continuous import add_continuous_args
-from .floor import get_floor, run_floor, sampler_models
+from .floor import get_floor, replay_calls, run_floor, sampler_models
 from .report import add_output_args, machine, print_table
 
 COLUMNS = ["model", "method", "images", "target_passes", "pass_reduction", "draft_passes", "target_prefixes",
@@ -98,14 +98,10 @@ def run_batch1(gen, methods: dict, n: int, seed: int, floor: dict | None = None)
         print(f"  image {i + 1}/{n}: " + ", ".join(f"{k} {acc[k]['passes'] / (i + 1):.1f} passes" for k in methods), flush=True)
     out = {}
     for k, a in acc.items():
-        def again(smp=methods[k]) -> None:  # the timed calls, same draws: the floor's work
-            for i in range(n):
-                smp.sample(gen, labels[i:i + 1], [torch.Generator().manual_seed(seeds[i])])
-
         r = {"images": n, "target_passes": a["passes"] / n, "draft_passes": a["draft"] / n,
              "target_prefixes": a["prefixes"] / n, "s_per_image": a["wall"] / n, "cpu_s_per_image": a["cpu"] / n,
-             "wall_s": a["wall"], "cpu_s": a["cpu"],
-             **run_floor(again, sampler_models(gen, methods[k]), n, a["wall"], floor, cpu_s=a["cpu"]),
+             **run_floor(replay_calls(methods[k], gen, labels, seeds), sampler_models(gen, methods[k]), n, a["wall"],
+                         floor, cpu_s=a["cpu"]),
              "token_accept": "", "step_accept": "", "shift_sigmas": "", "by_position": None}
         if a["tokens_verified"] is not None:
             tv, ta, sv, sa = (a[c].double() for c in keys)

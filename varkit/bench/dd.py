@@ -109,7 +109,7 @@ def cmd_bench_dd(args) -> None:
                           "forward_passes": r["forward_passes"], "images_per_cpu_s": 1 / per,
                           "cpu_ms_per_image": 1e3 * per, "wall_ms_per_image": 1e3 * r["wall_s"] / n,
                           "decode_cpu_ms_per_image": 1e3 * r["decode_cpu_s"] / n, "speedup": base / per,
-                          "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], **r["floor"]()})
+                          **r["floor"]()})
     labels = [c for c in range(teacher.num_classes) for _ in range(args.per_class)]
     for label, which, sampler, opts in modes:
         opts = {k: (args.teacher if v == "<teacher>" else v) for k, v in opts.items()}

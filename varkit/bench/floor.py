@@ -591,6 +591,16 @@ def sampler_models(gen: nn.Module, sampler: Any) -> list[nn.Module]:
     return [gen] + [m for m in beside if isinstance(m, nn.Module) and m is not gen]
 
 
+def replay_calls(sampler: Any, gen: nn.Module, labels: torch.Tensor, seeds: list[int],
+                 batch: int = 1) -> Callable[[], None]:
+    """A sampler bench's timed calls again, for :func:`run_floor`: ``sampler`` on ``gen`` over ``labels`` in calls of
+    ``batch`` images, each image drawing from a generator seeded with its entry of ``seeds`` as the timed call did."""
+    def run() -> None:
+        for i in range(0, len(labels), batch):
+            sampler.sample(gen, labels[i:i + batch], [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]])
+    return run
+
+
 def floor_basis(device: str | torch.device = "cpu") -> str:
     """Which seconds a row's ``fraction_of_floor`` divides by: process CPU seconds on a CPU at one thread (steadier
     than wall time on a shared machine), wall seconds otherwise."""
@@ -602,16 +612,18 @@ def run_floor(run: Callable[[], Any], models: Sequence[nn.Module], images: int, 
               cpu_s: float | None = None) -> dict[str, Any]:
     """A timed bench row's floor: ``run()``, the timed work done again with the same seeds (so the same passes),
     under :func:`trace_work` of ``models`` (the generator, then any draft models) and ``others`` (a tokenizer whose
-    decode was timed too). Returns ``floor_s`` of those ``images`` images against ``floor`` (default: the cached
-    measurement of the models' device, a quick one made first if there is none), ``floor_bound``, the work totals and
-    ``fraction_of_floor``: ``floor_s`` over the timed run's seconds, ``cpu_s`` where :func:`floor_basis` says so
-    and the bench measured them, else ``wall_s`` (None without either); ``fraction_of_floor_basis`` names which."""
+    decode was timed too). Returns the row's fields: the timed run's ``wall_s`` (and ``cpu_s`` where the bench
+    measured them), ``floor_s`` of those ``images`` images against ``floor`` (default: the cached measurement of the
+    models' device, a quick one made first if there is none), ``floor_bound``, the work totals and
+    ``fraction_of_floor``: ``floor_s`` over ``cpu_s`` where :func:`floor_basis` says so and the bench measured them,
+    else over ``wall_s`` (None without either); ``fraction_of_floor_basis`` names which."""
     gen, *drafts = models
     with torch.inference_mode(), trace_work(gen, *others, drafts=drafts) as tr:
         run()
     tr.batch = images
     device = next(gen.parameters()).device
-    out = tr.floor(images, floor if floor is not None else get_floor(device, quick=True, verbose=True))
+    out = {"wall_s": wall_s, **({} if cpu_s is None else {"cpu_s": cpu_s}),
+           **tr.floor(images, floor if floor is not None else get_floor(device, quick=True, verbose=True))}
     basis = "cpu_s" if cpu_s is not None and floor_basis(device) == "cpu_s" else "wall_s"
     seconds = cpu_s if basis == "cpu_s" else wall_s
     out["fraction_of_floor"] = out["floor_s"] / seconds if seconds else None

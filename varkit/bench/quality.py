@@ -48,7 +48,7 @@ def cmd_bench_quality(args) -> None:
         rows.append({"model": name, "dtype": str(next(pipe.generator.parameters()).dtype).replace("torch.", ""),
                      **settings_used(pipe, pipe.sampler_choice(args.sampler)[0], args.cfg), "images": len(labels),
                      "forward_passes": out.stats.forward_passes, "passes_per_image": out.stats.forward_passes / batches,
-                     "digits_fid": m["fid"], "accuracy": m["accuracy"], "generate_s": t1 - t0, "wall_s": t1 - t0, "cpu_s": cpu,
+                     "digits_fid": m["fid"], "accuracy": m["accuracy"], "generate_s": t1 - t0,
                      "s_per_image": (t1 - t0) / len(labels), "eval_s": time.perf_counter() - t1,
                      # the floor of the timed call (sampling and decoding), replayed with the same seeds
                      **run_floor(generate, [pipe.generator], len(labels), t1 - t0, others=[pipe.tokenizer], cpu_s=cpu)})

@@ -27,7 +27,7 @@ from ..samplers import SamplingParams, get_sampler
 from ..samplers.logits import image_generators
 from ..samplers.sjd import SJDSampler
 from .continuous import add_continuous_args
-from .floor import get_floor, run_floor
+from .floor import get_floor, replay_calls, run_floor
 from .report import add_output_args, add_sampler_run_args, machine, print_table
 
 COLUMNS = ["model", "sampler", "batch", "images", "passes", "pass_reduction", "accepted_per_pass", "images_per_s",
@@ -82,15 +82,13 @@ def bench_sjd(gen, name: str, batch: int, params: SamplingParams, windows: list[
     base = acc["ancestral"]
     rows, traces = [], {}
     for k, a in acc.items():
-        def again(smp=methods[k]) -> None:  # the timed calls, same draws: the floor's work
-            for i in range(0, n, batch):
-                smp.sample(gen, labels[i:i + batch], [torch.Generator().manual_seed(sd) for sd in seeds[i:i + batch]])
-
         row = {"model": name, "sampler": k, "batch": batch, "images": n,
                "passes": a["passes"] / calls, "pass_reduction": base["passes"] / a["passes"],
                "accepted_per_pass": sum(a["accepted"]) / calls, "images_per_s": n / a["wall"],
-               "speedup": base["wall"] / a["wall"], "cpu_ms_per_image": 1000 * a["cpu"] / n, "wall_s": a["wall"],
-               "cpu_s": a["cpu"], **run_floor(again, [gen], n, a["wall"], floor, cpu_s=a["cpu"]), "accuracy": ""}
+               "speedup": base["wall"] / a["wall"], "cpu_ms_per_image": 1000 * a["cpu"] / n,
+               **run_floor(replay_calls(methods[k], gen, labels, seeds, batch), [gen], n, a["wall"], floor,
+                           cpu_s=a["cpu"]),
+               "accuracy": ""}
         if decode is not None and score is not None:
             row["accuracy"] = score(decode(torch.cat(a["tokens"]).to(dev)), labels.tolist())
         rows.append(row)

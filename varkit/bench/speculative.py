@@ -40,7 +40,7 @@ from ..samplers.logits import image_generators, mix_cfg, processed_probs
 from ..samplers.sjd import SJDSampler
 from ..samplers.speculative import SpeculativeSampler
 from .continuous import add_continuous_args
-from .floor import get_floor, run_floor, sampler_models
+from .floor import get_floor, replay_calls, run_floor, sampler_models
 from .report import add_output_args, add_sampler_run_args, machine, print_table
 
 COLUMNS = ["model", "method", "images", "target_passes", "pass_reduction", "draft_passes", "accepted_len",
@@ -103,14 +103,10 @@ def run_methods(gen, methods: dict, n: int, seed: int = 0, decode=None, score=No
     for k, a in acc.items():
         if tokens_out is not None:
             tokens_out[k] = (labels, torch.cat(a["tokens"]).to(dev))
-
-        def again(smp=methods[k]) -> None:  # the timed calls, same draws: the floor's work
-            for i in range(n):
-                smp.sample(gen, labels[i:i + 1], [torch.Generator().manual_seed(seeds[i])])
-
         r = {"images": n, "target_passes": a["passes"] / n, "draft_passes": a["draft"] / n,
-             "accepted_len": a["accepted"] / n, "images_per_s": n / a["wall"], "wall_s": a["wall"],
-             "cpu_s": a["cpu"], **run_floor(again, sampler_models(gen, methods[k]), n, a["wall"], floor, cpu_s=a["cpu"]),
+             "accepted_len": a["accepted"] / n, "images_per_s": n / a["wall"],
+             **run_floor(replay_calls(methods[k], gen, labels, seeds), sampler_models(gen, methods[k]), n, a["wall"],
+                         floor, cpu_s=a["cpu"]),
              "accuracy": ""}
         if decode is not None and score is not None:
             r["accuracy"] = score(decode(torch.cat(a["tokens"]).to(dev)), labels.tolist())

@@ -265,8 +265,7 @@ def bench_model(model: str, pipe, refiner, labels: list[int], args, code_ks: lis
                "transient_ratio": m.transient / plain.stats.cache_bytes if m.transient else None,
                "psnr_db": psnr(ref_images, images), "tokens_same": float((m.tokens == plain.tokens).float().mean())}
         if timed:
-            row |= {"wall_s": m.wall, "cpu_s": m.cpu,
-                    **run_floor(m.replay, m.models, len(labels), m.wall, floor, cpu_s=m.cpu)}
+            row |= run_floor(m.replay, m.models, len(labels), m.wall, floor, cpu_s=m.cpu)
         if m.sampler == "collaborative":
             row |= {"drafter_cache_bytes": m.stats.drafter_cache_bytes, "refiner_cache_bytes": m.stats.refiner_cache_bytes}
         if m.name.startswith(("scalekv", "hack")):
